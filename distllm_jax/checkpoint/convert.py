@@ -1,0 +1,206 @@
+"""Hugging Face -> distllm checkpoint conversion, streamed tensor by tensor.
+
+Every tensor is read, checked (shape, dtype), rearranged into the project's layout, cast, written and
+dropped before the next one is read: peak memory is a small multiple of the largest tensor, whatever
+the size of the model. All checks that need no tensor data (architecture, missing tensors, shapes,
+dtypes, truncation) run before anything is written, so a bad checkpoint fails fast and leaves no
+half-written output behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from distllm_jax.checkpoint.hf_source import HFSource
+from distllm_jax.checkpoint.orbax_store import ParamWriter
+from distllm_jax.checkpoint.safetensors_reader import CheckpointError
+from distllm_jax.models.config import ConfigError, ModelConfig
+from distllm_jax.models.params import TensorSpec, random_tensor, tensor_specs
+
+TARGET_DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
+CONVERTIBLE = {"F64", "F32", "F16", "BF16"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
+# Buffers some checkpoints carry that are recomputed, not loaded.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass
+class ConvertReport:
+    out_dir: Path
+    config: ModelConfig
+    dtype: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+    unused: list[str]
+
+
+def _target_dtype(dtype: str) -> np.dtype:
+    try:
+        return TARGET_DTYPES[dtype]
+    except KeyError:
+        raise CheckpointError(f"unsupported --dtype {dtype!r}; choose one of {sorted(TARGET_DTYPES)}") from None
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir}: output directory is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out_dir)
+    partial = out_dir.parent / (out_dir.name + ".partial_save")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted conversion
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _progress(total_bytes: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not enabled)
+
+
+def _resolve_names(src: HFSource, specs: list[TensorSpec], cfg: ModelConfig) -> dict[str, str]:
+    """Map each spec to the HF tensor name actually present (with or without the ``model.`` prefix)."""
+    names = src.names()
+    prefix = None
+    for cand in ("model.", ""):
+        if cand + specs[0].hf_name in names:
+            prefix = cand
+            break
+    if prefix is None:
+        raise CheckpointError(
+            f"{src.dir}: missing tensor 'model.{specs[0].hf_name}' (looked in {', '.join(map(str, src.files()))})"
+        )
+    out = {}
+    for s in specs:
+        hf = s.hf_name if s.name == "lm_head" else prefix + s.hf_name
+        if hf not in names:
+            raise CheckpointError(
+                f"{src.dir}: missing tensor {hf!r} (needed for {s.name}; looked in "
+                f"{', '.join(p.name for p in src.files())})"
+            )
+        out[s.name] = hf
+    return out
+
+
+def _check(src: HFSource, spec: TensorSpec, hf: str, target: np.dtype) -> None:
+    f = src.file(hf)
+    if src.shape(hf) != spec.hf_shape:
+        raise CheckpointError(
+            f"{f}: tensor {hf!r} has shape {src.shape(hf)}, config.json implies {spec.hf_shape}"
+        )
+    if src.dtype(hf) not in CONVERTIBLE:
+        raise CheckpointError(
+            f"{f}: tensor {hf!r} has dtype {src.dtype(hf)}, which cannot be converted to {target.name} "
+            f"(convertible: {sorted(CONVERTIBLE)})"
+        )
+
+
+def convert(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert a HF directory into a distllm (orbax) checkpoint; see the module docstring."""
+    t0 = time.perf_counter()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    target = _target_dtype(dtype)
+    try:
+        cfg = ModelConfig.from_hf_file(hf_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    src = HFSource(hf_dir)
+    specs = tensor_specs(cfg)
+    hf_names = _resolve_names(src, specs, cfg)
+    for s in specs:
+        _check(src, s, hf_names[s.name], target)
+    used = set(hf_names.values())
+    unused = sorted(
+        n for n in src.names() - used if not n.endswith(IGNORED_SUFFIXES) and not (n == "lm_head.weight")
+    )
+
+    _prepare_out(out_dir, overwrite)
+    writer = ParamWriter(out_dir, cfg, dtype, source=str(hf_dir.resolve()))
+    total = sum(int(np.prod(s.shape)) * target.itemsize for s in specs)
+    written = 0
+    with _progress(total, f"convert {hf_dir.name}", progress) as bar:
+        for s in specs:
+            hf = hf_names[s.name]
+            bar.set_postfix_str(hf, refresh=False)
+            a = src.read(hf)
+            a = np.ascontiguousarray(s.from_hf(a).astype(target, copy=False))
+            writer.add(s.name, a)
+            written += a.nbytes
+            bar.update(a.nbytes)
+            del a
+    writer.finish()
+    _copy_side_files(hf_dir, out_dir)
+    return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, unused)
+
+
+def _copy_side_files(hf_dir: Path, out_dir: Path) -> None:
+    shutil.copy2(hf_dir / "config.json", out_dir / "config.json")
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).exists():
+            shutil.copy2(hf_dir / name, out_dir / name)
+
+
+def write_random(
+    hf_config: dict,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    tokenizer_dir: str | Path | None = None,
+) -> ConvertReport:
+    """A random-initialised checkpoint from a HF config dict (the embedded default, or real shapes for
+    performance work), streamed the same way as a conversion."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    target = _target_dtype(dtype)
+    cfg = ModelConfig.from_hf_dict(hf_config, source="preset")
+    specs = tensor_specs(cfg)
+    _prepare_out(out_dir, overwrite)
+    writer = ParamWriter(out_dir, cfg, dtype, source=f"random(seed={seed})")
+    total = sum(int(np.prod(s.shape)) * target.itemsize for s in specs)
+    written = 0
+    with _progress(total, "random init", progress) as bar:
+        for s in specs:
+            a = random_tensor(s, seed, target)
+            writer.add(s.name, a)
+            written += a.nbytes
+            bar.update(a.nbytes)
+            del a
+    writer.finish()
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=1))
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            p = Path(tokenizer_dir) / name
+            if p.exists():
+                shutil.copy2(p, out_dir / name)
+    return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, [])
+
+

@@ -1,0 +1,53 @@
+"""LLaMA as pure functions: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query
+attention, SwiGLU MLP, tied or untied LM head."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from distllm_jax.models.config import ModelConfig
+from distllm_jax.models.layers import apply_rope, rms_norm
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def embed(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    return params["embed"]["tokens"][tokens]
+
+
+def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend: Attend) -> jax.Array:
+    a = lp["attn"]
+    assert cfg.rope is not None
+    h = rms_norm(x, lp["ln1"]["scale"], cfg.norm_eps)
+    q = jnp.einsum("td,dhk->thk", h, a["wq"])
+    k = jnp.einsum("td,dhk->thk", h, a["wk"])
+    v = jnp.einsum("td,dhk->thk", h, a["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
+    q = apply_rope(q, positions, cfg.head_dim, cfg.rope)
+    k = apply_rope(k, positions, cfg.head_dim, cfg.rope)
+    o = jnp.einsum("thk,hkd->td", attend(q, k, v), a["wo"])
+    if cfg.attention_bias:
+        o = o + a["bo"]
+    x = x + o
+
+    m = lp["mlp"]
+    h = rms_norm(x, lp["ln2"]["scale"], cfg.norm_eps)
+    gate = h @ m["w_gate"]
+    up = h @ m["w_up"]
+    if cfg.mlp_bias:
+        gate, up = gate + m["b_gate"], up + m["b_up"]
+    down = (jax.nn.silu(gate) * up) @ m["w_down"]
+    if cfg.mlp_bias:
+        down = down + m["b_down"]
+    return x + down
+
+
+def final(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("td,vd->tv", x, params["embed"]["tokens"], preferred_element_type=jnp.float32)
+    return jnp.einsum("td,dv->tv", x, params["lm_head"], preferred_element_type=jnp.float32)
