@@ -40,6 +40,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "generation_config.json",
 )
+GPT2_VOCAB = 50257  # random models this large get the bundled GPT-2 BPE as their tokenizer
 # Buffers some checkpoints carry that are recomputed, not loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -201,6 +202,10 @@ def write_random(
             p = Path(tokenizer_dir) / name
             if p.exists():
                 shutil.copy2(p, out_dir / name)
+    elif cfg.vocab_size >= GPT2_VOCAB:
+        from distllm_jax.tokenizer import bundled_gpt2
+
+        bundled_gpt2().save(str(out_dir / "tokenizer.json"))
     return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, [])
 
 

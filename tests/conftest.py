@@ -1,0 +1,54 @@
+"""Test setup: 8 virtual CPU devices (set before jax is imported anywhere), shared checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_models import HF_VARIANTS, make_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Small random HF checkpoints written by ``save_pretrained`` (one per variant), built lazily."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            cache[variant] = make_hf_checkpoint(variant, root / variant)
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(hf_checkpoints, tmp_path_factory):
+    """variant -> (hf model, converted float32 checkpoint dir), converted once per session."""
+    from distllm_jax.checkpoint import convert
+
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, tuple[object, Path]] = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            hf_dir, model = hf_checkpoints(variant)
+            convert(hf_dir, root / variant, dtype="float32", progress=False)
+            cache[variant] = (model, root / variant)
+        return cache[variant]
+
+    return get
+
+
+__all__ = ["HF_VARIANTS"]

@@ -1,0 +1,51 @@
+"""Restore onto a tensor-parallel mesh (8 virtual CPU devices): same logits and tokens as one device."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from distllm_jax.checkpoint import restore_params
+from distllm_jax.parallel import kv_pool_sharding, make_mesh, split_devices
+from model_runner import greedy_generate
+
+PROMPTS = [[5, 9, 23, 7, 1, 100, 42], [3, 4, 8], [77, 12, 15, 19, 21, 2, 8, 9, 11, 200, 201]]
+
+
+@pytest.fixture(scope="module")
+def baseline(converted):
+    out = {}
+    for variant in ("opt-pre-ln", "llama-gqa-llama3"):
+        _, ckpt = converted(variant)
+        cfg, params = restore_params(ckpt)
+        out[variant] = greedy_generate(params, cfg, PROMPTS, 8, return_prefill_logits=True)
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("variant", ["opt-pre-ln", "llama-gqa-llama3"])
+def test_tp_restore_same_logits(converted, baseline, variant, tp):
+    assert jax.device_count() == 8
+    _, ckpt = converted(variant)
+    # use the *last* devices: a mesh disjoint from the default device, as a decode instance would be
+    mesh = make_mesh(split_devices([8 - tp, tp])[1])
+    cfg, params = restore_params(ckpt, mesh=mesh)
+    wq = params["layers"][0]["attn"]["wq"]
+    assert wq.sharding.mesh.devices.size == tp
+    assert set(wq.sharding.device_set) == set(mesh.devices.flat)
+    # heads really are split: each device holds 1/tp of the heads
+    assert wq.addressable_shards[0].data.shape[1] == cfg.num_heads // tp
+    tokens, logits = greedy_generate(
+        params, cfg, PROMPTS, 8, kv_sharding=kv_pool_sharding(cfg, mesh), return_prefill_logits=True
+    )
+    ref_tokens, ref_logits = baseline[variant]
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    assert tokens == ref_tokens
+
+
+def test_split_devices_disjoint():
+    a, b = split_devices([2, 4])
+    assert not set(a) & set(b)
+    with pytest.raises(ValueError, match="only 8"):
+        split_devices([4, 5])
