@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -80,6 +81,29 @@ def _progress(total_bytes: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not enabled)
 
 
+def _stream(
+    writer: ParamWriter,
+    specs: list[TensorSpec],
+    load: Callable[[TensorSpec], np.ndarray],
+    target: np.dtype,
+    desc: str,
+    progress: bool,
+) -> int:
+    """Write each tensor as soon as it is produced, holding one at a time; returns bytes written."""
+    total = sum(math.prod(s.shape) * target.itemsize for s in specs)
+    written = 0
+    with _progress(total, desc, progress) as bar:
+        for s in specs:
+            bar.set_postfix_str(s.name, refresh=False)
+            a = load(s)
+            writer.add(s.name, a)
+            written += a.nbytes
+            bar.update(a.nbytes)
+            del a
+    writer.finish()
+    return written
+
+
 def _resolve_names(src: HFSource, specs: list[TensorSpec], cfg: ModelConfig) -> dict[str, str]:
     """Map each spec to the HF tensor name actually present (with or without the ``model.`` prefix)."""
     names = src.names()
@@ -142,21 +166,12 @@ def convert(
         n for n in src.names() - used if not n.endswith(IGNORED_SUFFIXES) and not (n == "lm_head.weight")
     )
 
+    def load(s: TensorSpec) -> np.ndarray:
+        return np.ascontiguousarray(s.from_hf(src.read(hf_names[s.name])).astype(target, copy=False))
+
     _prepare_out(out_dir, overwrite)
     writer = ParamWriter(out_dir, cfg, dtype, source=str(hf_dir.resolve()))
-    total = sum(int(np.prod(s.shape)) * target.itemsize for s in specs)
-    written = 0
-    with _progress(total, f"convert {hf_dir.name}", progress) as bar:
-        for s in specs:
-            hf = hf_names[s.name]
-            bar.set_postfix_str(hf, refresh=False)
-            a = src.read(hf)
-            a = np.ascontiguousarray(s.from_hf(a).astype(target, copy=False))
-            writer.add(s.name, a)
-            written += a.nbytes
-            bar.update(a.nbytes)
-            del a
-    writer.finish()
+    written = _stream(writer, specs, load, target, f"convert {hf_dir.name}", progress)
     _copy_side_files(hf_dir, out_dir)
     return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, unused)
 
@@ -186,16 +201,7 @@ def write_random(
     specs = tensor_specs(cfg)
     _prepare_out(out_dir, overwrite)
     writer = ParamWriter(out_dir, cfg, dtype, source=f"random(seed={seed})")
-    total = sum(int(np.prod(s.shape)) * target.itemsize for s in specs)
-    written = 0
-    with _progress(total, "random init", progress) as bar:
-        for s in specs:
-            a = random_tensor(s, seed, target)
-            writer.add(s.name, a)
-            written += a.nbytes
-            bar.update(a.nbytes)
-            del a
-    writer.finish()
+    written = _stream(writer, specs, lambda s: random_tensor(s, seed, target), target, "random init", progress)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=1))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
