@@ -1,0 +1,88 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Per-row parameters are arrays, so one compiled program serves any mix of requests. Randomness comes
+from ``fold_in(PRNGKey(seed), position)``: a request's draw depends only on its own seed and the
+position of the token, never on which other requests share the batch — same seed, same output.
+Only the sampled ids leave the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks for. ``temperature == 0`` means greedy; ``top_k == 0`` and
+    ``top_p == 1`` switch those filters off. Stop conditions are applied on the host."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+class SamplingBatch(NamedTuple):
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    seed: jax.Array  # [B] uint32
+    position: jax.Array  # [B] int32, position of the token being sampled
+
+
+def make_sampling_batch(
+    params: Sequence[SamplingParams], positions: Sequence[int], default_seeds: Sequence[int], pad_to: int
+) -> SamplingBatch:
+    """Host-side packing (padding rows are greedy). ``default_seeds`` fill in for requests without one."""
+    t = np.zeros(pad_to, np.float32)
+    k = np.zeros(pad_to, np.int32)
+    p = np.ones(pad_to, np.float32)
+    s = np.zeros(pad_to, np.uint32)
+    pos = np.zeros(pad_to, np.int32)
+    for i, sp in enumerate(params):
+        t[i], k[i], p[i] = sp.temperature, sp.top_k, sp.top_p
+        s[i] = sp.seed if sp.seed is not None else default_seeds[i]
+        pos[i] = positions[i]
+    return SamplingBatch(*(jnp.asarray(x) for x in (t, k, p, s, pos)))
+
+
+def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """logits [B, V] (float32) -> token ids [B] int32."""
+    B, V = logits.shape
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    k = jnp.where(sb.top_k > 0, sb.top_k, V)
+    keep = rank < k[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep = keep & ((before < sb.top_p[:, None]) | (rank == 0))
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.PRNGKey(s), pos))(sb.seed, sb.position)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(sb.temperature > 0, sampled, greedy)
