@@ -34,7 +34,15 @@ def _write_big_llama(out: Path, layers: int = 24, hidden: int = 512, inter: int 
 
     groups = [list(range(i, min(i + 4, layers))) for i in range(0, layers, 4)]
     n_files = len(groups) + 1
-    weight_map, total, largest = {}, 0, 0
+    weight_map: dict[str, str] = {}
+    sizes: list[int] = []
+
+    def write_shard(index: int, t: dict) -> None:
+        fname = f"model-{index:05d}-of-{n_files:05d}.safetensors"
+        save_file(t, out / fname)
+        weight_map.update({k: fname for k in t})
+        sizes.extend(v.nbytes for v in t.values())
+
     for gi, group in enumerate(groups):
         t = {}
         for i in group:
@@ -46,23 +54,12 @@ def _write_big_llama(out: Path, layers: int = 24, hidden: int = 512, inter: int 
             t[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
             t[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
             t[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
-        fname = f"model-{gi + 1:05d}-of-{n_files:05d}.safetensors"
-        save_file(t, out / fname)
-        for k, v in t.items():
-            weight_map[k] = fname
-            total += v.nbytes
-            largest = max(largest, v.nbytes)
+        write_shard(gi + 1, t)
         del t
-    t = {"model.embed_tokens.weight": rnd(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float32),
-         "lm_head.weight": rnd(vocab, hidden)}
-    fname = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-    save_file(t, out / fname)
-    for k, v in t.items():
-        weight_map[k] = fname
-        total += v.nbytes
-        largest = max(largest, v.nbytes)
+    write_shard(n_files, {"model.embed_tokens.weight": rnd(vocab, hidden),
+                          "model.norm.weight": np.ones(hidden, np.float32), "lm_head.weight": rnd(vocab, hidden)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return total, largest
+    return sum(sizes), max(sizes)
 
 
 @pytest.mark.slow
