@@ -35,13 +35,6 @@ def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, .
     return (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
 
 
-def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> int:
-    n = 1
-    for d in pool_shape(cfg, num_pages, page_size):
-        n *= d
-    return 2 * n * jnp.dtype(dtype).itemsize
-
-
 def create_pool(
     cfg: ModelConfig,
     num_pages: int,
@@ -100,9 +93,6 @@ class PageAllocator:
 
     def extra_pages_needed(self, rid: Hashable, num_tokens: int) -> int:
         return max(0, pages_for(num_tokens, self.page_size) - len(self.table(rid)))
-
-    def can_ensure(self, rid: Hashable, num_tokens: int) -> bool:
-        return self.extra_pages_needed(rid, num_tokens) <= len(self._free)
 
     def ensure(self, rid: Hashable, num_tokens: int) -> list[int]:
         """Grow ``rid``'s table to cover ``num_tokens`` tokens; returns the whole table."""

@@ -14,13 +14,9 @@ from distllm_jax.kv_cache import NULL_PAGE, create_pool
 from distllm_jax.models import DecodeBatch, PrefillBatch, decode, prefill
 
 
-def _jitted():
-    pf = jax.jit(prefill, static_argnums=(1,), donate_argnums=(3,))
-    dc = jax.jit(decode, static_argnums=(1,), donate_argnums=(3,))
-    return pf, dc
-
-
-_PF, _DC = _jitted()
+# compiled once per test session, KV pool donated as the engine will
+PREFILL = jax.jit(prefill, static_argnums=(1,), donate_argnums=(3,))
+DECODE = jax.jit(decode, static_argnums=(1,), donate_argnums=(3,))
 
 
 def pack_prompts(prompts, page_tables, page_size, all_logits=False, pad_to=None):
@@ -56,7 +52,7 @@ def greedy_generate(params, cfg, prompts, n_new, page_size=4, num_pages=None, kv
         for i in range(len(prompts)):
             tables[i, j] = 1 + j * len(prompts) + i
     batch = pack_prompts(prompts, tables, page_size, all_logits=return_prefill_logits)
-    logits, kv = _PF(params, cfg, batch, kv)
+    logits, kv = PREFILL(params, cfg, batch, kv)
     logits = np.asarray(logits)
     if return_prefill_logits:
         ends = np.cumsum([len(p) for p in prompts]) - 1
@@ -71,7 +67,7 @@ def greedy_generate(params, cfg, prompts, n_new, page_size=4, num_pages=None, kv
             jnp.asarray(lengths),
             jnp.asarray(tables),
         )
-        step_logits, kv = _DC(params, cfg, b, kv)
+        step_logits, kv = DECODE(params, cfg, b, kv)
         nxt = np.asarray(step_logits).argmax(-1)
         for o, t in zip(out, nxt):
             o.append(int(t))

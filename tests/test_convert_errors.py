@@ -62,20 +62,19 @@ def test_unknown_architecture(hf_copy, tmp_path):
         _convert(hf_copy, tmp_path)
 
 
-def test_truncated_file(hf_copy, tmp_path):
+@pytest.mark.parametrize(
+    "keep,pattern",
+    [
+        (lambda size: size - 1000, r"model\.safetensors: truncated safetensors file: tensor '[^']+' needs"),
+        (lambda size: 100, r"model\.safetensors: truncated safetensors file \(header needs"),
+    ],
+    ids=["data", "header"],
+)
+def test_truncated_file(hf_copy, tmp_path, keep, pattern):
     path = hf_copy / "model.safetensors"
-    size = path.stat().st_size
     with open(path, "r+b") as f:
-        f.truncate(size - 1000)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file: tensor '[^']+' needs"):
-        _convert(hf_copy, tmp_path)
-
-
-def test_truncated_header(hf_copy, tmp_path):
-    path = hf_copy / "model.safetensors"
-    with open(path, "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file \(header needs"):
+        f.truncate(keep(path.stat().st_size))
+    with pytest.raises(CheckpointError, match=pattern):
         _convert(hf_copy, tmp_path)
 
 

@@ -10,16 +10,13 @@ import pytest
 from distllm_jax.checkpoint import restore_params
 from distllm_jax.engine.transfer import LocalKVPuller, page_buckets, pages_equal
 from distllm_jax.kv_cache import PageAllocator, create_pool
-from distllm_jax.models import DecodeBatch, decode, prefill
+from distllm_jax.models import DecodeBatch
 from distllm_jax.parallel import kv_pool_sharding, make_mesh, split_devices
-from model_runner import greedy_generate, pack_prompts
+from model_runner import DECODE, PREFILL, greedy_generate, pack_prompts
 
 PROMPTS = [[5, 9, 23, 7, 1, 100, 42, 17, 250, 3, 66], [3, 4], [77, 12, 15, 19, 21, 2, 8, 9, 11, 200, 201]]
 PAGE = 4
 N_NEW = 8
-
-_prefill = jax.jit(prefill, static_argnums=(1,), donate_argnums=(3,))
-_decode = jax.jit(decode, static_argnums=(1,), donate_argnums=(3,))
 
 
 @pytest.mark.parametrize(
@@ -39,7 +36,7 @@ def test_pull_across_meshes(converted, variant, p_tp, d_tp):
     tables = [p_alloc.ensure(i, len(p)) for i, p in enumerate(PROMPTS)]
     width = max(map(len, tables))
     padded = np.array([t + [0] * (width - len(t)) for t in tables], np.int32)
-    logits, p_pool = _prefill(p_params, cfg, pack_prompts(PROMPTS, padded, PAGE), p_pool)
+    logits, p_pool = PREFILL(p_params, cfg, pack_prompts(PROMPTS, padded, PAGE), p_pool)
     first = np.asarray(logits).argmax(-1)
 
     # decode instance: a pool with some pages already taken, so page ids differ from the source
@@ -66,7 +63,7 @@ def test_pull_across_meshes(converted, variant, p_tp, d_tp):
         for i in range(len(PROMPTS)):
             t = d_alloc.ensure(i, int(lengths[i]) + 1)
             tbl[i, : len(t)] = t
-        step, d_pool = _decode(d_params, cfg, DecodeBatch(jnp.asarray([o[-1] for o in out], jnp.int32),
+        step, d_pool = DECODE(d_params, cfg, DecodeBatch(jnp.asarray([o[-1] for o in out], jnp.int32),
                                                           jnp.asarray(lengths), jnp.asarray(tbl)), d_pool)
         for o, t in zip(out, np.asarray(step).argmax(-1)):
             o.append(int(t))

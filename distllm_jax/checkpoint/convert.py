@@ -104,7 +104,7 @@ def _stream(
     return written
 
 
-def _resolve_names(src: HFSource, specs: list[TensorSpec], cfg: ModelConfig) -> dict[str, str]:
+def _resolve_names(src: HFSource, specs: list[TensorSpec]) -> dict[str, str]:
     """Map each spec to the HF tensor name actually present (with or without the ``model.`` prefix)."""
     names = src.names()
     prefix = None
@@ -158,7 +158,7 @@ def convert(
         raise CheckpointError(str(e)) from e
     src = HFSource(hf_dir)
     specs = tensor_specs(cfg)
-    hf_names = _resolve_names(src, specs, cfg)
+    hf_names = _resolve_names(src, specs)
     for s in specs:
         _check(src, s, hf_names[s.name], target)
     used = set(hf_names.values())

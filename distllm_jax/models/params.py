@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +148,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {s.name: s.shape for s in tensor_specs(cfg)}
 
 
-# ---- flat <-> nested -------------------------------------------------------------------------------
+# ---- flat -> nested ---------------------------------------------------------------------------------
 # Flat names ("layers.3.attn.wq") are the checkpoint/converter view; the nested pytree (layers as a
 # list, so pipeline stages can slice it) is what the model functions take.
 
@@ -168,23 +168,6 @@ def unflatten(flat: dict[str, Any], cfg: ModelConfig) -> Params:
     return out
 
 
-def flatten(params: Params) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(f"{prefix}{i}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", params)
-    return flat
-
-
 # ---- random initialisation (embedded default model, performance work at real shapes) ----------------
 
 
@@ -197,16 +180,6 @@ def random_tensor(spec: TensorSpec, seed: int, dtype: Any, std: float = 0.02) ->
     name_seed = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
     rng = np.random.default_rng([seed, name_seed])
     return (rng.standard_normal(spec.shape, dtype=np.float32) * std).astype(dtype)
-
-
-def iter_random_params(cfg: ModelConfig, seed: int, dtype: Any) -> Iterator[tuple[TensorSpec, np.ndarray]]:
-    for spec in tensor_specs(cfg):
-        yield spec, random_tensor(spec, seed, dtype)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0, dtype: Any = np.float32) -> Params:
-    """Host-side random params (numpy); small models only — large ones stream through the converter."""
-    return unflatten({s.name: a for s, a in iter_random_params(cfg, seed, dtype)}, cfg)
 
 
 def bytes_per_dtype(flat_dtypes: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, int]:
