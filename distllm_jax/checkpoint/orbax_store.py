@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import jax
 import numpy as np
@@ -96,10 +96,13 @@ def restore_params(
     ckpt_dir: str | Path,
     mesh: jax.sharding.Mesh | None = None,
     dtype: Any = None,
+    names: Collection[str] | None = None,
 ) -> tuple[ModelConfig, Params]:
     """Load params onto ``mesh`` (default: one device), each tensor with its NamedSharding.
 
     ``dtype`` casts on load (e.g. restore a bfloat16 checkpoint as float32 for parity checks).
+    ``names`` restores only those tensors (a pipeline stage reads just its own layers); the other
+    layers come back as empty dicts.
     """
     from distllm_jax.parallel import make_mesh, spec_partition
 
@@ -107,7 +110,14 @@ def restore_params(
     cfg = ModelConfig.from_dict(meta["model_config"])
     mesh = mesh or make_mesh(jax.devices()[:1])
     abstract: dict = {}
+    ocp = _ocp()
+    # tensors not asked for are orbax placeholders (not read); older orbax without them reads all
+    skip = getattr(ocp, "PLACEHOLDER", None)
     for spec in tensor_specs(cfg):
+        if names is not None and spec.name not in names:
+            if skip is not None:
+                _merge(abstract, _nested(spec.name, skip))
+            continue
         stored = meta["tensors"].get(spec.name)
         if stored is None:
             raise CheckpointError(f"{ckpt_dir}: tensor {spec.name!r} missing from the checkpoint")
@@ -118,11 +128,10 @@ def restore_params(
         sharding = jax.sharding.NamedSharding(mesh, spec_partition(spec, mesh))
         leaf = jax.ShapeDtypeStruct(spec.shape, np.dtype(dtype or stored[1]), sharding=sharding)
         _merge(abstract, _nested(spec.name, leaf))
-    ocp = _ocp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = ocp.load_pytree(Path(ckpt_dir) / PARAMS_DIR, abstract)
-    flat = _flatten_nested(tree)
+    flat = {k: v for k, v in _flatten_nested(tree).items() if names is None or k in names}
     return cfg, unflatten(flat, cfg)
 
 

@@ -1,1 +1,13 @@
-"""The serving engine's parts: sampling, KV migration (the instances and controller build on them)."""
+"""The serving engine: instances on their own meshes, the controller, KV migration, sampling."""
+
+from distllm_jax.engine.config import EngineConfig, InstanceSpec
+from distllm_jax.engine.engine import Engine, EngineClosed
+from distllm_jax.engine.params_source import CheckpointSource, RandomSource
+from distllm_jax.engine.request import RequestOutput, RequestStream, RequestTimings
+from distllm_jax.engine.sampling import SamplingParams
+from distllm_jax.engine.stopping import FinishReason
+
+__all__ = [
+    "CheckpointSource", "Engine", "EngineClosed", "EngineConfig", "FinishReason", "InstanceSpec",
+    "RandomSource", "RequestOutput", "RequestStream", "RequestTimings", "SamplingParams",
+]

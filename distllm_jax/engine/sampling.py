@@ -54,7 +54,8 @@ class SamplingBatch(NamedTuple):
 def make_sampling_batch(
     params: Sequence[SamplingParams], positions: Sequence[int], default_seeds: Sequence[int], pad_to: int
 ) -> SamplingBatch:
-    """Host-side packing (padding rows are greedy). ``default_seeds`` fill in for requests without one."""
+    """Host-side packing into numpy (padding rows are greedy); the caller places it on the device that
+    samples. ``default_seeds`` fill in for requests without one."""
     t = np.zeros(pad_to, np.float32)
     k = np.zeros(pad_to, np.int32)
     p = np.ones(pad_to, np.float32)
@@ -64,13 +65,11 @@ def make_sampling_batch(
         t[i], k[i], p[i] = sp.temperature, sp.top_k, sp.top_p
         s[i] = sp.seed if sp.seed is not None else default_seeds[i]
         pos[i] = positions[i]
-    return SamplingBatch(*(jnp.asarray(x) for x in (t, k, p, s, pos)))
+    return SamplingBatch(t, k, p, s, pos)
 
 
-def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
-    """logits [B, V] (float32) -> token ids [B] int32."""
+def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     B, V = logits.shape
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
     scaled = logits / temp[:, None]
     order = jnp.argsort(-scaled, axis=-1)
@@ -84,5 +83,17 @@ def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     masked = jnp.where(keep, sorted_logits, -jnp.inf)
     keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.PRNGKey(s), pos))(sb.seed, sb.position)
     choice = jax.vmap(jax.random.categorical)(keys, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """logits [B, V] (float32) -> token ids [B] int32.
+
+    The sort over the vocabulary that top-k/top-p need runs only when some row samples
+    (``lax.cond``), so an all-greedy batch pays for one argmax.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(
+        jnp.any(sb.temperature > 0), _sample_random, lambda lg, _: greedy, logits, sb
+    )
     return jnp.where(sb.temperature > 0, sampled, greedy)

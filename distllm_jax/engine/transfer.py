@@ -1,93 +1,112 @@
 """KV migration between instances: the decode side *pulls* a finished prefill's pages.
 
-In one process the pull is three steps, each a compiled program or a runtime copy:
-gather the request's pages on the prefill mesh into one contiguous buffer, ``jax.device_put`` it onto
-the decode mesh's pool sharding (which reshards when the tensor-parallel degrees differ), and scatter
-it into the decode pool (donated, so the update is in place). Page counts are bucketed (padding reads
-and writes the null page), so the set of compiled programs stays bounded.
+In one process the pull is three steps, each a compiled program or a runtime copy: gather the
+request's pages on the prefill mesh into one contiguous buffer, ``jax.device_put`` it onto the decode
+mesh's pool sharding (which reshards when the tensor-parallel degrees differ), and scatter it into the
+decode pool (donated, so the update is in place). With pipeline stages on either side, each pair of
+overlapping layer ranges moves separately. Page counts are bucketed (padding reads and writes the null
+page), so the set of compiled programs stays bounded.
+
+The puller works on *pool owners*: objects with ``stages`` (each with ``lo``, ``hi``, ``pool`` and
+``pool_sharding``) and a ``lock`` held while dispatching anything that reads or donates their pools.
 """
 
 from __future__ import annotations
 
-import bisect
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
+from distllm_jax.engine.config import pow2_buckets
+from distllm_jax.engine.programs import bucket
 from distllm_jax.kv_cache import NULL_PAGE, KVPool
 
 
-def gather_pages(pool: KVPool, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[layers, n, page_size, kv_heads, head_dim] buffers holding the listed pages, in order."""
-    return pool.k[:, pages], pool.v[:, pages]
+def gather_pages(pool: KVPool, pages: jax.Array, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:
+    """[hi-lo, n, page_size, kv_heads, head_dim] buffers holding the listed pages of layers [lo, hi)."""
+    return pool.k[lo:hi, pages], pool.v[lo:hi, pages]
 
 
-def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVPool:
-    return KVPool(pool.k.at[:, pages].set(k), pool.v.at[:, pages].set(v))
+def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array, lo: int) -> KVPool:
+    hi = lo + k.shape[0]
+    return KVPool(pool.k.at[lo:hi, pages].set(k), pool.v.at[lo:hi, pages].set(v))
+
+
+_GATHER = jax.jit(gather_pages, static_argnames=("lo", "hi"))
+_SCATTER = jax.jit(scatter_pages, static_argnames=("lo",), donate_argnums=(0,))
 
 
 def page_buckets(max_pages: int) -> list[int]:
     """Powers of two up to (and including) a bucket that covers ``max_pages``."""
-    out, b = [], 1
-    while b < max_pages:
-        out.append(b)
-        b *= 2
-    out.append(b)
-    return out
+    return list(pow2_buckets(1, max_pages))
+
+
+def _overlaps(src: Any, dst: Any):
+    for s in src.stages:
+        for d in dst.stages:
+            lo, hi = max(s.lo, d.lo), min(s.hi, d.hi)
+            if lo < hi:
+                yield s, d, lo, hi
+
+
+class KVPuller(Protocol):
+    """One migration path. ``kind`` names it in stats and request timings."""
+
+    kind: str
+
+    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> None: ...
+
+    def warmup(self, src: Any, dst: Any, tick: Callable[[str], None]) -> None: ...
 
 
 class LocalKVPuller:
-    """Pulls pages from one instance's pool into another's, both in this process.
+    """Both instances live in this process: device-to-device copies between their meshes."""
 
-    ``src_sharding`` / ``dst_sharding`` are the pools' shardings (on disjoint meshes, possibly with
-    different tensor-parallel degrees).
-    """
+    kind = "local"
 
-    def __init__(self, src_sharding: NamedSharding, dst_sharding: NamedSharding, max_pages: int):
-        self.dst_sharding = dst_sharding
+    def __init__(self, max_pages: int):
         self.buckets = page_buckets(max_pages)
-        self._gather = jax.jit(gather_pages, out_shardings=(src_sharding, src_sharding))
-        self._scatter = jax.jit(
-            scatter_pages, donate_argnums=(0,), out_shardings=KVPool(dst_sharding, dst_sharding)
-        )
 
-    def bucket(self, n: int) -> int:
-        i = bisect.bisect_left(self.buckets, n)
-        if i == len(self.buckets):
-            raise ValueError(f"{n} pages exceed the largest transfer bucket {self.buckets[-1]}")
-        return self.buckets[i]
-
-    def _padded(self, pages: Sequence[int], size: int, sharding: NamedSharding) -> jax.Array:
+    def _index(self, pages: Sequence[int], size: int, sharding: NamedSharding) -> jax.Array:
         idx = np.full(size, NULL_PAGE, np.int32)
         idx[: len(pages)] = pages
-        return jax.device_put(idx, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+        return jax.device_put(idx, NamedSharding(sharding.mesh, PartitionSpec()))
 
-    def pull(
-        self,
-        src_pool: KVPool,
-        src_pages: Sequence[int],
-        dst_pool: KVPool,
-        dst_pages: Sequence[int],
-    ) -> KVPool:
-        """Copy ``src_pages`` of ``src_pool`` into ``dst_pages`` of ``dst_pool``; returns the new
-        destination pool (the old one is donated and must not be used again)."""
+    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> None:
+        """Copy ``src_pages`` of every layer of ``src`` into ``dst_pages`` of ``dst`` (in place)."""
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"page counts differ: {len(src_pages)} source, {len(dst_pages)} destination")
-        size = self.bucket(len(src_pages))
-        src_sharding = src_pool.k.sharding
-        k, v = self._gather(src_pool, self._padded(src_pages, size, src_sharding))
-        k, v = jax.device_put((k, v), self.dst_sharding)
-        return self._scatter(dst_pool, self._padded(dst_pages, size, self.dst_sharding), k, v)
+        size = bucket(self.buckets, len(src_pages))
+        for s, d, lo, hi in _overlaps(src, dst):
+            with src.lock:
+                k, v = _GATHER(s.pool, self._index(src_pages, size, s.pool_sharding), lo=lo - s.lo, hi=hi - s.lo)
+            k, v = jax.device_put((k, v), d.pool_sharding)
+            with dst.lock:
+                d.pool = _SCATTER(d.pool, self._index(dst_pages, size, d.pool_sharding), k, v, lo=lo - d.lo)
+
+    def warmup(self, src: Any, dst: Any, tick: Callable[[str], None] = lambda _: None) -> None:
+        """Compile the gather/scatter programs for every page bucket (null page to null page)."""
+        for size in self.buckets:
+            tick(f"transfer {src.name}->{dst.name} {size} pages")
+            self.pull(src, [NULL_PAGE] * size, dst, [NULL_PAGE] * size)
+        for d in dst.stages:
+            jax.block_until_ready(d.pool)
 
 
-def pages_equal(a: KVPool, a_pages: Sequence[int], b: KVPool, b_pages: Sequence[int]) -> bool:
-    """Bit-for-bit comparison of two requests' pages (a test and debugging aid)."""
-    ia, ib = jnp.asarray(a_pages), jnp.asarray(b_pages)
-    for x, y in ((a.k, b.k), (a.v, b.v)):
-        xa, yb = np.asarray(x[:, ia]), np.asarray(y[:, ib])
-        if xa.dtype != yb.dtype or xa.tobytes() != yb.tobytes():
+def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """All layers' K and V of the listed pages, on the host (stages concatenated in layer order)."""
+    idx = np.asarray(pages, np.int32)
+    with owner.lock:
+        # whole pools to the host, then index: no eager device op, so no compilation per page count
+        parts = [(np.asarray(st.pool.k)[:, idx], np.asarray(st.pool.v)[:, idx]) for st in owner.stages]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def pages_equal(a: Any, a_pages: Sequence[int], b: Any, b_pages: Sequence[int]) -> bool:
+    """Bit-for-bit comparison of a request's pages in two pool owners."""
+    for x, y in zip(host_pages(a, a_pages), host_pages(b, b_pages)):
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
             return False
     return True

@@ -45,6 +45,22 @@ class DecodeBatch(NamedTuple):
     page_tables: jax.Array  # [B, pages_per_seq] int32
 
 
+class MixedBatch(NamedTuple):
+    """Packed tokens whose sequences may already have K/V cached (chunked prefill, SplitFuse).
+
+    Each segment is a run of consecutive tokens of one sequence starting at any position: a prompt
+    chunk or a single decode token. ``page_tables`` has one row per segment; ``logit_indices`` picks
+    each segment's last token (padding segments point at token 0 and are ignored by the caller).
+    """
+
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, absolute positions
+    segment_ids: jax.Array  # [T] int32, -1 marks padding
+    slots: jax.Array  # [T] int32
+    page_tables: jax.Array  # [S, pages_per_seq] int32
+    logit_indices: jax.Array  # [S] int32
+
+
 def family_module(cfg: ModelConfig) -> ModuleType:
     return opt if cfg.family == "opt" else llama
 
@@ -74,6 +90,66 @@ def run_layers(
     return x, KVPool(k_pool, v_pool)
 
 
+def embed(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    return family_module(cfg).embed(params, cfg, tokens, positions)
+
+
+def final(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: float32 logits for the rows of ``x``."""
+    return family_module(cfg).final(params, cfg, x)
+
+
+def prefill_layers(
+    layers: list[dict], cfg: ModelConfig, x: jax.Array, batch: PrefillBatch, kv: KVPool,
+    impl: AttentionImpl = REFERENCE,
+) -> tuple[jax.Array, KVPool]:
+    """Packed prompts through a stack of layers (all of them, or one pipeline stage's)."""
+    scale = cfg.head_dim**-0.5
+
+    def attend_fn(k_pages, v_pages, q, k, v):
+        k_pages = impl.write(k_pages, batch.slots, k)
+        v_pages = impl.write(v_pages, batch.slots, v)
+        o = impl.prefill(q, k, v, batch.segment_ids, batch.positions, scale)
+        return o, k_pages, v_pages
+
+    return run_layers(layers, cfg, x, batch.positions, kv, attend_fn)
+
+
+def decode_layers(
+    layers: list[dict], cfg: ModelConfig, x: jax.Array, batch: DecodeBatch, kv: KVPool,
+    impl: AttentionImpl = REFERENCE,
+) -> tuple[jax.Array, KVPool]:
+    scale = cfg.head_dim**-0.5
+    ps = kv.page_size
+    pos = batch.positions
+    page = jnp.take_along_axis(batch.page_tables, (pos // ps)[:, None], axis=1)[:, 0]
+    slots = page * ps + pos % ps
+    lengths = pos + 1
+
+    def attend_fn(k_pages, v_pages, q, k, v):
+        k_pages = impl.write(k_pages, slots, k)
+        v_pages = impl.write(v_pages, slots, v)
+        o = impl.decode(q, k_pages, v_pages, batch.page_tables, lengths, scale)
+        return o, k_pages, v_pages
+
+    return run_layers(layers, cfg, x, pos, kv, attend_fn)
+
+
+def mixed_layers(
+    layers: list[dict], cfg: ModelConfig, x: jax.Array, batch: MixedBatch, kv: KVPool,
+    impl: AttentionImpl = REFERENCE,
+) -> tuple[jax.Array, KVPool]:
+    scale = cfg.head_dim**-0.5
+
+    def attend_fn(k_pages, v_pages, q, k, v):
+        k_pages = impl.write(k_pages, batch.slots, k)
+        v_pages = impl.write(v_pages, batch.slots, v)
+        o = impl.mixed(q, k_pages, v_pages, batch.page_tables, batch.segment_ids, batch.positions, scale)
+        return o, k_pages, v_pages
+
+    return run_layers(layers, cfg, x, batch.positions, kv, attend_fn)
+
+
 def prefill(
     params: dict,
     cfg: ModelConfig,
@@ -82,18 +158,9 @@ def prefill(
     impl: AttentionImpl = REFERENCE,
 ) -> tuple[jax.Array, KVPool]:
     """Run packed prompts through the model, writing their K/V; returns logits [N, vocab] (float32)."""
-    fam = family_module(cfg)
-    scale = cfg.head_dim**-0.5
-    x = fam.embed(params, cfg, batch.tokens, batch.positions)
-
-    def attend_fn(k_pages, v_pages, q, k, v):
-        k_pages = impl.write(k_pages, batch.slots, k)
-        v_pages = impl.write(v_pages, batch.slots, v)
-        o = impl.prefill(q, k, v, batch.segment_ids, batch.positions, scale)
-        return o, k_pages, v_pages
-
-    x, kv = run_layers(params["layers"], cfg, x, batch.positions, kv, attend_fn)
-    return fam.final(params, cfg, x[batch.logit_indices]), kv
+    x = embed(params, cfg, batch.tokens, batch.positions)
+    x, kv = prefill_layers(params["layers"], cfg, x, batch, kv, impl)
+    return final(params, cfg, x[batch.logit_indices]), kv
 
 
 def decode(
@@ -104,20 +171,19 @@ def decode(
     impl: AttentionImpl = REFERENCE,
 ) -> tuple[jax.Array, KVPool]:
     """One decoding step for a batch; returns logits [B, vocab] (float32)."""
-    fam = family_module(cfg)
-    scale = cfg.head_dim**-0.5
-    ps = kv.page_size
-    pos = batch.positions
-    page = jnp.take_along_axis(batch.page_tables, (pos // ps)[:, None], axis=1)[:, 0]
-    slots = page * ps + pos % ps
-    lengths = pos + 1
-    x = fam.embed(params, cfg, batch.tokens, pos)
+    x = embed(params, cfg, batch.tokens, batch.positions)
+    x, kv = decode_layers(params["layers"], cfg, x, batch, kv, impl)
+    return final(params, cfg, x), kv
 
-    def attend_fn(k_pages, v_pages, q, k, v):
-        k_pages = impl.write(k_pages, slots, k)
-        v_pages = impl.write(v_pages, slots, v)
-        o = impl.decode(q, k_pages, v_pages, batch.page_tables, lengths, scale)
-        return o, k_pages, v_pages
 
-    x, kv = run_layers(params["layers"], cfg, x, pos, kv, attend_fn)
-    return fam.final(params, cfg, x), kv
+def mixed(
+    params: dict,
+    cfg: ModelConfig,
+    batch: MixedBatch,
+    kv: KVPool,
+    impl: AttentionImpl = REFERENCE,
+) -> tuple[jax.Array, KVPool]:
+    """A chunked-prefill step: packed chunks and decode tokens over cached prefixes; logits [S, vocab]."""
+    x = embed(params, cfg, batch.tokens, batch.positions)
+    x, kv = mixed_layers(params["layers"], cfg, x, batch, kv, impl)
+    return final(params, cfg, x[batch.logit_indices]), kv

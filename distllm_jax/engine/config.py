@@ -1,0 +1,108 @@
+"""Engine configuration: which mode, how many instances of which parallelism, pool and batch limits.
+
+Every limit that shapes a compiled program (token buckets, batch buckets, pages per sequence) is
+derived from here, so the set of programs compiled at start-up is known before serving begins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from distllm_jax.models.config import ModelConfig
+
+Mode = Literal["disaggregated", "colocated", "chunked"]
+MODES: tuple[str, ...] = ("disaggregated", "colocated", "chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    """One instance's parallelism: ``tp`` devices per pipeline stage, ``pp`` stages (tp*pp devices).
+    ``num_pages`` overrides the engine-wide pool size for this instance."""
+
+    tp: int = 1
+    pp: int = 1
+    num_pages: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.pp
+
+    def label(self) -> str:
+        return f"tp{self.tp}" + (f"pp{self.pp}" if self.pp > 1 else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """``prefill``/``decode`` describe the disaggregated instances; ``colocated`` the instances of the
+    colocated and chunked baselines (each serves both phases).
+
+    ``prefill_token_budget`` is the paper's L_m: the most prompt tokens batched into one prefill (a
+    single longer prompt still runs, alone); in ``chunked`` mode it is the tokens per mixed step.
+    Decode pages are reserved for a request's whole possible length when it joins a decode batch, so a
+    running batch never runs out of pages and never has to preempt.
+    """
+
+    mode: Mode = "disaggregated"
+    prefill: tuple[InstanceSpec, ...] = (InstanceSpec(),)
+    decode: tuple[InstanceSpec, ...] = (InstanceSpec(),)
+    colocated: tuple[InstanceSpec, ...] = (InstanceSpec(),)
+    page_size: int = 16
+    num_pages: int = 256
+    max_seq_len: int | None = None  # default: min(model positions, 2048)
+    prefill_token_budget: int = 512
+    max_prefill_seqs: int = 16
+    max_decode_batch: int = 32
+    min_token_bucket: int = 16
+    dtype: str | None = None  # params and KV dtype; None: the checkpoint's own
+    attention: str = "reference"
+    check_transfers: bool = False  # compare every migrated page bit for bit (tests, debugging)
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.page_size < 1 or self.num_pages < 2:
+            raise ValueError("page_size must be >= 1 and num_pages >= 2")
+        for name in ("prefill_token_budget", "max_prefill_seqs", "max_decode_batch", "min_token_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.mode == "chunked" and self.max_decode_batch > self.prefill_token_budget:
+            raise ValueError("chunked mode needs prefill_token_budget >= max_decode_batch")
+        if self.mode == "disaggregated" and (not self.prefill or not self.decode):
+            raise ValueError("disaggregated mode needs at least one prefill and one decode instance")
+        if self.mode != "disaggregated" and not self.colocated:
+            raise ValueError(f"{self.mode} mode needs at least one instance in `colocated`")
+
+    def seq_len(self, cfg: ModelConfig) -> int:
+        limit = cfg.max_position_embeddings
+        if self.max_seq_len is None:
+            return min(limit, 2048)
+        if self.max_seq_len > limit:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's {limit} positions")
+        return self.max_seq_len
+
+    def instances(self) -> list[tuple[str, InstanceSpec]]:
+        """(role, spec) in device order: prefill instances first, then decode (or the colocated ones)."""
+        if self.mode == "disaggregated":
+            return [("prefill", s) for s in self.prefill] + [("decode", s) for s in self.decode]
+        return [(self.mode, s) for s in self.colocated]
+
+    @property
+    def num_devices(self) -> int:
+        return sum(s.num_devices for _, s in self.instances())
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 2lo, 4lo, ... up to the first value >= hi."""
+    out, b = [], max(1, lo)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(b)
+    return tuple(out)

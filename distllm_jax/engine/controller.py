@@ -1,0 +1,141 @@
+"""The request lifecycle, in one place: admit -> prefill -> (hold -> migrate) -> decode -> stream -> free.
+
+All shared scheduling state (the FCFS queues, every request, every instance's allocator) is touched
+only under :attr:`Controller.cv`. Workers (one thread per instance) take work from here, run their
+programs outside the lock, and report back; every way a request can end goes through :meth:`finish`,
+which returns its pages to every instance that holds some and sends the final event.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from typing import Iterable
+
+from distllm_jax.engine.request import Request, RequestOutput, RequestState
+from distllm_jax.engine.stopping import FinishReason
+
+
+class Controller:
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.waiting: collections.deque[Request] = collections.deque()  # FCFS, not yet prefilled
+        self.held: collections.deque[Request] = collections.deque()  # prefilled, KV in prefill memory
+        self.requests: dict[str, Request] = {}
+        self.finished: collections.Counter[str] = collections.Counter()
+        self.migrations = 0
+        self.migration_seconds = 0.0
+        self.errors: collections.deque[str] = collections.deque(maxlen=32)  # recent step failures
+
+    # everything below runs with self.cv held -----------------------------------------------------
+
+    def admit(self, req: Request) -> None:
+        self.requests[req.rid] = req
+        self.waiting.append(req)
+        self.cv.notify_all()
+
+    def emit(self, req: Request, token: int, now: float) -> bool:
+        """Hand one sampled token to its request; False when the request ended with it."""
+        req.num_sampled += 1
+        t = req.timings
+        if t.first_token is None:
+            t.first_token = now
+        try:
+            delta = req.checker.append(token)
+            text, reason = delta.text, delta.finished
+            if reason is None and req.num_prompt + req.num_sampled >= req.max_len:
+                text += req.checker.end(FinishReason.LENGTH).text  # the model's context is full
+                reason = FinishReason.LENGTH
+        except Exception as e:  # noqa: BLE001 - one request's bug must not stop the engine
+            self.finish(req, FinishReason.ERROR, error=f"while streaming: {type(e).__name__}: {e}", now=now)
+            return False
+        ids = [delta.token] if delta.token is not None else []
+        if ids:
+            t.token_times.append(now)
+        if reason is not None:
+            self.finish(req, reason, token_ids=ids, text=text, now=now)
+            return False
+        self._push(req, RequestOutput(req.rid, ids, text))
+        return True
+
+    def finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        *,
+        error: str | None = None,
+        token_ids: Iterable[int] = (),
+        text: str = "",
+        now: float | None = None,
+    ) -> None:
+        """End a request, wherever it is: free its pages everywhere, then send the final event."""
+        if req.state is RequestState.DONE:
+            return
+        for q in (self.waiting, self.held):
+            try:
+                q.remove(req)
+            except ValueError:
+                pass
+        for inst in req.holders:
+            inst.alloc.free(req.rid)
+        req.holders.clear()
+        req.state = RequestState.DONE
+        req.timings.finish = now or time.perf_counter()
+        if req.checker.finished is None:
+            try:
+                text += req.checker.end(reason).text
+            except Exception:  # noqa: BLE001
+                pass
+        self.requests.pop(req.rid, None)
+        self.finished[reason.value] += 1
+        self._push(
+            req,
+            RequestOutput(
+                req.rid, list(token_ids), text, finished=reason, error=error,
+                num_prompt_tokens=req.num_prompt, num_output_tokens=len(req.checker.ids),
+                timings=req.timings,
+            ),
+        )
+        self.cv.notify_all()
+
+    def _push(self, req: Request, out: RequestOutput) -> None:
+        try:
+            req.stream._push(out)
+        except Exception:  # noqa: BLE001 - a broken consumer loses its stream, not the engine
+            req.cancelled = True
+
+    def drop_if_over(self, req: Request, now: float) -> bool:
+        """Finish a cancelled or expired request; True if it ended."""
+        if req.cancelled:
+            self.finish(req, FinishReason.CANCELLED, now=now)
+        elif req.expired(now):
+            self.finish(req, FinishReason.DEADLINE, error="deadline exceeded", now=now)
+        return req.state is RequestState.DONE
+
+    def expire_queued(self, now: float) -> None:
+        for q in (self.waiting, self.held):
+            for r in [r for r in q if r.cancelled or r.expired(now)]:
+                self.drop_if_over(r, now)
+
+    def fail(self, reqs: Iterable[Request], exc: BaseException, where: str) -> None:
+        """A step failed: its requests end with the error; the engine goes on with the others."""
+        msg = f"{where} failed: {type(exc).__name__}: {exc}"
+        self.errors.append(msg + "\n" + "".join(traceback.format_exception(exc))[-2000:])
+        for r in list(reqs):
+            self.finish(r, FinishReason.ERROR, error=msg)
+
+    def holding(self, inst: object) -> list[Request]:
+        return [r for r in self.requests.values() if inst in r.holders]
+
+    def cancel(self, rid: str) -> bool:
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        req.cancelled = True
+        if req.state in (RequestState.WAITING, RequestState.HELD):
+            self.finish(req, FinishReason.CANCELLED)  # not in any worker's hands: free now
+        else:
+            self.cv.notify_all()  # its worker frees it at the next step boundary
+        return True

@@ -1,0 +1,94 @@
+"""The decode instance's policy: pull prefilled requests when there is room, then continuous batching.
+
+A request is pulled only when this instance has a batch slot and pages for the request's whole
+possible length (prompt + max_tokens, capped by the context), so the running batch never runs out of
+pages. With several decode instances, a request goes to the least-loaded one that has room.
+"""
+
+from __future__ import annotations
+
+import time
+
+from distllm_jax.engine.controller import Controller
+from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.request import Request, RequestState
+from distllm_jax.engine.transfer import KVPuller, pages_equal
+from distllm_jax.engine.worker import Worker
+from distllm_jax.kv_cache import pages_for
+
+
+class DecodeWorker(Worker):
+    def __init__(self, ctrl: Controller, inst: Instance, puller: KVPuller, peers: list["DecodeWorker"],
+                 check_transfers: bool = False):
+        super().__init__(ctrl, inst)
+        self.puller = puller
+        self.peers = peers  # every decode worker (self included): pulls are balanced across them
+        self.check = check_transfers
+        self._pulling = 0
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + self._pulling
+
+    def has_room(self) -> bool:
+        return len(self.running) + self._pulling < self.inst.max_batch and self.inst.alloc.num_free > 0
+
+    def has_work(self) -> bool:
+        return bool(self.running) or (bool(self.ctrl.held) and self.has_room())
+
+    def _fits(self, r: Request) -> bool:
+        return self.inst.alloc.extra_pages_needed(r.rid, r.max_cached) <= self.inst.alloc.num_free
+
+    def _choose_pulls(self, now: float) -> list[tuple[Request, list[int], list[int]]]:
+        out = []
+        while self.ctrl.held and self.has_room():
+            r = self.ctrl.held[0]
+            if not self._fits(r):
+                break
+            others = [w.load for w in self.peers if w is not self and w.has_room() and w._fits(r)]
+            if others and self.load > min(others):
+                break  # a less-loaded peer takes it
+            self.ctrl.held.popleft()
+            self.inst.alloc.ensure(r.rid, r.max_cached)
+            r.holders.append(self.inst)
+            r.state = RequestState.MIGRATING
+            r.timings.migration_start = now
+            r.timings.decode_instance = self.inst.name
+            n = pages_for(r.num_computed, self.inst.page_size)
+            out.append((r, list(r.holders[0].alloc.table(r.rid))[:n], list(self.inst.alloc.table(r.rid))[:n]))
+            self._pulling += 1
+        return out
+
+    def _pull(self, r: Request, src_pages: list[int], dst_pages: list[int]) -> None:
+        src = r.holders[0]
+        try:
+            self.puller.pull(src, src_pages, self.inst, dst_pages)
+            if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
+                raise AssertionError(f"KV of {r.rid} changed in transit")
+            for st in self.inst.stages:  # the migration ends when the pages are in place
+                st.pool.k.block_until_ready()
+        except Exception as e:  # noqa: BLE001
+            with self.ctrl.cv:
+                self._pulling -= 1
+                self.ctrl.fail([r], e, f"KV pull {src.name}->{self.inst.name}")
+            return
+        with self.ctrl.cv:
+            now = time.perf_counter()
+            self._pulling -= 1
+            if r.state is RequestState.DONE:
+                return
+            src.alloc.free(r.rid)
+            r.holders.remove(src)
+            r.timings.migration_end = now
+            self.ctrl.migrations += 1
+            self.ctrl.migration_seconds += now - r.timings.migration_start
+            r.state = RequestState.RUNNING
+            self.running.append(r)
+            self.ctrl.cv.notify_all()  # prefill memory was freed
+
+    def step(self) -> bool:
+        with self.ctrl.cv:
+            pulls = self._choose_pulls(time.perf_counter())
+        for r, src_pages, dst_pages in pulls:
+            self._pull(r, src_pages, dst_pages)
+        return self.decode_step() or bool(pulls)

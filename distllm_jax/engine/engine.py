@@ -1,0 +1,285 @@
+"""The engine API that the server and bench drive: build instances, compile, submit, stream, cancel.
+
+    engine = Engine(CheckpointSource("ckpt/opt-1.3b"), EngineConfig(mode="disaggregated"))
+    for out in engine.submit(prompt_ids, SamplingParams(max_tokens=32)):
+        ...
+    async for out in engine.generate(prompt_ids, params):   # from asyncio
+        ...
+
+Construction places each instance on its own devices (prefill instances first, then decode), loads its
+params, and compiles every program it can run (with a progress bar), so serving compiles nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import jax
+import numpy as np
+
+from distllm_jax.engine import compile_counter
+from distllm_jax.engine.colocated import ChunkedWorker, ColocatedWorker
+from distllm_jax.engine.config import EngineConfig
+from distllm_jax.engine.controller import Controller
+from distllm_jax.engine.decode import DecodeWorker
+from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.params_source import CheckpointSource, ParamSource
+from distllm_jax.engine.prefill import PrefillWorker
+from distllm_jax.engine.request import Request, RequestOutput, RequestStream
+from distllm_jax.engine.sampling import SamplingParams
+from distllm_jax.engine.stopping import StopChecker
+from distllm_jax.engine.transfer import LocalKVPuller, KVPuller
+from distllm_jax.engine.worker import Worker
+from distllm_jax.kv_cache import pages_for
+from distllm_jax.models.attention import REFERENCE, AttentionImpl
+
+
+def attention_impl(name: str) -> AttentionImpl:
+    if name == "reference":
+        return REFERENCE
+    raise ValueError(f"unknown attention implementation {name!r} (known: reference)")
+
+
+class EngineClosed(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        source: ParamSource | str | Path,
+        config: EngineConfig | None = None,
+        *,
+        devices: Sequence[jax.Device] | None = None,
+        tokenizer: Any = None,
+        puller: KVPuller | None = None,
+        start: bool = True,
+    ):
+        compile_counter.install()
+        self.config = cfg = config or EngineConfig()
+        self.source = CheckpointSource(source, cfg.dtype) if isinstance(source, (str, Path)) else source
+        self.model = self.source.cfg
+        self.tokenizer = tokenizer
+        self.max_len = cfg.seq_len(self.model)
+        devices = list(devices if devices is not None else jax.devices())
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"{cfg.mode} layout needs {cfg.num_devices} devices, {len(devices)} available")
+        impl = attention_impl(cfg.attention)
+        self.instances: list[Instance] = []
+        offset = 0
+        counters: dict[str, int] = {}
+        for role, spec in cfg.instances():
+            i = counters[role] = counters.get(role, -1) + 1
+            devs = devices[offset : offset + spec.num_devices]
+            offset += spec.num_devices
+            self.instances.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl))
+        self.ctrl = Controller()
+        self.workers: list[Worker] = []
+        self.puller: KVPuller | None = None
+        budget = cfg.prefill_token_budget
+        if cfg.mode == "disaggregated":
+            self.puller = puller or LocalKVPuller(max_pages=pages_for(self.max_len, cfg.page_size))
+            peers: list[DecodeWorker] = []
+            for inst in self.instances:
+                if inst.role == "prefill":
+                    self.workers.append(PrefillWorker(self.ctrl, inst, budget))
+                else:
+                    w = DecodeWorker(self.ctrl, inst, self.puller, peers, cfg.check_transfers)
+                    peers.append(w)
+                    self.workers.append(w)
+        else:
+            kind = ColocatedWorker if cfg.mode == "colocated" else ChunkedWorker
+            self.workers = [kind(self.ctrl, inst, budget) for inst in self.instances]
+        self._rng = np.random.default_rng(cfg.seed)
+        self._ids = itertools.count()
+        self._closed = False
+        self.warmup_seconds = 0.0
+        self.warmup()
+        if start:
+            for w in self.workers:
+                w.start()
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    def _transfer_pairs(self) -> list[tuple[Instance, Instance]]:
+        p = [i for i in self.instances if i.role == "prefill"]
+        d = [i for i in self.instances if i.role == "decode"]
+        return [(a, b) for a in p for b in d]
+
+    def warmup(self) -> None:
+        """Compile every program once, before any request arrives."""
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        total = sum(i.num_programs() for i in self.instances)
+        total += len(self._transfer_pairs()) * len(getattr(self.puller, "buckets", []))
+        bar = tqdm(total=total, desc="compiling", unit="program", disable=not self.config.progress)
+        tick: Callable[[str], None] = lambda what: (bar.set_postfix_str(what, refresh=False), bar.update())  # noqa: E731
+        for inst in self.instances:
+            inst.warmup(tick)
+        for src, dst in self._transfer_pairs():
+            self.puller.warmup(src, dst, tick)  # type: ignore[union-attr]
+        bar.close()
+        self.warmup_seconds = time.perf_counter() - t0
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
+            return list(self.tokenizer.encode(prompt).ids)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _detokenize(self) -> Callable[[Sequence[int]], str] | None:
+        if self.tokenizer is None:
+            return None
+        return lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _check_fits(self, prompt: list[int], max_cached: int) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens; the limit is {self.max_len - 1} (max_seq_len {self.max_len})")
+        for inst in self.instances:
+            need = len(prompt) if inst.role == "prefill" else max_cached
+            if pages_for(need, inst.page_size) > inst.alloc.capacity:
+                raise ValueError(
+                    f"request needs {pages_for(need, inst.page_size)} KV pages on {inst.name}, "
+                    f"which has {inst.alloc.capacity}"
+                )
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        loop: Any = None,
+    ) -> RequestStream:
+        """Queue a request; returns its stream at once. ``timeout`` (seconds) ends it with
+        finish reason ``deadline`` if it is not done by then. Bad input raises ``ValueError``."""
+        if self._closed:
+            raise EngineClosed("the engine is shutting down")
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        seed = int(self._rng.integers(0, 2**32)) if params.seed is None else params.seed
+        stream = RequestStream(rid, loop)
+        checker = StopChecker(params, self.model.eos_token_ids, self._detokenize())
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        req = Request(rid, ids, params, checker, seed, stream, self.max_len, deadline)
+        self._check_fits(ids, req.max_cached)
+        with self.ctrl.cv:
+            if rid in self.ctrl.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self.ctrl.admit(req)
+        return stream
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        """Async stream of a request's events; leaving the loop early cancels the request."""
+        import asyncio
+
+        stream = self.submit(prompt, params, loop=asyncio.get_running_loop(), **kw)
+        done = False
+        try:
+            async for out in stream:
+                done = out.finished is not None
+                yield out
+        finally:
+            if not done:
+                self.cancel(stream.request_id)
+
+    def generate_all(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Offline convenience: submit all, wait for all; outputs in prompt order."""
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        streams = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        return [s.result() for s in streams]
+
+    def cancel(self, request_id: str) -> bool:
+        """End a request with finish reason ``cancelled``; its pages are freed. False if unknown."""
+        with self.ctrl.cv:
+            return self.ctrl.cancel(request_id)
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self.ctrl.cv:
+            per = []
+            for inst, w in zip(self.instances, self.workers):
+                per.append({
+                    **inst.describe(),
+                    "pages_used": inst.alloc.num_used, "pages_free": inst.alloc.num_free,
+                    "running": len(w.running), "steps": inst.steps,
+                })
+            c = self.ctrl
+            return {
+                "mode": self.config.mode,
+                "waiting": len(c.waiting),
+                "held_in_prefill": len(c.held),
+                "active": len(c.requests),
+                "finished": dict(c.finished),
+                "migrations": c.migrations,
+                "migration_seconds": c.migration_seconds,
+                "migration_path": getattr(self.puller, "kind", None),
+                "compilations": compile_counter.compilations(),
+                "warmup_seconds": self.warmup_seconds,
+                "instances": per,
+                "recent_errors": [e.splitlines()[0] for e in c.errors],
+            }
+
+    def idle(self) -> bool:
+        with self.ctrl.cv:
+            return not self.ctrl.requests
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.perf_counter() + timeout
+        with self.ctrl.cv:
+            while self.ctrl.requests:
+                left = None if end is None else end - time.perf_counter()
+                if left is not None and left <= 0:
+                    return False
+                self.ctrl.cv.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    def assert_no_leaks(self) -> None:
+        """Every page of every instance is free (call when idle)."""
+        with self.ctrl.cv:
+            for inst in self.instances:
+                try:
+                    inst.alloc.assert_no_leaks()
+                except AssertionError as e:
+                    raise AssertionError(f"{inst.name}: {e}") from None
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with ``drain`` let running ones finish, otherwise cancel them."""
+        self._closed = True
+        if drain:
+            self.wait_idle(timeout)
+        with self.ctrl.cv:
+            for rid in list(self.ctrl.requests):
+                self.ctrl.cancel(rid)
+        if not drain or timeout is not None:
+            self.wait_idle(5.0)
+        for w in self.workers:
+            w.stop()
+        for w in self.workers:
+            if w.thread.is_alive():
+                w.join()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(drain=False)

@@ -1,0 +1,190 @@
+"""An instance: its own devices (one mesh per pipeline stage), params, KV pool, allocator and programs.
+
+Pipeline parallelism splits the layers into ``pp`` contiguous stages, each on a ``tp``-device mesh
+with its slice of the params and of the pool (page ids are shared: one allocator per instance).
+A step is dispatched micro-batch by micro-batch, stage by stage; jax dispatches asynchronously and
+the stages sit on different devices, so stage s works on micro-batch m while stage s+1 works on m-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from distllm_jax.engine.config import EngineConfig, InstanceSpec, pow2_buckets
+from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
+from distllm_jax.engine.programs import STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_prefill
+from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
+from distllm_jax.models.attention import AttentionImpl
+from distllm_jax.parallel import kv_pool_sharding, make_mesh, replicated
+
+
+@dataclasses.dataclass
+class Stage:
+    mesh: Mesh
+    lo: int  # first layer
+    hi: int  # one past the last layer
+    params: dict
+    pool: KVPool
+    pool_sharding: NamedSharding
+    first: bool
+    last: bool
+
+    @property
+    def repl(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+
+def layer_split(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, as even as possible (earlier stages take the remainder)."""
+    if pp > num_layers:
+        raise ValueError(f"{pp} pipeline stages for {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    out, lo = [], 0
+    for s in range(pp):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class Instance:
+    """``role`` is prefill, decode, colocated or chunked; it decides which programs are compiled."""
+
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        spec: InstanceSpec,
+        devices: Sequence[jax.Device],
+        source: ParamSource,
+        ecfg: EngineConfig,
+        impl: AttentionImpl,
+    ):
+        if len(devices) != spec.num_devices:
+            raise ValueError(f"{name}: {spec.label()} needs {spec.num_devices} devices, got {len(devices)}")
+        self.name, self.role, self.spec, self.impl = name, role, spec, impl
+        self.cfg = cfg = source.cfg
+        self.devices = list(devices)
+        self.page_size = ecfg.page_size
+        self.num_pages = spec.num_pages or ecfg.num_pages
+        self.max_len = ecfg.seq_len(cfg)
+        self.width = pages_for(self.max_len, self.page_size)  # page-table columns
+        self.alloc = PageAllocator(self.num_pages, self.page_size)
+        self.lock = threading.Lock()  # held while dispatching anything that reads or donates a pool
+        self.dtype = jnp.dtype(source.dtype)
+        self.stages: list[Stage] = []
+        split = layer_split(cfg.num_layers, spec.pp)
+        for s, (lo, hi) in enumerate(split):
+            mesh = make_mesh(self.devices[s * spec.tp : (s + 1) * spec.tp])
+            first, last = s == 0, s == len(split) - 1
+            params = source.load(mesh, stage_tensor_names(cfg, lo, hi, first, last))
+            params["layers"] = params["layers"][lo:hi]
+            sh = kv_pool_sharding(cfg, mesh)
+            pool = create_pool(_stage_cfg(cfg, hi - lo), self.num_pages, self.page_size, self.dtype, sh)
+            self.stages.append(Stage(mesh, lo, hi, params, pool, sh, first, last))
+
+        top = max(ecfg.prefill_token_budget, self.max_len)
+        self.token_buckets = pow2_buckets(ecfg.min_token_bucket, top)
+        self.max_prefill_seqs = ecfg.max_prefill_seqs
+        self.max_batch = ecfg.max_decode_batch
+        self.batch_buckets = tuple(b for b in pow2_buckets(1, self.max_batch) if b < self.max_batch) + (
+            self.max_batch,
+        )
+        self.mixed_buckets = pow2_buckets(ecfg.min_token_bucket, ecfg.prefill_token_budget)
+        self.steps = 0
+
+    # ---- the programs ---------------------------------------------------------------------------
+
+    def kinds(self) -> tuple[str, ...]:
+        return {"prefill": ("prefill",), "decode": ("decode",), "colocated": ("prefill", "decode"),
+                "chunked": ("mixed",)}[self.role]
+
+    def shapes(self, kind: str) -> list[int]:
+        return list({"prefill": self.token_buckets, "decode": self.batch_buckets,
+                     "mixed": self.mixed_buckets}[kind])
+
+    def pack(self, kind: str, segs: Sequence[Segment], size: int):
+        if kind == "prefill":
+            return pack_prefill(segs, size, self.max_prefill_seqs, self.page_size)
+        if kind == "decode":
+            return pack_decode(segs, size, self.width)
+        return pack_mixed(segs, size, self.max_batch, self.width, self.page_size)
+
+    def bucket_for(self, kind: str, segs: Sequence[Segment]) -> int:
+        n = len(segs) if kind == "decode" else sum(len(s.tokens) for s in segs)
+        return bucket(self.shapes(kind), n)
+
+    def dispatch(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[jax.Array]:
+        """Dispatch one step (several micro-batches when pipelined); returns the device arrays of
+        sampled ids, one per micro-batch, without waiting for them."""
+        self.steps += 1
+        return self._launch(kind, [self.pack(kind, segs, self.bucket_for(kind, segs)) for segs in micro_batches])
+
+    def _launch(self, kind: str, host: Sequence[tuple[Any, Any]]) -> list[jax.Array]:
+        outs = []
+        with self.lock:
+            for batch, sb in host:
+                x = None
+                for st in self.stages:
+                    b = jax.device_put(batch, st.repl)
+                    s = jax.device_put(sb, st.repl) if st.last else None
+                    if x is not None:
+                        x = jax.device_put(x, st.repl)
+                    x, st.pool = STAGE_STEP(
+                        st.params, x, b, st.pool, s,
+                        kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last,
+                    )
+                outs.append(x)
+        return outs
+
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+        """Run one step and wait for its sampled ids (the only device->host transfer)."""
+        return [np.asarray(o) for o in self.dispatch(kind, micro_batches)]
+
+    def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
+        """Compile every program this instance can run (all-padding inputs touch only the null page)."""
+        for kind in self.kinds():
+            for size in self.shapes(kind):
+                tick(f"{self.name} {kind} {size}")
+                np.asarray(self._launch(kind, [self.pack(kind, [], size)])[0])
+
+    def num_programs(self) -> int:
+        return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages)
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    def pools_ok(self) -> bool:
+        """False when a failed step left a pool deleted or poisoned."""
+        try:
+            for st in self.stages:
+                if st.pool.k.is_deleted() or st.pool.v.is_deleted():
+                    return False
+                jax.block_until_ready(st.pool)
+            return True
+        except Exception:  # noqa: BLE001 - any runtime error means the buffers are unusable
+            return False
+
+    def reset_pools(self) -> None:
+        """Fresh zero pools (after a failure that lost them); the caller fails every request here."""
+        with self.lock:
+            for st in self.stages:
+                st.pool = create_pool(_stage_cfg(self.cfg, st.hi - st.lo), self.num_pages, self.page_size,
+                                      self.dtype, st.pool_sharding)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "tp": self.spec.tp, "pp": self.spec.pp,
+            "devices": [str(d) for d in self.devices], "num_pages": self.num_pages,
+            "page_size": self.page_size,
+        }
+
+
+def _stage_cfg(cfg, num_layers: int):
+    return dataclasses.replace(cfg, num_layers=num_layers)

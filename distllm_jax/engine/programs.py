@@ -1,0 +1,131 @@
+"""The compiled programs of an instance and the host-side packing of their inputs.
+
+One pure function, :func:`stage_step`, covers every program: a step kind (``prefill`` over packed
+prompts, ``decode`` over the running batch, ``mixed`` for chunked prefill) run on one pipeline stage.
+The first stage embeds; the last applies the head and samples, so only token ids leave the device.
+Inputs are padded to bucketed shapes; padding tokens write into the null page and padding rows are
+ignored by the host.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from distllm_jax.engine.sampling import SamplingBatch, SamplingParams, make_sampling_batch, sample
+from distllm_jax.kv_cache import NULL_PAGE, KVPool
+from distllm_jax.models import decoder
+from distllm_jax.models.attention import AttentionImpl
+from distllm_jax.models.config import ModelConfig
+from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch
+
+_LAYERS = {"prefill": decoder.prefill_layers, "decode": decoder.decode_layers, "mixed": decoder.mixed_layers}
+
+
+def stage_step(
+    params: dict,
+    x: jax.Array | None,
+    batch: Any,
+    kv: KVPool,
+    sb: SamplingBatch | None,
+    *,
+    kind: str,
+    cfg: ModelConfig,
+    impl: AttentionImpl,
+    first: bool,
+    last: bool,
+) -> tuple[jax.Array, KVPool]:
+    """-> (hidden states for the next stage, or sampled token ids on the last stage; the new pool)."""
+    if first:
+        x = decoder.embed(params, cfg, batch.tokens, batch.positions)
+    x, kv = _LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
+    if not last:
+        return x, kv
+    rows = x if kind == "decode" else x[batch.logit_indices]
+    return sample(decoder.final(params, cfg, rows), sb), kv
+
+
+STAGE_STEP = jax.jit(
+    stage_step, static_argnames=("kind", "cfg", "impl", "first", "last"), donate_argnames=("kv",)
+)
+
+
+def bucket(buckets: Sequence[int], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+class Segment(NamedTuple):
+    """A run of one sequence's tokens starting at ``start`` (a prompt, a chunk or one decode token),
+    with the page table that covers it and what its sampled token needs."""
+
+    tokens: Sequence[int]
+    start: int
+    table: Sequence[int]
+    params: SamplingParams
+    seed: int
+
+
+def _slots(table: Sequence[int], start: int, n: int, ps: int) -> np.ndarray:
+    pos = np.arange(start, start + n)
+    return np.asarray(table, np.int32)[pos // ps] * ps + pos % ps
+
+
+def _sampling(segs: Sequence[Segment], rows: int) -> SamplingBatch:
+    return make_sampling_batch(
+        [s.params for s in segs], [s.start + len(s.tokens) for s in segs], [s.seed for s in segs], rows
+    )
+
+
+def _tables(segs: Sequence[Segment], rows: int, width: int) -> np.ndarray:
+    out = np.full((rows, width), NULL_PAGE, np.int32)
+    for i, s in enumerate(segs):
+        out[i, : len(s.table)] = s.table
+    return out
+
+
+def _packed(segs: Sequence[Segment], T: int, ps: int):
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    seg_ids = np.full(T, -1, np.int32)
+    slots = np.full(T, NULL_PAGE * ps, np.int32)
+    ends = []
+    off = 0
+    for i, s in enumerate(segs):
+        n = len(s.tokens)
+        tokens[off : off + n] = s.tokens
+        positions[off : off + n] = np.arange(s.start, s.start + n)
+        seg_ids[off : off + n] = i
+        slots[off : off + n] = _slots(s.table, s.start, n, ps)
+        off += n
+        ends.append(off - 1)
+    return tokens, positions, seg_ids, slots, ends
+
+
+def pack_prefill(segs: Sequence[Segment], T: int, N: int, ps: int) -> tuple[PrefillBatch, SamplingBatch]:
+    """Whole prompts (each segment starts at 0) packed into T tokens, logits for N rows."""
+    tokens, positions, seg_ids, slots, ends = _packed(segs, T, ps)
+    idx = np.zeros(N, np.int32)
+    idx[: len(ends)] = ends
+    return PrefillBatch(tokens, positions, seg_ids, slots, idx), _sampling(segs, N)
+
+
+def pack_decode(segs: Sequence[Segment], B: int, W: int) -> tuple[DecodeBatch, SamplingBatch]:
+    tokens = np.zeros(B, np.int32)
+    positions = np.zeros(B, np.int32)
+    for i, s in enumerate(segs):
+        tokens[i] = s.tokens[0]
+        positions[i] = s.start
+    return DecodeBatch(tokens, positions, _tables(segs, B, W)), _sampling(segs, B)
+
+
+def pack_mixed(segs: Sequence[Segment], T: int, S: int, W: int, ps: int) -> tuple[MixedBatch, SamplingBatch]:
+    tokens, positions, seg_ids, slots, ends = _packed(segs, T, ps)
+    idx = np.zeros(S, np.int32)
+    idx[: len(ends)] = ends
+    return MixedBatch(tokens, positions, seg_ids, slots, _tables(segs, S, W), idx), _sampling(segs, S)

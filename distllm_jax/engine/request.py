@@ -1,0 +1,175 @@
+"""What a request is while the engine holds it, and what its caller receives.
+
+The caller sees a :class:`RequestStream` of :class:`RequestOutput` events (new tokens with their text,
+then exactly one final event with the finish reason and the request's :class:`RequestTimings`). The
+stream can be read from a thread (``for out in stream``) or from asyncio (``async for out in stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import queue
+import time
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
+
+from distllm_jax.engine.sampling import SamplingParams
+from distllm_jax.engine.stopping import FinishReason, StopChecker
+
+if TYPE_CHECKING:
+    from distllm_jax.engine.instance import Instance
+
+
+@dataclasses.dataclass
+class RequestTimings:
+    """Wall-clock stamps (``time.perf_counter`` seconds). Migration stamps are set only when the
+    request moved from a prefill instance to a decode instance."""
+
+    arrival: float
+    prefill_start: float | None = None
+    first_token: float | None = None
+    migration_start: float | None = None
+    migration_end: float | None = None
+    finish: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def queueing(self) -> float | None:
+        return None if self.prefill_start is None else self.prefill_start - self.arrival
+
+    @property
+    def migration(self) -> float | None:
+        if self.migration_start is None or self.migration_end is None:
+            return None
+        return self.migration_end - self.migration_start
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(ttft=self.ttft, tpot=self.tpot, queueing=self.queueing, migration=self.migration)
+        return d
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]  # tokens new in this event
+    text: str  # text that became final with them
+    finished: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    timings: RequestTimings | None = None  # on the final event
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued for prefill
+    PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
+    HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
+    MIGRATING = "migrating"
+    RUNNING = "running"  # in a decode batch
+    DONE = "done"
+
+
+class RequestStream:
+    """Events of one request, readable from a thread or from an event loop."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+        self.request_id = request_id
+        self._q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._loop = loop
+        self._aq: asyncio.Queue[RequestOutput] | None = asyncio.Queue() if loop is not None else None
+        self.final: RequestOutput | None = None
+
+    def _push(self, out: RequestOutput) -> None:
+        if out.finished is not None:
+            self.final = out
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, out)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        else:
+            self._q.put(out)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        if self._loop is not None:
+            raise RuntimeError("this stream was opened from asyncio: use `async for`")
+        while True:
+            out = self._q.get()
+            yield out
+            if out.finished is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self._aq is None:
+            raise RuntimeError("this stream was opened without an event loop: iterate it synchronously")
+        while True:
+            out = await self._aq.get()
+            yield out
+            if out.finished is not None:
+                return
+
+    def result(self) -> RequestOutput:
+        """Block until the request ends; the final event carries all tokens in ``token_ids``."""
+        ids, text = [], []
+        for out in self:
+            ids += out.token_ids
+            text.append(out.text)
+        return dataclasses.replace(out, token_ids=ids, text="".join(text))
+
+
+class Request:
+    """Engine-side state of one request (touched only under the controller's lock)."""
+
+    def __init__(
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        checker: StopChecker,
+        seed: int,
+        stream: RequestStream,
+        max_len: int,
+        deadline: float | None,
+    ):
+        self.rid = rid
+        self.prompt = prompt
+        self.params = params
+        self.checker = checker
+        self.seed = seed
+        self.stream = stream
+        self.deadline = deadline
+        # tokens that can ever be in the cache: the last sampled token is never fed back
+        self.max_cached = min(len(prompt) + params.max_tokens - 1, max_len - 1)
+        self.max_len = max_len
+        self.state = RequestState.WAITING
+        self.timings = RequestTimings(arrival=time.perf_counter())
+        self.holders: list[Instance] = []  # instances whose allocator holds pages for this request
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.last_token: int | None = None  # sampled, not yet fed
+        self.num_sampled = 0  # tokens sampled (stop tokens included)
+        self.cancelled = False
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+    def __repr__(self) -> str:
+        return f"Request({self.rid!r}, {self.state.value}, prompt={len(self.prompt)})"
