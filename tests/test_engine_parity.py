@@ -17,6 +17,8 @@ LAYOUTS = {
     "P-tp2/D-tp4": dict(prefill=(InstanceSpec(2),), decode=(InstanceSpec(4),)),
     "P-pp2/D-tp2": dict(prefill=(InstanceSpec(1, pp=2),), decode=(InstanceSpec(2),)),
     "2P+1D": dict(prefill=(InstanceSpec(1), InstanceSpec(1)), decode=(InstanceSpec(2),)),
+    "P-tp2/D-pp2 via transfer server": dict(prefill=(InstanceSpec(2),), decode=(InstanceSpec(1, pp=2),),
+                                           kv_transfer="transfer-server"),
     "colocated": dict(mode="colocated", colocated=(InstanceSpec(2),)),
     "chunked": dict(mode="chunked", colocated=(InstanceSpec(2),), prefill_token_budget=32),
 }
@@ -51,6 +53,7 @@ def test_greedy_matches_hf(reference, variant, layout):
         assert out.token_ids == exp, f"{layout} {variant}: request {i} diverged"
     assert stats["finished"] == {"length": len(WORK)}
     if layout.startswith(("P", "2P")):
+        assert stats["migration_path"] == LAYOUTS[layout].get("kv_transfer", "local")
         assert stats["migrations"] == sum(1 for _, n in WORK if n > 1)
         used = {o.timings.prefill_instance for o in outs}
         assert len(used) == (2 if layout == "2P+1D" else 1), used

@@ -44,6 +44,14 @@ def attention_impl(name: str) -> AttentionImpl:
     raise ValueError(f"unknown attention implementation {name!r} (known: reference)")
 
 
+def make_puller(kind: str, max_pages: int) -> KVPuller:
+    if kind == "transfer-server":
+        from distllm_jax.engine.transfer_server import TransferServerPuller
+
+        return TransferServerPuller(max_pages)
+    return LocalKVPuller(max_pages)
+
+
 class EngineClosed(RuntimeError):
     pass
 
@@ -82,7 +90,7 @@ class Engine:
         self.puller: KVPuller | None = None
         budget = cfg.prefill_token_budget
         if cfg.mode == "disaggregated":
-            self.puller = puller or LocalKVPuller(max_pages=pages_for(self.max_len, cfg.page_size))
+            self.puller = puller or make_puller(cfg.kv_transfer, pages_for(self.max_len, cfg.page_size))
             peers: list[DecodeWorker] = []
             for inst in self.instances:
                 if inst.role == "prefill":
