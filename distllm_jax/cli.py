@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("ckpt")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from bench import engine_micro
+
+    e = bsub.add_parser("engine", help="engine micro-benchmark: prefill, decode steps, KV migration, e2e",
+                        description=engine_micro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine_micro.add_arguments(e)
+    e.set_defaults(fn=engine_micro.main)
     return p
 
 
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, ValueError) as e:
         print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 
