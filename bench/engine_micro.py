@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d.alloc.free("m")
     p.alloc.assert_no_leaks()
     d.alloc.assert_no_leaks()
-    del p, d
+    p = d = None  # free both instances before the end-to-end engine loads its own
 
     if args.e2e and not shared:
         from distllm_jax.engine import Engine
