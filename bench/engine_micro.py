@@ -123,11 +123,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     d.alloc.assert_no_leaks()
     p = d = None  # free both instances before the end-to-end engine loads its own
 
-    if args.e2e and not shared:
+    if args.e2e:
         from distllm_jax.engine import Engine
 
+        # one device cannot hold disjoint prefill and decode meshes: run the colocated baseline there
+        mode = args.e2e_mode if args.e2e_mode != "auto" else ("colocated" if shared else "disaggregated")
         ecfg_e2e = EngineConfig(
-            mode="disaggregated", prefill=(p_spec,), decode=(d_spec,), page_size=args.page_size,
+            mode=mode, prefill=(p_spec,), decode=(d_spec,), colocated=(d_spec,), page_size=args.page_size,
             num_pages=pages_needed, max_seq_len=max_len, prefill_token_budget=max(args.prefill_tokens),
             max_decode_batch=max(args.batches), progress=False, dtype=source.dtype,
         )
@@ -138,10 +140,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             toks = sum(len(r.token_ids) for r in res)
             out["e2e"] = {
-                "requests": args.e2e, "wall_s": wall, "output_tokens_per_s": toks / wall,
+                "mode": mode, "requests": args.e2e, "wall_s": wall, "output_tokens_per_s": toks / wall,
                 "mean_ttft_ms": 1e3 * statistics.mean(r.timings.ttft for r in res),
                 "mean_tpot_ms": 1e3 * statistics.mean(r.timings.tpot for r in res if r.timings.tpot),
-                "mean_migration_ms": 1e3 * statistics.mean(r.timings.migration for r in res if r.timings.migration),
+                "mean_migration_ms": 1e3 * statistics.mean(
+                    [r.timings.migration for r in res if r.timings.migration is not None] or [0.0]),
                 "warmup_s": eng.warmup_seconds,
             }
     return out
@@ -161,7 +164,7 @@ def print_table(res: dict[str, Any]) -> None:
         print(f"{r['prompt_len']:>15} {r['pages']:>8} {r['ms']:>10.2f} {r['MB']:>8.2f} {r['GB_per_s']:>8.2f}")
     if "e2e" in res:
         e = res["e2e"]
-        print(f"\nend to end: {e['requests']} requests in {e['wall_s']:.2f}s, {e['output_tokens_per_s']:.0f} output "
+        print(f"\nend to end ({e['mode']}): {e['requests']} requests in {e['wall_s']:.2f}s, {e['output_tokens_per_s']:.0f} output "
               f"tokens/s, mean TTFT {e['mean_ttft_ms']:.1f} ms, TPOT {e['mean_tpot_ms']:.2f} ms, "
               f"migration {e['mean_migration_ms']:.2f} ms")
 
@@ -184,6 +187,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--migrate-lens", type=ints, default=[128, 512])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--e2e", type=int, default=16, help="requests in the end-to-end run (0: skip)")
+    p.add_argument("--e2e-mode", default="auto", choices=["auto", "disaggregated", "colocated", "chunked"],
+                   help="auto: disaggregated when the devices allow disjoint meshes, else colocated")
     p.add_argument("--out", help="JSON output path (default: bench/results/engine-micro-<backend>-<model>.json)")
 
 
