@@ -59,15 +59,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_len = min(cfg.max_position_embeddings, max(max(args.contexts) + 1, args.prompt_len + args.output_len, 64))
     args.contexts = sorted({min(c, max_len - 1) for c in args.contexts})  # the model's positions bound them
     args.migrate_lens = sorted({min(c, max_len - 1) for c in args.migrate_lens})
-    pages_needed = max(b * pages_for(c + 1, args.page_size) for b in args.batches for c in args.contexts)
-    pages_needed = max(pages_needed, max(args.prefill_tokens) // args.page_size + 64) + 1
+    migrate_pages = max(pages_for(L, args.page_size) for L in args.migrate_lens)
+    decode_pages = max(b * pages_for(c + 1, args.page_size) for b in args.batches for c in args.contexts)
+    decode_pages = max(decode_pages, args.e2e * pages_for(args.prompt_len + args.output_len, args.page_size)) + migrate_pages + 1
+    prefill_pages = max(pages_for(max(args.prefill_tokens), args.page_size) + args.e2e, migrate_pages) + 1
     ecfg = EngineConfig(
-        page_size=args.page_size, num_pages=pages_needed, max_seq_len=max_len,
+        page_size=args.page_size, num_pages=decode_pages, max_seq_len=max_len,
         prefill_token_budget=max(args.prefill_tokens), max_prefill_seqs=max(1, max(args.prefill_tokens) // args.prompt_len),
         max_decode_batch=max(args.batches), progress=False, dtype=source.dtype,
     )
     devs = jax.devices()
-    p_spec, d_spec = InstanceSpec(args.prefill_tp, args.prefill_pp), InstanceSpec(args.decode_tp)
+    p_spec = InstanceSpec(args.prefill_tp, args.prefill_pp, num_pages=prefill_pages)
+    d_spec = InstanceSpec(args.decode_tp, num_pages=decode_pages)
     need = p_spec.num_devices + d_spec.num_devices
     shared = need > len(devs)  # one GPU: both instances on the same device(s)
     p_devs = devs[: p_spec.num_devices]
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(devs[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
         "model": args.checkpoint or args.preset, "params": cfg.param_count(), "dtype": source.dtype,
         "prefill_instance": p_spec.label(), "decode_instance": d_spec.label(), "shared_devices": shared,
-        "load_seconds": load_s, "prefill": [], "decode": [], "migration": [],
+        "load_seconds": load_s, "pool_pages": {"prefill": prefill_pages, "decode": decode_pages}, "prefill": [], "decode": [], "migration": [],
     }
 
     for T in args.prefill_tokens:
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mode = args.e2e_mode if args.e2e_mode != "auto" else ("colocated" if shared else "disaggregated")
         ecfg_e2e = EngineConfig(
             mode=mode, prefill=(p_spec,), decode=(d_spec,), colocated=(d_spec,), page_size=args.page_size,
-            num_pages=pages_needed, max_seq_len=max_len, prefill_token_budget=max(args.prefill_tokens),
+            num_pages=decode_pages, max_seq_len=max_len, prefill_token_budget=max(args.prefill_tokens),
             max_decode_batch=max(args.batches), progress=False, dtype=source.dtype,
         )
         with Engine(source, ecfg_e2e) as eng:

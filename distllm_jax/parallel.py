@@ -58,12 +58,19 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
     return unflatten({s.name: NamedSharding(mesh, spec_partition(s, mesh)) for s in tensor_specs(cfg)}, cfg)
 
 
-def kv_pool_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
-    """The pool ``[layers, pages, page_size, kv_heads, head_dim]`` is split over KV heads."""
+def _kv_heads_split(cfg: ModelConfig, mesh: Mesh) -> bool:
     tp = mesh.shape.get(TP, 1)
-    if tp > 1 and cfg.num_kv_heads % tp == 0:
-        return NamedSharding(mesh, P(None, None, None, TP, None))
-    return NamedSharding(mesh, P())
+    return tp > 1 and cfg.num_kv_heads % tp == 0
+
+
+def kv_pool_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """Each layer's pool array ``[pages, page_size, kv_heads, head_dim]`` is split over KV heads."""
+    return NamedSharding(mesh, P(None, None, TP, None) if _kv_heads_split(cfg, mesh) else P())
+
+
+def kv_buffer_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """A migration buffer ``[layers, pages, page_size, kv_heads, head_dim]``, split like the pool."""
+    return NamedSharding(mesh, P(None, None, None, TP, None) if _kv_heads_split(cfg, mesh) else P())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

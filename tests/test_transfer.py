@@ -42,11 +42,11 @@ def test_pull_across_meshes(converted, variant, src, dst):
     first = p.run("prefill", [segs])[0][: len(PROMPTS)]
 
     puller = LocalKVPuller(max_pages=16)
-    shardings = [st.pool.k.sharding for st in d.stages]
+    shardings = [st.pool.k[0].sharding for st in d.stages]
     for i, pr in enumerate(PROMPTS):
         dst_pages = list(d.alloc.ensure(i, len(pr) + N_NEW))[: len(p.alloc.table(i))]
         puller.pull(p, p.alloc.table(i), d, dst_pages)
-        assert [st.pool.k.sharding for st in d.stages] == shardings
+        assert [st.pool.k[0].sharding for st in d.stages] == shardings
         assert pages_equal(p, p.alloc.table(i), d, dst_pages), "KV changed in transit"
         p.alloc.free(i)  # the prefill side lets go once pulled
     p.alloc.assert_no_leaks()

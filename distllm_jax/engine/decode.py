@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import jax
+
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.request import Request, RequestState
@@ -66,7 +68,7 @@ class DecodeWorker(Worker):
             if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
                 raise AssertionError(f"KV of {r.rid} changed in transit")
             for st in self.inst.stages:  # the migration ends when the pages are in place
-                st.pool.k.block_until_ready()
+                jax.block_until_ready(st.pool)
         except Exception as e:  # noqa: BLE001
             with self.ctrl.cv:
                 self._pulling -= 1

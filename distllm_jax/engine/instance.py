@@ -22,7 +22,7 @@ from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
 from distllm_jax.engine.programs import STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_prefill
 from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
-from distllm_jax.parallel import kv_pool_sharding, make_mesh, replicated
+from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
 
 
 @dataclasses.dataclass
@@ -32,7 +32,8 @@ class Stage:
     hi: int  # one past the last layer
     params: dict
     pool: KVPool
-    pool_sharding: NamedSharding
+    pool_sharding: NamedSharding  # each layer's pool array
+    buffer_sharding: NamedSharding  # a gathered [layers, pages, ...] migration buffer
     first: bool
     last: bool
 
@@ -88,7 +89,7 @@ class Instance:
             params["layers"] = params["layers"][lo:hi]
             sh = kv_pool_sharding(cfg, mesh)
             pool = create_pool(_stage_cfg(cfg, hi - lo), self.num_pages, self.page_size, self.dtype, sh)
-            self.stages.append(Stage(mesh, lo, hi, params, pool, sh, first, last))
+            self.stages.append(Stage(mesh, lo, hi, params, pool, sh, kv_buffer_sharding(cfg, mesh), first, last))
 
         top = max(ecfg.prefill_token_budget, self.max_len)
         self.token_buckets = pow2_buckets(ecfg.min_token_bucket, top)
@@ -164,7 +165,7 @@ class Instance:
         """False when a failed step left a pool deleted or poisoned."""
         try:
             for st in self.stages:
-                if st.pool.k.is_deleted() or st.pool.v.is_deleted():
+                if any(a.is_deleted() for a in jax.tree.leaves(st.pool)):
                     return False
                 jax.block_until_ready(st.pool)
             return True

@@ -8,7 +8,7 @@ overlapping layer ranges moves separately. Page counts are bucketed (padding rea
 page), so the set of compiled programs stays bounded.
 
 The puller works on *pool owners*: objects with ``stages`` (each with ``lo``, ``hi``, ``pool`` and
-``pool_sharding``) and a ``lock`` held while dispatching anything that reads or donates their pools.
+``buffer_sharding``, the sharding of a gathered ``[layers, pages, ...]`` buffer) and a ``lock`` held while dispatching anything that reads or donates their pools.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -26,12 +27,16 @@ from distllm_jax.kv_cache import NULL_PAGE, KVPool
 
 def gather_pages(pool: KVPool, pages: jax.Array, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:
     """[hi-lo, n, page_size, kv_heads, head_dim] buffers holding the listed pages of layers [lo, hi)."""
-    return pool.k[lo:hi, pages], pool.v[lo:hi, pages]
+    return (jnp.stack([pool.k[i][pages] for i in range(lo, hi)]),
+            jnp.stack([pool.v[i][pages] for i in range(lo, hi)]))
 
 
 def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array, lo: int) -> KVPool:
+    """Write the buffers into layers [lo, lo + len(k)); the other layers pass through (aliased)."""
     hi = lo + k.shape[0]
-    return KVPool(pool.k.at[lo:hi, pages].set(k), pool.v.at[lo:hi, pages].set(v))
+    upd = lambda arrs, buf: tuple(  # noqa: E731
+        a.at[pages].set(buf[i - lo]) if lo <= i < hi else a for i, a in enumerate(arrs))
+    return KVPool(upd(pool.k, k), upd(pool.v, v))
 
 
 _GATHER = jax.jit(gather_pages, static_argnames=("lo", "hi"))
@@ -82,7 +87,7 @@ class LocalKVPuller:
         for s, d, lo, hi in _overlaps(src, dst):
             with src.lock:
                 k, v = _GATHER(s.pool, self._index(src_pages, size, s.pool_sharding), lo=lo - s.lo, hi=hi - s.lo)
-            k, v = jax.device_put((k, v), d.pool_sharding)
+            k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool = _SCATTER(d.pool, self._index(dst_pages, size, d.pool_sharding), k, v, lo=lo - d.lo)
 
@@ -100,7 +105,8 @@ def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray
     idx = np.asarray(pages, np.int32)
     with owner.lock:
         # whole pools to the host, then index: no eager device op, so no compilation per page count
-        parts = [(np.asarray(st.pool.k)[:, idx], np.asarray(st.pool.v)[:, idx]) for st in owner.stages]
+        parts = [(np.stack([np.asarray(a)[idx] for a in st.pool.k]), np.stack([np.asarray(a)[idx] for a in st.pool.v]))
+                 for st in owner.stages]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

@@ -124,7 +124,7 @@ class TransferKVReceiver:
             want = jax.ShapeDtypeStruct(part.shape, np.dtype(part.dtype) if part.dtype != "bfloat16"
                                         else jax.numpy.bfloat16, sharding=layout)
             k, v = conn.pull(part.uuid, [want, want])
-            k, v = jax.device_put((k, v), d.pool_sharding)
+            k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool = _SCATTER(d.pool, _index(dst_pages, part.shape[1], d.mesh), k, v, lo=part.lo - d.lo)
 

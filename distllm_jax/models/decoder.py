@@ -76,7 +76,7 @@ def run_layers(
     """Apply a stack of layers; ``attend_fn(k_pages, v_pages, q, k, v) -> (o, k_pages, v_pages)``
     writes this layer's new K/V into its pages and attends."""
     fam = family_module(cfg)
-    k_pool, v_pool = kv.k, kv.v
+    k_pool, v_pool = list(kv.k), list(kv.v)
     for i, lp in enumerate(layers):
         state = {}
 
@@ -85,9 +85,8 @@ def run_layers(
             return o
 
         x = fam.layer(lp, cfg, x, positions, attend)
-        k_pool = k_pool.at[i].set(state["k"])
-        v_pool = v_pool.at[i].set(state["v"])
-    return x, KVPool(k_pool, v_pool)
+        k_pool[i], v_pool[i] = state["k"], state["v"]
+    return x, KVPool(tuple(k_pool), tuple(v_pool))
 
 
 def embed(params: dict, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
