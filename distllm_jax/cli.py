@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
 
+    from serve import cli as serve_cli
+
+    sv = sub.add_parser("serve", help="start the gRPC server (no arguments: the embedded default model)",
+                        description=serve_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_cli.add_serve_arguments(sv)
+    sv.set_defaults(fn=serve_cli.run_serve)
+    g = sub.add_parser("generate", help="stream a completion from a running server to the terminal")
+    serve_cli.add_generate_arguments(g)
+    g.set_defaults(fn=serve_cli.run_generate)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     from bench import engine_micro
@@ -94,7 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _virtual_cpu_devices(n: int = 8) -> None:
+    """On a CPU, give JAX n virtual devices so the disaggregated layout has disjoint meshes (read when
+    the backend starts; no effect on GPU platforms or once JAX has started)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _virtual_cpu_devices()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

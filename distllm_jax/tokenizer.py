@@ -19,6 +19,34 @@ def bundled_gpt2() -> Tokenizer:
     return tok
 
 
+def byte_level(vocab_size: int = 256) -> Tokenizer:
+    """A byte-level tokenizer: token i is byte i (GPT-2's byte-to-unicode mapping, no merges). Any
+    text round-trips; it suits small models whose vocabulary has at least 256 tokens."""
+    if vocab_size < 256:
+        raise ValueError(f"a byte-level tokenizer needs 256 tokens, the model has {vocab_size}")
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    assert set(vocab) == set(chars)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     """The tokenizer stored beside a checkpoint; the bundled GPT-2 BPE when it has none."""
     d = Path(ckpt_dir)

@@ -1,0 +1,179 @@
+"""``distllm serve`` and ``distllm generate``: arguments, the model and layout they imply, and the run.
+
+With no arguments ``serve`` starts the embedded default: the built-in ``tiny-opt`` config with random
+weights and the bundled GPT-2 byte-level BPE, laid out disaggregated over the available devices (one
+prefill and one decode instance on a CPU's virtual devices; half the GPUs each on several GPUs;
+colocated on a single GPU, which cannot hold two disjoint meshes).
+
+A plan file (``--plan``, as ``distllm place`` writes it) is JSON::
+
+    {"mode": "disaggregated",
+     "prefill": [{"tp": 2, "pp": 1}], "decode": [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1}],
+     "colocated": [{"tp": 2, "pp": 1}],                     # for colocated / chunked
+     "prefill_token_budget": 512, "max_decode_batch": 64}   # optional
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", help="a converted checkpoint (default: the built-in --preset, random weights)")
+    m.add_argument("--preset", default="tiny-opt", help="built-in config served with random weights")
+    m.add_argument("--dtype", help="params and KV dtype (default: the checkpoint's; bfloat16 on GPU, float32 on CPU for presets)")
+    m.add_argument("--seed", type=int, default=0, help="random-weight seed")
+    lay = p.add_argument_group("layout")
+    lay.add_argument("--mode", choices=["disaggregated", "colocated", "chunked"])
+    lay.add_argument("--plan", help="a placement plan (JSON) instead of the layout flags")
+    lay.add_argument("--num-prefill", type=int, default=1)
+    lay.add_argument("--prefill-tp", type=int)
+    lay.add_argument("--prefill-pp", type=int, default=1)
+    lay.add_argument("--num-decode", type=int, default=1)
+    lay.add_argument("--decode-tp", type=int)
+    lay.add_argument("--decode-pp", type=int, default=1)
+    lay.add_argument("--tp", type=int, help="tensor degree of the colocated/chunked instance")
+    lay.add_argument("--pp", type=int, default=1)
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--page-size", type=int, default=16)
+    eng.add_argument("--num-pages", type=int, default=1024, help="KV pages per instance")
+    eng.add_argument("--max-seq-len", type=int, help="context limit (default: the model's, at most 2048)")
+    eng.add_argument("--prefill-token-budget", type=int, default=512)
+    eng.add_argument("--max-decode-batch", type=int, default=32)
+    eng.add_argument("--kv-transfer", choices=["local", "transfer-server"], default="local")
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
+    srv.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics; -1 disables, 0 picks")
+    srv.add_argument("--tls-cert")
+    srv.add_argument("--tls-key")
+    srv.add_argument("--auth-token", help="bearer token required from clients (or env DISTLLM_AUTH_TOKEN)")
+    srv.add_argument("--max-concurrent", type=int, default=256)
+    srv.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    srv.add_argument("--drain-timeout", type=float, default=300.0)
+    srv.add_argument("--quiet", action="store_true", help="no compile progress bar")
+
+
+def model_source(args: argparse.Namespace) -> tuple[Any, Any]:
+    import jax
+
+    from distllm_jax.engine import CheckpointSource, RandomSource
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+    from distllm_jax.tokenizer import bundled_gpt2, load_tokenizer
+
+    if args.checkpoint:
+        source = CheckpointSource(args.checkpoint, args.dtype)
+        tok = load_tokenizer(args.checkpoint)
+    else:
+        cfg = ModelConfig.from_hf_dict(preset(args.preset))
+        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+        source = RandomSource(cfg, dtype, args.seed)
+        tok = bundled_gpt2()
+    if tok is not None and tok.get_vocab_size() > source.cfg.vocab_size:
+        print(f"distllm serve: warning: the tokenizer has {tok.get_vocab_size()} tokens, the model "
+              f"{source.cfg.vocab_size}; text that maps past the model's vocabulary is refused", file=sys.stderr)
+    return source, tok
+
+
+def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cpu"):
+    from distllm_jax.engine import EngineConfig, InstanceSpec
+
+    extra: dict[str, Any] = {}
+    if args.plan:
+        plan = json.loads(Path(args.plan).read_text())
+        mode = plan.get("mode", "disaggregated")
+        spec = lambda d: InstanceSpec(int(d.get("tp", 1)), int(d.get("pp", 1)))  # noqa: E731
+        layout = {k: tuple(spec(d) for d in plan[k]) for k in ("prefill", "decode", "colocated") if plan.get(k)}
+        for k in ("prefill_token_budget", "max_decode_batch"):
+            if k in plan:
+                extra[k] = int(plan[k])
+    else:
+        mode = args.mode or ("disaggregated" if num_devices >= 2 else "colocated")
+        # CPU virtual devices share the same cores: tensor parallelism buys nothing there
+        half = 1 if backend == "cpu" else max(1, num_devices // 2)
+        p_tp = args.prefill_tp or max(1, half // args.num_prefill)
+        d_tp = args.decode_tp or max(1, (num_devices - half if backend != "cpu" else 1) // args.num_decode)
+        layout = {
+            "prefill": (InstanceSpec(p_tp, args.prefill_pp),) * args.num_prefill,
+            "decode": (InstanceSpec(d_tp, args.decode_pp),) * args.num_decode,
+            "colocated": (InstanceSpec(args.tp or (1 if backend == "cpu" else num_devices), args.pp),),
+        }
+    base = dict(page_size=args.page_size, num_pages=args.num_pages, max_seq_len=args.max_seq_len,
+                prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
+                kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet)
+    base.update(extra)
+    return EngineConfig(mode=mode, **layout, **base)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    import jax
+
+    from distllm_jax.engine import Engine
+    from serve.server import AUTH_ENV, ServerConfig, serve_forever
+
+    source, tok = model_source(args)
+    ecfg = engine_config(args, len(jax.devices()), jax.default_backend())
+    if args.checkpoint is None and args.max_seq_len is None:
+        ecfg = __import__("dataclasses").replace(ecfg, max_seq_len=min(512, source.cfg.max_position_embeddings))
+    what = args.checkpoint or f"{args.preset} (random weights)"
+    layout = ", ".join(f"{i}:{s.label()}" for i, (_, s) in enumerate(ecfg.instances()))
+    print(f"distllm serve: {what}, {ecfg.mode} [{layout}] on {len(jax.devices())} {jax.default_backend()} "
+          f"device(s); compiling...", flush=True)
+    engine = Engine(source, ecfg, tokenizer=tok)
+    token = args.auth_token if args.auth_token is not None else os.environ.get(AUTH_ENV)
+    cfg = ServerConfig(
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
+        max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
+    )
+    asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True)))
+    return 0
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--token", help="bearer token (or env DISTLLM_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies TLS")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from serve.client import Client
+
+    with Client(args.address, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as c:
+        try:
+            fin = None
+            for r in c.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop or None,
+                                ignore_eos=args.ignore_eos or None):
+                if r.HasField("chunk"):
+                    sys.stdout.write(r.chunk.text)
+                    sys.stdout.flush()
+                else:
+                    fin = r.finished
+        except grpc.RpcError as e:
+            print(f"\ndistllm generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    t = fin.timings
+    print(f"\n[{fin.finish_reason}: {fin.prompt_tokens} prompt + {fin.output_tokens} output tokens, "
+          f"TTFT {t.ttft_s * 1e3:.1f} ms, TPOT {t.tpot_s * 1e3:.1f} ms]", file=sys.stderr)
+    return 0

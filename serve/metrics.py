@@ -1,0 +1,71 @@
+"""Prometheus metrics: request outcomes and latencies observed by the server, engine state read at
+scrape time (queues, KV pages per instance, compilations), served over HTTP by prometheus_client."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class EngineCollector:
+    """Reads ``engine.stats()`` on every scrape, so gauges are never stale."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        q = GaugeMetricFamily("distllm_queue_length", "Requests waiting, by queue", labels=["queue"])
+        q.add_metric(["prefill"], s["waiting"])
+        q.add_metric(["held_in_prefill"], s["held_in_prefill"])
+        yield q
+        used = GaugeMetricFamily("distllm_kv_pages_used", "KV pages in use", labels=["instance", "role"])
+        free = GaugeMetricFamily("distllm_kv_pages_free", "KV pages free", labels=["instance", "role"])
+        running = GaugeMetricFamily("distllm_running_requests", "Requests in a decode batch", labels=["instance"])
+        for inst in s["instances"]:
+            used.add_metric([inst["name"], inst["role"]], inst["pages_used"])
+            free.add_metric([inst["name"], inst["role"]], inst["pages_free"])
+            running.add_metric([inst["name"]], inst["running"])
+        yield used
+        yield free
+        yield running
+        yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
+        yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
+        yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("distllm_requests", "Finished requests by outcome", ["outcome"],
+                                registry=self.registry)
+        self.ttft = Histogram("distllm_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
+                              registry=self.registry)
+        self.tpot = Histogram("distllm_tpot_seconds", "Time per output token after the first",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.output_tokens = Counter("distllm_output_tokens", "Tokens streamed", registry=self.registry)
+        self.registry.register(EngineCollector(stats))
+        self._http = None
+
+    def observe_finished(self, outcome: str, ttft: float | None, tpot: float | None, tokens: int) -> None:
+        self.requests.labels(outcome).inc()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
+        self.output_tokens.inc(tokens)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (``port=0`` picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_address[1]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None

@@ -1,0 +1,237 @@
+"""The gRPC server on ``grpc.aio``: the Generation service, standard health and reflection services,
+bearer-token auth, a concurrency cap, Prometheus metrics, and a graceful drain on SIGTERM.
+
+Requests are parsed here (raw bytes in), not by grpc, so a malformed or foreign message gets
+INVALID_ARGUMENT with the reason rather than a generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import signal
+import time
+from typing import Any, AsyncIterator
+
+import grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from distllm_jax.engine import Engine, EngineClosed, FinishReason
+from serve.metrics import Metrics
+from serve.v1 import distllm_pb2 as pb
+from serve.validation import InvalidArgument, Limits, parse, prompt_ids, sampling_params
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # distllm.v1.Generation
+AUTH_ENV = "DISTLLM_AUTH_TOKEN"
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+    max_concurrent: int = 256
+    max_message_bytes: int = 4 * 1024 * 1024
+    drain_timeout_s: float = 300.0
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, tokenizer: Any, cfg: ServerConfig, metrics: Metrics):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.metrics = metrics
+        self.limits = Limits(max_seq_len=engine.max_len, vocab_size=engine.model.vocab_size)
+        self.active = 0
+        self.draining = False
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, response_serializer=pb.GenerateResponse.SerializeToString),
+            "Tokenize": grpc.unary_unary_rpc_method_handler(
+                self.Tokenize, response_serializer=pb.TokenizeResponse.SerializeToString),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfo, response_serializer=pb.ModelInfoResponse.SerializeToString),
+        })
+
+    async def _reject(self, context, code: grpc.StatusCode, message: str, outcome: str) -> None:
+        self.metrics.requests.labels(outcome).inc()
+        await context.abort(code, message)
+
+    async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        if self.draining:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
+        try:
+            req = parse(raw, pb.GenerateRequest)
+            ids = prompt_ids(req, self.limits, self.tokenizer)
+            params = sampling_params(req, self.limits)
+        except InvalidArgument as e:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
+        if self.active >= self.cfg.max_concurrent:
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server is at its limit of {self.cfg.max_concurrent} concurrent requests",
+                               "rejected")
+        try:
+            stream = self.engine.submit(ids, params, request_id=req.request_id or None,
+                                        timeout=context.time_remaining(), loop=asyncio.get_running_loop())
+        except EngineClosed:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
+        except ValueError as e:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
+        self.active += 1
+        done = False
+        try:
+            async for out in stream:
+                if out.token_ids or out.text:
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=out.token_ids, text=out.text))
+                if out.finished is None:
+                    continue
+                done = True
+                t = out.timings
+                self.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
+                if out.finished is FinishReason.ERROR:
+                    await context.abort(grpc.StatusCode.INTERNAL, out.error or "engine error")
+                if out.finished is FinishReason.DEADLINE:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+                yield pb.GenerateResponse(finished=pb.Finished(
+                    request_id=out.request_id, finish_reason=out.finished.value,
+                    prompt_tokens=out.num_prompt_tokens, output_tokens=out.num_output_tokens,
+                    timings=pb.Timings(
+                        ttft_s=t.ttft or 0.0, tpot_s=t.tpot or 0.0, queueing_s=t.queueing or 0.0,
+                        migration_s=t.migration or 0.0, e2e_s=(t.finish or time.perf_counter()) - t.arrival,
+                        prefill_instance=t.prefill_instance or "", decode_instance=t.decode_instance or "",
+                    ),
+                ))
+        finally:
+            self.active -= 1
+            if not done:  # the client went away or its deadline passed: free the pages now
+                self.engine.cancel(stream.request_id)
+                self.metrics.requests.labels("cancelled").inc()
+
+    async def Tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        try:
+            req = parse(raw, pb.TokenizeRequest)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no tokenizer")
+        enc = self.tokenizer.encode(req.text)
+        return pb.TokenizeResponse(ids=enc.ids, tokens=enc.tokens)
+
+    async def ModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        try:
+            parse(raw, pb.ModelInfoRequest)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        e = self.engine
+        engine_info = {
+            "mode": e.config.mode, "page_size": e.config.page_size,
+            "prefill_token_budget": e.config.prefill_token_budget, "max_decode_batch": e.config.max_decode_batch,
+            "kv_transfer": e.config.kv_transfer, "attention": e.config.attention,
+            "instances": [i.describe() for i in e.instances],
+        }
+        return pb.ModelInfoResponse(
+            model_json=json.dumps(e.model.to_dict()), engine_json=json.dumps(engine_info),
+            max_seq_len=e.max_len, vocab_size=e.model.vocab_size,
+            max_concurrent_requests=self.cfg.max_concurrent, max_message_bytes=self.cfg.max_message_bytes,
+        )
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Requests to the Generation service need ``authorization: Bearer <token>``; health and
+    reflection stay open (load balancers and generic clients use them)."""
+
+    def __init__(self, token: str):
+        self.token = token.encode()
+
+    async def intercept_service(self, continuation, details):
+        if not details.method.startswith(f"/{SERVICE}/"):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token):
+            return await continuation(details)
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        if details.method.endswith("/Generate"):
+            async def deny_stream(request, context):
+                await deny(request, context)
+                yield  # pragma: no cover - never reached
+
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RunningServer:
+    """A started server: ``port``/``metrics_port`` are the bound ones; :meth:`drain` stops it gently."""
+
+    def __init__(self, server, service, health, metrics, port, metrics_port):
+        self.server, self.service, self.health, self.metrics = server, service, health, metrics
+        self.port, self.metrics_port = port, metrics_port
+        self.stopped = asyncio.Event()
+
+    async def drain(self, timeout: float) -> None:
+        """No new requests; running ones finish (up to ``timeout``); then stop."""
+        if self.service.draining:
+            return
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=timeout)
+        await asyncio.get_running_loop().run_in_executor(None, self.service.engine.shutdown, True, 5.0)
+        self.metrics.close()
+        self.stopped.set()
+
+
+async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningServer:
+    if cfg.auth_token is not None and not cfg.auth_token:
+        raise ValueError("the auth token is empty")
+    metrics = Metrics(engine.stats)
+    service = GenerationService(engine, tokenizer, cfg, metrics)
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=[BearerAuth(cfg.auth_token)] if cfg.auth_token else [], options=opts)
+    server.add_generic_rpc_handlers([service.handler()])
+    health = health_async.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    addr = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"could not bind {addr}")
+    metrics_port = metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
+    await server.start()
+    for name in ("", SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, service, health, metrics, port, metrics_port)
+
+
+async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce=print) -> None:
+    """Start, announce, and run until SIGTERM/SIGINT, then drain."""
+    running = await start(engine, tokenizer, cfg)
+    scheme = "grpcs" if cfg.tls_cert else "grpc"
+    announce(f"distllm serve: listening on {scheme}://{cfg.host}:{running.port}")
+    if running.metrics_port is not None:
+        announce(f"distllm serve: metrics on http://{cfg.host}:{running.metrics_port}/metrics")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(running.drain(cfg.drain_timeout_s)))
+    announce("distllm serve: ready")
+    await running.stopped.wait()
+    announce("distllm serve: drained, exiting")

@@ -1,0 +1,109 @@
+"""Turns a wire request into engine inputs, or says exactly which field is wrong and why.
+
+Every check the engine would make is made here first, so a bad request ends with INVALID_ARGUMENT
+naming its field instead of an engine error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from distllm_jax.engine import SamplingParams
+from serve.v1 import distllm_pb2 as pb
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+
+
+class InvalidArgument(ValueError):
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_seq_len: int
+    vocab_size: int
+    max_tokens_default: int = 16
+
+
+def unknown_fields(msg) -> list[int]:
+    """Field numbers present on the wire but not in the schema (a client built for another API)."""
+    from google.protobuf import unknown_fields as uf
+
+    out = [f.field_number for f in uf.UnknownFieldSet(msg)]
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        for sub in value if repeated else [value]:
+            out += unknown_fields(sub)
+    return out
+
+
+def parse(raw: bytes, cls):
+    from google.protobuf.message import DecodeError
+
+    msg = cls()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError as e:
+        raise InvalidArgument("request", f"not a valid {cls.DESCRIPTOR.full_name} message ({e})") from None
+    bad = unknown_fields(msg)
+    if bad:
+        raise InvalidArgument("request", f"unknown field number(s) {sorted(set(bad))} for {cls.DESCRIPTOR.full_name}")
+    return msg
+
+
+def sampling_params(req: pb.GenerateRequest, limits: Limits) -> SamplingParams:
+    max_tokens = req.max_tokens if req.HasField("max_tokens") else limits.max_tokens_default
+    if not 1 <= max_tokens < limits.max_seq_len:
+        raise InvalidArgument("max_tokens", f"must be in [1, {limits.max_seq_len - 1}], got {max_tokens}")
+    temperature = req.temperature if req.HasField("temperature") else 0.0
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
+        raise InvalidArgument("temperature", f"must be in [0, 100], got {temperature}")
+    top_p = req.top_p if req.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+    top_k = req.top_k if req.HasField("top_k") else 0
+    if not 0 <= top_k <= limits.vocab_size:
+        raise InvalidArgument("top_k", f"must be in [0, {limits.vocab_size}], got {top_k}")
+    seed = req.seed if req.HasField("seed") else None
+    if seed is not None and not 0 <= seed < 2**32:
+        raise InvalidArgument("seed", f"must be in [0, 2**32), got {seed}")
+    if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in req.stop):
+        raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LEN} characters")
+    bad = [t for t in req.stop_token_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidArgument("stop_token_ids", f"ids out of range [0, {limits.vocab_size}): {bad[:5]}")
+    return SamplingParams(
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=seed,
+        max_tokens=int(max_tokens), stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
+        stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+    )
+
+
+def prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenizer) -> list[int]:
+    which = req.WhichOneof("prompt")
+    if which is None:
+        raise InvalidArgument("prompt", "give text or token_ids")
+    if which == "text":
+        if not req.text:
+            raise InvalidArgument("text", "the prompt is empty")
+        if tokenizer is None:
+            raise InvalidArgument("text", "this server has no tokenizer; send token_ids")
+        ids = list(tokenizer.encode(req.text).ids)
+        field = "text"
+    else:
+        ids = list(req.token_ids.ids)
+        field = "token_ids"
+    if not ids:
+        raise InvalidArgument(field, "the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"token ids out of the vocabulary [0, {limits.vocab_size}): {bad[:5]}")
+    if len(ids) >= limits.max_seq_len:
+        raise InvalidArgument(field, f"prompt of {len(ids)} tokens; the context allows at most {limits.max_seq_len - 1}")
+    return ids

@@ -1,0 +1,207 @@
+"""The gRPC server, started for real (subprocess, 127.0.0.1, ephemeral ports) on a tiny OPT checkpoint
+with a byte-level tokenizer: streaming, health, reflection, metrics, validation, cancellation."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from distllm_jax.checkpoint import restore_params
+from distllm_jax.tokenizer import byte_level
+from model_runner import greedy_generate
+from serve.client import Client, make_request
+from serve.v1 import distllm_pb2 as pb
+from server_proc import ServerProc, checkpoint_with_tokenizer
+
+MAX_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def server(converted, tmp_path_factory):
+    _, ckpt = converted("opt-pre-ln")
+    ckpt = checkpoint_with_tokenizer(ckpt, tmp_path_factory.mktemp("serve") / "ckpt")
+    srv = ServerProc(ckpt)
+    yield srv
+    assert srv.stop() == 0, "".join(srv.log[-20:])
+
+
+@pytest.fixture(scope="module")
+def reference(converted):
+    _, ckpt = converted("opt-pre-ln")
+    cfg, params = restore_params(ckpt)
+    return lambda ids, n: greedy_generate(params, cfg, [ids], n)[0]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.address, timeout=60) as c:
+        yield c
+
+
+def wait_pages_free(server, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server.metric("distllm_kv_pages_used") == 0 and server.metric("distllm_active_requests") == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "distllm.v1.Generation"):
+            assert h.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "distllm.v1.Generation" in db.get_services()
+        methods = [m.name for m in db.FindFileContainingSymbol("distllm.v1.Generation").service[0].method]
+        assert methods == ["Generate", "Tokenize", "ModelInfo"]
+
+
+def test_streaming_matches_the_model(client, reference):
+    ids = [5, 9, 23, 7, 1, 100, 42, 17]
+    responses = list(client.generate(ids, max_tokens=10, ignore_eos=True))
+    chunks, fin = responses[:-1], responses[-1].finished
+    assert all(r.HasField("chunk") for r in chunks) and len(chunks) == 10  # one message per token
+    tokens = [t for r in chunks for t in r.chunk.token_ids]
+    assert tokens == reference(ids, 10)
+    assert fin.finish_reason == "length" and fin.output_tokens == 10 and fin.prompt_tokens == len(ids)
+    assert fin.timings.ttft_s > 0 and fin.timings.tpot_s > 0 and fin.timings.migration_s > 0
+    assert fin.timings.prefill_instance == "prefill0" and fin.timings.decode_instance == "decode0"
+
+
+def test_text_prompt_and_tokenize(client, reference):
+    text = "Hello, wörld"
+    ids = client.tokenize(text)
+    assert ids == byte_level().encode(text).ids
+    g = client.complete(text, max_tokens=6, ignore_eos=True)
+    assert g.token_ids == reference(ids, 6)
+    assert g.text == byte_level().decode(g.token_ids)
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.max_seq_len == MAX_LEN and info.vocab_size == 256
+    assert '"mode": "disaggregated"' in info.engine_json and '"tp": 1' in info.engine_json
+
+
+def test_64_concurrent_streams(server, client, reference):
+    prompts = [[3 + i % 50, 7, 11 + i] for i in range(64)]
+    with cf.ThreadPoolExecutor(64) as pool:
+        outs = list(pool.map(lambda p: client.complete(p, max_tokens=8, ignore_eos=True), prompts))
+    assert all(o.finished.finish_reason == "length" and len(o.token_ids) == 8 for o in outs)
+    for p, o in list(zip(prompts, outs))[:6]:
+        assert o.token_ids == reference(p, 8)
+    assert wait_pages_free(server)
+
+
+BAD = [
+    (dict(prompt=""), "text"),
+    (dict(prompt=[]), "token_ids"),
+    (dict(prompt=[1, 300]), "token_ids"),
+    (dict(prompt=[1] * MAX_LEN), "token_ids"),
+    (dict(prompt=[1, 2], max_tokens=-1), "max_tokens"),
+    (dict(prompt=[1, 2], max_tokens=10**9), "max_tokens"),
+    (dict(prompt=[1, 2], max_tokens=0), "max_tokens"),
+    (dict(prompt=[1, 2], top_p=0.0), "top_p"),
+    (dict(prompt=[1, 2], top_p=1.5), "top_p"),
+    (dict(prompt=[1, 2], temperature=-1.0), "temperature"),
+    (dict(prompt=[1, 2], top_k=-3), "top_k"),
+    (dict(prompt=[1, 2], seed=-5), "seed"),
+    (dict(prompt=[1, 2], stop_token_ids=[999]), "stop_token_ids"),
+    (dict(prompt=[1, 2], stop=[""]), "stop"),
+]
+
+
+@pytest.mark.parametrize("fields,field", BAD, ids=[f for _, f in BAD])
+def test_bad_inputs_name_the_field(client, fields, field):
+    fields = dict(fields)
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate(fields.pop("prompt"), **fields))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field), e.value.details()
+
+
+def _raw_generate(server, payload: bytes):
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_stream("/distllm.v1.Generation/Generate", request_serializer=lambda b: b,
+                               response_deserializer=pb.GenerateResponse.FromString)
+        return list(call(payload, timeout=30))
+
+
+@pytest.mark.parametrize("payload,why", [
+    (b"\xff\xff\xff", "not a valid"),
+    (make_request([1, 2], max_tokens=3).SerializeToString() + b"\xa0\x06\x01", "unknown field"),
+])
+def test_malformed_messages(server, client, payload, why):
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_generate(server, payload)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
+    assert client.complete([1, 2], max_tokens=2).finished.finish_reason in ("length", "stop")  # still serving
+
+
+def test_cancel_mid_stream_frees_pages(server, client):
+    call = client.generate([4, 5, 6], max_tokens=100, ignore_eos=True)
+    got = 0
+    for r in call:
+        got += 1
+        if got == 3:
+            call.cancel()
+            break
+    assert wait_pages_free(server), server.metrics()
+    assert server.metric("distllm_requests_total", outcome="cancelled") >= 1
+
+
+def test_deadline_exceeded_frees_pages(server):
+    with Client(server.address, timeout=0.05) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.generate([4, 5, 6], max_tokens=120, ignore_eos=True))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_pages_free(server)
+
+
+def test_metrics_exposed(server, client):
+    client.complete([9, 9, 9], max_tokens=3, ignore_eos=True)
+    text = server.metrics()
+    for name in ("distllm_requests_total", "distllm_ttft_seconds_bucket", "distllm_tpot_seconds_bucket",
+                 "distllm_queue_length", "distllm_kv_pages_used", "distllm_compilations_total"):
+        assert name in text, name
+    assert server.metric("distllm_requests_total", outcome="length") >= 1
+    assert server.metric("distllm_kv_pages_free", role="decode") > 0
+
+
+requests = st.fixed_dictionaries({
+    "prompt": st.one_of(st.text(max_size=40), st.lists(st.integers(-5, 300), max_size=40)),
+    "max_tokens": st.one_of(st.none(), st.integers(-3, 200)),
+    "temperature": st.one_of(st.none(), st.floats(-1, 3), st.just(float("nan"))),
+    "top_p": st.one_of(st.none(), st.floats(-0.5, 1.5), st.just(float("nan"))),
+    "top_k": st.one_of(st.none(), st.integers(-2, 400)),
+    "seed": st.one_of(st.none(), st.integers(-2, 2**33)),
+    "stop": st.one_of(st.none(), st.lists(st.text(max_size=4), max_size=3)),
+    "stop_token_ids": st.one_of(st.none(), st.lists(st.integers(-1, 300), max_size=3)),
+    "ignore_eos": st.booleans(),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=requests)
+def test_random_requests_end_with_tokens_or_a_clear_status(client, req):
+    req = dict(req)
+    prompt = req.pop("prompt")
+    try:
+        responses = list(client.generate(prompt, **req))
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+        assert e.details() and ":" in e.details()
+        return
+    assert responses and responses[-1].HasField("finished")
+    fin = responses[-1].finished
+    assert fin.finish_reason in ("stop", "length")
+    assert fin.output_tokens == sum(len(r.chunk.token_ids) for r in responses[:-1])
