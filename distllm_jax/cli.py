@@ -96,12 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    from bench import engine_micro
+    from bench.cli import add_bench_commands
 
-    e = bsub.add_parser("engine", help="engine micro-benchmark: prefill, decode steps, KV migration, e2e",
-                        description=engine_micro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    engine_micro.add_arguments(e)
-    e.set_defaults(fn=engine_micro.main)
+    add_bench_commands(bsub)
     return p
 
 
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError, ConnectionError) as e:
         print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

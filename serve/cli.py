@@ -134,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
         max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
+        model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
     )
     asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True)))
     return 0

@@ -40,6 +40,7 @@ class ServerConfig:
     max_concurrent: int = 256
     max_message_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 300.0
+    model_name: str = ""
 
 
 class GenerationService:
@@ -142,6 +143,7 @@ class GenerationService:
             model_json=json.dumps(e.model.to_dict()), engine_json=json.dumps(engine_info),
             max_seq_len=e.max_len, vocab_size=e.model.vocab_size,
             max_concurrent_requests=self.cfg.max_concurrent, max_message_bytes=self.cfg.max_message_bytes,
+            model_name=self.cfg.model_name, num_devices=sum(len(i.devices) for i in e.instances),
         )
 
 

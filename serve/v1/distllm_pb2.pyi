@@ -105,17 +105,21 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_json", "engine_json", "max_seq_len", "vocab_size", "max_concurrent_requests", "max_message_bytes")
+    __slots__ = ("model_json", "engine_json", "max_seq_len", "vocab_size", "max_concurrent_requests", "max_message_bytes", "model_name", "num_devices")
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
     ENGINE_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
     model_json: str
     engine_json: str
     max_seq_len: int
     vocab_size: int
     max_concurrent_requests: int
     max_message_bytes: int
-    def __init__(self, model_json: _Optional[str] = ..., engine_json: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    model_name: str
+    num_devices: int
+    def __init__(self, model_json: _Optional[str] = ..., engine_json: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., model_name: _Optional[str] = ..., num_devices: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,121 @@
+"""``distllm bench …``: run, goodput, plot, kick-the-tires, engine (the engine micro-benchmark)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"))
+    p.add_argument("--tls-ca")
+    p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench | file:PATH")
+    p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default="bench/results", help="folder for run files ('' to skip)")
+    p.add_argument("--cache-dir", help="prepared-workload cache (default ~/.cache/distllm)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bench.runs import Target, parse_pairs, print_table, run_once
+    from bench.slo import resolve
+
+    target = Target(args.address, args.token, args.tls_ca, args.tokenizer)
+    slo = resolve(args.slo)
+    runs = []
+    for n, rate in parse_pairs(args.num_prompts_req_rates):
+        run = run_once(target, args.dataset, n, rate, slo, burstiness=args.burstiness, seed=args.seed,
+                       verbose=args.verbose, results=args.results or None, cache_dir=args.cache_dir)
+        runs.append(run)
+        if "path" in run:
+            print(f"wrote {run['path']}")
+    print_table(runs)
+    return 0
+
+
+def _goodput(args: argparse.Namespace) -> int:
+    from bench.metrics import goodput
+    from bench.runs import Target, print_table, run_once
+    from bench.slo import resolve
+
+    target = Target(args.address, args.token, args.tls_ca, args.tokenizer)
+    slo = resolve(args.slo)
+    runs = []
+
+    def attain(rate: float) -> float:
+        run = run_once(target, args.dataset, args.num_prompts, rate, slo, burstiness=args.burstiness,
+                       seed=args.seed, results=args.results or None, cache_dir=args.cache_dir)
+        runs.append(run)
+        print(f"rate {rate:g} req/s: attainment {100 * run['summary']['attainment']:.1f}%")
+        return run["summary"]["attainment"]
+
+    best, tried = goodput(attain, args.min_rate, args.max_rate, args.target, args.tolerance)
+    print_table(sorted(runs, key=lambda r: r["config"]["rate"]))
+    scale_run = min(runs, key=lambda r: abs(r["config"]["rate"] - (args.scale_rate or best or args.min_rate)))
+    res = {"model": target.model, "mode": target.mode, "dataset": args.dataset, "slo": [slo.ttft, slo.tpot],
+           "goodput": best, "per_gpu_goodput": best / max(1, target.devices), "devices": target.devices,
+           "tried": tried, "tightest_slo_scale": scale_run["summary"]["tightest_slo_scale"],
+           "scale_at_rate": scale_run["config"]["rate"]}
+    print(f"goodput {best:g} req/s ({res['per_gpu_goodput']:g} per GPU) at >= {100 * args.target:.0f}% "
+          f"attainment; tightest SLO scale at {res['scale_at_rate']:g} req/s: {res['tightest_slo_scale']:.3g}")
+    if args.results:
+        path = Path(args.results) / f"{target.model}-{args.dataset}" / f"goodput-{target.mode}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1, default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else x))
+        print(f"wrote {path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from bench.plot import plot
+    from bench.slo import resolve
+
+    table = plot([Path(p) for p in args.runs], resolve(args.slo), Path(args.out), args.scale_rate)
+    for mode, t in table.items():
+        pts = ", ".join(f"{x:g}:{y:.0f}%" for x, y in zip(t["per_gpu_rate"], t["attainment"]))
+        print(f"{mode:<14} attainment by per-GPU rate  {pts}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_bench_commands(bsub) -> None:
+    from bench import engine_micro, kick_the_tires
+
+    r = bsub.add_parser("run", help="replay a workload against a running server at the given rates")
+    _target_args(r)
+    r.add_argument("--num-prompts-req-rates", default="[(50, 2)]", help='e.g. "[(50, 2), (100, 4)]"')
+    r.add_argument("--verbose", action="store_true", help="print every prompt and response")
+    r.set_defaults(fn=_run)
+
+    g = bsub.add_parser("goodput", help="bisect the highest rate with >= 90%% SLO attainment")
+    _target_args(g)
+    g.add_argument("--num-prompts", type=int, default=200)
+    g.add_argument("--min-rate", type=float, default=0.5)
+    g.add_argument("--max-rate", type=float, default=16.0)
+    g.add_argument("--target", type=float, default=0.9)
+    g.add_argument("--tolerance", type=float, default=0.05, help="relative width at which bisection stops")
+    g.add_argument("--scale-rate", type=float, help="rate for the tightest-SLO-scale report (default: the goodput)")
+    g.set_defaults(fn=_goodput)
+
+    pl = bsub.add_parser("plot", help="attainment vs rate / SLO scale and the latency breakdown (PNG)")
+    pl.add_argument("runs", nargs="+", help="run files or folders of them")
+    pl.add_argument("--slo", default="opt-13b-sharegpt")
+    pl.add_argument("--out", default="bench/results/attainment.png")
+    pl.add_argument("--scale-rate", type=float, help="per-GPU rate for the SLO-scale panel")
+    pl.set_defaults(fn=_plot)
+
+    k = bsub.add_parser("kick-the-tires", help="all three modes, (50 prompts, 2 req/s) each, with a plot",
+                        description=kick_the_tires.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kick_the_tires.add_arguments(k)
+    k.set_defaults(fn=kick_the_tires.main)
+
+    e = bsub.add_parser("engine", help="engine micro-benchmark: prefill, decode steps, KV migration, e2e",
+                        description=engine_micro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine_micro.add_arguments(e)
+    e.set_defaults(fn=engine_micro.main)

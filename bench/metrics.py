@@ -1,0 +1,148 @@
+"""Per-request records and what serving benchmarks report from them: latency percentiles,
+throughput, SLO attainment, goodput (bisection over rates) and the tightest SLO scale."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from bench.slo import SLO
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """One request as the client saw it (times in seconds from the run's start), plus the server's timings."""
+
+    index: int
+    arrival: float
+    prompt_len: int
+    output_len: int  # asked for
+    sent: float = math.nan
+    first_token: float = math.nan
+    finish: float = math.nan
+    output_tokens: int = 0
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    finish_reason: str | None = None
+    server: dict = dataclasses.field(default_factory=dict)  # server-side timings (ttft, queueing, ...)
+    prompt: str | None = None
+    response: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not math.isnan(self.first_token)
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival if self.ok else math.inf
+
+    @property
+    def tpot(self) -> float:
+        """(finish - first token) / (tokens - 1); 0 for a single token."""
+        if not self.ok:
+            return math.inf
+        if self.output_tokens < 2:
+            return 0.0
+        return (self.finish - self.first_token) / (self.output_tokens - 1)
+
+    @property
+    def latency(self) -> float:
+        return self.finish - self.arrival if self.ok else math.inf
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(ttft=_finite(self.ttft), tpot=_finite(self.tpot), latency=_finite(self.latency))
+        for k in ("sent", "first_token", "finish"):
+            d[k] = _finite(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RequestRecord":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: (math.nan if v is None and k in ("sent", "first_token", "finish") else v)
+             for k, v in d.items() if k in fields}
+        return cls(**d)
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def attainment(records: Sequence[RequestRecord], slo: SLO, scale: float = 1.0) -> float:
+    """Share of requests meeting both targets (a failed request meets neither)."""
+    if not records:
+        return 0.0
+    s = slo.scaled(scale)
+    return sum(1 for r in records if r.ttft <= s.ttft and r.tpot <= s.tpot) / len(records)
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    xs = [x for x in xs if math.isfinite(x)]
+    return float(np.percentile(xs, q)) if xs else math.nan
+
+
+def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> dict:
+    ok = [r for r in records if r.ok]
+    span = (max(r.finish for r in ok) - min(r.arrival for r in records)) if ok else math.nan
+    out = {
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": len(records) - len(ok),
+        "duration_s": span,
+        "request_throughput": len(ok) / span if ok and span > 0 else 0.0,
+        "output_throughput": sum(r.output_tokens for r in ok) / span if ok and span > 0 else 0.0,
+    }
+    for name in ("ttft", "tpot", "latency"):
+        xs = [getattr(r, name) for r in ok]
+        out[f"mean_{name}"] = float(np.mean(xs)) if xs else math.nan
+        for q in (50, 90, 99):
+            out[f"p{q}_{name}"] = _pct(xs, q)
+    if slo is not None:
+        out["slo_ttft"], out["slo_tpot"] = slo.ttft, slo.tpot
+        out["attainment"] = attainment(records, slo)
+        out["ttft_attainment"] = sum(r.ttft <= slo.ttft for r in records) / max(1, len(records))
+        out["tpot_attainment"] = sum(r.tpot <= slo.tpot for r in records) / max(1, len(records))
+    return out
+
+
+def goodput(attain_at: Callable[[float], float], lo: float, hi: float, target: float = 0.9,
+            tol: float = 0.05, max_iters: int = 12) -> tuple[float, list[tuple[float, float]]]:
+    """Highest rate whose attainment is >= target, by bisection between ``lo`` and ``hi`` (assumes
+    attainment falls with rate). Returns (rate, [(rate, attainment) tried]); 0 if even ``lo`` fails."""
+    tried: list[tuple[float, float]] = []
+
+    def ok(rate: float) -> bool:
+        a = attain_at(rate)
+        tried.append((rate, a))
+        return a >= target
+
+    if not ok(lo):
+        return 0.0, tried
+    if ok(hi):
+        return hi, tried
+    for _ in range(max_iters):
+        if hi - lo <= tol * lo:
+            break
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, tried
+
+
+def tightest_scale(records: Sequence[RequestRecord], slo: SLO, target: float = 0.9,
+                   lo: float = 0.01, hi: float = 100.0) -> float:
+    """Smallest SLO scale at which attainment reaches ``target`` (inf if none does)."""
+    if attainment(records, slo, hi) < target:
+        return math.inf
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if attainment(records, slo, mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -1,0 +1,126 @@
+"""One benchmark run end to end (workload -> arrivals -> driver -> records -> JSON + table), and the
+helpers ``distllm bench run|goodput`` share."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.arrivals import arrival_times
+from bench.datasets import Workload, load
+from bench.driver import run_workload
+from bench.metrics import RequestRecord, summarize, tightest_scale
+from bench.slo import SLO
+
+
+def parse_pairs(text: str) -> list[tuple[int, float]]:
+    """``"[(50, 2), (100, 4.5)]"`` -> [(50, 2.0), (100, 4.5)] (the artifact's argument form)."""
+    try:
+        pairs = ast.literal_eval(text)
+        out = [(int(n), float(r)) for n, r in pairs]
+    except (ValueError, SyntaxError, TypeError):
+        raise ValueError(f"--num-prompts-req-rates {text!r}: expected a list like [(50, 2), (100, 4)]") from None
+    if not out or any(n < 1 or not r > 0 for n, r in out):
+        raise ValueError("each (num_prompts, rate) needs num_prompts >= 1 and rate > 0")
+    return out
+
+
+class Target:
+    """The server under test: its address, what it serves, and a tokenizer for the workload."""
+
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
+                 tokenizer_path: str | None = None):
+        import grpc
+
+        from serve.client import Client
+
+        self.address, self.token, self.tls_ca = address, token, tls_ca
+        self.client = Client(address, token=token, tls_ca=tls_ca, timeout=30)
+        try:
+            info = self.client.model_info()
+        except grpc.RpcError as e:
+            raise ConnectionError(f"cannot reach a distllm server at {address}: {e.code().name} {e.details()}") from None
+        self.model = info.model_name or "model"
+        self.engine = json.loads(info.engine_json)
+        self.mode = self.engine["mode"]
+        self.max_len = info.max_seq_len
+        self.devices = info.num_devices
+        if tokenizer_path:
+            from distllm_jax.tokenizer import load_tokenizer
+            from tokenizers import Tokenizer
+
+            p = Path(tokenizer_path)
+            tok = Tokenizer.from_file(str(p)) if p.is_file() else load_tokenizer(p)
+            self.encode = lambda s: tok.encode(s).ids
+            self.decode = lambda ids: tok.decode(list(ids))
+            self.tokenizer_id = f"local:{p.resolve()}"
+        else:
+            self.encode = self.client.tokenize
+            self.decode = lambda ids: ""
+            self.tokenizer_id = f"server:{self.model}:{info.vocab_size}"
+
+    def workload(self, dataset: str, n: int, seed: int, cache_dir: str | None) -> Workload:
+        return load(dataset, self.encode, n, self.max_len, seed, Path(cache_dir) if cache_dir else None,
+                    self.tokenizer_id)
+
+
+def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: SLO | None, *,
+             burstiness: float = 1.0, seed: int = 0, verbose: bool = False, progress: bool = True,
+             results: str | None = "bench/results", cache_dir: str | None = None) -> dict[str, Any]:
+    w = target.workload(dataset, num_prompts, seed, cache_dir)
+    items = (w.items * (num_prompts // len(w.items) + 1))[:num_prompts]
+    arrivals = arrival_times(len(items), rate, burstiness, seed)
+    records = asyncio.run(run_workload(target.address, items, arrivals, token=target.token,
+                                       tls_ca=target.tls_ca, verbose=verbose, progress=progress,
+                                       detok=target.decode))
+    summary = summarize(records, slo)
+    if slo is not None:
+        summary["tightest_slo_scale"] = tightest_scale(records, slo)
+    out = {
+        "config": {"address": target.address, "model": target.model, "mode": target.mode, "dataset": dataset,
+                   "num_prompts": num_prompts, "rate": rate, "burstiness": burstiness, "seed": seed,
+                   "devices": target.devices, "engine": target.engine, "workload": w.stats(),
+                   "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}},
+        "summary": summary,
+        "requests": [r.to_dict() for r in records],
+    }
+    if results:
+        path = Path(results) / f"{target.model}-{Path(dataset).stem if dataset.startswith('file:') else dataset}" \
+            / f"{target.mode}-{num_prompts}-{rate:g}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=_json_default))
+        out["path"] = str(path)
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    raise TypeError(type(x))
+
+
+def load_run(path: Path) -> tuple[dict, list[RequestRecord]]:
+    d = json.loads(path.read_text())
+    return d, [RequestRecord.from_dict(r) for r in d["requests"]]
+
+
+def _ms(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{1e3 * x:.1f}"
+
+
+def print_table(runs: Sequence[dict]) -> None:
+    head = (f"{'mode':<14}{'reqs':>5}{'rate':>7}{'err':>5}  {'TTFT ms mean/p50/p90/p99':<28}"
+            f"{'TPOT ms mean/p50/p90/p99':<28}{'tok/s':>8}{'attain':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in runs:
+        c, s = r["config"], r["summary"]
+        ttft = "/".join(_ms(s[f"{k}_ttft"]) for k in ("mean", "p50", "p90", "p99"))
+        tpot = "/".join(_ms(s[f"{k}_tpot"]) for k in ("mean", "p50", "p90", "p99"))
+        att = f"{100 * s['attainment']:.0f}%" if "attainment" in s else "-"
+        print(f"{c['mode']:<14}{s['requests']:>5}{c['rate']:>7g}{s['errors']:>5}  {ttft:<28}{tpot:<28}"
+              f"{s['output_throughput']:>8.0f}{att:>8}")
