@@ -10,7 +10,7 @@
   DistServe's artifact repeats them).
 - ``longbench``: LongBench-like summarisation. Documents are ShareGPT text cut to a length drawn
   uniformly from [1900, 2048] tokens (DistServe's artifact truncates LongBench contexts the same way),
-  capped by the server's context; output lengths uniform in [16, 256] tokens (short summaries). The
+  capped by the server's context; output lengths uniform in [16, 166] tokens (mean 91: short summaries). The
   real LongBench is not installable offline: this keeps its shape (long input, short output).
 - ``file:PATH``: ShareGPT-format JSON, or JSONL of ``{"prompt": ..., "output_len": ...}``.
 
@@ -129,7 +129,7 @@ def humaneval(encode: Encode, n: int, max_len: int, seed: int = 0) -> Workload:
 
 
 def longbench_like(encode: Encode, n: int, max_len: int, seed: int = 0, min_prompt: int = 1900,
-                   max_prompt: int = 2048, output_range: tuple[int, int] = (16, 256)) -> Workload:
+                   max_prompt: int = 2048, output_range: tuple[int, int] = (16, 166)) -> Workload:
     pairs, _ = _pairs_sharegpt(sharegpt_path())
     rng = random.Random(seed)
     rng.shuffle(pairs)

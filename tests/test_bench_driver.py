@@ -1,0 +1,73 @@
+"""`distllm bench run|goodput|plot|kick-the-tires` against real servers (subprocesses on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distllm_jax.cli import main
+from server_proc import SMALL_ENGINE, ServerProc, checkpoint_with_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(converted, tmp_path_factory):
+    _, c = converted("opt-pre-ln")
+    return checkpoint_with_tokenizer(c, tmp_path_factory.mktemp("bench") / "tiny-opt-test")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    srv = ServerProc(ckpt, "--mode", "colocated")
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_run_writes_records_and_table(server, tmp_path, capsys):
+    rc = main(["bench", "run", "--address", server.address, "--dataset", "sharegpt",
+               "--num-prompts-req-rates", "[(12, 20), (6, 40)]", "--slo", "5,1", "--results", str(tmp_path),
+               "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TTFT ms mean/p50/p90/p99" in out and "colocated" in out
+    run = json.loads((tmp_path / "tiny-opt-test-sharegpt" / "colocated-12-20.json").read_text())
+    assert run["config"]["num_prompts"] == 12 and run["config"]["devices"] == 1
+    assert run["summary"]["completed"] == 12 and run["summary"]["errors"] == 0
+    assert run["summary"]["attainment"] == 1.0  # a 5 s / 1 s SLO on a tiny model
+    for r in run["requests"]:
+        assert r["output_tokens"] == r["output_len"] and r["finish_reason"] == "length"
+        assert 0 <= r["ttft"] and r["server"]["ttft"] > 0 and len(r["token_times"]) == r["output_tokens"]
+        assert r["prompt_len"] + r["output_len"] <= 128  # fits the server's context
+    assert (tmp_path / "tiny-opt-test-sharegpt" / "colocated-6-40.json").exists()
+
+    png = tmp_path / "fig.png"
+    assert main(["bench", "plot", str(tmp_path / "tiny-opt-test-sharegpt"), "--slo", "5,1", "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_goodput_bisects_against_the_server(server, tmp_path, capsys):
+    rc = main(["bench", "goodput", "--address", server.address, "--dataset", "sharegpt", "--num-prompts", "8",
+               "--min-rate", "4", "--max-rate", "64", "--tolerance", "1.0", "--slo", "0.0001,0.0001",
+               "--results", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads((tmp_path / "tiny-opt-test-sharegpt" / "goodput-colocated.json").read_text())
+    assert res["goodput"] == 0.0 and res["tried"][0][0] == 4  # nothing meets a 0.1 ms SLO
+    assert "goodput 0 req/s" in capsys.readouterr().out
+
+
+def test_unreachable_server_is_a_clear_error(capsys):
+    assert main(["bench", "run", "--address", "127.0.0.1:1"]) == 2
+    assert "cannot reach a distllm server" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kick_the_tires(ckpt, tmp_path, capsys):
+    extra = [f"--serve-arg={x}" for x in SMALL_ENGINE]
+    rc = main(["bench", "kick-the-tires", "--checkpoint", str(ckpt), "--num-prompts", "6", "--rate", "10",
+               "--results", str(tmp_path), "--slo", "5,1", *extra])
+    assert rc == 0
+    files = sorted(p.name for p in (tmp_path / "tiny-opt-test-sharegpt").glob("*.json"))
+    assert files == ["chunked-6-10.json", "colocated-6-10.json", "disaggregated-6-10.json"]
+    assert (tmp_path / "kick-the-tires-tiny-opt-test.png").exists()
+    out = capsys.readouterr().out
+    assert ">>> " in out and "<<< " in out  # verbose: prompts and responses
