@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from distllm_jax.engine.programs import Segment
     from distllm_jax.engine.transfer import LocalKVPuller
     from distllm_jax.kv_cache import pages_for
-    from distllm_jax.models.attention import REFERENCE
+    from distllm_jax.engine.engine import attention_impl
 
     source = _source(args)
     cfg = source.cfg
@@ -76,15 +76,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     p_devs = devs[: p_spec.num_devices]
     d_devs = devs[: d_spec.num_devices] if shared else devs[p_spec.num_devices : need]
     t0 = time.perf_counter()
-    p = Instance("prefill0", "prefill", p_spec, p_devs, source, ecfg, REFERENCE)
-    d = Instance("decode0", "decode", d_spec, d_devs, source, ecfg, REFERENCE)
+    impl = attention_impl(args.attention)
+    p = Instance("prefill0", "prefill", p_spec, p_devs, source, ecfg, impl)
+    d = Instance("decode0", "decode", d_spec, d_devs, source, ecfg, impl)
     load_s = time.perf_counter() - t0
     sp = SamplingParams()
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {
         "device": str(devs[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
         "model": args.checkpoint or args.preset, "params": cfg.param_count(), "dtype": source.dtype,
-        "prefill_instance": p_spec.label(), "decode_instance": d_spec.label(), "shared_devices": shared,
+        "attention": impl.name, "prefill_instance": p_spec.label(), "decode_instance": d_spec.label(), "shared_devices": shared,
         "load_seconds": load_s, "pool_pages": {"prefill": prefill_pages, "decode": decode_pages}, "prefill": [], "decode": [], "migration": [],
     }
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ecfg_e2e = EngineConfig(
             mode=mode, prefill=(p_spec,), decode=(d_spec,), colocated=(d_spec,), page_size=args.page_size,
             num_pages=decode_pages, max_seq_len=max_len, prefill_token_budget=max(args.prefill_tokens),
-            max_decode_batch=max(args.batches), progress=False, dtype=source.dtype,
+            max_decode_batch=max(args.batches), progress=False, dtype=source.dtype, attention=args.attention,
         )
         with Engine(source, ecfg_e2e) as eng:
             prompts = [list(rng.integers(3, cfg.vocab_size, args.prompt_len)) for _ in range(args.e2e)]
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(res: dict[str, Any]) -> None:
     print(f"{res['model']} ({res['params'] / 1e6:.1f}M params, {res['dtype']}) on {res['device']} "
-          f"[{res['backend']}, jax {res['jax']}], prefill {res['prefill_instance']}, decode {res['decode_instance']}")
+          f"[{res['backend']}, jax {res['jax']}], attention {res['attention']}, prefill {res['prefill_instance']}, decode {res['decode_instance']}")
     print(f"\n{'prefill tokens':>15} {'prompts':>8} {'ms':>10} {'tokens/s':>12}")
     for r in res["prefill"]:
         print(f"{r['tokens']:>15} {r['prompts']:>8} {r['ms']:>10.2f} {r['tokens_per_s']:>12.0f}")
@@ -182,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-pp", type=int, default=1)
     p.add_argument("--decode-tp", type=int, default=1)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention", default="auto", choices=["auto", "pallas", "reference"])
     p.add_argument("--prefill-tokens", type=ints, default=[128, 512], help="packed tokens per prefill step")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)

@@ -20,6 +20,7 @@ LAYOUTS = {
     "P-tp2/D-pp2 via transfer server": dict(prefill=(InstanceSpec(2),), decode=(InstanceSpec(1, pp=2),),
                                            kv_transfer="transfer-server"),
     "colocated": dict(mode="colocated", colocated=(InstanceSpec(2),)),
+    "Pallas kernels, P-tp1/D-tp2": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(2),), attention="pallas"),
     "chunked": dict(mode="chunked", colocated=(InstanceSpec(2),), prefill_token_budget=32),
 }
 
@@ -52,7 +53,8 @@ def test_greedy_matches_hf(reference, variant, layout):
         assert out.finished is FinishReason.LENGTH
         assert out.token_ids == exp, f"{layout} {variant}: request {i} diverged"
     assert stats["finished"] == {"length": len(WORK)}
-    if layout.startswith(("P", "2P")):
+    assert stats["attention"] == ("pallas-interpret" if "Pallas" in layout else "reference")
+    if layout.startswith(("P", "2P")) or "D-tp" in layout:
         assert stats["migration_path"] == LAYOUTS[layout].get("kv_transfer", "local")
         assert stats["migrations"] == sum(1 for _, n in WORK if n > 1)
         used = {o.timings.prefill_instance for o in outs}

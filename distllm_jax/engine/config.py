@@ -59,7 +59,7 @@ class EngineConfig:
     max_decode_batch: int = 32
     min_token_bucket: int = 16
     dtype: str | None = None  # params and KV dtype; None: the checkpoint's own
-    attention: str = "reference"
+    attention: str = "auto"  # auto (Pallas on GPU, reference on CPU) | pallas | reference
     kv_transfer: str = "local"  # local (device_put between meshes) | transfer-server
     check_transfers: bool = False  # compare every migrated page bit for bit (tests, debugging)
     progress: bool = True
@@ -75,6 +75,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.mode == "chunked" and self.max_decode_batch > self.prefill_token_budget:
             raise ValueError("chunked mode needs prefill_token_budget >= max_decode_batch")
+        if self.attention not in ("auto", "pallas", "reference"):
+            raise ValueError(f"attention must be auto, pallas or reference, got {self.attention!r}")
         if self.kv_transfer not in ("local", "transfer-server"):
             raise ValueError(f"kv_transfer must be 'local' or 'transfer-server', got {self.kv_transfer!r}")
         if self.mode == "disaggregated" and (not self.prefill or not self.decode):

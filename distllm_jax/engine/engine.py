@@ -39,9 +39,17 @@ from distllm_jax.models.attention import REFERENCE, AttentionImpl
 
 
 def attention_impl(name: str) -> AttentionImpl:
+    """``auto``: the Pallas kernels on a GPU, the plain-jnp reference elsewhere (the fastest correct
+    path on a CPU, where Pallas only interprets); ``pallas`` forces the kernels (interpreted on a CPU)."""
+    if name == "auto":
+        name = "pallas" if jax.default_backend() == "gpu" else "reference"
     if name == "reference":
         return REFERENCE
-    raise ValueError(f"unknown attention implementation {name!r} (known: reference)")
+    if name == "pallas":
+        from pallas_kernels import pallas_attention
+
+        return pallas_attention()
+    raise ValueError(f"unknown attention implementation {name!r} (known: auto, pallas, reference)")
 
 
 def make_puller(kind: str, max_pages: int) -> KVPuller:
@@ -234,6 +242,7 @@ class Engine:
             c = self.ctrl
             return {
                 "mode": self.config.mode,
+                "attention": self.instances[0].impl.name,
                 "waiting": len(c.waiting),
                 "held_in_prefill": len(c.held),
                 "active": len(c.requests),

@@ -1,0 +1,160 @@
+"""Paged decode attention: one query token per sequence against its K/V pages, as a Pallas kernel.
+
+Layout is the engine's pool, one layer: ``k_pages``/``v_pages`` ``[pages, page_size, kv_heads, head_dim]``;
+queries ``[batch, q_heads, head_dim]`` with q_heads a multiple of kv_heads (GQA). The grid is
+(sequence, KV head, split): each program takes the q heads sharing one KV head (padded to 16 rows, the
+smallest tile a tensor-core dot takes) and one contiguous range of the sequence's page table, loops over
+blocks of pages with an online softmax, and stops at the sequence's length, so work follows each
+sequence's real context, not the table's width. Splits (split-K) keep the GPU busy at small batch on
+long contexts; their partial results (output, running max, sum) merge afterwards with a numerically
+stable log-sum-exp combine.
+
+The plain-jnp reference is :func:`distllm_jax.models.attention.paged_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_NEG = -1e30
+_MIN_ROWS = 16
+
+
+def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale: float,
+            pages_per_block: int, pages_per_split: int, page_size: int):
+    s = pl.program_id(2)
+    rows, dh = q_ref.shape
+    length = len_ref[0]
+    first = s * pages_per_split
+    last = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))  # pages this split really reads
+    n_blocks = jnp.maximum(pl.cdiv(last - first, pages_per_block), 0)
+    q = q_ref[...]
+    block_tokens = pages_per_block * page_size
+
+    def body(i, carry):
+        o, m, l = carry
+        start = first + i * pages_per_block
+        pages = pt_ref[pl.ds(start, pages_per_block)]
+        k = k_ref[pages].reshape(block_tokens, dh)
+        v = v_ref[pages].reshape(block_tokens, dh)
+        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        tok = start * page_size + jnp.arange(block_tokens)
+        logits = jnp.where((tok < length)[None, :], logits, _NEG)
+        m_new = jnp.maximum(m, logits.max(axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(logits - m_new[:, None])
+        l_new = alpha * l + p.sum(axis=-1)
+        o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o_new, m_new, l_new
+
+    init = (jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _ignore_poison(kernel, n: int):
+    """The aliased poison inputs are only there to pre-fill the outputs; the kernel never reads them."""
+
+    def wrapped(*refs):
+        ins, outs = refs[: -2 * n], refs[-n:]
+        return kernel(*ins, *outs)
+
+    return wrapped
+
+
+def _choose(width: int, pages_per_block: int, splits: int) -> tuple[int, int]:
+    ppb = max(1, min(pages_per_block, width))
+    while width % ppb:
+        ppb -= 1
+    blocks = width // ppb
+    s = max(1, min(splits, blocks))
+    while blocks % s:
+        s -= 1
+    return ppb, s
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "num_warps", "num_stages",
+                                             "interpret", "poison"))
+def paged_decode_attention(
+    q: jax.Array,  # [B, H, Dh]
+    k_pages: jax.Array,  # [P, page_size, KVH, Dh]
+    v_pages: jax.Array,
+    page_tables: jax.Array,  # [B, W] int32
+    lengths: jax.Array,  # [B] int32, cached tokens incl. the new one
+    scale: float,
+    *,
+    pages_per_block: int = 8,
+    splits: int = 4,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+    poison: bool = False,
+) -> jax.Array:
+    """``poison`` (tests): the kernel writes into NaN-filled buffers, so an element it skipped shows."""
+    B, H, Dh = q.shape
+    _, ps, KVH, _ = k_pages.shape
+    G = H // KVH
+    W = page_tables.shape[1]
+    ppb, S = _choose(W, pages_per_block, splits)
+    rows = max(_MIN_ROWS, G)
+    qg = q.reshape(B, KVH, G, Dh)
+    if rows != G:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))
+    kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, pages_per_split=W // S, page_size=ps)
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out_shape = [
+        jax.ShapeDtypeStruct((S, B, KVH, rows, Dh), jnp.float32),
+        jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
+        jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
+    ]
+    extra, aliases = (), {}
+    if poison:
+        extra = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)
+        aliases = {5 + i: i for i in range(3)}
+        kernel = _ignore_poison(kernel, 3)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, KVH, S),
+        in_specs=[
+            pl.BlockSpec((None, None, rows, Dh), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((k_pages.shape[0], ps, None, Dh), lambda b, h, s: (0, 0, h, 0)),
+            pl.BlockSpec((v_pages.shape[0], ps, None, Dh), lambda b, h, s: (0, 0, h, 0)),
+            pl.BlockSpec((None, W), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+        ] + [pl.BlockSpec(memory_space=pl.ANY)] * len(extra),
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, Dh), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
+        ],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        interpret=interpret,
+        name="distllm_paged_decode_attention",
+        **params,
+    )(qg, k_pages, v_pages, page_tables, lengths.reshape(B, 1), *extra)
+    # merge the splits: rescale each by exp(m_s - max_s m_s); an empty split has l = 0 and adds nothing
+    m_all = m.max(axis=0)
+    w = jnp.exp(m - m_all[None])
+    l_all = (l * w).sum(axis=0)
+    o_all = (o * w[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+    return o_all[:, :, :G].reshape(B, H, Dh).astype(q.dtype)
+
+
+def bytes_moved(B: int, H: int, KVH: int, Dh: int, lengths_sum: int, itemsize: int) -> int:
+    """What the kernel must read and write at least: every cached K and V row once, q and the output."""
+    return 2 * lengths_sum * KVH * Dh * itemsize + 2 * B * H * Dh * itemsize
+
+
+__all__ = ["paged_decode_attention", "bytes_moved", "math"]
