@@ -29,9 +29,22 @@ def pallas_attention(interpret: bool | None = None):
     )
 
 
+def _triton_ok(head_dim: int, interpret: bool) -> bool:
+    """Pallas' Triton lowering takes power-of-two shapes only: other head sizes (e.g. 80) use XLA."""
+    return interpret or head_dim & (head_dim - 1) == 0
+
+
 def _prefill(q, k, v, segment_ids, positions, scale, *, interpret):
+    if not _triton_ok(q.shape[-1], interpret):
+        from distllm_jax.models.attention import packed_causal_attention
+
+        return packed_causal_attention(q, k, v, segment_ids, positions, scale)
     return packed_prefill_attention(q, k, v, segment_ids, positions, scale, interpret=interpret)
 
 
 def _decode(q, k_pages, v_pages, page_tables, lengths, scale, *, interpret):
+    if not _triton_ok(q.shape[-1], interpret):
+        from distllm_jax.models.attention import paged_decode_attention as xla_decode
+
+        return xla_decode(q, k_pages, v_pages, page_tables, lengths, scale)
     return paged_decode_attention(q, k_pages, v_pages, page_tables, lengths, scale, interpret=interpret)

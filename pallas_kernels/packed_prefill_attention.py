@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 _NEG = -1e30
+_LOG2E = 1.4426950408889634
 
 
 def _kernel(q_ref, k_ref, v_ref, segq_ref, posq_ref, segk_ref, posk_ref, o_ref, *, scale: float, block_k: int):
@@ -31,29 +32,44 @@ def _kernel(q_ref, k_ref, v_ref, segq_ref, posq_ref, segk_ref, posk_ref, o_ref, 
     rows = i * bq + jnp.arange(bq)
     # first key any row here can see: the start of the earliest prompt in the block
     starts = jnp.where(seg_q >= 0, rows - pos_q, i * bq + bq)
-    kv_lo = starts.min() // block_k
+    first = starts.min()
+    kv_lo = first // block_k
     kv_hi = pl.cdiv(i * bq + bq, block_k)
+    # When every row belongs to one prompt, the key blocks wholly between that prompt's start and this
+    # block's first row need no mask at all (same prompt, all in the past): only the ragged first block
+    # and the diagonal blocks are masked.
+    one_prompt = (seg_q.min() == seg_q.max()) & (seg_q.min() >= 0)
+    open_lo = jnp.where(one_prompt, jnp.minimum(pl.cdiv(first, block_k), kv_hi), kv_lo)
+    open_hi = jnp.where(one_prompt, jnp.maximum(open_lo, (i * bq) // block_k), kv_lo)
+    open_lo = jnp.where(one_prompt, open_lo, kv_lo)
     q = q_ref[...]
+    qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the hardware's instruction
 
-    def body(j, carry):
+    def step(j, carry, masked: bool):
         o, m, l = carry
         ks = pl.ds(j * block_k, block_k)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
-        seg_k = segk_ref[ks]
-        pos_k = posk_ref[ks]
-        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-        ok = (seg_q[:, None] == seg_k[None, :]) & (pos_k[None, :] <= pos_q[:, None]) & (seg_q[:, None] >= 0)
-        logits = jnp.where(ok, logits, _NEG)
+        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale
+        if masked:
+            seg_k = segk_ref[ks]
+            pos_k = posk_ref[ks]
+            ok = (seg_q[:, None] == seg_k[None, :]) & (pos_k[None, :] <= pos_q[:, None]) & (seg_q[:, None] >= 0)
+            logits = jnp.where(ok, logits, _NEG)
         m_new = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(logits - m_new[:, None]), 0.0)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(logits - m_new[:, None])
+        if masked:
+            p = jnp.where(ok, p, 0.0)
         l_new = alpha * l + p.sum(axis=-1)
         o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o_new, m_new, l_new
 
-    init = (jnp.zeros((bq, dh), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(kv_lo, kv_hi, body, init)
+    masked = functools.partial(step, masked=True)
+    carry = (jnp.zeros((bq, dh), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    carry = jax.lax.fori_loop(kv_lo, open_lo, masked, carry)  # the ragged start (or everything)
+    carry = jax.lax.fori_loop(open_lo, open_hi, functools.partial(step, masked=False), carry)
+    o, m, l = jax.lax.fori_loop(jnp.maximum(open_hi, open_lo), kv_hi, masked, carry)
     o_ref[...] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 

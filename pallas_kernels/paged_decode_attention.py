@@ -35,6 +35,7 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
     n_blocks = jnp.maximum(pl.cdiv(last - first, pages_per_block), 0)
     q = q_ref[...]
     block_tokens = pages_per_block * page_size
+    qk_scale = scale * 1.4426950408889634  # base-2 softmax (exp2 is the hardware's instruction)
 
     def body(i, carry):
         o, m, l = carry
@@ -42,12 +43,12 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
         pages = pt_ref[pl.ds(start, pages_per_block)]
         k = k_ref[pages].reshape(block_tokens, dh)
         v = v_ref[pages].reshape(block_tokens, dh)
-        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale
         tok = start * page_size + jnp.arange(block_tokens)
         logits = jnp.where((tok < length)[None, :], logits, _NEG)
         m_new = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(logits - m_new[:, None])
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(logits - m_new[:, None])
         l_new = alpha * l + p.sum(axis=-1)
         o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o_new, m_new, l_new
@@ -146,7 +147,7 @@ def paged_decode_attention(
     )(qg, k_pages, v_pages, page_tables, lengths.reshape(B, 1), *extra)
     # merge the splits: rescale each by exp(m_s - max_s m_s); an empty split has l = 0 and adds nothing
     m_all = m.max(axis=0)
-    w = jnp.exp(m - m_all[None])
+    w = jnp.exp2(m - m_all[None])  # m is in base-2 units
     l_all = (l * w).sum(axis=0)
     o_all = (o * w[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
     return o_all[:, :, :G].reshape(B, H, Dh).astype(q.dtype)
