@@ -72,7 +72,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
             row = {"batch": B, "context": ctx, "q_heads": H, "kv_heads": KVH, "head_dim": Dh, "MB": moved / 1e6}
             row["xla_ms"] = _time_ms(ref, q, kp, vp, tables, lengths, scale)
             best = None
-            for ppb, warps, stages in ((8, 4, 2), (8, 4, 3), (8, 8, 3), (16, 4, 3), (16, 8, 4), (4, 4, 4)):
+            for ppb, warps, stages in ((8, 4, 2), (8, 4, 3), (4, 4, 4), (16, 8, 4)):
                 if W % ppb:
                     continue
                 s_auto = max(1, min(W // ppb, math.ceil(264 / (B * KVH))))
@@ -106,10 +106,10 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
                     except Exception as e:  # noqa: BLE001
                         row.setdefault("upstream_errors", []).append(f"ppb{ppb}/s{splits}: {type(e).__name__}: {str(e)[:300]}")
                         continue
-                    if err < 2e-2 and (up is None or ms < up[0]):
-                        up = (ms, f"ppb{ppb}/s{splits}")
+                    if up is None or ms < up[0]:
+                        up = (ms, f"ppb{ppb}/s{splits}", err)
             if up:
-                row["upstream_ms"], row["upstream_config"] = up
+                row["upstream_ms"], row["upstream_config"], row["upstream_err"] = up
             for name in ("xla", "ours", "upstream"):
                 if f"{name}_ms" in row:
                     row[f"{name}_TBps"] = moved / row[f"{name}_ms"] / 1e9
@@ -169,8 +169,7 @@ def prefill_suite(cases, H, KVH, Dh, dtype=jnp.bfloat16):
             want = xla(q, k, v, seg, pos, scale)
             row["xla_ms"] = _time_ms(xla, q, k, v, seg, pos, scale)
         best = None
-        for bq, bk, warps, stages in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                                      (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 4)):
+        for bq, bk, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)):
             fn = jax.jit(functools.partial(packed_prefill_attention, scale=scale, block_q=bq, block_k=bk,
                                            num_warps=warps, num_stages=stages))
             try:
@@ -247,7 +246,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"\n{'decode B':>9}{'ctx':>6}{'ours TB/s':>11}{'upstream':>10}{'xla':>8}   (copy {res['copy_TBps']:.2f} TB/s)")
     for r in res["decode"] + res.get("decode_gqa", []):
         print(f"{r['batch']:>9}{r['context']:>6}{r['ours_TBps']:>11.2f}{r.get('upstream_TBps', float('nan')):>10.2f}"
-              f"{r['xla_TBps']:>8.2f}   kv_heads {r['kv_heads']}")
+              f"{r['xla_TBps']:>8.2f}   kv_heads {r['kv_heads']}  (rel err vs XLA: ours {r['ours_err']:.1e}, "
+              f"upstream {r.get('upstream_err', float('nan')):.1e})")
     print(f"\n{'prefill':>28}{'ours':>8}{'cudnn':>8}{'mha':>8}{'xla':>8}  TFLOP/s")
     for r in res["prefill"]:
         print(f"{str(r['lengths']):>28}{r['ours_TFLOPs']:>8.0f}{r.get('cudnn_TFLOPs', float('nan')):>8.0f}"
