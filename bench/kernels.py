@@ -92,8 +92,9 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
                         if best is None or ms < best[0]:
                             best = (ms, f"ppb{ppb}/s{splits}/w{warps}/st{stages}", err)
             row["ours_ms"], row["ours_config"], row["ours_err"] = best
-            # upstream wants [kv_heads, pages, page_size, head_dim]
+            # upstream wants [kv_heads, pages, page_size, head_dim] and applies no softmax scale: pre-scale q
             kh, vh = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
+            q_up = (q.astype(jnp.float32) * scale).astype(dtype)
             up = None
             for ppb in (8,):
                 for splits in (1, 16):
@@ -101,8 +102,8 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
                         continue
                     fn = jax.jit(functools.partial(upstream.paged_attention, pages_per_compute_block=ppb, k_splits=splits))
                     try:
-                        err = _rel(fn(q, kh, vh, tables, lengths), want)
-                        ms = _time_ms(fn, q, kh, vh, tables, lengths)
+                        err = _rel(fn(q_up, kh, vh, tables, lengths), want)
+                        ms = _time_ms(fn, q_up, kh, vh, tables, lengths)
                     except Exception as e:  # noqa: BLE001
                         row.setdefault("upstream_errors", []).append(f"ppb{ppb}/s{splits}: {type(e).__name__}: {str(e)[:300]}")
                         continue
