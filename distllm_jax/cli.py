@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_generate_arguments(g)
     g.set_defaults(fn=serve_cli.run_generate)
 
+    from distllm_jax.placement.cli import add_commands as add_placement_commands
+
+    add_placement_commands(sub)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     from bench.cli import add_bench_commands
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ValueError, ConnectionError) as e:
+    except (CheckpointError, ConfigError, ValueError, ConnectionError, FileNotFoundError, KeyError) as e:
         print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

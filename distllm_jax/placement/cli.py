@@ -1,0 +1,162 @@
+"""``distllm profile | simulate | place`` and the paper's Figure 11 ablation (``distllm simulate --ablation``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def _workload(args) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of a bench dataset, tokenised with GPT-2's BPE (OPT's tokenizer)."""
+    from bench.datasets import load
+    from distllm_jax.tokenizer import bundled_gpt2
+
+    tok = bundled_gpt2()
+    w = load(args.dataset, lambda s: tok.encode(s).ids, args.num_prompts, args.max_len, args.seed,
+             tokenizer_id="gpt2-bpe")
+    return [(i.prompt_len, i.output_len) for i in w.items]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="a100-opt-13b", help="shipped profile name or a JSON from `distllm profile`")
+    p.add_argument("--dataset", default="sharegpt")
+    p.add_argument("--num-prompts", type=int, default=1000, help="workload size (lengths drawn from the dataset)")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--slo", default="opt-13b-sharegpt-ablation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-token-budget", type=int, default=512)
+    p.add_argument("--max-decode-batch", type=int, default=256)
+
+
+def _par(spec: str):
+    from distllm_jax.placement.simulator import Par
+
+    out = []
+    for part in spec.split(","):
+        n, _, rest = part.rpartition("x")
+        tp, _, pp = rest.partition("p")
+        out += [Par(int(tp.lstrip("t")), int(pp or 1))] * int(n or 1)
+    return tuple(out)
+
+
+def cmd_simulate(args) -> int:
+    from bench.slo import resolve
+    from distllm_jax.placement.latency import load_profile
+    from distllm_jax.placement.search import sim_attainment, workload_from
+    from distllm_jax.placement.simulator import SimConfig
+
+    if args.ablation:
+        from distllm_jax.placement.ablation import run_ablation
+
+        return run_ablation(args)
+    prof = load_profile(args.profile)
+    slo = resolve(args.slo)
+    wl = workload_from(_workload(args), args.num_prompts, args.seed)
+    if args.mode == "disaggregated":
+        cfg = SimConfig("disaggregated", prefill=_par(args.prefill), decode=_par(args.decode),
+                        prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
+                        transfer_gbps=args.transfer_gbps)
+    else:
+        cfg = SimConfig(args.mode, colocated=_par(args.colocated), prefill_token_budget=args.prefill_token_budget,
+                        max_decode_batch=args.max_decode_batch)
+    print(f"{prof.model} on {prof.device}, {cfg.mode} on {cfg.gpus} GPUs, SLO ({slo.ttft}s, {slo.tpot}s)")
+    print(f"{'rate':>8}{'per GPU':>9}{'attain':>9}")
+    for r in [float(x) for x in args.rates.split(",")]:
+        a = sim_attainment(prof, cfg, wl, r, (slo.ttft, slo.tpot))
+        print(f"{r:>8g}{r / cfg.gpus:>9.3g}{100 * a:>8.1f}%")
+    return 0
+
+
+def cmd_place(args) -> int:
+    from bench.slo import resolve
+    from distllm_jax.placement.latency import load_profile
+    from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
+
+    prof = load_profile(args.profile)
+    slo = resolve(args.slo)
+    wl = workload_from(_workload(args), args.num_prompts, args.seed)
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.cross_node_gbps, args.intra_node_gbps)
+    sim = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch)
+    if args.algorithm == "high":
+        plan = algorithm1(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, transfer_gbps=args.cross_node_gbps, **sim)
+    elif args.algorithm == "low":
+        plan = algorithm2(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, **sim)
+    else:
+        plan = colocated_search(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, max_pp=cluster.nodes, **sim)
+    limit = cluster.nodes * cluster.gpus_per_node
+    print(f"{plan.algorithm}: {prof.model} on {prof.device}, target {args.rate:g} req/s, SLO ({slo.ttft}s, {slo.tpot}s)")
+    for k in ("prefill", "decode", "colocated"):
+        insts = getattr(plan, k)
+        if insts:
+            print(f"  {k:<10}{len(insts)} x tp{insts[0].tp} pp{insts[0].pp}")
+    print(f"  expected goodput {plan.goodput:.2f} req/s on {plan.gpus} GPUs ({plan.per_gpu_goodput:.3f} per GPU)")
+    if plan.gpus > limit:
+        print(f"  warning: the plan needs {plan.gpus} GPUs, the cluster has {limit}")
+    Path(args.out).write_text(json.dumps(plan.to_json(), indent=1))
+    print(f"wrote {args.out} (distllm serve --plan {args.out})")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from distllm_jax.engine import CheckpointSource, RandomSource
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+    from distllm_jax.placement.profiler import profile
+
+    import jax
+
+    if args.checkpoint:
+        source, name = CheckpointSource(args.checkpoint, args.dtype), Path(args.checkpoint).name
+    else:
+        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+        source, name = RandomSource(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
+    prof, errors = profile(source, _ints(args.tp), _ints(args.prompt_lens), _ints(args.prompts_per_batch),
+                           _ints(args.batches), _ints(args.contexts), repeats=args.repeats, name=name)
+    out = prof.to_dict()
+    out["fit_errors"] = errors
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("simulate", help="simulate a configuration over a workload at several rates")
+    _common(s)
+    s.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "chunked"])
+    s.add_argument("--prefill", default="1xtp1p1", help="instances, e.g. 2xtp2p1 (count x tp p pp)")
+    s.add_argument("--decode", default="1xtp1p1")
+    s.add_argument("--colocated", default="1xtp1p1")
+    s.add_argument("--transfer-gbps", type=float, default=100.0)
+    s.add_argument("--rates", default="0.5,1,2,4")
+    s.add_argument("--ablation", action="store_true", help="the paper's Figure 11 (OPT-13B, ShareGPT) instead")
+    s.add_argument("--out-dir", default="bench/results/figure11")
+    s.set_defaults(fn=cmd_simulate)
+
+    p = sub.add_parser("place", help="search the placement (the paper's Algorithms 1 and 2) and write a plan")
+    _common(p)
+    p.add_argument("--algorithm", default="high", choices=["high", "low", "colocated"])
+    p.add_argument("--rate", type=float, default=4.0, help="target request rate (req/s)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--cross-node-gbps", type=float, default=3.125)
+    p.add_argument("--intra-node-gbps", type=float, default=300.0)
+    p.add_argument("--out", default="plan.json")
+    p.set_defaults(fn=cmd_place)
+
+    f = sub.add_parser("profile", help="time the engine's programs and fit the latency model")
+    f.add_argument("--checkpoint")
+    f.add_argument("--preset", default="tiny-opt")
+    f.add_argument("--dtype")
+    f.add_argument("--tp", default="1")
+    f.add_argument("--prompt-lens", default="16,64,128,256")
+    f.add_argument("--prompts-per-batch", default="1,2,4")
+    f.add_argument("--batches", default="1,4,8,16")
+    f.add_argument("--contexts", default="32,128,256")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--out", default="profile.json")
+    f.set_defaults(fn=cmd_profile)

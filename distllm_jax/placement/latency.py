@@ -1,0 +1,129 @@
+"""The latency model in DistServe's form, per model and tensor-parallel degree.
+
+Prefill of a batch of prompts with lengths L_i, on a pipeline of ``pp`` stages:
+    ms = (a + b·ΣL_i + c·ΣL_i²) / pp            (GEMMs grow with ΣL, attention with ΣL²)
+A decode step over a batch of ``n`` sequences with contexts ctx_i:
+    ms = (a' + b'·Σ(ctx_i + 1) + c'·n) / pp      (KV reads grow with context, weights with batch rows)
+with one decode fit below a batch-size threshold and another at or above it, as DistServe fits them.
+Pipelining adds its hops: a request crosses ``pp`` stages, so its prefill latency is the stage time
+times pp (the steady-state throughput is one stage time per batch); DistServe's simulator also adds
+``2 + 0.0001·Σctx`` ms of per-step scheduling overhead on the first stage, kept here as ``overhead``.
+
+Coefficients are fitted by least squares from profiles (:func:`fit`), or read from a profile JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    prefill: tuple[float, float, float]
+    decode_small: tuple[float, float, float]
+    decode_large: tuple[float, float, float]
+    threshold: int = 95
+    overhead: tuple[float, float] = (0.0, 0.0)  # ms per step + ms per context token (first stage)
+
+    def prefill_ms(self, lengths: Sequence[int], pp: int = 1) -> float:
+        """One stage's time for a prefill batch (a request sees ``pp`` of these)."""
+        a, b, c = self.prefill
+        s1 = float(sum(lengths))
+        s2 = float(sum(n * n for n in lengths))
+        return (a + b * s1 + c * s2) / pp + self.overhead[0] + self.overhead[1] * s1
+
+    def decode_ms(self, batch: int, total_ctx: int, pp: int = 1) -> float:
+        """One stage's time for a decode step over ``batch`` sequences with Σ(ctx+1) = ``total_ctx``."""
+        a, b, c = self.decode_small if batch < self.threshold else self.decode_large
+        return (a + b * total_ctx + c * batch) / pp + self.overhead[0] + self.overhead[1] * total_ctx
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fit":
+        return cls(tuple(d["prefill"]), tuple(d["decode_small"]), tuple(d["decode_large"]),
+                   int(d.get("threshold", 95)), tuple(d.get("overhead", (0.0, 0.0))))
+
+
+@dataclasses.dataclass
+class Profile:
+    """Fits by tensor degree for one model on one kind of device, plus what the simulator needs."""
+
+    model: str
+    device: str
+    fits: dict[int, Fit]
+    params_bytes: float  # all weights
+    kv_bytes_per_token: float  # K and V of one token, all layers
+    gpu_memory_bytes: float
+    num_layers: int
+    source: str = ""
+
+    def fit(self, tp: int) -> Fit:
+        if tp not in self.fits:
+            raise KeyError(f"{self.model} on {self.device}: no fit for tensor degree {tp} (have {sorted(self.fits)})")
+        return self.fits[tp]
+
+    def fits_memory(self, tp: int, pp: int, reserve: float = 0.1) -> bool:
+        """Weights of one stage on one device leave room for the KV cache."""
+        return self.params_bytes / (tp * pp) <= (1 - reserve) * self.gpu_memory_bytes * 0.9
+
+    def kv_token_capacity(self, tp: int, pp: int, utilisation: float = 0.9) -> int:
+        """Tokens of KV one instance can hold (every device of it: tp·pp devices)."""
+        free = utilisation * self.gpu_memory_bytes * tp * pp - self.params_bytes
+        return max(0, int(free / self.kv_bytes_per_token))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fits"] = {str(k): v.to_dict() for k, v in self.fits.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        d = dict(d)
+        d["fits"] = {int(k): Fit.from_dict(v) for k, v in d["fits"].items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name (``a100-opt-13b``) or a JSON file written by ``distllm profile``."""
+    p = Path(name_or_path)
+    if not p.exists():
+        p = PROFILES / f"{name_or_path}.json"
+    if not p.exists():
+        shipped = sorted(x.stem for x in PROFILES.glob("*.json"))
+        raise FileNotFoundError(f"no profile {name_or_path!r}: a JSON path or one of {shipped}")
+    return Profile.from_dict(json.loads(p.read_text()))
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> tuple[tuple[float, float, float], float]:
+    """Least squares for (a, b, c) from (prompt lengths, ms); returns the fit and its mean relative error."""
+    X = np.array([[1.0, sum(ls), sum(n * n for n in ls)] for ls, _ in samples])
+    y = np.array([ms for _, ms in samples])
+    return _lstsq(X, y)
+
+
+def fit_decode(samples: Sequence[tuple[int, int, float]]) -> tuple[tuple[float, float, float], float]:
+    """Least squares for (a', b', c') from (batch, Σ(ctx+1), ms)."""
+    X = np.array([[1.0, ctx, n] for n, ctx, _ in samples])
+    y = np.array([ms for _, _, ms in samples])
+    return _lstsq(X, y)
+
+
+def _lstsq(X: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:
+    # weight by 1/y so short steps count as much as long ones (relative error is what matters)
+    w = 1.0 / np.maximum(y, 1e-6)
+    coef, *_ = np.linalg.lstsq(X * w[:, None], y * w, rcond=None)
+    err = float(np.mean(np.abs(X @ coef - y) / np.maximum(y, 1e-6)))
+    return (float(coef[0]), float(coef[1]), float(coef[2])), err

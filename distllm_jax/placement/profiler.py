@@ -1,0 +1,92 @@
+"""``distllm profile``: time the engine's own prefill and decode programs on the present devices over a
+grid of batch shapes and tensor degrees, fit the latency model, and write a profile JSON."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+
+from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_prefill
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def _device_memory() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"])
+    import psutil
+
+    return psutil.virtual_memory().total / max(1, len(jax.devices()))
+
+
+def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
+            batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
+            name: str = "model", log=print) -> tuple[Profile, dict]:
+    """The engine's programs, run as the engine runs them (host packing and the token-id sync included,
+    so the fit holds what serving pays per step)."""
+    from distllm_jax.engine import EngineConfig, InstanceSpec, SamplingParams
+    from distllm_jax.engine.engine import attention_impl
+    from distllm_jax.engine.instance import Instance
+    from distllm_jax.engine.programs import Segment
+    from distllm_jax.kv_cache import pages_for
+
+    cfg = source.cfg
+    max_len = min(cfg.max_position_embeddings, max(max(contexts) + 2, max(prompt_lens) + 1))
+    budget = max(L * k for L in prompt_lens for k in prompts_per_batch)
+    pages = max(max(b * pages_for(c + 2, page_size) for b in batches for c in contexts),
+                sum(pages_for(L, page_size) for L in prompt_lens) * max(prompts_per_batch)) + 2
+    ecfg = EngineConfig(page_size=page_size, num_pages=pages, max_seq_len=max_len, prefill_token_budget=budget,
+                        max_prefill_seqs=max(prompts_per_batch), max_decode_batch=max(batches), progress=False,
+                        dtype=source.dtype)
+    impl = attention_impl("auto")
+    sp = SamplingParams()
+    fits: dict[int, Fit] = {}
+    errors: dict[int, dict] = {}
+    for tp in tps:
+        devs = jax.devices()[:tp]
+        inst = Instance(f"profile-tp{tp}", "colocated", InstanceSpec(tp, num_pages=pages), devs, source, ecfg, impl)
+        pre = []
+        for L in prompt_lens:
+            for k in prompts_per_batch:
+                segs = [Segment([1] * L, 0, inst.alloc.ensure(("p", i), L), sp, 0) for i in range(k)]
+                ms = _median_ms(lambda: inst.run("prefill", [segs]), repeats)
+                pre.append(([L] * k, ms))
+                for i in range(k):
+                    inst.alloc.free(("p", i))
+        dec = []
+        for c in contexts:
+            for b in batches:
+                segs = [Segment([1], c, inst.alloc.ensure(("d", i), c + 1), sp, 0) for i in range(b)]
+                ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+                dec.append((b, b * (c + 1), ms))
+                for i in range(b):
+                    inst.alloc.free(("d", i))
+        p_fit, p_err = fit_prefill(pre)
+        d_fit, d_err = fit_decode(dec)
+        fits[tp] = Fit(p_fit, d_fit, d_fit, threshold=10**9)
+        errors[tp] = {"prefill_mean_rel_err": p_err, "decode_mean_rel_err": d_err, "prefill_samples": pre,
+                      "decode_samples": dec}
+        log(f"tp{tp}: prefill fit {p_fit} (mean |err| {100 * p_err:.1f}%), decode fit {d_fit} "
+            f"(mean |err| {100 * d_err:.1f}%)")
+        inst = None  # free this degree's instance before the next one loads
+    item = jax.numpy.dtype(source.dtype).itemsize
+    prof = Profile(
+        model=name, device=f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})",
+        fits=fits, params_bytes=cfg.param_count() * item,
+        kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item,
+        gpu_memory_bytes=_device_memory(), num_layers=cfg.num_layers,
+        source=f"distllm profile on {jax.devices()[0].device_kind}",
+    )
+    return prof, errors

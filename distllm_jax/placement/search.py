@@ -1,0 +1,165 @@
+"""The paper's placement algorithms over the simulator.
+
+- **Algorithm 1 (high node affinity)**: prefill and decode instances may sit on any nodes (a fast
+  cross-node network moves the KV). Choose the prefill (tp, pp) with the best per-GPU goodput judged on
+  TTFT alone, and the decode (tp, pp) with the best per-GPU goodput judged on TPOT alone, each simulated
+  on its own; then replicate each to reach the target rate.
+- **Algorithm 2 (low node affinity)**: the KV must not cross nodes, so a prefill stage and the decode
+  stage of the same layer segment share a node: for each pipeline degree (segments across nodes) and
+  each split of a node's GPUs between one prefill and one decode tensor group, simulate the coupled pair
+  (both SLOs) and keep the best per-GPU goodput; replicate the pair.
+- The colocated baselines: vLLM (pipeline degree 1) and vLLM++ (any degrees), searched the same way.
+
+Goodput of a configuration = the highest rate whose simulated SLO attainment is >= 90%, by bisection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from bench.arrivals import arrival_times
+from bench.metrics import goodput
+from distllm_jax.placement.latency import Profile
+from distllm_jax.placement.simulator import Par, SimConfig, Simulator, SimRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    lengths: tuple[tuple[int, int], ...]  # (prompt, output)
+    num_requests: int = 400
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cross_node_gbps: float = 3.125  # 25 Gbps between nodes (the paper's testbed)
+    intra_node_gbps: float = 300.0  # NVLink
+
+
+def sim_attainment(profile: Profile, cfg: SimConfig, wl: Workload, rate: float, slo: tuple[float, float],
+                   scale: float = 1.0) -> float:
+    n = wl.num_requests
+    lens = [wl.lengths[i % len(wl.lengths)] for i in range(n)]
+    arr = arrival_times(n, rate, seed=wl.seed)
+    reqs = Simulator(profile, cfg).run([SimRequest(float(a), p, o) for (p, o), a in zip(lens, arr)])
+    ttft, tpot = slo[0] * scale, slo[1] * scale
+    if cfg.phase == "prefill":
+        ok = sum(r.ttft <= ttft for r in reqs)
+    elif cfg.phase == "decode":
+        ok = sum(r.tpot <= tpot for r in reqs)
+    else:
+        ok = sum(r.ttft <= ttft and r.tpot <= tpot for r in reqs)
+    return ok / n
+
+
+def config_goodput(profile: Profile, cfg: SimConfig, wl: Workload, slo: tuple[float, float],
+                   hi: float = 64.0) -> float:
+    """Highest rate (req/s) with >= 90% simulated attainment for this configuration."""
+    rate, _ = goodput(lambda r: sim_attainment(profile, cfg, wl, r, slo), 0.05, hi, 0.9, 0.02, 16)
+    return rate
+
+
+def _degrees(profile: Profile, max_tp: int, max_pp: int) -> list[Par]:
+    out = []
+    for tp in sorted(profile.fits):
+        for pp in range(1, max_pp + 1):
+            if tp <= max_tp and profile.num_layers % pp == 0 and profile.fits_memory(tp, pp):
+                out.append(Par(tp, pp))
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    algorithm: str
+    mode: str
+    prefill: list[Par]
+    decode: list[Par]
+    colocated: list[Par]
+    goodput: float  # req/s of the whole plan
+    gpus: int
+    detail: dict
+
+    @property
+    def per_gpu_goodput(self) -> float:
+        return self.goodput / max(1, self.gpus)
+
+    def to_json(self) -> dict:
+        """The plan file ``distllm serve --plan`` reads (plus what the search found)."""
+        d = {"mode": self.mode, "algorithm": self.algorithm, "expected_goodput": self.goodput,
+             "per_gpu_goodput": self.per_gpu_goodput, "gpus": self.gpus, "detail": self.detail}
+        for k in ("prefill", "decode", "colocated"):
+            if getattr(self, k):
+                d[k] = [{"tp": p.tp, "pp": p.pp} for p in getattr(self, k)]
+        return d
+
+
+def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
+               **sim: object) -> Plan:
+    tried = {}
+    best_p = best_d = None
+    for par in _degrees(profile, cluster.gpus_per_node, cluster.nodes * cluster.gpus_per_node):
+        gp = config_goodput(profile, SimConfig("disaggregated", (par,), (par,), phase="prefill", **sim), wl, slo)
+        gd = config_goodput(profile, SimConfig("disaggregated", (par,), (par,), phase="decode", **sim), wl, slo)
+        tried[f"tp{par.tp}pp{par.pp}"] = {"prefill_goodput": gp, "decode_goodput": gd}
+        if best_p is None or gp / par.gpus > best_p[1] / best_p[0].gpus:
+            best_p = (par, gp)
+        if best_d is None or gd / par.gpus > best_d[1] / best_d[0].gpus:
+            best_d = (par, gd)
+    if not best_p or best_p[1] <= 0 or best_d[1] <= 0:
+        raise ValueError("no configuration meets the SLO at any rate (Algorithm 1)")
+    n, m = math.ceil(rate / best_p[1]), math.ceil(rate / best_d[1])
+    gpus = n * best_p[0].gpus + m * best_d[0].gpus
+    good = min(n * best_p[1], m * best_d[1])
+    return Plan("algorithm1-high-affinity", "disaggregated", [best_p[0]] * n, [best_d[0]] * m, [], good, gpus,
+                {"per_config": tried, "prefill": f"tp{best_p[0].tp}pp{best_p[0].pp}",
+                 "decode": f"tp{best_d[0].tp}pp{best_d[0].pp}"})
+
+
+def algorithm2(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
+               **sim: object) -> Plan:
+    M = cluster.gpus_per_node
+    best = None
+    tried = {}
+    for pp in range(1, cluster.nodes + 1):
+        if profile.num_layers % pp:
+            continue
+        for tp_p in sorted(profile.fits):
+            for tp_d in sorted(profile.fits):
+                if tp_p + tp_d > M or not (profile.fits_memory(tp_p, pp) and profile.fits_memory(tp_d, pp)):
+                    continue
+                cfg = SimConfig("disaggregated", (Par(tp_p, pp),), (Par(tp_d, pp),),
+                                transfer_gbps=cluster.intra_node_gbps, **sim)
+                g = config_goodput(profile, cfg, wl, slo)
+                gpus = (tp_p + tp_d) * pp
+                tried[f"P-tp{tp_p}/D-tp{tp_d}/pp{pp}"] = g
+                if best is None or g / gpus > best[0] / best[1]:
+                    best = (g, gpus, Par(tp_p, pp), Par(tp_d, pp))
+    if best is None or best[0] <= 0:
+        raise ValueError("no configuration meets the SLO at any rate (Algorithm 2)")
+    g, gpus, p, d = best
+    k = math.ceil(rate / g)
+    return Plan("algorithm2-low-affinity", "disaggregated", [p] * k, [d] * k, [], k * g, k * gpus,
+                {"per_config": tried, "unit": f"P-tp{p.tp}/D-tp{d.tp}/pp{p.pp}"})
+
+
+def colocated_search(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
+                     max_pp: int = 1, mode: str = "colocated", **sim: object) -> Plan:
+    best, tried = None, {}
+    for par in _degrees(profile, cluster.gpus_per_node, max_pp):
+        g = config_goodput(profile, SimConfig(mode, colocated=(par,), **sim), wl, slo)
+        tried[f"tp{par.tp}pp{par.pp}"] = g
+        if best is None or g / par.gpus > best[1] / best[0].gpus:
+            best = (par, g)
+    if best is None or best[1] <= 0:
+        raise ValueError(f"no {mode} configuration meets the SLO at any rate")
+    k = math.ceil(rate / best[1])
+    name = "vllm" if max_pp == 1 else "vllm++"
+    return Plan(name, mode, [], [], [best[0]] * k, k * best[1], k * best[0].gpus, {"per_config": tried})
+
+
+def workload_from(lengths: Sequence[tuple[int, int]], n: int = 400, seed: int = 0) -> Workload:
+    return Workload(tuple((int(p), int(o)) for p, o in lengths), n, seed)
