@@ -36,11 +36,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _par(spec: str):
     from distllm_jax.placement.simulator import Par
 
+    import re
+
     out = []
     for part in spec.split(","):
-        n, _, rest = part.rpartition("x")
-        tp, _, pp = rest.partition("p")
-        out += [Par(int(tp.lstrip("t")), int(pp or 1))] * int(n or 1)
+        m = re.fullmatch(r"(?:(\d+)x)?tp(\d+)(?:pp?(\d+))?", part.strip())
+        if not m:
+            raise ValueError(f"instance spec {part!r}: expected COUNTxtpTpPP, e.g. 2xtp2p1 or tp4")
+        out += [Par(int(m.group(2)), int(m.group(3) or 1))] * int(m.group(1) or 1)
     return tuple(out)
 
 

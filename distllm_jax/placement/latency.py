@@ -71,9 +71,9 @@ class Profile:
             raise KeyError(f"{self.model} on {self.device}: no fit for tensor degree {tp} (have {sorted(self.fits)})")
         return self.fits[tp]
 
-    def fits_memory(self, tp: int, pp: int, reserve: float = 0.1) -> bool:
-        """Weights of one stage on one device leave room for the KV cache."""
-        return self.params_bytes / (tp * pp) <= (1 - reserve) * self.gpu_memory_bytes * 0.9
+    def fits_memory(self, tp: int, pp: int, weights_share: float = 0.85) -> bool:
+        """One device's share of the weights leaves at least 15% of its memory for the KV cache."""
+        return self.params_bytes / (tp * pp) <= weights_share * self.gpu_memory_bytes
 
     def kv_token_capacity(self, tp: int, pp: int, utilisation: float = 0.9) -> int:
         """Tokens of KV one instance can hold (every device of it: tp·pp devices)."""
