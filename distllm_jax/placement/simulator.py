@@ -50,6 +50,10 @@ class SimConfig:
     max_decode_batch: int = 256
     transfer_gbps: float = 100.0  # GB/s between a prefill and a decode instance (0: free)
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
+    kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
+
+    def capacity(self, profile: Profile, par: Par) -> int:
+        return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
 
     @property
     def gpus(self) -> int:
@@ -119,7 +123,7 @@ class Simulator:
             used = cfg.colocated
         for p in used:
             profile.fit(p.tp)  # fail early on a degree the profile lacks
-            if profile.kv_token_capacity(p.tp, p.pp) <= 0:
+            if cfg.capacity(profile, p) <= 0:
                 raise ValueError(f"{profile.model}: weights do not fit tp={p.tp} pp={p.pp} on {profile.device}")
 
     def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
@@ -136,10 +140,10 @@ class Simulator:
         order = sorted(reqs, key=lambda r: r.arrival)
         waiting: collections.deque[SimRequest] = collections.deque()
         held: collections.deque[tuple[float, SimRequest, int]] = collections.deque()  # (ready, req, prefill idx)
-        p_cap = [prof.kv_token_capacity(p.tp, p.pp) for p in cfg.prefill]
+        p_cap = [cfg.capacity(prof, p) for p in cfg.prefill]
         p_used = [0] * len(cfg.prefill)
         p_free_at = [0.0] * len(cfg.prefill)
-        d_cap = [prof.kv_token_capacity(p.tp, p.pp) for p in cfg.decode]
+        d_cap = [cfg.capacity(prof, p) for p in cfg.decode]
         d_used = [0] * len(cfg.decode)
         dec = [_Decoder() for _ in cfg.decode]
         joining: list[list[tuple[float, SimRequest]]] = [[] for _ in cfg.decode]
@@ -254,7 +258,7 @@ class Simulator:
         order = sorted(reqs, key=lambda r: r.arrival)
         n_inst = len(cfg.colocated)
         waiting: collections.deque[SimRequest] = collections.deque()
-        cap = [prof.kv_token_capacity(p.tp, p.pp) for p in cfg.colocated]
+        cap = [cfg.capacity(prof, p) for p in cfg.colocated]
         used = [0] * n_inst
         dec = [_Decoder() for _ in range(n_inst)]
         partial: list[list[SimRequest]] = [[] for _ in range(n_inst)]

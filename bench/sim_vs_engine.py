@@ -1,0 +1,108 @@
+"""Does the simulator predict the engine? On the present devices: profile the engine, then serve the
+same workload at several rates both for real (in-process engine, Poisson arrivals) and in the simulator
+fed with that profile, in colocated and disaggregated modes; compare median TTFT/TPOT and attainment.
+
+    python -m bench.sim_vs_engine --checkpoint ckpt/tiny --out bench/results/sim-vs-engine-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_engine(engine, items, arrivals):
+    from distllm_jax.engine import SamplingParams
+
+    streams = [None] * len(items)
+
+    def feed():
+        t0 = time.perf_counter()
+        for i, ((prompt, out), a) in enumerate(zip(items, arrivals)):
+            d = t0 + a - time.perf_counter()
+            if d > 0:
+                time.sleep(d)
+            streams[i] = engine.submit(prompt, SamplingParams(max_tokens=out, ignore_eos=True))
+
+    t = threading.Thread(target=feed)
+    t.start()
+    t.join()
+    res = [s.result() for s in streams]
+    return [(r.timings.ttft, r.timings.tpot or 0.0) for r in res]
+
+
+def main(args) -> int:
+    import jax
+
+    from bench.arrivals import arrival_times
+    from distllm_jax.engine import CheckpointSource, Engine, EngineConfig, InstanceSpec
+    from distllm_jax.placement.profiler import profile
+    from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+
+    source = CheckpointSource(args.checkpoint)
+    ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
+    prof, errs = profile(source, [1], [16, 32, 64, 96], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96],
+                         page_size=ps, repeats=5, name=Path(args.checkpoint).name)
+    rng = np.random.default_rng(0)
+    vocab = source.cfg.vocab_size
+    items = [([int(t) for t in rng.integers(3, vocab, int(rng.integers(8, 64)))], int(rng.integers(4, 48)))
+             for _ in range(args.num_requests)]
+    lengths = [(len(p), o) for p, o in items]
+    slo = (args.slo_ttft, args.slo_tpot)
+    out = {"device": jax.devices()[0].device_kind, "profile_fit_errors": {k: {kk: vv for kk, vv in v.items()
+           if "err" in kk} for k, v in errs.items()}, "runs": []}
+    layouts = {"colocated": dict(mode="colocated", colocated=(InstanceSpec(1),)),
+               "disaggregated": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(1),))}
+    for name, lay in layouts.items():
+        ecfg = EngineConfig(page_size=ps, num_pages=pages, max_seq_len=128, prefill_token_budget=budget,
+                            max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay)
+        scfg = (SimConfig("colocated", colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
+                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps)
+                if name == "colocated" else
+                SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
+                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
+        with Engine(source, ecfg) as engine:
+            for rate in args.rates:
+                arr = arrival_times(len(items), rate, seed=1)
+                real = run_engine(engine, items, arr)
+                sim = Simulator(prof, scfg).run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
+                simv = [(r.ttft, r.tpot) for r in sim]
+                row = {"mode": name, "rate": rate}
+                for tag, v in (("engine", real), ("sim", simv)):
+                    row[f"{tag}_p50_ttft"] = statistics.median(x[0] for x in v)
+                    row[f"{tag}_p50_tpot"] = statistics.median(x[1] for x in v)
+                    row[f"{tag}_attainment"] = sum(1 for a, b in v if a <= slo[0] and b <= slo[1]) / len(v)
+                row["ttft_rel_diff"] = row["sim_p50_ttft"] / row["engine_p50_ttft"] - 1
+                row["tpot_rel_diff"] = row["sim_p50_tpot"] / row["engine_p50_tpot"] - 1
+                row["attainment_diff_points"] = 100 * (row["sim_attainment"] - row["engine_attainment"])
+                out["runs"].append(row)
+                print(f"{name:<14} rate {rate:>5g}: TTFT p50 engine {1e3 * row['engine_p50_ttft']:7.1f} ms sim "
+                      f"{1e3 * row['sim_p50_ttft']:7.1f} ({100 * row['ttft_rel_diff']:+.0f}%), TPOT p50 engine "
+                      f"{1e3 * row['engine_p50_tpot']:6.2f} sim {1e3 * row['sim_p50_tpot']:6.2f} "
+                      f"({100 * row['tpot_rel_diff']:+.0f}%), attainment {100 * row['engine_attainment']:.0f}% vs "
+                      f"{100 * row['sim_attainment']:.0f}%", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[5, 15, 30])
+    p.add_argument("--num-requests", type=int, default=120)
+    p.add_argument("--num-pages", type=int, default=200)
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--slo-ttft", type=float, default=0.1)
+    p.add_argument("--slo-tpot", type=float, default=0.02)
+    p.add_argument("--transfer-gbps", type=float, default=5.0)
+    p.add_argument("--out", default="bench/results/sim-vs-engine-cpu.json")
+    raise SystemExit(main(p.parse_args()))
