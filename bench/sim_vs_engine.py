@@ -8,6 +8,7 @@ fed with that profile, in colocated and disaggregated modes; compare median TTFT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import threading
@@ -68,12 +69,22 @@ def main(args) -> int:
                 SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
         with Engine(source, ecfg) as engine:
+            # calibrate the host's admission latency once: an idle engine's TTFT minus the model's prefill
+            from distllm_jax.engine import SamplingParams
+
+            probe = []
+            for _ in range(20):
+                o = engine.submit(items[0][0], SamplingParams(max_tokens=1)).result()
+                probe.append(o.timings.ttft)
+            admission = max(0.0, statistics.median(probe) - prof.fit(1).prefill_ms([len(items[0][0])]) / 1e3)
+            scfg = dataclasses.replace(scfg, admission_s=admission)
+            print(f"{name}: admission latency {1e3 * admission:.2f} ms (idle TTFT minus modelled prefill)")
             for rate in args.rates:
                 arr = arrival_times(len(items), rate, seed=1)
                 real = run_engine(engine, items, arr)
                 sim = Simulator(prof, scfg).run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
                 simv = [(r.ttft, r.tpot) for r in sim]
-                row = {"mode": name, "rate": rate}
+                row = {"mode": name, "rate": rate, "admission_s": admission}
                 for tag, v in (("engine", real), ("sim", simv)):
                     row[f"{tag}_p50_ttft"] = statistics.median(x[0] for x in v)
                     row[f"{tag}_p50_tpot"] = statistics.median(x[1] for x in v)

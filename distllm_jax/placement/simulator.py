@@ -51,6 +51,7 @@ class SimConfig:
     transfer_gbps: float = 100.0  # GB/s between a prefill and a decode instance (0: free)
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
     kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
+    admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
 
     def capacity(self, profile: Profile, par: Par) -> int:
         return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
@@ -151,7 +152,7 @@ class Simulator:
         seq = itertools.count()
         push = lambda t, kind, i: heapq.heappush(events, (t, next(seq), kind, i))  # noqa: E731
         for k, r in enumerate(order):
-            push(r.arrival, "arrive", k)
+            push(r.arrival + cfg.admission_s, "arrive", k)
         p_busy = [False] * len(cfg.prefill)
         d_busy = [False] * len(cfg.decode)
 
@@ -268,7 +269,7 @@ class Simulator:
         seq = itertools.count()
         push = lambda t, kind, i: heapq.heappush(events, (t, next(seq), kind, i))  # noqa: E731
         for k, r in enumerate(order):
-            push(r.arrival, "arrive", k)
+            push(r.arrival + cfg.admission_s, "arrive", k)
 
         def admit(i: int, r: SimRequest) -> bool:
             need = r.prompt_len + r.output_len
