@@ -10,7 +10,11 @@ from pathlib import Path
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--backend", default="distllm-grpc", choices=["distllm-grpc", "openai"])
+    p.add_argument("--address", default="127.0.0.1:50051", help="gRPC address (distllm-grpc backend)")
+    p.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (openai backend)")
+    p.add_argument("--model", help="model name at --base-url (default: the first it serves)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs behind an openai-backend server (per-GPU rates)")
     p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"))
     p.add_argument("--tls-ca")
     p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
@@ -22,11 +26,18 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="prepared-workload cache (default ~/.cache/distllm)")
 
 
+def _target(args: argparse.Namespace):
+    from bench.runs import Target
+
+    return Target(args.address, args.token, args.tls_ca, args.tokenizer, backend=args.backend,
+                  base_url=args.base_url, model=args.model, devices=args.devices)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from bench.runs import Target, parse_pairs, print_table, run_once
+    from bench.runs import parse_pairs, print_table, run_once
     from bench.slo import resolve
 
-    target = Target(args.address, args.token, args.tls_ca, args.tokenizer)
+    target = _target(args)
     slo = resolve(args.slo)
     runs = []
     for n, rate in parse_pairs(args.num_prompts_req_rates):
@@ -41,10 +52,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _goodput(args: argparse.Namespace) -> int:
     from bench.metrics import goodput
-    from bench.runs import Target, print_table, run_once
+    from bench.runs import print_table, run_once
     from bench.slo import resolve
 
-    target = Target(args.address, args.token, args.tls_ca, args.tokenizer)
+    target = _target(args)
     slo = resolve(args.slo)
     runs = []
 

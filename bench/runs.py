@@ -33,12 +33,17 @@ class Target:
     """The server under test: its address, what it serves, and a tokenizer for the workload."""
 
     def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None,
-                 tokenizer_path: str | None = None):
+                 tokenizer_path: str | None = None, backend: str = "distllm-grpc", base_url: str | None = None,
+                 model: str | None = None, devices: int = 1):
+        self.backend = backend
+        self.address, self.token, self.tls_ca = address, token, tls_ca
+        if backend == "openai":
+            self._openai(base_url, model, tokenizer_path, devices)
+            return
         import grpc
 
         from serve.client import Client
 
-        self.address, self.token, self.tls_ca = address, token, tls_ca
         self.client = Client(address, token=token, tls_ca=tls_ca, timeout=30)
         try:
             info = self.client.model_info()
@@ -63,6 +68,35 @@ class Target:
             self.decode = lambda ids: ""
             self.tokenizer_id = f"server:{self.model}:{info.vocab_size}"
 
+    def _openai(self, base_url: str | None, model: str | None, tokenizer_path: str | None, devices: int) -> None:
+        """Any OpenAI-compatible server: the model and context from /v1/models, a local tokenizer."""
+        import httpx
+
+        if not base_url:
+            raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        if not tokenizer_path:
+            raise ValueError("--backend openai needs --tokenizer (the served model's tokenizer, to size the workload)")
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            data = httpx.get(f"{self.base_url}/models", headers=headers, timeout=30).json()["data"]
+        except Exception as e:  # noqa: BLE001
+            raise ConnectionError(f"cannot reach an OpenAI-compatible server at {self.base_url}: {e}") from None
+        entry = next((m for m in data if model is None or m["id"] == model), None)
+        if entry is None:
+            raise ValueError(f"model {model!r} is not served at {self.base_url} (it serves {[m['id'] for m in data]})")
+        self.model = entry["id"]
+        self.max_len = int(entry.get("max_model_len") or 2048)
+        self.mode, self.engine, self.devices = "openai", {"base_url": self.base_url}, devices
+        from distllm_jax.tokenizer import load_tokenizer
+        from tokenizers import Tokenizer
+
+        p = Path(tokenizer_path)
+        tok = Tokenizer.from_file(str(p)) if p.is_file() else load_tokenizer(p)
+        self.encode = lambda s: tok.encode(s).ids
+        self.decode = lambda ids: tok.decode(list(ids))
+        self.tokenizer_id = f"local:{p.resolve()}"
+
     def workload(self, dataset: str, n: int, seed: int, cache_dir: str | None) -> Workload:
         return load(dataset, self.encode, n, self.max_len, seed, Path(cache_dir) if cache_dir else None,
                     self.tokenizer_id)
@@ -74,14 +108,21 @@ def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: S
     w = target.workload(dataset, num_prompts, seed, cache_dir)
     items = (w.items * (num_prompts // len(w.items) + 1))[:num_prompts]
     arrivals = arrival_times(len(items), rate, burstiness, seed)
-    records = asyncio.run(run_workload(target.address, items, arrivals, token=target.token,
-                                       tls_ca=target.tls_ca, verbose=verbose, progress=progress,
-                                       detok=target.decode))
+    if target.backend == "openai":
+        from bench.driver import run_workload_openai
+
+        records = asyncio.run(run_workload_openai(target.base_url, target.model, items, arrivals, token=target.token,
+                                                  verbose=verbose, progress=progress, detok=target.decode))
+    else:
+        records = asyncio.run(run_workload(target.address, items, arrivals, token=target.token,
+                                           tls_ca=target.tls_ca, verbose=verbose, progress=progress,
+                                           detok=target.decode))
     summary = summarize(records, slo)
     if slo is not None:
         summary["tightest_slo_scale"] = tightest_scale(records, slo)
     out = {
-        "config": {"address": target.address, "model": target.model, "mode": target.mode, "dataset": dataset,
+        "config": {"backend": target.backend, "address": getattr(target, "base_url", target.address),
+                   "model": target.model, "mode": target.mode, "dataset": dataset,
                    "num_prompts": num_prompts, "rate": rate, "burstiness": burstiness, "seed": seed,
                    "devices": target.devices, "engine": target.engine, "workload": w.stats(),
                    "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}},

@@ -50,6 +50,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
     srv.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics; -1 disables, 0 picks")
+    srv.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API here (0 picks)")
     srv.add_argument("--tls-cert")
     srv.add_argument("--tls-key")
     srv.add_argument("--auth-token", help="bearer token required from clients (or env DISTLLM_AUTH_TOKEN)")
@@ -118,6 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import jax
 
     from distllm_jax.engine import Engine
+    from serve.chat_template import load_chat_template
     from serve.server import AUTH_ENV, ServerConfig, serve_forever
 
     source, tok = model_source(args)
@@ -135,6 +137,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
         max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
         model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
+        http_port=args.http_port, chat_template=load_chat_template(args.checkpoint),
     )
     asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True)))
     return 0

@@ -41,6 +41,8 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 300.0
     model_name: str = ""
+    http_port: int | None = None  # OpenAI-compatible HTTP; None: off, 0: pick a free port
+    chat_template: Any = None  # serve.chat_template.ChatTemplate (default: the plain template)
 
 
 class GenerationService:
@@ -176,9 +178,11 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 class RunningServer:
     """A started server: ``port``/``metrics_port`` are the bound ones; :meth:`drain` stops it gently."""
 
-    def __init__(self, server, service, health, metrics, port, metrics_port):
+    def __init__(self, server, service, health, metrics, port, metrics_port, http=None, http_task=None,
+                 http_port=None):
         self.server, self.service, self.health, self.metrics = server, service, health, metrics
         self.port, self.metrics_port = port, metrics_port
+        self.http, self.http_task, self.http_port = http, http_task, http_port
         self.stopped = asyncio.Event()
 
     async def drain(self, timeout: float) -> None:
@@ -188,6 +192,12 @@ class RunningServer:
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=timeout)
+        end = time.monotonic() + timeout
+        while self.service.active > 0 and time.monotonic() < end:  # HTTP streams still running
+            await asyncio.sleep(0.05)
+        if self.http is not None:
+            self.http.should_exit = True
+            await self.http_task
         await asyncio.get_running_loop().run_in_executor(None, self.service.engine.shutdown, True, 5.0)
         self.metrics.close()
         self.stopped.set()
@@ -219,9 +229,23 @@ async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningSer
         raise OSError(f"could not bind {addr}")
     metrics_port = metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
     await server.start()
+    http = http_task = http_port = None
+    if cfg.http_port is not None:
+        from serve.chat_template import ChatTemplate
+        from serve.openai_http import OpenAIFrontend, make_uvicorn_server
+
+        front = OpenAIFrontend(service, cfg.model_name, cfg.auth_token, cfg.max_message_bytes,
+                               cfg.chat_template or ChatTemplate())
+        http = make_uvicorn_server(front.app(), cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:
+            if http_task.done():
+                raise OSError(f"the HTTP server could not start on {cfg.host}:{cfg.http_port}: {http_task.exception()}")
+            await asyncio.sleep(0.01)
+        http_port = http.servers[0].sockets[0].getsockname()[1]
     for name in ("", SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, service, health, metrics, port, metrics_port)
+    return RunningServer(server, service, health, metrics, port, metrics_port, http, http_task, http_port)
 
 
 async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce=print) -> None:
@@ -231,6 +255,9 @@ async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, annou
     announce(f"distllm serve: listening on {scheme}://{cfg.host}:{running.port}")
     if running.metrics_port is not None:
         announce(f"distllm serve: metrics on http://{cfg.host}:{running.metrics_port}/metrics")
+    if running.http_port is not None:
+        announce(f"distllm serve: OpenAI-compatible HTTP on {'https' if cfg.tls_cert else 'http'}://{cfg.host}:"
+                 f"{running.http_port}/v1")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(running.drain(cfg.drain_timeout_s)))

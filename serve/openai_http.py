@@ -1,0 +1,321 @@
+"""OpenAI-compatible HTTP beside gRPC, on the same engine: ``POST /v1/completions``,
+``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending in ``data: [DONE]``, usage
+in a last chunk when ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` and
+``/metrics`` (the gRPC server's registry).
+
+Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
+(named in ``param``), 401 without the bearer token, 404 for another model name, 413 for a body over the
+limit, 429 at the concurrency cap (shared with gRPC), 503 while draining. Extensions: ``top_k`` and
+``ignore_eos``. Only ``n = 1``. A client that disconnects mid-stream has its request cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request  # module level: route annotations resolve against these globals
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from distllm_jax.engine import EngineClosed, FinishReason
+from serve.chat_template import ChatTemplate
+from serve.v1 import distllm_pb2 as pb
+from serve.validation import InvalidArgument, prompt_ids, sampling_params
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+_NUM = (int, float)
+
+
+def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in types:
+        raise HTTPError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}", param=name)
+    if not isinstance(v, types):
+        raise HTTPError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}", param=name)
+    return v
+
+
+def build_request(body: dict, prompt: str | list[int], default_max_tokens: int) -> pb.GenerateRequest:
+    """The OpenAI fields as the gRPC request the engine's validation already understands."""
+    n = _field(body, "n", (int,), 1)
+    if n != 1:
+        raise HTTPError(400, "only n=1 is supported", param="n")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        raise HTTPError(400, "logprobs are not supported", param="logprobs")
+    if body.get("best_of") not in (None, 1):
+        raise HTTPError(400, "only best_of=1 is supported", param="best_of")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise HTTPError(400, "'stop' must be a string or a list of strings", param="stop")
+    max_tokens = _field(body, "max_tokens", (int,), None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_completion_tokens", (int,), default_max_tokens)
+    req = pb.GenerateRequest(
+        max_tokens=max_tokens,
+        temperature=float(_field(body, "temperature", _NUM, 1.0)),
+        top_p=float(_field(body, "top_p", _NUM, 1.0)),
+        top_k=int(_field(body, "top_k", (int,), 0)),
+        stop=stop or [],
+        ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
+    )
+    seed = _field(body, "seed", (int,), None)
+    if seed is not None:
+        req.seed = seed
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+class OpenAIFrontend:
+    """Routes over the gRPC service's engine, limits and counters (one concurrency cap for both)."""
+
+    def __init__(self, service: Any, model_name: str, token: str | None, max_body_bytes: int,
+                 chat: ChatTemplate):
+        self.s = service
+        self.model = model_name or "model"
+        self.token = token
+        self.max_body = max_body_bytes
+        self.chat = chat
+
+    def app(self):
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        app = FastAPI(title="distllm OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(generate_latest(self.s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        def error(e: HTTPError) -> JSONResponse:
+            return JSONResponse(e.body(), status_code=e.status)
+
+        @app.get("/health")
+        async def health():
+            if self.s.draining:
+                return error(HTTPError(503, "the server is draining", "service_unavailable"))
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            try:
+                self._auth(request)
+            except HTTPError as e:
+                return error(e)
+            return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                "owned_by": "distllm", "max_model_len": self.s.limits.max_seq_len}]}
+
+        async def handle(request: Request, chat: bool):
+            try:
+                self._auth(request)
+                body = await self._body(request)
+                prompt, max_default = self._prompt(body, chat)
+                req = build_request(body, prompt, max_default)
+                try:
+                    ids = prompt_ids(req, self.s.limits, self.s.tokenizer)
+                    params = sampling_params(req, self.s.limits)
+                except InvalidArgument as e:
+                    raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
+                stream = _field(body, "stream", (bool,), False)
+                opts = body.get("stream_options") or {}
+                usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+                return await self._run(ids, params, chat, stream, usage)
+            except HTTPError as e:
+                if e.status in (400, 413):
+                    self.s.metrics.requests.labels("invalid").inc()
+                return error(e)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await handle(request, chat=True)
+
+        return app
+
+    # ---- pieces ---------------------------------------------------------------------------------
+
+    def _auth(self, request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token.encode())):
+            raise HTTPError(401, "missing or wrong bearer token", "authentication_error", code="invalid_api_key")
+
+    async def _body(self, request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise HTTPError(413, f"request body over {self.max_body} bytes", code="request_too_large")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body:
+                raise HTTPError(413, f"request body over {self.max_body} bytes", code="request_too_large")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            raise HTTPError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model:
+            raise HTTPError(404, f"the model '{model}' does not exist (this server serves '{self.model}')",
+                            param="model", code="model_not_found")
+        return body
+
+    def _prompt(self, body: dict, chat: bool) -> tuple[str | list[int], int]:
+        ctx = self.s.limits.max_seq_len
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise HTTPError(400, "'messages' must be a non-empty list of {role, content} strings", param="messages")
+            try:
+                text = self.chat.render(msgs)
+            except Exception as e:  # noqa: BLE001 - a template's own error, e.g. roles out of order
+                raise HTTPError(400, f"chat template: {e}", param="messages") from None
+            return text, max(1, min(1024, ctx - 1 - len(self.s.tokenizer.encode(text).ids) if self.s.tokenizer else 16))
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+            return p, 16
+        raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt: n=1)", param="prompt")
+
+    async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool):
+        s = self.s
+        if s.draining:
+            raise HTTPError(503, "the server is draining", "service_unavailable")
+        if s.active >= s.cfg.max_concurrent:
+            s.metrics.requests.labels("rejected").inc()
+            raise HTTPError(429, f"the server is at its limit of {s.cfg.max_concurrent} concurrent requests",
+                            "rate_limit_error")
+        try:
+            handle = s.engine.submit(ids, params, loop=asyncio.get_running_loop())
+        except EngineClosed:
+            raise HTTPError(503, "the server is draining", "service_unavailable") from None
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        s.active += 1
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if stream:
+            return StreamingResponse(self._sse(handle, rid, created, chat, usage, len(ids)),
+                                           media_type="text/event-stream",
+                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, reason, n_out = [], None, 0
+        done = False
+        try:
+            async for out in handle:
+                text.append(out.text)
+                if out.finished is not None:
+                    done = True
+                    self._observe(out)
+                    if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
+                        raise HTTPError(500, out.error or out.finished.value, "server_error")
+                    reason, n_out = out.finished.value, out.num_output_tokens
+        finally:
+            s.active -= 1
+            if not done:
+                s.engine.cancel(handle.request_id)
+        content = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
+                  if chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": reason})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model, "choices": [choice],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+    def _observe(self, out) -> None:
+        t = out.timings
+        self.s.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
+
+    async def _sse(self, handle, rid: str, created: int, chat: bool, usage: bool, n_prompt: int) -> AsyncIterator[bytes]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> bytes:
+            if chat:
+                delta: dict = {}
+                if first:
+                    delta["role"] = "assistant"
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+            return _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
+
+        done = False
+        try:
+            if chat:
+                yield chunk("", None, first=True)
+            async for out in handle:
+                if out.finished is None:
+                    if out.text or out.token_ids:
+                        yield chunk(out.text, None)
+                    continue
+                done = True
+                self._observe(out)
+                if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
+                    yield _event(HTTPError(500, out.error or out.finished.value, "server_error").body())
+                    break
+                yield chunk(out.text or None if chat else out.text, out.finished.value)
+                if usage:
+                    n = out.num_output_tokens
+                    yield _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
+                                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n,
+                                            "total_tokens": n_prompt + n}})
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.s.active -= 1
+            if not done:  # the client went away mid-stream: free its pages now
+                self.s.engine.cancel(handle.request_id)
+                self.s.metrics.requests.labels("cancelled").inc()
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _openai_param(field: str, chat: bool) -> str:
+    if field in ("text", "token_ids", "prompt"):
+        return "messages" if chat else "prompt"
+    return field
+
+
+def make_uvicorn_server(app, host: str, port: int, tls_cert: str | None, tls_key: str | None):
+    """A uvicorn server that leaves signals to the gRPC server's drain (one SIGTERM handler)."""
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert,
+                            ssl_keyfile=tls_key, lifespan="off", timeout_graceful_shutdown=5)
+    return Server(config)
