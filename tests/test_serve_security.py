@@ -33,7 +33,8 @@ def server(converted, tmp_path_factory, tls_files):
     ckpt = checkpoint_with_tokenizer(ckpt, tmp_path_factory.mktemp("serve-sec") / "ckpt")
     cert, key = tls_files
     srv = ServerProc(ckpt, "--tls-cert", str(cert), "--tls-key", str(key), "--max-concurrent", "2",
-                     "--mode", "colocated", env={"DISTLLM_AUTH_TOKEN": TOKEN})
+                     "--mode", "colocated", "--http-port", "0", env={"DISTLLM_AUTH_TOKEN": TOKEN})
+    srv.http = next(line.split()[-1] for line in srv.log if "OpenAI-compatible HTTP on" in line)
     yield srv
     assert srv.stop() == 0
 
@@ -91,3 +92,17 @@ def test_concurrency_cap(server, tls_files):
             call.cancel()
         for t in threads:
             t.join()
+
+
+def test_http_frontend_follows_the_same_tls_and_token_rules(server, tls_files):
+    import httpx
+
+    assert server.http.startswith("https://")
+    body = {"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}
+    ok = httpx.post(f"{server.http}/completions", json=body, verify=str(tls_files[0]), timeout=60,
+                    headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    denied = httpx.post(f"{server.http}/completions", json=body, verify=str(tls_files[0]), timeout=60)
+    assert denied.status_code == 401
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
+        httpx.post(server.http.replace("https://", "http://") + "/completions", json=body, timeout=10)
