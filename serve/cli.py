@@ -11,6 +11,10 @@ A plan file (``--plan``, as ``distllm place`` writes it) is JSON::
      "prefill": [{"tp": 2, "pp": 1}], "decode": [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1}],
      "colocated": [{"tp": 2, "pp": 1}],                     # for colocated / chunked
      "prefill_token_budget": 512, "max_decode_batch": 64}   # optional
+
+SIGHUP re-reads the plan file and re-places the engine: new requests wait, running ones finish, the old
+instances are shut down, the new ones are placed and compiled, and serving resumes (the previous layout
+is restored if the new one cannot be built).
 """
 
 from __future__ import annotations
@@ -139,7 +143,15 @@ def run_serve(args: argparse.Namespace) -> int:
         model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
         http_port=args.http_port, chat_template=load_chat_template(args.checkpoint),
     )
-    asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True)))
+    def replan():  # SIGHUP: place the engine anew from the (re-read) plan file
+        if not args.plan:
+            raise ValueError("the server was not started with --plan: nothing to re-read")
+        new = engine_config(args, len(jax.devices()), jax.default_backend())
+        if args.checkpoint is None and args.max_seq_len is None:
+            new = __import__("dataclasses").replace(new, max_seq_len=ecfg.max_seq_len)
+        return Engine(source, new, tokenizer=tok)
+
+    asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True), replan=replan))
     return 0
 
 

@@ -213,6 +213,7 @@ class OpenAIFrontend:
             s.metrics.requests.labels("rejected").inc()
             raise HTTPError(429, f"the server is at its limit of {s.cfg.max_concurrent} concurrent requests",
                             "rate_limit_error")
+        await s.ready.wait()  # during a re-plan, new requests wait for the new engine
         try:
             handle = s.engine.submit(ids, params, loop=asyncio.get_running_loop())
         except EngineClosed:

@@ -54,6 +54,8 @@ class GenerationService:
         self.limits = Limits(max_seq_len=engine.max_len, vocab_size=engine.model.vocab_size)
         self.active = 0
         self.draining = False
+        self.ready = asyncio.Event()  # cleared while a new plan is being placed
+        self.ready.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -82,6 +84,7 @@ class GenerationService:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the server is at its limit of {self.cfg.max_concurrent} concurrent requests",
                                "rejected")
+        await self.ready.wait()  # during a re-plan, new requests wait for the new engine
         try:
             stream = self.engine.submit(ids, params, request_id=req.request_id or None,
                                         timeout=context.time_remaining(), loop=asyncio.get_running_loop())
@@ -185,6 +188,34 @@ class RunningServer:
         self.http, self.http_task, self.http_port = http, http_task, http_port
         self.stopped = asyncio.Event()
 
+    async def replan(self, build: Any, announce=print) -> bool:
+        """Drain, re-place, resume: new requests wait while running ones finish on the old engine, the old
+        engine is shut down (its devices freed), ``build()`` places and compiles the new one, and serving
+        resumes. If the new plan cannot be built, the old one is rebuilt. True when the new plan serves."""
+        s = self.service
+        if s.draining or not s.ready.is_set():
+            return False
+        loop = asyncio.get_running_loop()
+        s.ready.clear()
+        old = s.engine
+        try:
+            while s.active > 0:
+                await asyncio.sleep(0.02)
+            await loop.run_in_executor(None, old.shutdown, True, 60.0)
+            old_config, old_source, old_tok = old.config, old.source, old.tokenizer
+            try:
+                s.engine = await loop.run_in_executor(None, build)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - keep serving on the previous layout
+                announce(f"distllm serve: re-plan failed ({type(e).__name__}: {e}); restoring the previous layout")
+                s.engine = await loop.run_in_executor(
+                    None, lambda: Engine(old_source, old_config, tokenizer=old_tok))
+                ok = False
+            s.limits = Limits(max_seq_len=s.engine.max_len, vocab_size=s.engine.model.vocab_size)
+            return ok
+        finally:
+            s.ready.set()
+
     async def drain(self, timeout: float) -> None:
         """No new requests; running ones finish (up to ``timeout``); then stop."""
         if self.service.draining:
@@ -206,8 +237,10 @@ class RunningServer:
 async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningServer:
     if cfg.auth_token is not None and not cfg.auth_token:
         raise ValueError("the auth token is empty")
-    metrics = Metrics(engine.stats)
+    holder: list[GenerationService] = []
+    metrics = Metrics(lambda: holder[0].engine.stats())  # whichever engine serves now
     service = GenerationService(engine, tokenizer, cfg, metrics)
+    holder.append(service)
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(interceptors=[BearerAuth(cfg.auth_token)] if cfg.auth_token else [], options=opts)
@@ -248,8 +281,10 @@ async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningSer
     return RunningServer(server, service, health, metrics, port, metrics_port, http, http_task, http_port)
 
 
-async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce=print) -> None:
-    """Start, announce, and run until SIGTERM/SIGINT, then drain."""
+async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce=print,
+                        replan: Any = None) -> None:
+    """Start, announce, and run until SIGTERM/SIGINT, then drain. SIGHUP re-places the engine with
+    ``replan()`` (a function returning the new engine; the CLI re-reads ``--plan``)."""
     running = await start(engine, tokenizer, cfg)
     scheme = "grpcs" if cfg.tls_cert else "grpc"
     announce(f"distllm serve: listening on {scheme}://{cfg.host}:{running.port}")
@@ -261,6 +296,15 @@ async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, annou
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(running.drain(cfg.drain_timeout_s)))
+    if replan is not None:
+        async def do_replan():
+            announce("distllm serve: re-planning (drain, re-place, resume)")
+            if await running.replan(replan, announce):
+                e = running.service.engine
+                announce(f"distllm serve: re-planned: {e.config.mode} "
+                         f"[{', '.join(i.name + ':' + i.spec.label() for i in e.instances)}]; ready")
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(do_replan()))
     announce("distllm serve: ready")
     await running.stopped.wait()
     announce("distllm serve: drained, exiting")
