@@ -48,7 +48,7 @@ def main(args) -> int:
 
     source = CheckpointSource(args.checkpoint)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
-    prof, errs = profile(source, [1], [16, 32, 64, 96], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96],
+    prof, errs = profile(source, [1], [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96],
                          page_size=ps, repeats=5, name=Path(args.checkpoint).name)
     rng = np.random.default_rng(0)
     vocab = source.cfg.vocab_size
@@ -69,6 +69,9 @@ def main(args) -> int:
                 SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
         with Engine(source, ecfg) as engine:
+            inst = engine.instances[-1]  # the engine pads steps to these compiled shapes; so does the model
+            scfg = dataclasses.replace(scfg, batch_buckets=tuple(inst.batch_buckets),
+                                       token_buckets=tuple(engine.instances[0].token_buckets))
             # calibrate the host's admission latency once: an idle engine's TTFT minus the model's prefill
             from distllm_jax.engine import SamplingParams
 

@@ -29,6 +29,10 @@ from distllm_jax.placement.latency import Profile
 INF = float("inf")
 
 
+def _bucket(buckets, n: int) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1] if n <= buckets[-1] else n)
+
+
 @dataclasses.dataclass(frozen=True)
 class Par:
     tp: int = 1
@@ -52,6 +56,21 @@ class SimConfig:
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
     kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
+    # the engine pads a step to a compiled shape: decode batches to these sizes, prefill tokens to these
+    # counts (None: no padding, as on GPU systems that run exact shapes)
+    batch_buckets: tuple[int, ...] | None = None
+    token_buckets: tuple[int, ...] | None = None
+
+    def prefill_s(self, fit, lengths, pp: int) -> float:
+        t = fit.prefill_ms(lengths, pp)
+        if self.token_buckets:
+            total = sum(lengths)
+            t += fit.prefill[1] * (_bucket(self.token_buckets, total) - total) / pp
+        return t / 1e3
+
+    def decode_s(self, fit, n: int, ctx: int, pp: int) -> float:
+        nb = _bucket(self.batch_buckets, n) if self.batch_buckets else n
+        return fit.decode_ms(nb, ctx, pp) / 1e3
 
     def capacity(self, profile: Profile, par: Par) -> int:
         return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
@@ -172,7 +191,7 @@ class Simulator:
                 p_used[i] += r.prompt_len
             if not batch:
                 return
-            stage = prof.fit(par.tp).prefill_ms([r.prompt_len for r in batch], par.pp) / 1e3
+            stage = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp)
             for r in batch:
                 r.prefill_start = now
             p_busy[i] = True
@@ -215,7 +234,7 @@ class Simulator:
                 if joining[j]:
                     push(min(t for t, _ in joining[j]), "d_wake", j)
                 return
-            step = prof.fit(par.tp).decode_ms(dec[j].n, dec[j].ctx + dec[j].n, par.pp) / 1e3
+            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp)
             d_busy[j] = True
             push(now + step, "d_step", j)
 
@@ -296,7 +315,7 @@ class Simulator:
                     tokens += r.prompt_len
                     r.prefill_start = now
                 if batch:
-                    stage = fit.prefill_ms([r.prompt_len for r in batch], par.pp) / 1e3
+                    stage = cfg.prefill_s(fit, [r.prompt_len for r in batch], par.pp)
                     pending[i] = ("prefill", batch)
                     busy[i] = True
                     push(now + stage * par.pp, "done", i)
@@ -304,7 +323,7 @@ class Simulator:
                 if dec[i].n:
                     pending[i] = ("decode", None)
                     busy[i] = True
-                    push(now + fit.decode_ms(dec[i].n, dec[i].ctx + dec[i].n, par.pp) / 1e3, "done", i)
+                    push(now + cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), "done", i)
                 return
             # chunked: one token per running request plus prompt chunks up to the budget
             left = cfg.prefill_token_budget - dec[i].n
