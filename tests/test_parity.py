@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distllm_jax.checkpoint import restore_params
+from engine_workload import hf_greedy
 from hf_models import HF_VARIANTS
 from model_runner import greedy_generate
 
@@ -17,17 +18,6 @@ PROMPTS = [
     [31],
 ]
 N_NEW = 32
-
-
-def hf_greedy(model, prompt, n_new):
-    ids = torch.tensor([prompt])
-    out = []
-    with torch.no_grad():
-        for _ in range(n_new):
-            nxt = int(model(ids).logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return out
 
 
 @pytest.fixture(scope="module", params=HF_VARIANTS)

@@ -44,14 +44,9 @@ class ColocatedWorker(Worker):
             with self.ctrl.cv:
                 now = time.perf_counter()
                 for r, tok in zip(batch, tokens):
-                    if r.state is RequestState.DONE:
-                        continue
-                    r.num_computed = r.num_prompt
-                    if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
-                        continue
-                    r.last_token = tok
-                    r.state = RequestState.RUNNING
-                    self.running.append(r)
+                    if r.state is not RequestState.DONE and self.first_token(r, tok, now):
+                        r.state = RequestState.RUNNING
+                        self.running.append(r)
         return True
 
 
@@ -117,9 +112,7 @@ class ChunkedWorker(Worker):
                 if r.num_computed < r.num_prompt:
                     continue  # more chunks to go; this step's sample is not a real token
                 self.prefilling.remove(r)
-                if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
-                    continue
-                r.last_token = tok
-                r.state = RequestState.RUNNING
-                self.running.append(r)
+                if self.first_token(r, tok, now):
+                    r.state = RequestState.RUNNING
+                    self.running.append(r)
         return True

@@ -66,13 +66,8 @@ class PrefillWorker(Worker):
         with self.ctrl.cv:
             now = time.perf_counter()
             for r, tok in zip(batch, tokens):
-                if r.state is RequestState.DONE:
-                    continue
-                r.num_computed = r.num_prompt
-                if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
-                    continue
-                r.last_token = tok
-                r.state = RequestState.HELD
-                self.ctrl.held.append(r)
+                if r.state is not RequestState.DONE and self.first_token(r, tok, now):
+                    r.state = RequestState.HELD  # KV stays here until a decode instance pulls it
+                    self.ctrl.held.append(r)
             self.ctrl.cv.notify_all()
         return True

@@ -22,9 +22,6 @@ from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch
 
-_LAYERS = {"prefill": decoder.prefill_layers, "decode": decoder.decode_layers, "mixed": decoder.mixed_layers}
-
-
 def stage_step(
     params: dict,
     x: jax.Array | None,
@@ -41,11 +38,10 @@ def stage_step(
     """-> (hidden states for the next stage, or sampled token ids on the last stage; the new pool)."""
     if first:
         x = decoder.embed(params, cfg, batch.tokens, batch.positions)
-    x, kv = _LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
+    x, kv = decoder.LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
     if not last:
         return x, kv
-    rows = x if kind == "decode" else x[batch.logit_indices]
-    return sample(decoder.final(params, cfg, rows), sb), kv
+    return sample(decoder.final(params, cfg, decoder.logit_rows(kind, batch, x)), sb), kv
 
 
 STAGE_STEP = jax.jit(

@@ -8,6 +8,7 @@ every request with pages there fails and the pool is rebuilt, and the worker ser
 
 from __future__ import annotations
 
+import abc
 import threading
 import time
 from typing import Sequence
@@ -35,7 +36,7 @@ def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[lis
     return out
 
 
-class Worker:
+class Worker(abc.ABC):
     def __init__(self, ctrl: Controller, inst: Instance):
         self.ctrl = ctrl
         self.inst = inst
@@ -70,8 +71,9 @@ class Worker:
                     if not self._stop.is_set() and not self.has_work():
                         self.ctrl.cv.wait(IDLE_WAIT_S)
 
-    def step(self) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step(self) -> bool:
+        """Pick and run one step; False when there was nothing to do."""
 
     def has_work(self) -> bool:
         return bool(self.running)
@@ -103,6 +105,15 @@ class Worker:
         for r in list(self.running):
             if r.state is RequestState.DONE or self.ctrl.drop_if_over(r, now):
                 self.running.remove(r)
+
+    def first_token(self, r: Request, tok: int, now: float) -> bool:
+        """A request's prompt is now fully cached and ``tok`` is its first token: stream it. True when
+        the request goes on to decode (the caller then queues it where its policy says)."""
+        r.num_computed = r.num_prompt
+        if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
+            return False
+        r.last_token = tok
+        return True
 
     def decode_segment(self, r: Request) -> Segment:
         return Segment([r.last_token], r.num_computed, self.inst.alloc.table(r.rid), r.params, r.seed)

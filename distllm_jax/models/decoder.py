@@ -149,40 +149,35 @@ def mixed_layers(
     return run_layers(layers, cfg, x, batch.positions, kv, attend_fn)
 
 
-def prefill(
-    params: dict,
-    cfg: ModelConfig,
-    batch: PrefillBatch,
-    kv: KVPool,
-    impl: AttentionImpl = REFERENCE,
-) -> tuple[jax.Array, KVPool]:
-    """Run packed prompts through the model, writing their K/V; returns logits [N, vocab] (float32)."""
+LAYERS = {"prefill": prefill_layers, "decode": decode_layers, "mixed": mixed_layers}
+
+
+def logit_rows(kind: str, batch, x: jax.Array) -> jax.Array:
+    """The rows that need logits: every decode row; the last token of each prompt (or chunk) otherwise."""
+    return x if kind == "decode" else x[batch.logit_indices]
+
+
+def forward(kind: str, params: dict, cfg: ModelConfig, batch, kv: KVPool,
+            impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
+    """The whole model for one step kind: float32 logits for :func:`logit_rows`, and the new pool."""
     x = embed(params, cfg, batch.tokens, batch.positions)
-    x, kv = prefill_layers(params["layers"], cfg, x, batch, kv, impl)
-    return final(params, cfg, x[batch.logit_indices]), kv
+    x, kv = LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
+    return final(params, cfg, logit_rows(kind, batch, x)), kv
 
 
-def decode(
-    params: dict,
-    cfg: ModelConfig,
-    batch: DecodeBatch,
-    kv: KVPool,
-    impl: AttentionImpl = REFERENCE,
-) -> tuple[jax.Array, KVPool]:
-    """One decoding step for a batch; returns logits [B, vocab] (float32)."""
-    x = embed(params, cfg, batch.tokens, batch.positions)
-    x, kv = decode_layers(params["layers"], cfg, x, batch, kv, impl)
-    return final(params, cfg, x), kv
+def prefill(params: dict, cfg: ModelConfig, batch: PrefillBatch, kv: KVPool,
+            impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
+    """Packed prompts through the model, writing their K/V; logits [N, vocab] (float32)."""
+    return forward("prefill", params, cfg, batch, kv, impl)
 
 
-def mixed(
-    params: dict,
-    cfg: ModelConfig,
-    batch: MixedBatch,
-    kv: KVPool,
-    impl: AttentionImpl = REFERENCE,
-) -> tuple[jax.Array, KVPool]:
-    """A chunked-prefill step: packed chunks and decode tokens over cached prefixes; logits [S, vocab]."""
-    x = embed(params, cfg, batch.tokens, batch.positions)
-    x, kv = mixed_layers(params["layers"], cfg, x, batch, kv, impl)
-    return final(params, cfg, x[batch.logit_indices]), kv
+def decode(params: dict, cfg: ModelConfig, batch: DecodeBatch, kv: KVPool,
+           impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
+    """One decoding step for a batch; logits [B, vocab] (float32)."""
+    return forward("decode", params, cfg, batch, kv, impl)
+
+
+def mixed(params: dict, cfg: ModelConfig, batch: MixedBatch, kv: KVPool,
+          impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
+    """A chunked-prefill step (packed chunks and decode tokens over cached prefixes); logits [S, vocab]."""
+    return forward("mixed", params, cfg, batch, kv, impl)

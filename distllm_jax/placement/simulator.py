@@ -355,6 +355,14 @@ class Simulator:
             busy[i] = True
             push(now + t / 1e3, "done", i)
 
+        def first_token(i: int, r: SimRequest, now: float) -> None:
+            r.first_token = now
+            if r.output_len <= 1:
+                r.finish = now
+                used[i] -= r.prompt_len + r.output_len
+            else:
+                dec[i].join(r, r.prompt_len, r.output_len - 1)
+
         while events:
             now, _, kind, i = heapq.heappop(events)
             if kind == "arrive":
@@ -364,12 +372,7 @@ class Simulator:
                 what, payload = pending.pop(i)
                 if what == "prefill":
                     for r in payload:
-                        r.first_token = now
-                        if r.output_len <= 1:
-                            r.finish = now
-                            used[i] -= r.prompt_len + r.output_len
-                        else:
-                            dec[i].join(r, r.prompt_len, r.output_len - 1)
+                        first_token(i, r, now)
                 else:
                     if dec[i].n:
                         for r in dec[i].advance(now):
@@ -378,12 +381,7 @@ class Simulator:
                         r.computed += n
                         if r.computed == r.prompt_len:
                             partial[i].remove(r)
-                            r.first_token = now
-                            if r.output_len <= 1:
-                                r.finish = now
-                                used[i] -= r.prompt_len + r.output_len
-                            else:
-                                dec[i].join(r, r.prompt_len, r.output_len - 1)
+                            first_token(i, r, now)
             for k in range(n_inst):
                 start(k, now)
 
