@@ -192,30 +192,30 @@ def test_bench_openai_backend_matches_grpc(server, ckpt, tmp_path):
 
 
 def test_sigterm_drains_http(server):
-    """Last: a stream in flight completes, new requests get 503, the process exits 0."""
-    result = {}
+    """Last: streams in flight complete, new requests get 503 meanwhile, the process exits 0."""
+    results, started = {}, threading.Barrier(7)
 
-    def long():
+    def long(i):
         with httpx.stream("POST", f"{server.http}/completions", headers={"Authorization": f"Bearer {TOKEN}"},
-                          json={"prompt": "abc", "max_tokens": 100, "stream": True, "ignore_eos": True},
+                          json={"prompt": [3 + i], "max_tokens": 120, "stream": True, "ignore_eos": True},
                           timeout=120) as r:
-            result["lines"] = [line for line in r.iter_lines() if line]
+            lines = r.iter_lines()
+            first = next(lines)
+            started.wait(timeout=60)
+            results[i] = [first] + [line for line in lines if line]
 
-    t = threading.Thread(target=long)
-    t.start()
-    time.sleep(0.3)
+    threads = [threading.Thread(target=long, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)  # six 120-token streams are running
     server.proc.send_signal(signal.SIGTERM)
+    got_503 = False
     end = time.monotonic() + 30
-    status = None
-    while time.monotonic() < end:
-        try:
-            status = httpx.get(server.http.replace("/v1", "/health"), timeout=5).status_code
-        except httpx.HTTPError:
-            break
-        if status == 503:
-            assert _post(server, "/completions", {"prompt": "x"}).status_code == 503
-            break
-        time.sleep(0.02)
-    t.join(timeout=120)
-    assert result["lines"][-1] == "data: [DONE]"
+    while time.monotonic() < end and not got_503:
+        r = _post(server, "/completions", {"prompt": "x", "max_tokens": 1})
+        got_503 = r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    for t in threads:
+        t.join(timeout=120)
+    assert got_503, "no 503 while the server drained"
+    assert sorted(results) == list(range(6)) and all(v[-1] == "data: [DONE]" for v in results.values())
     assert server.stop() == 0
