@@ -33,7 +33,8 @@ def server(converted, tmp_path_factory, tls_files):
     ckpt = checkpoint_with_tokenizer(ckpt, tmp_path_factory.mktemp("serve-sec") / "ckpt")
     cert, key = tls_files
     srv = ServerProc(ckpt, "--tls-cert", str(cert), "--tls-key", str(key), "--max-concurrent", "2",
-                     "--mode", "colocated", "--http-port", "0", env={"DISTLLM_AUTH_TOKEN": TOKEN})
+                     "--mode", "colocated", "--http-port", "0",
+                     env={"DISTLLM_AUTH_TOKEN": TOKEN})
     srv.http = next(line.split()[-1] for line in srv.log if "OpenAI-compatible HTTP on" in line)
     yield srv
     assert srv.stop() == 0
@@ -106,3 +107,4 @@ def test_http_frontend_follows_the_same_tls_and_token_rules(server, tls_files):
     assert denied.status_code == 401
     with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
         httpx.post(server.http.replace("https://", "http://") + "/completions", json=body, timeout=10)
+

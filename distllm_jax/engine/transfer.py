@@ -74,11 +74,6 @@ class LocalKVPuller:
     def __init__(self, max_pages: int):
         self.buckets = page_buckets(max_pages)
 
-    def _index(self, pages: Sequence[int], size: int, sharding: NamedSharding) -> jax.Array:
-        idx = np.full(size, NULL_PAGE, np.int32)
-        idx[: len(pages)] = pages
-        return jax.device_put(idx, NamedSharding(sharding.mesh, PartitionSpec()))
-
     def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> None:
         """Copy ``src_pages`` of every layer of ``src`` into ``dst_pages`` of ``dst`` (in place)."""
         if len(src_pages) != len(dst_pages):
@@ -86,18 +81,29 @@ class LocalKVPuller:
         size = bucket(self.buckets, len(src_pages))
         for s, d, lo, hi in _overlaps(src, dst):
             with src.lock:
-                k, v = _GATHER(s.pool, self._index(src_pages, size, s.pool_sharding), lo=lo - s.lo, hi=hi - s.lo)
+                k, v = _GATHER(s.pool, page_index(src_pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool = _SCATTER(d.pool, self._index(dst_pages, size, d.pool_sharding), k, v, lo=lo - d.lo)
+                d.pool = _SCATTER(d.pool, page_index(dst_pages, size, d.mesh), k, v, lo=lo - d.lo)
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None] = lambda _: None) -> None:
-        """Compile the gather/scatter programs for every page bucket (null page to null page)."""
-        for size in self.buckets:
-            tick(f"transfer {src.name}->{dst.name} {size} pages")
-            self.pull(src, [NULL_PAGE] * size, dst, [NULL_PAGE] * size)
-        for d in dst.stages:
-            jax.block_until_ready(d.pool)
+        warm_pulls(self, src, dst, tick)
+
+
+def warm_pulls(puller: Any, src: Any, dst: Any, tick: Callable[[str], None]) -> None:
+    """Compile a puller's programs for every page bucket by moving the null page onto itself."""
+    for size in puller.buckets:
+        tick(f"{puller.kind} {src.name}->{dst.name} {size} pages")
+        puller.pull(src, [NULL_PAGE] * size, dst, [NULL_PAGE] * size)
+    for d in dst.stages:
+        jax.block_until_ready(d.pool)
+
+
+def page_index(pages: Sequence[int], size: int, mesh: Any) -> jax.Array:
+    """Page ids padded with the null page to a bucketed length, replicated on ``mesh``."""
+    idx = np.full(size, NULL_PAGE, np.int32)
+    idx[: len(pages)] = pages
+    return jax.device_put(idx, NamedSharding(mesh, PartitionSpec()))
 
 
 def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -27,8 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distllm_jax.engine.programs import bucket
-from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets
-from distllm_jax.kv_cache import NULL_PAGE
+from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, warm_pulls
 from distllm_jax.parallel import TP
 
 
@@ -68,12 +67,6 @@ def _layout(devices: Sequence[jax.Device], g: int) -> NamedSharding:
     return NamedSharding(Mesh(np.asarray(list(devices)[:g]), (TP,)), spec)
 
 
-def _index(pages: Sequence[int], size: int, mesh: Mesh) -> jax.Array:
-    idx = np.full(size, NULL_PAGE, np.int32)
-    idx[: len(pages)] = pages
-    return jax.device_put(idx, NamedSharding(mesh, PartitionSpec()))
-
-
 _uuids = itertools.count((os.getpid() & 0xFFFF) << 40)
 
 
@@ -95,7 +88,7 @@ class TransferKVSender:
                 if lo >= hi:
                     continue
                 with src.lock:
-                    k, v = _GATHER(s.pool, _index(pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
+                    k, v = _GATHER(s.pool, page_index(pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
                 k, v = jax.device_put((k, v), layout)
                 uid = next(_uuids)
                 self.server.await_pull(uid, [k, v])
@@ -126,7 +119,7 @@ class TransferKVReceiver:
             k, v = conn.pull(part.uuid, [want, want])
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool = _SCATTER(d.pool, _index(dst_pages, part.shape[1], d.mesh), k, v, lo=part.lo - d.lo)
+                d.pool = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v, lo=part.lo - d.lo)
 
 
 class TransferServerPuller:
@@ -146,8 +139,4 @@ class TransferServerPuller:
         self.receiver.fetch(offer, dst, dst_pages)
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None] = lambda _: None) -> None:
-        for size in self.buckets:
-            tick(f"transfer-server {src.name}->{dst.name} {size} pages")
-            self.pull(src, [NULL_PAGE] * size, dst, [NULL_PAGE] * size)
-        for d in dst.stages:
-            jax.block_until_ready(d.pool)
+        warm_pulls(self, src, dst, tick)

@@ -98,20 +98,27 @@ def final(params: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return family_module(cfg).final(params, cfg, x)
 
 
+def _write_then(impl: AttentionImpl, slots: jax.Array, attend):
+    """An ``attend_fn`` for :func:`run_layers`: write this step's K/V at ``slots``, then
+    ``attend(q, k, v, k_pages, v_pages)``."""
+
+    def attend_fn(k_pages, v_pages, q, k, v):
+        k_pages = impl.write(k_pages, slots, k)
+        v_pages = impl.write(v_pages, slots, v)
+        return attend(q, k, v, k_pages, v_pages), k_pages, v_pages
+
+    return attend_fn
+
+
 def prefill_layers(
     layers: list[dict], cfg: ModelConfig, x: jax.Array, batch: PrefillBatch, kv: KVPool,
     impl: AttentionImpl = REFERENCE,
 ) -> tuple[jax.Array, KVPool]:
     """Packed prompts through a stack of layers (all of them, or one pipeline stage's)."""
     scale = cfg.head_dim**-0.5
-
-    def attend_fn(k_pages, v_pages, q, k, v):
-        k_pages = impl.write(k_pages, batch.slots, k)
-        v_pages = impl.write(v_pages, batch.slots, v)
-        o = impl.prefill(q, k, v, batch.segment_ids, batch.positions, scale)
-        return o, k_pages, v_pages
-
-    return run_layers(layers, cfg, x, batch.positions, kv, attend_fn)
+    attend = _write_then(impl, batch.slots,
+                         lambda q, k, v, kp, vp: impl.prefill(q, k, v, batch.segment_ids, batch.positions, scale))
+    return run_layers(layers, cfg, x, batch.positions, kv, attend)
 
 
 def decode_layers(
@@ -124,14 +131,8 @@ def decode_layers(
     page = jnp.take_along_axis(batch.page_tables, (pos // ps)[:, None], axis=1)[:, 0]
     slots = page * ps + pos % ps
     lengths = pos + 1
-
-    def attend_fn(k_pages, v_pages, q, k, v):
-        k_pages = impl.write(k_pages, slots, k)
-        v_pages = impl.write(v_pages, slots, v)
-        o = impl.decode(q, k_pages, v_pages, batch.page_tables, lengths, scale)
-        return o, k_pages, v_pages
-
-    return run_layers(layers, cfg, x, pos, kv, attend_fn)
+    attend = _write_then(impl, slots, lambda q, k, v, kp, vp: impl.decode(q, kp, vp, batch.page_tables, lengths, scale))
+    return run_layers(layers, cfg, x, pos, kv, attend)
 
 
 def mixed_layers(
@@ -139,14 +140,9 @@ def mixed_layers(
     impl: AttentionImpl = REFERENCE,
 ) -> tuple[jax.Array, KVPool]:
     scale = cfg.head_dim**-0.5
-
-    def attend_fn(k_pages, v_pages, q, k, v):
-        k_pages = impl.write(k_pages, batch.slots, k)
-        v_pages = impl.write(v_pages, batch.slots, v)
-        o = impl.mixed(q, k_pages, v_pages, batch.page_tables, batch.segment_ids, batch.positions, scale)
-        return o, k_pages, v_pages
-
-    return run_layers(layers, cfg, x, batch.positions, kv, attend_fn)
+    attend = _write_then(impl, batch.slots, lambda q, k, v, kp, vp: impl.mixed(
+        q, kp, vp, batch.page_tables, batch.segment_ids, batch.positions, scale))
+    return run_layers(layers, cfg, x, batch.positions, kv, attend)
 
 
 LAYERS = {"prefill": prefill_layers, "decode": decode_layers, "mixed": mixed_layers}
