@@ -1,6 +1,6 @@
 """Kick the tires, as the paper's artifact guide does with its three backends: for each of
 ``disaggregated``, ``colocated`` and ``chunked``, start the server, wait until it is ready, run
-(50 prompts, 2 req/s) of ShareGPT with ``--verbose`` (prompts and responses printed), stop the server,
+(50 prompts, 2 req/s, or each of ``--rate 2,4,8``) of ShareGPT with ``--verbose`` (prompts and responses printed), stop the server,
 and keep the result file; then draw the comparison plot.
 
     distllm bench kick-the-tires                      # the embedded default model, on any machine
@@ -66,11 +66,12 @@ def main(args: argparse.Namespace) -> int:
         proc, address = start_server(mode, serve_args)
         try:
             target = Target(address)
-            run = run_once(target, args.dataset, args.num_prompts, args.rate, slo, seed=args.seed,
-                           verbose=not args.quiet, progress=True, results=args.results)
-            runs.append(run)
-            dirs.add(Path(run["path"]).parent)
-            print(f"wrote {run['path']}")
+            for rate in (float(r) for r in str(args.rate).split(",")):
+                run = run_once(target, args.dataset, args.num_prompts, rate, slo, seed=args.seed,
+                               verbose=not args.quiet, progress=True, results=args.results)
+                runs.append(run)
+                dirs.add(Path(run["path"]).parent)
+                print(f"wrote {run['path']}")
         finally:
             code = stop_server(proc)
         if code != 0:
@@ -89,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--dataset", default="sharegpt")
     p.add_argument("--num-prompts", type=int, default=50)
-    p.add_argument("--rate", type=float, default=2.0)
+    p.add_argument("--rate", default="2", help="request rate (req/s); a comma list runs each against the same server")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default="bench/results")

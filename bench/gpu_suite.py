@@ -1,0 +1,556 @@
+"""The engine on one GPU at real model sizes: decode step time against the memory-bound floor, prefill
+model-FLOP utilisation against the measured matmul rate, where a decode step's time goes (kernel
+trace), and Hugging Face ``transformers`` generating the same batch side by side.
+
+One device call runs one or more parts; each part writes ``<out>/<part>-<device>.json`` and prints a
+table (the tables are repeated at the end, so the reply's output tail holds them):
+
+    python3 -m bench.gpu_suite --parts ceilings,decode,prefill --models opt-1.3b,opt-6.7b --out $OUT
+    python3 -m bench.gpu_suite --parts trace --models opt-1.3b --out $OUT
+    python3 -m bench.gpu_suite --parts e2e,hf --models opt-1.3b --out $OUT
+
+Weights are random (:class:`DeviceRandomSource`, drawn on the GPU) in bf16, with the real configs.
+The *floor* of a decode step is the bytes it must read (weights + each sequence's KV) over the copy
+bandwidth measured in the same process; *MFU* is the model's FLOPs (2 per weight per token, plus the
+causal attention's 2·L²·H·Dh per layer) over the step time and the measured bf16 matmul rate.
+*engine ms* is a whole engine step as serving runs it (host packing, host->device copies, the step,
+the token ids back); *device ms* is the same program replayed with its inputs already on the device,
+so ``1 - device/engine`` is the host's share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import gzip
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+TABLES: list[str] = []  # every part's table, printed again at the end
+
+
+def _emit(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    print(text, flush=True)
+    TABLES.append(text)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def device_info() -> dict[str, Any]:
+    d = jax.devices()[0]
+    stats = d.memory_stats() or {}
+    return {"device": d.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "memory_limit_gib": round(stats.get("bytes_limit", 0) / 2**30, 1)}
+
+
+def device_tag() -> str:
+    kind = jax.devices()[0].device_kind.lower()
+    for name in ("h200", "h100", "a100"):
+        if name in kind:
+            return name
+    return jax.default_backend()
+
+
+# ---- ceilings -------------------------------------------------------------------------------------
+
+
+def ceilings(repeats: int = 20) -> dict[str, Any]:
+    """The two rates every other number is compared with, measured here: an elementwise pass over a
+    large bf16 buffer (bytes read + written) and a large bf16 matrix product (random data)."""
+    key = jax.random.PRNGKey(0)
+    n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of bf16 on a GPU
+    bufs = [jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.bfloat16) for i in range(3)]
+    step = jax.jit(lambda x: x * 1.0009765625 + 1)
+    it = iter(range(1 << 30))
+    copy_ms = _median_ms(lambda: step(bufs[next(it) % 3]), repeats)
+    copy_tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
+    m = 8192 if jax.default_backend() == "gpu" else 512
+    a = [jax.random.normal(jax.random.fold_in(key, 10 + i), (m, m), jnp.bfloat16) for i in range(3)]
+    mm = jax.jit(lambda x, y: x @ y)
+    it2 = iter(range(1 << 30))
+    mm_ms = _median_ms(lambda: mm(a[next(it2) % 3], a[(next(it2) + 1) % 3]), repeats)
+    tflops = 2 * m**3 / (mm_ms * 1e-3) / 1e12
+    del bufs, a
+    out = {"copy_tb_per_s": copy_tbps, "copy_bytes": 2 * n * 2, "matmul_tflop_per_s": tflops, "matmul_n": m}
+    _emit([f"ceilings on {device_info()['device']}: elementwise read+write {copy_tbps:.2f} TB/s, "
+           f"bf16 {m}^3 matmul {tflops:.0f} TFLOP/s"])
+    return out
+
+
+# ---- model pieces ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    cfg: Any
+    dtype: str = "bfloat16"
+
+    @property
+    def itemsize(self) -> int:
+        return jnp.dtype(self.dtype).itemsize
+
+    def weight_bytes(self) -> int:
+        return self.cfg.param_count() * self.itemsize
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.cfg
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.itemsize
+
+    def linear_params(self) -> int:
+        """Weights that multiply every token (the layers' matrices)."""
+        from distllm_jax.models.params import tensor_specs
+
+        return sum(math.prod(s.shape) for s in tensor_specs(self.cfg)
+                   if s.name.startswith("layers.") and len(s.shape) >= 2)
+
+    def prefill_flops(self, prompt_lens: list[int]) -> float:
+        c = self.cfg
+        T = sum(prompt_lens)
+        linear = 2 * self.linear_params() * T
+        head = 2 * len(prompt_lens) * c.hidden_size * c.vocab_size  # logits only for each prompt's last token
+        attn = sum(2 * L * L * c.num_heads * c.head_dim for L in prompt_lens) * c.num_layers
+        return float(linear + head + attn)
+
+
+def load_model(name: str) -> Model:
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+
+    return Model(name, ModelConfig.from_hf_dict(preset(name)))
+
+
+def make_instance(model: Model, role: str, num_pages: int, max_len: int, *, batch: int = 256,
+                  budget: int = 8192, attention: str = "auto"):
+    from distllm_jax.engine import DeviceRandomSource, EngineConfig, InstanceSpec
+    from distllm_jax.engine.engine import attention_impl
+    from distllm_jax.engine.instance import Instance
+
+    ecfg = EngineConfig(page_size=16, num_pages=num_pages, max_seq_len=max_len, prefill_token_budget=budget,
+                        max_prefill_seqs=16, max_decode_batch=batch, dtype=model.dtype, attention=attention,
+                        progress=False)
+    src = DeviceRandomSource(model.cfg, model.dtype, seed=0)
+    return Instance(f"{role}0", role, InstanceSpec(1, num_pages=num_pages), jax.devices()[:1], src, ecfg,
+                    attention_impl(attention))
+
+
+_FILL = jax.jit(
+    lambda pool, key: jax.tree.map(
+        lambda a, i: (jax.random.normal(jax.random.fold_in(key, i), a.shape, jnp.float32) * 0.5).astype(a.dtype),
+        pool, jax.tree.unflatten(jax.tree.structure(pool), list(range(len(jax.tree.leaves(pool)))))),
+    donate_argnums=0,
+)
+
+
+def fill_pools(inst, seed: int = 1) -> None:
+    """Random K/V everywhere: never time attention over zeros."""
+    for st in inst.stages:
+        st.pool = _FILL(st.pool, jax.random.PRNGKey(seed))
+    jax.block_until_ready([st.pool for st in inst.stages])
+
+
+def _segments(inst, batch: int, ctx: int, rng: np.random.Generator, kind: str):
+    from distllm_jax.engine import SamplingParams
+    from distllm_jax.engine.programs import Segment
+
+    sp = SamplingParams(max_tokens=1)
+    segs = []
+    for i in range(batch):
+        rid = f"{kind}-{batch}-{ctx}-{i}"
+        if kind == "decode":
+            inst.alloc.ensure(rid, ctx + 1)
+            segs.append(Segment([int(rng.integers(0, 1000))], ctx, list(inst.alloc.table(rid)), sp, i))
+        else:
+            inst.alloc.ensure(rid, ctx)
+            segs.append(Segment(rng.integers(3, 1000, ctx).tolist(), 0, list(inst.alloc.table(rid)), sp, i))
+    return segs
+
+
+def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
+    """The step's program replayed back to back with its inputs already on the device (one stage)."""
+    from distllm_jax.engine.programs import STAGE_STEP
+
+    (st,) = inst.stages
+    batch, sb = inst.pack(kind, segs, inst.bucket_for(kind, segs))
+    b, s = jax.device_put((batch, sb), st.repl)
+
+    def run_steps(n: int) -> None:
+        x = None
+        for _ in range(n):
+            x, st.pool = STAGE_STEP(st.params, None, b, st.pool, s, kind=kind, cfg=inst.cfg, impl=inst.impl,
+                                    first=True, last=True)
+        jax.block_until_ready(x)
+
+    run_steps(2)
+    reps = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run_steps(steps)
+        reps.append((time.perf_counter() - t0) / steps)
+    return 1e3 * min(reps)
+
+
+def _kv_pages_that_fit(model: Model, reserve_gib: float) -> int:
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16 << 30)
+    free = limit - model.weight_bytes() - reserve_gib * 2**30
+    return max(2, int(free // (16 * model.kv_bytes_per_token())))
+
+
+# ---- decode ---------------------------------------------------------------------------------------
+
+
+def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps: float, *,
+                repeats: int = 10, attention: str = "auto") -> list[dict[str, Any]]:
+    max_ctx = max(contexts)
+    max_len = min(model.cfg.max_position_embeddings, max_ctx + 16)
+    want = max(b * math.ceil((c + 1) / 16) for b in batches for c in contexts) + 1
+    num_pages = min(want, _kv_pages_that_fit(model, reserve_gib=4.0))
+    inst = make_instance(model, "decode", num_pages, max_len, batch=max(batches), attention=attention)
+    fill_pools(inst)
+    rng = np.random.default_rng(0)
+    rows = []
+    for ctx in contexts:
+        for B in batches:
+            need = B * math.ceil((ctx + 1) / 16)
+            row: dict[str, Any] = {"model": model.name, "batch": B, "context": ctx}
+            if need > inst.alloc.num_free:
+                gib = (need * 16 * model.kv_bytes_per_token() + model.weight_bytes()) / 2**30
+                rows.append({**row, "skipped": f"needs {gib:.0f} GiB for weights + KV"})
+                continue
+            segs = _segments(inst, B, ctx, rng, "decode")
+            engine_ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+            device_ms = _device_loop_ms(inst, "decode", segs)
+            floor_bytes = model.weight_bytes() + B * (ctx + 1) * model.kv_bytes_per_token()
+            floor_ms = floor_bytes / (copy_tbps * 1e12 / 2) * 1e3  # the copy rate counts read + write
+            rows.append({**row, "engine_ms": engine_ms, "device_ms": device_ms, "floor_ms": floor_ms,
+                         "floor_bytes": floor_bytes, "x_floor": engine_ms / floor_ms,
+                         "host_share": max(0.0, 1 - device_ms / engine_ms),
+                         "tokens_per_s": B / engine_ms * 1e3})
+            for i in range(B):
+                inst.alloc.free(f"decode-{B}-{ctx}-{i}")
+    del inst
+    gc.collect()
+    return rows
+
+
+def decode_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'model':<11}{'batch':>6}{'ctx':>6}{'engine ms':>11}{'device ms':>11}{'floor ms':>10}"
+           f"{'x floor':>9}{'host %':>8}{'tok/s':>9}"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}  {r['skipped']}")
+            continue
+        out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
+                   f"{r['floor_ms']:>10.2f}{r['x_floor']:>9.2f}{100 * r['host_share']:>8.1f}{r['tokens_per_s']:>9.0f}")
+    return out
+
+
+# ---- prefill --------------------------------------------------------------------------------------
+
+
+def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *, prompt_len: int = 2048,
+                 repeats: int = 5, attention: str = "auto") -> list[dict[str, Any]]:
+    top = max(token_counts)
+    max_len = min(model.cfg.max_position_embeddings, prompt_len)
+    inst = make_instance(model, "prefill", top // 16 + 16, max_len, budget=top, attention=attention)
+    rng = np.random.default_rng(0)
+    rows = []
+    for T in token_counts:
+        L = min(T, max_len)
+        n = T // L
+        segs = _segments(inst, n, L, rng, "prefill")
+        ms = _median_ms(lambda: inst.run("prefill", [segs]), repeats)
+        device_ms = _device_loop_ms(inst, "prefill", segs, steps=5)
+        flops = model.prefill_flops([L] * n)
+        rows.append({"model": model.name, "tokens": n * L, "prompts": n, "prompt_len": L, "engine_ms": ms,
+                     "device_ms": device_ms, "tokens_per_s": n * L / ms * 1e3, "tflop": flops / 1e12,
+                     "tflop_per_s": flops / (ms * 1e-3) / 1e12,
+                     "mfu": flops / (ms * 1e-3) / (matmul_tflops * 1e12)})
+        for i in range(n):
+            inst.alloc.free(f"prefill-{n}-{L}-{i}")
+    del inst
+    gc.collect()
+    return rows
+
+
+def prefill_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'model':<11}{'tokens':>7}{'prompts':>8}{'engine ms':>11}{'device ms':>11}{'tokens/s':>10}"
+           f"{'TFLOP/s':>9}{'MFU %':>7}"]
+    for r in rows:
+        out.append(f"{r['model']:<11}{r['tokens']:>7}{r['prompts']:>8}{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
+                   f"{r['tokens_per_s']:>10.0f}{r['tflop_per_s']:>9.0f}{100 * r['mfu']:>7.1f}")
+    return out
+
+
+# ---- trace ----------------------------------------------------------------------------------------
+
+
+def _trace_events(log_dir: Path) -> tuple[list[dict], dict[int, str]]:
+    files = sorted(log_dir.rglob("*.json.gz"))
+    if not files:
+        raise RuntimeError(f"the profiler wrote no trace under {log_dir}")
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, names
+
+
+def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
+    """Kernels on the GPU per step: how many, their summed time, and the biggest by name."""
+    events, pnames = _trace_events(log_dir)
+    gpu = {pid for pid, n in pnames.items() if "gpu" in n.lower() or "device" in n.lower()}
+    kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur") is not None]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kern:
+        by_name[e["name"]].append(float(e["dur"]))
+    busy = sum(float(e["dur"]) for e in kern)
+    span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) if kern else 0.0
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
+    return {"processes": sorted(set(pnames.values())), "kernels_per_step": len(kern) / steps,
+            "busy_us_per_step": busy / steps, "span_us_per_step": span / steps,
+            "top": [{"name": n[:90], "count_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
+                    for n, d in top]}
+
+
+def trace_decode(model: Model, B: int, ctx: int, trace_dir: Path, steps: int = 10, attention: str = "auto") -> dict[str, Any]:
+    inst = make_instance(model, "decode", B * math.ceil((ctx + 1) / 16) + 2, ctx + 16, batch=max(B, 1),
+                         attention=attention)
+    fill_pools(inst)
+    segs = _segments(inst, B, ctx, np.random.default_rng(0), "decode")
+    for _ in range(3):
+        inst.run("decode", [segs])
+    log_dir = trace_dir / f"trace-{model.name}-b{B}-c{ctx}-{time.strftime('%H%M%S')}"
+    jax.profiler.start_trace(str(log_dir), create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        inst.run("decode", [segs])
+    wall_us = (time.perf_counter() - t0) / steps * 1e6
+    jax.profiler.stop_trace()
+    summary = summarize_trace(log_dir, steps)
+    hlo = _hlo_counts(inst, segs)
+    del inst
+    gc.collect()
+    return {"model": model.name, "batch": B, "context": ctx, "wall_us_per_step": wall_us, **summary, "hlo": hlo}
+
+
+def _hlo_counts(inst, segs) -> dict[str, int]:
+    """What the compiled decode program launches: fusions, custom calls (Pallas, cuBLAS), copies,
+    conditionals, and whether XLA wrapped kernels into command buffers (CUDA graphs)."""
+    from distllm_jax.engine.programs import STAGE_STEP
+
+    (st,) = inst.stages
+    batch, sb = inst.pack("decode", segs, inst.bucket_for("decode", segs))
+    text = STAGE_STEP.lower(st.params, None, batch, st.pool, sb, kind="decode", cfg=inst.cfg, impl=inst.impl,
+                            first=True, last=True).compile().as_text()
+    entry = text[text.find("ENTRY"):]
+    count = lambda needle, s=entry: s.count(needle)  # noqa: E731
+    return {"entry_fusions": count(" fusion("), "entry_custom_calls": count(" custom-call("),
+            "entry_copies": count(" copy("), "conditionals": text.count(" conditional("),
+            "command_buffers": text.count("command_buffer"), "while_loops": text.count(" while(")}
+
+
+def trace_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        out.append(f"{r['model']} decode b{r['batch']} ctx{r['context']}: wall {r['wall_us_per_step']:.0f} us/step, "
+                   f"GPU busy {r['busy_us_per_step']:.0f} us, span {r['span_us_per_step']:.0f} us, "
+                   f"{r['kernels_per_step']:.0f} kernels/step; HLO {r['hlo']}")
+        for t in r["top"][:10]:
+            out.append(f"    {t['us_per_step']:>8.1f} us {t['count_per_step']:>6.1f}x  {t['name']}")
+    return out
+
+
+# ---- end to end, and transformers side by side ---------------------------------------------------
+
+
+def engine_e2e(model: Model, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """The engine (colocated, one GPU) generating one batch offline: output tokens/s, and how many
+    programs compiled after warm-up (must be 0)."""
+    from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, InstanceSpec, SamplingParams
+    from distllm_jax.engine import compile_counter
+
+    max_len = min(model.cfg.max_position_embeddings, prompt_len + new_tokens + 16)
+    pages = batch * math.ceil(max_len / 16) + 8
+    ecfg = EngineConfig(mode="colocated", colocated=(InstanceSpec(1, num_pages=pages),), num_pages=pages,
+                        max_seq_len=max_len, prefill_token_budget=max(2048, prompt_len), max_prefill_seqs=16,
+                        max_decode_batch=batch, dtype=model.dtype, progress=False)
+    t0 = time.perf_counter()
+    eng = Engine(DeviceRandomSource(model.cfg, model.dtype), ecfg, devices=jax.devices()[:1])
+    start_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 1000, prompt_len).tolist() for _ in range(batch)]
+    sp = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    eng.generate_all(prompts[:2], sp)  # first requests through every path
+    before = compile_counter.compilations()
+    t0 = time.perf_counter()
+    outs = eng.generate_all(prompts, sp)
+    wall = time.perf_counter() - t0
+    new_compiles = compile_counter.compilations() - before
+    tokens = sum(o.num_output_tokens for o in outs)
+    tpot = statistics.median((o.timings.token_times[-1] - o.timings.first_token) / max(1, len(o.timings.token_times) - 1)
+                             for o in outs)
+    eng.shutdown(drain=False)
+    del eng
+    gc.collect()
+    return {"system": "distllm_jax (colocated)", "model": model.name, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "seconds": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
+            "median_tpot_ms": 1e3 * tpot, "compilations_after_warmup": new_compiles, "startup_s": start_s}
+
+
+HF_SCRIPT = r"""
+import json, sys, time, torch, transformers
+from distllm_jax.models.presets import preset
+name, batch, prompt_len, new, cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+hf = preset(name)
+cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **{k: v for k, v in hf.items() if k != "architectures"})
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+ids = torch.randint(3, 1000, (batch, prompt_len), device="cuda")
+kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+if cache != "dynamic":
+    kw["cache_implementation"] = cache
+with torch.inference_mode():
+    model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    torch.cuda.synchronize()
+    t0 = time.perf_counter(); out = model.generate(ids, **kw); torch.cuda.synchronize(); wall = time.perf_counter() - t0
+n = (out.shape[1] - prompt_len) * batch
+print("RESULT " + json.dumps({"system": f"transformers {transformers.__version__} ({cache} cache)", "model": name,
+      "batch": batch, "prompt_len": prompt_len, "new_tokens": new, "seconds": wall, "output_tokens": n,
+      "tokens_per_s": n / wall, "torch": torch.__version__}))
+"""
+
+
+def hf_generate(model: Model, batch: int, prompt_len: int, new_tokens: int, cache: str, timeout: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-c", HF_SCRIPT, model.name, str(batch), str(prompt_len), str(new_tokens), cache]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"system": f"transformers ({cache} cache)", "model": model.name, "error": f"over {timeout}s"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"system": f"transformers ({cache} cache)", "model": model.name,
+            "error": (p.stderr or p.stdout)[-1500:]}
+
+
+def e2e_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'system':<44}{'model':<10}{'batch':>6}{'in':>6}{'out':>6}{'seconds':>9}{'tok/s':>9}  notes"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['system']:<44}{r['model']:<10}  error: {r['error'].splitlines()[-1][:80] if r['error'] else ''}")
+            continue
+        note = (f"compiles after warm-up {r['compilations_after_warmup']}, median TPOT {r['median_tpot_ms']:.1f} ms"
+                if "compilations_after_warmup" in r else "")
+        out.append(f"{r['system']:<44}{r['model']:<10}{r['batch']:>6}{r['prompt_len']:>6}{r['new_tokens']:>6}"
+                   f"{r['seconds']:>9.2f}{r['tokens_per_s']:>9.0f}  {note}")
+    return out
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="ceilings,decode,prefill")
+    p.add_argument("--models", default="opt-1.3b,opt-6.7b,opt-13b,llama-3-8b")
+    p.add_argument("--batches", default="1,8,32,64,128,256")
+    p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--prefill-tokens", default="512,2048,8192")
+    p.add_argument("--trace", default="1:512,64:2048", help="batch:context pairs traced by the trace part")
+    p.add_argument("--e2e", default="32:512:128", help="batch:prompt:new tokens for the e2e and hf parts")
+    p.add_argument("--hf-caches", default="dynamic,static")
+    p.add_argument("--hf-timeout", type=int, default=300)
+    p.add_argument("--trace-dir", default="/tmp/distllm-traces", help="where the profiler's raw traces go")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sampler", default="engine", choices=["engine", "argmax"],
+                   help="diagnostic: 'argmax' swaps the engine's sampler for a bare argmax (no lax.cond)")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    if args.sampler == "argmax":
+        import distllm_jax.engine.programs as programs
+
+        programs.sample = lambda logits, sb: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    tag = device_tag()
+    info = device_info()
+    print(json.dumps(info), flush=True)
+    ceil_path = out / f"ceilings-{tag}.json"
+    if "ceilings" in parts or not ceil_path.exists():
+        ceil = ceilings()
+        ceil_path.write_text(json.dumps({**info, **ceil}, indent=1))
+    else:
+        ceil = json.loads(ceil_path.read_text())
+    results: dict[str, list] = defaultdict(list)
+    for name in args.models.split(","):
+        model = load_model(name)
+        if "decode" in parts:
+            rows = decode_grid(model, _ints(args.batches), _ints(args.contexts), ceil["copy_tb_per_s"],
+                               repeats=args.repeats, attention=args.attention)
+            _emit(decode_table(rows))
+            results["decode"] += rows
+        if "prefill" in parts:
+            rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"],
+                                attention=args.attention)
+            _emit(prefill_table(rows))
+            results["prefill"] += rows
+        if "trace" in parts:
+            for pair in args.trace.split(","):
+                B, ctx = (int(x) for x in pair.split(":"))
+                row = trace_decode(model, B, ctx, Path(args.trace_dir), attention=args.attention)
+                _emit(trace_table([row]))
+                results["trace"].append(row)
+        if "e2e" in parts or "hf" in parts:
+            B, P, N = (int(x) for x in args.e2e.split(":"))
+            rows = []
+            if "e2e" in parts:
+                rows.append(engine_e2e(model, B, P, N))
+            if "hf" in parts:
+                rows += [hf_generate(model, B, P, N, c, args.hf_timeout) for c in args.hf_caches.split(",")]
+            _emit(e2e_table(rows))
+            results["e2e"] += rows
+    for part, rows in results.items():
+        path = out / f"gpu-suite-{part}-{tag}-{'_'.join(args.models.split(','))}.json"
+        path.write_text(json.dumps({**info, "ceilings": ceil, "rows": rows}, indent=1))
+        print(f"wrote {path}")
+    print("\n==== summary ====\n" + "\n\n".join(TABLES))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
