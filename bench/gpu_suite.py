@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import gzip
 import json
@@ -159,18 +160,26 @@ def make_instance(model: Model, role: str, num_pages: int, max_len: int, *, batc
                     attention_impl(attention))
 
 
-_FILL = jax.jit(
-    lambda pool, key: jax.tree.map(
-        lambda a, i: (jax.random.normal(jax.random.fold_in(key, i), a.shape, jnp.float32) * 0.5).astype(a.dtype),
-        pool, jax.tree.unflatten(jax.tree.structure(pool), list(range(len(jax.tree.leaves(pool)))))),
-    donate_argnums=0,
-)
+@functools.lru_cache(maxsize=None)
+def _filler(shape: tuple[int, ...], dtype: Any, sharding: Any):
+    # keep_unused: a pruned argument would not be donated, and the pool would briefly exist twice
+    return jax.jit(lambda a, key: (jax.random.normal(key, shape, dtype) * 0.5), donate_argnums=0,
+                   keep_unused=True, out_shardings=sharding)
 
 
 def fill_pools(inst, seed: int = 1) -> None:
-    """Random K/V everywhere: never time attention over zeros."""
+    """Random K/V everywhere (never time attention over zeros), one layer array at a time, drawn in
+    the pool's own dtype in place of the donated array: no second copy of the pool."""
+    from distllm_jax.kv_cache import KVPool
+
+    key = jax.random.PRNGKey(seed)
     for st in inst.stages:
-        st.pool = _FILL(st.pool, jax.random.PRNGKey(seed))
+        k, v = list(st.pool.k), list(st.pool.v)
+        st.pool = None
+        for arrs, off in ((k, 0), (v, len(k))):
+            for i, a in enumerate(arrs):
+                arrs[i] = _filler(a.shape, a.dtype, a.sharding)(a, jax.random.fold_in(key, off + i))
+        st.pool = KVPool(tuple(k), tuple(v))
     jax.block_until_ready([st.pool for st in inst.stages])
 
 
@@ -196,13 +205,13 @@ def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
     from distllm_jax.engine.programs import STAGE_STEP
 
     (st,) = inst.stages
-    batch, sb = inst.pack(kind, segs, inst.bucket_for(kind, segs))
-    b, s = jax.device_put((batch, sb), st.repl)
+    batch, _ = inst.pack(kind, segs, inst.bucket_for(kind, segs))
+    b = jax.device_put(batch, st.repl)
 
     def run_steps(n: int) -> None:
         x = None
         for _ in range(n):
-            x, st.pool = STAGE_STEP(st.params, None, b, st.pool, s, kind=kind, cfg=inst.cfg, impl=inst.impl,
+            x, st.pool = STAGE_STEP(st.params, None, b, st.pool, kind=kind, cfg=inst.cfg, impl=inst.impl,
                                     first=True, last=True)
         jax.block_until_ready(x)
 
@@ -226,6 +235,7 @@ def _kv_pages_that_fit(model: Model, reserve_gib: float) -> int:
 
 def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps: float, *,
                 repeats: int = 10, attention: str = "auto") -> list[dict[str, Any]]:
+    contexts = sorted({min(c, model.cfg.max_position_embeddings - 1) for c in contexts})  # the new token's position
     max_ctx = max(contexts)
     max_len = min(model.cfg.max_position_embeddings, max_ctx + 16)
     want = max(b * math.ceil((c + 1) / 16) for b in batches for c in contexts) + 1
@@ -246,7 +256,7 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps
             engine_ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
             device_ms = _device_loop_ms(inst, "decode", segs)
             floor_bytes = model.weight_bytes() + B * (ctx + 1) * model.kv_bytes_per_token()
-            floor_ms = floor_bytes / (copy_tbps * 1e12 / 2) * 1e3  # the copy rate counts read + write
+            floor_ms = floor_bytes / (copy_tbps * 1e12) * 1e3  # bytes moved over the copy's rate (read + write)
             rows.append({**row, "engine_ms": engine_ms, "device_ms": device_ms, "floor_ms": floor_ms,
                          "floor_bytes": floor_bytes, "x_floor": engine_ms / floor_ms,
                          "host_share": max(0.0, 1 - device_ms / engine_ms),
@@ -333,7 +343,14 @@ def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
     busy = sum(float(e["dur"]) for e in kern)
     span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) if kern else 0.0
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
-    return {"processes": sorted(set(pnames.values())), "kernels_per_step": len(kern) / steps,
+    host: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") not in gpu and e.get("dur") is not None:
+            host[e["name"]].append(float(e["dur"]))
+    host_top = sorted(host.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {"host_top": [{"name": n[:90], "count_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
+                         for n, d in host_top],
+            "processes": sorted(set(pnames.values())), "kernels_per_step": len(kern) / steps,
             "busy_us_per_step": busy / steps, "span_us_per_step": span / steps,
             "top": [{"name": n[:90], "count_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
                     for n, d in top]}
@@ -366,8 +383,8 @@ def _hlo_counts(inst, segs) -> dict[str, int]:
     from distllm_jax.engine.programs import STAGE_STEP
 
     (st,) = inst.stages
-    batch, sb = inst.pack("decode", segs, inst.bucket_for("decode", segs))
-    text = STAGE_STEP.lower(st.params, None, batch, st.pool, sb, kind="decode", cfg=inst.cfg, impl=inst.impl,
+    batch, _ = inst.pack("decode", segs, inst.bucket_for("decode", segs))
+    text = STAGE_STEP.lower(st.params, None, batch, st.pool, kind="decode", cfg=inst.cfg, impl=inst.impl,
                             first=True, last=True).compile().as_text()
     entry = text[text.find("ENTRY"):]
     count = lambda needle, s=entry: s.count(needle)  # noqa: E731
@@ -383,6 +400,9 @@ def trace_table(rows: list[dict[str, Any]]) -> list[str]:
                    f"GPU busy {r['busy_us_per_step']:.0f} us, span {r['span_us_per_step']:.0f} us, "
                    f"{r['kernels_per_step']:.0f} kernels/step; HLO {r['hlo']}")
         for t in r["top"][:10]:
+            out.append(f"    {t['us_per_step']:>8.1f} us {t['count_per_step']:>6.1f}x  {t['name']}")
+        out.append("  host:")
+        for t in r.get("host_top", [])[:25]:
             out.append(f"    {t['us_per_step']:>8.1f} us {t['count_per_step']:>6.1f}x  {t['name']}")
     return out
 
@@ -482,6 +502,30 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, Any], parts: list[str],
+             results: dict[str, list]) -> None:
+    if part == "decode":
+        rows = decode_grid(model, _ints(args.batches), _ints(args.contexts), ceil["copy_tb_per_s"],
+                           repeats=args.repeats, attention=args.attention)
+        _emit(decode_table(rows))
+    elif part == "prefill":
+        rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"], attention=args.attention)
+        _emit(prefill_table(rows))
+    elif part == "trace":
+        rows = []
+        for pair in args.trace.split(","):
+            B, ctx = (int(x) for x in pair.split(":"))
+            rows.append(trace_decode(model, B, ctx, Path(args.trace_dir), attention=args.attention))
+            _emit(trace_table(rows[-1:]))
+    else:
+        B, P, N = (int(x) for x in args.e2e.split(":"))
+        rows = [engine_e2e(model, B, P, N)] if "e2e" in parts else []
+        if "hf" in parts:
+            rows += [hf_generate(model, B, P, N, c, args.hf_timeout) for c in args.hf_caches.split(",")]
+        _emit(e2e_table(rows))
+    results[part] += rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="ceilings,decode,prefill")
@@ -496,14 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-dir", default="/tmp/distllm-traces", help="where the profiler's raw traces go")
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--sampler", default="engine", choices=["engine", "argmax"],
-                   help="diagnostic: 'argmax' swaps the engine's sampler for a bare argmax (no lax.cond)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    if args.sampler == "argmax":
-        import distllm_jax.engine.programs as programs
-
-        programs.sample = lambda logits, sb: jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
@@ -519,31 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list] = defaultdict(list)
     for name in args.models.split(","):
         model = load_model(name)
-        if "decode" in parts:
-            rows = decode_grid(model, _ints(args.batches), _ints(args.contexts), ceil["copy_tb_per_s"],
-                               repeats=args.repeats, attention=args.attention)
-            _emit(decode_table(rows))
-            results["decode"] += rows
-        if "prefill" in parts:
-            rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"],
-                                attention=args.attention)
-            _emit(prefill_table(rows))
-            results["prefill"] += rows
-        if "trace" in parts:
-            for pair in args.trace.split(","):
-                B, ctx = (int(x) for x in pair.split(":"))
-                row = trace_decode(model, B, ctx, Path(args.trace_dir), attention=args.attention)
-                _emit(trace_table([row]))
-                results["trace"].append(row)
-        if "e2e" in parts or "hf" in parts:
-            B, P, N = (int(x) for x in args.e2e.split(":"))
-            rows = []
-            if "e2e" in parts:
-                rows.append(engine_e2e(model, B, P, N))
-            if "hf" in parts:
-                rows += [hf_generate(model, B, P, N, c, args.hf_timeout) for c in args.hf_caches.split(",")]
-            _emit(e2e_table(rows))
-            results["e2e"] += rows
+        for part in ("decode", "prefill", "trace", "e2e"):
+            if part in parts or (part == "e2e" and "hf" in parts):
+                try:
+                    run_part(part, model, args, ceil, parts, results)
+                except Exception as e:  # noqa: BLE001 - one part's failure must not lose the others
+                    import traceback
+
+                    traceback.print_exc()
+                    _emit([f"{model.name} {part}: FAILED {type(e).__name__}: {str(e)[:300]}"])
+                    results[part].append({"model": model.name, "error": f"{type(e).__name__}: {e}"[:2000]})
+                gc.collect()
     for part, rows in results.items():
         path = out / f"gpu-suite-{part}-{tag}-{'_'.join(args.models.split(','))}.json"
         path.write_text(json.dumps({**info, "ceilings": ceil, "rows": rows}, indent=1))

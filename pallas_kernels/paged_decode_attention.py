@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from distllm_jax.kv_cache import NULL_PAGE
+
 _NEG = -1e30
 _MIN_ROWS = 16
 
@@ -102,7 +104,11 @@ def paged_decode_attention(
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
     G = H // KVH
-    W = page_tables.shape[1]
+    W = 1 << (page_tables.shape[1] - 1).bit_length()
+    if W != page_tables.shape[1]:
+        # Triton blocks must be powers of two: pad the table with the null page; the kernel stops at
+        # each sequence's length, so the padding is never attended to.
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, W - page_tables.shape[1])), constant_values=NULL_PAGE)
     ppb, S = _choose(W, pages_per_block, splits)
     rows = max(_MIN_ROWS, G)
     qg = q.reshape(B, KVH, G, Dh)

@@ -67,7 +67,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def model_source(args: argparse.Namespace) -> tuple[Any, Any]:
     import jax
 
-    from distllm_jax.engine import CheckpointSource, RandomSource
+    from distllm_jax.engine import CheckpointSource, DeviceRandomSource, RandomSource
     from distllm_jax.models.config import ModelConfig
     from distllm_jax.models.presets import preset
     from distllm_jax.tokenizer import bundled_gpt2, load_tokenizer
@@ -78,7 +78,8 @@ def model_source(args: argparse.Namespace) -> tuple[Any, Any]:
     else:
         cfg = ModelConfig.from_hf_dict(preset(args.preset))
         dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-        source = RandomSource(cfg, dtype, args.seed)
+        # on a GPU the weights are drawn there (seconds for real sizes; the host draw takes minutes)
+        source = (DeviceRandomSource if jax.default_backend() == "gpu" else RandomSource)(cfg, dtype, args.seed)
         tok = bundled_gpt2()
     if tok is not None and tok.get_vocab_size() > source.cfg.vocab_size:
         print(f"distllm serve: warning: the tokenizer has {tok.get_vocab_size()} tokens, the model "

@@ -67,8 +67,19 @@ DECODE_CASES = [
 @pytest.mark.parametrize("B,H,KVH,Dh,lengths", DECODE_CASES)
 @pytest.mark.parametrize("ppb,splits", [(8, 4), (2, 1), (1, 8)])
 def test_paged_decode(B, H, KVH, Dh, lengths, ppb, splits):
-    rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits)) % 2**32)
-    ps, W = 16, 8
+    check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8)
+
+
+@pytest.mark.parametrize("W,lengths", [(9, [144, 3]), (33, [528, 17, 300])])
+def test_paged_decode_table_width_not_power_of_two(W, lengths):
+    """An engine whose context limit gives a table width like 33 (max_seq_len 528): Triton needs
+    power-of-two blocks, so the wrapper pads the table with the null page (found on the H100)."""
+    check_paged_decode(len(lengths), 8, 2, 64, lengths, 8, 4, W=W)
+
+
+def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W):
+    rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits, W)) % 2**32)
+    ps = 16
     P = B * W + 3
     q = rng.standard_normal((B, H, Dh)).astype(np.float32)
     k = rng.standard_normal((P, ps, KVH, Dh)).astype(np.float32)

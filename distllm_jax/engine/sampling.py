@@ -87,13 +87,10 @@ def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
 
 
 def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
-    """logits [B, V] (float32) -> token ids [B] int32.
+    """logits [B, V] (float32) -> token ids [B] int32; rows with temperature 0 stay greedy.
 
-    The sort over the vocabulary that top-k/top-p need runs only when some row samples
-    (``lax.cond``), so an all-greedy batch pays for one argmax.
+    The engine runs this only for batches where some row samples: all-greedy batches use the argmax
+    fused into the step, so they never pay for the sort over the vocabulary that top-k/top-p need.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(
-        jnp.any(sb.temperature > 0), _sample_random, lambda lg, _: greedy, logits, sb
-    )
-    return jnp.where(sb.temperature > 0, sampled, greedy)
+    return jnp.where(sb.temperature > 0, _sample_random(logits, sb), greedy)
