@@ -72,6 +72,7 @@ class ClusterConfig:
     num_cpus: int | None = None  # CPUs a local cluster advertises (address="auto" only)
     namespace: str = "distllm"
     pull_timeout_s: float = 120.0  # a KV pull that takes longer is treated as a lost peer
+    health_interval_s: float = 1.0  # idle actors are pinged this often, so a death is noticed unused
     log_to_driver: bool = False  # actors' own stdout/stderr (Ray keeps them in its session logs)
 
     def __post_init__(self) -> None:
@@ -81,5 +82,5 @@ class ClusterConfig:
             raise ValueError(f"platform must be cpu or gpu, got {self.platform!r}")
         if not self.address:
             raise ValueError("the cluster address is empty (use 'auto' to start a local cluster)")
-        if self.actor_num_cpus < 0 or self.pull_timeout_s <= 0:
-            raise ValueError("actor_num_cpus must be >= 0 and pull_timeout_s > 0")
+        if self.actor_num_cpus < 0 or self.pull_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("actor_num_cpus must be >= 0, pull_timeout_s and health_interval_s > 0")

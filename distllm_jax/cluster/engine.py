@@ -53,11 +53,13 @@ class ClusterEngine(Engine):
         self._replacing: dict[str, threading.Thread] = {}
         self._replace_lock = threading.Lock()
         self._actors: list[Any] = []
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="distllm-actor-health")
         try:
             super().__init__(source, config, tokenizer=tokenizer, start=start)
         except BaseException:
             self._kill_actors()
             raise
+        self._monitor.start()
 
     # ---- start-up (Engine's hooks) ------------------------------------------------------------------
 
@@ -139,6 +141,32 @@ class ClusterEngine(Engine):
             puller.warmup(src, dst)
 
     # ---- lost actors ------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Ping every live actor each ``health_interval_s``: an actor that died while idle (nothing
+        routed to it, or KV held there waiting for decode room) is settled and replaced at once."""
+        from distllm_jax.cluster.remote import actor_gone
+
+        import ray
+
+        while not self._closed:
+            try:
+                with self.ctrl.cv:
+                    live = [i for i in self.instances if i not in self.ctrl.lost]
+                pings = {i.actor.ping.remote(): i for i in live}
+                ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cluster.pull_timeout_s)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:  # noqa: BLE001
+                        if actor_gone(e):
+                            with self.ctrl.cv:
+                                self.ctrl.lose_instance(pings[ref], InstanceLost(pings[ref], e))
+            except Exception:  # noqa: BLE001 - Ray going down under a closing engine
+                if self._closed:
+                    return
+                raise
+            time.sleep(self.cluster.health_interval_s)
 
     def _on_lost(self, inst: Any) -> None:
         """Controller hook (lock held): start a replacement in the background."""
@@ -231,7 +259,7 @@ class ClusterEngine(Engine):
 
         with self.ctrl.cv:
             actors = [{**i.describe(), "alive": i not in self.ctrl.lost} for i in self.instances]
-            lost = sorted(i.name for i in self.ctrl.lost)
+            lost = [i.name for i in self.instances if i in self.ctrl.lost]  # not yet replaced
             replacing = sorted(self._replacing)
         return {
             "address": self.cluster.address, "platform": self.platform,
@@ -259,6 +287,8 @@ class ClusterEngine(Engine):
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         super().shutdown(drain, timeout)
+        if self._monitor.is_alive():
+            self._monitor.join(self.cluster.health_interval_s + 10)
         for t in list(self._replacing.values()):
             t.join(120)
         self._kill_actors()

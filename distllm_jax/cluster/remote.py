@@ -9,6 +9,7 @@ the page allocator stays here (page ids are plain ints, and the controller owns 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -29,10 +30,18 @@ class RemoteImpl:
 
 
 def actor_gone(e: BaseException) -> bool:
-    """The error says the actor's process is gone (not that a method raised)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    """The error says the actor's process is gone for good (not that a method raised, and not a
+    transient "unavailable" that may pass)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
 
-    return isinstance(e, (RayActorError, ActorDiedError, ActorUnavailableError))
+    return isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError)
+
+
+def runtime_failure(e: BaseException) -> bool:
+    """A failure of Ray's machinery (the process, the connection), not an exception a method raised."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(e, RayError) and not isinstance(e, RayTaskError)
 
 
 class RemoteInstance:
@@ -55,16 +64,26 @@ class RemoteInstance:
         try:
             return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
         except Exception as e:
-            if actor_gone(e):
+            if runtime_failure(e) and (actor_gone(e) or not self.alive()):
                 raise InstanceLost(self, e) from e
             raise
 
-    def alive(self) -> bool:
-        try:
-            self.call("ping", timeout=PING_TIMEOUT_S)
-            return True
-        except Exception:  # noqa: BLE001 - dead, or too wedged to answer: either way not serving
-            return False
+    def alive(self, timeout: float = PING_TIMEOUT_S) -> bool:
+        """Answers a ping within ``timeout`` (retried while Ray calls it only unavailable)."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                ray.get(self.actor.ping.remote(), timeout=max(0.1, end - time.monotonic()))
+                return True
+            except (ActorUnavailableError, GetTimeoutError):
+                if time.monotonic() >= end:
+                    return False  # wedged or unreachable: not serving either way
+                time.sleep(0.1)
+            except Exception:  # noqa: BLE001 - died
+                return False
 
     # ---- what workers call -----------------------------------------------------------------------
 

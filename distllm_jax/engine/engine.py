@@ -261,7 +261,7 @@ class Engine:
                 "migration_seconds": c.migration_seconds,
                 "migration_path": getattr(self.puller, "kind", None),
                 "requeued": c.requeued,
-                "lost_instances": sorted(i.name for i in c.lost),
+                "lost_instances": [i.name for i in self.instances if i in c.lost],
                 "compilations": compile_counter.compilations(),
                 "warmup_seconds": self.warmup_seconds,
                 "instances": per,

@@ -112,7 +112,10 @@ class Worker(abc.ABC):
                 self.ctrl.fail(reqs, e, f"{self.inst.name} {kind} step")
                 if not self.inst.pools_ok():
                     self.ctrl.fail(self.ctrl.holding(self.inst), e, f"{self.inst.name} pool lost in {kind} step")
-                    self.inst.reset_pools()
+                    try:
+                        self.inst.reset_pools()
+                    except InstanceLost as lost:  # the process went with its pool
+                        self.ctrl.lose_instance(lost.inst, lost)
                 self.running = [r for r in self.running if r.state is not RequestState.DONE]
             return None
         return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
