@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from distllm_jax.cluster import Placement
+from distllm_jax.cluster import ClusterConfig, Placement
 from distllm_jax.engine import Engine, EngineConfig, InstanceSpec
 from engine_workload import greedy, run_arrivals, workload
 from serve.client import Client
@@ -113,6 +113,15 @@ def test_killed_prefill_actor_is_replaced_and_nothing_is_lost(server, expected):
     assert server.metric("distllm_actor_replacements_total") == 1
     assert server.metric("distllm_kv_pages_used") == 0
     assert [o.token_ids for o in serve_all(server.address, WORK)] == expected["mixed"]
+
+
+def test_cluster_config_is_checked():
+    with pytest.raises(ValueError, match="kv_path must be one of"):
+        ClusterConfig(kv_path="nvlink")
+    with pytest.raises(ValueError, match="address is empty"):
+        ClusterConfig(address="")
+    with pytest.raises(ValueError, match="platform"):
+        ClusterConfig(platform="tpu")
 
 
 def test_plan_placement_is_checked():

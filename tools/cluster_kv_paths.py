@@ -62,7 +62,7 @@ def main() -> int:
             times = []
             for _ in range(args.repeats + 1):
                 t0 = time.perf_counter()
-                puller.pull(src, sp, dst, dp)
+                assert puller.pull(src, sp, dst, dp) in (None, puller.kind)  # no fallback taken
                 times.append(time.perf_counter() - t0)
             assert pages_equal(src, sp, dst, dp), f"{puller.kind}: KV changed in transit"
             with guard:

@@ -265,7 +265,8 @@ class ClusterEngine(Engine):
             "address": self.cluster.address, "platform": self.platform,
             "nodes": len({a["node_id"] for a in actors}), "cluster_nodes": sum(1 for n in ray.nodes() if n.get("Alive")),
             "kv_path": self.puller.kind, "kv_path_requested": self.cluster.kv_path,  # type: ignore[union-attr]
-            "kv_path_note": self.kv_path_note, "actors": actors, "lost": lost,
+            "kv_path_note": self.kv_path_note, "kv_fallbacks": self.puller.fallbacks,  # type: ignore[union-attr]
+            "actors": actors, "lost": lost,
             "replacements": self.replacements, "replacing": replacing,
         }
 

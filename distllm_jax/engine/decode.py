@@ -65,7 +65,7 @@ class DecodeWorker(Worker):
     def _pull(self, r: Request, src_pages: list[int], dst_pages: list[int]) -> None:
         src = r.holders[0]
         try:
-            self.puller.pull(src, src_pages, self.inst, dst_pages)  # returns when the pages are in place
+            path = self.puller.pull(src, src_pages, self.inst, dst_pages)  # returns when the pages are in place
             if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
                 raise AssertionError(f"KV of {r.rid} changed in transit")
         except InstanceLost as e:
@@ -87,7 +87,7 @@ class DecodeWorker(Worker):
             src.alloc.free(r.rid)
             r.holders.remove(src)
             r.timings.migration_end = now
-            r.timings.migration_path = self.puller.kind
+            r.timings.migration_path = path or self.puller.kind  # a puller may say which path it took
             self.ctrl.migrations += 1
             self.ctrl.migration_seconds += now - r.timings.migration_start
             r.state = RequestState.RUNNING

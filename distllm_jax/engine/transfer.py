@@ -58,11 +58,11 @@ def _overlaps(src: Any, dst: Any):
 
 class KVPuller(Protocol):
     """One migration path. ``kind`` names it in stats and request timings. ``pull`` returns when the
-    pages are in place in the destination pool."""
+    pages are in place in the destination pool (with the path's name when one puller has several)."""
 
     kind: str
 
-    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> None: ...
+    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> str | None: ...
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None]) -> None: ...
 
