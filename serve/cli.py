@@ -12,6 +12,11 @@ A plan file (``--plan``, as ``distllm place`` writes it) is JSON::
      "colocated": [{"tp": 2, "pp": 1}],                     # for colocated / chunked
      "prefill_token_budget": 512, "max_decode_batch": 64}   # optional
 
+With ``--cluster auto`` (start a local Ray cluster) or ``--cluster ADDRESS`` (join one) every instance
+runs as a Ray actor in its own process; the plan may then pin instances to nodes (``"node"``) and ask
+for low node affinity (``"same_node": true``), see ``distllm_jax.cluster.config``. A lost actor is
+replaced while the others serve.
+
 SIGHUP re-reads the plan file and re-places the engine: new requests wait, running ones finish, the old
 instances are shut down, the new ones are placed and compiled, and serving resumes (the previous layout
 is restored if the new one cannot be built).
@@ -50,6 +55,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--prefill-token-budget", type=int, default=512)
     eng.add_argument("--max-decode-batch", type=int, default=32)
     eng.add_argument("--kv-transfer", choices=["local", "transfer-server"], default="local")
+    cl = p.add_argument_group("cluster")
+    cl.add_argument("--cluster", metavar="auto|ADDRESS",
+                    help="run each instance as a Ray actor: 'auto' starts a local Ray cluster, an address joins one")
+    cl.add_argument("--cluster-kv-path", choices=["auto", "transfer-server", "staged"], default="auto",
+                    help="KV between actors: jax's transfer server, or staged through Ray's object store "
+                         "(auto: the transfer server where the backend supports it)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
@@ -100,7 +111,7 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
             if k in plan:
                 extra[k] = int(plan[k])
     else:
-        mode = args.mode or ("disaggregated" if num_devices >= 2 else "colocated")
+        mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")
         # CPU virtual devices share the same cores: tensor parallelism buys nothing there
         half = 1 if backend == "cpu" else max(1, num_devices // 2)
         p_tp = args.prefill_tp or max(1, half // args.num_prefill)
@@ -117,6 +128,14 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
     return EngineConfig(mode=mode, **layout, **base)
 
 
+def cluster_config(args: argparse.Namespace):
+    """The Ray side of ``--cluster``: address, KV path, and node placement from the plan file."""
+    from distllm_jax.cluster import ClusterConfig, Placement
+
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else {}
+    return ClusterConfig(address=args.cluster, kv_path=args.cluster_kv_path, placement=Placement.from_plan(plan))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -128,31 +147,47 @@ def run_serve(args: argparse.Namespace) -> int:
     from serve.server import AUTH_ENV, ServerConfig, serve_forever
 
     source, tok = model_source(args)
+    owns_ray = False
+    if args.cluster:
+        from distllm_jax.cluster import ClusterEngine
+        from distllm_jax.cluster.bootstrap import connect
+
+        owns_ray = connect(cluster_config(args))
+        make = lambda c: ClusterEngine(source, c, cluster_config(args), tokenizer=tok)  # noqa: E731
+        where = f"Ray actors ({args.cluster})"
+    else:
+        make = lambda c: Engine(source, c, tokenizer=tok)  # noqa: E731
+        where = f"{len(jax.devices())} {jax.default_backend()} device(s)"
     ecfg = engine_config(args, len(jax.devices()), jax.default_backend())
     if args.checkpoint is None and args.max_seq_len is None:
         ecfg = __import__("dataclasses").replace(ecfg, max_seq_len=min(512, source.cfg.max_position_embeddings))
     what = args.checkpoint or f"{args.preset} (random weights)"
     layout = ", ".join(f"{i}:{s.label()}" for i, (_, s) in enumerate(ecfg.instances()))
-    print(f"distllm serve: {what}, {ecfg.mode} [{layout}] on {len(jax.devices())} {jax.default_backend()} "
-          f"device(s); compiling...", flush=True)
-    engine = Engine(source, ecfg, tokenizer=tok)
-    token = args.auth_token if args.auth_token is not None else os.environ.get(AUTH_ENV)
-    cfg = ServerConfig(
-        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
-        max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
-        model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
-        http_port=args.http_port, chat_template=load_chat_template(args.checkpoint),
-    )
-    def replan():  # SIGHUP: place the engine anew from the (re-read) plan file
-        if not args.plan:
-            raise ValueError("the server was not started with --plan: nothing to re-read")
-        new = engine_config(args, len(jax.devices()), jax.default_backend())
-        if args.checkpoint is None and args.max_seq_len is None:
-            new = __import__("dataclasses").replace(new, max_seq_len=ecfg.max_seq_len)
-        return Engine(source, new, tokenizer=tok)
+    print(f"distllm serve: {what}, {ecfg.mode} [{layout}] on {where}; compiling...", flush=True)
+    try:
+        engine = make(ecfg)
+        token = args.auth_token if args.auth_token is not None else os.environ.get(AUTH_ENV)
+        cfg = ServerConfig(
+            host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
+            max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
+            model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
+            http_port=args.http_port, chat_template=load_chat_template(args.checkpoint),
+        )
+        def replan():  # SIGHUP: place the engine anew from the (re-read) plan file
+            if not args.plan:
+                raise ValueError("the server was not started with --plan: nothing to re-read")
+            new = engine_config(args, len(jax.devices()), jax.default_backend())
+            if args.checkpoint is None and args.max_seq_len is None:
+                new = __import__("dataclasses").replace(new, max_seq_len=ecfg.max_seq_len)
+            return make(new)
 
-    asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True), replan=replan))
+        asyncio.run(serve_forever(engine, tok, cfg, announce=lambda s: print(s, flush=True), replan=replan))
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
     return 0
 
 

@@ -36,6 +36,24 @@ class EngineCollector:
         yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
         yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
         yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])
+        yield CounterMetricFamily("distllm_requeued_requests", "Requests redone from their prompt after an "
+                                  "instance was lost", value=s.get("requeued", 0))
+        if "cluster" in s:
+            yield from cluster_metrics(s["cluster"])
+
+
+def cluster_metrics(c: dict[str, Any]):
+    """Cluster mode's layout: one sample per actor (1 alive, 0 lost), the KV path, replacements."""
+    actors = GaugeMetricFamily("distllm_cluster_actor", "Instance actors (1 alive, 0 lost)",
+                               labels=["instance", "role", "node", "pid", "devices"])
+    for a in c["actors"]:
+        actors.add_metric([a["name"], a["role"], a["node_ip"], str(a["pid"]), str(len(a["devices"]))],
+                          1 if a["alive"] else 0)
+    yield actors
+    path = GaugeMetricFamily("distllm_kv_path", "KV migration path between actors in use", labels=["path"])
+    path.add_metric([c["kv_path"]], 1)
+    yield path
+    yield CounterMetricFamily("distllm_actor_replacements", "Lost actors replaced", value=c["replacements"])
 
 
 class Metrics:

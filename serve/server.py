@@ -114,6 +114,7 @@ class GenerationService:
                         ttft_s=t.ttft or 0.0, tpot_s=t.tpot or 0.0, queueing_s=t.queueing or 0.0,
                         migration_s=t.migration or 0.0, e2e_s=(t.finish or time.perf_counter()) - t.arrival,
                         prefill_instance=t.prefill_instance or "", decode_instance=t.decode_instance or "",
+                        migration_path=t.migration_path or "",
                     ),
                 ))
         finally:
@@ -144,6 +145,8 @@ class GenerationService:
             "kv_transfer": e.config.kv_transfer, "attention": e.config.attention,
             "instances": [i.describe() for i in e.instances],
         }
+        if hasattr(e, "cluster_info"):  # cluster mode: actors, nodes, the KV path in use
+            engine_info["cluster"] = await asyncio.get_running_loop().run_in_executor(None, e.cluster_info)
         return pb.ModelInfoResponse(
             model_json=json.dumps(e.model.to_dict()), engine_json=json.dumps(engine_info),
             max_seq_len=e.max_len, vocab_size=e.model.vocab_size,
@@ -202,14 +205,12 @@ class RunningServer:
             while s.active > 0:
                 await asyncio.sleep(0.02)
             await loop.run_in_executor(None, old.shutdown, True, 60.0)
-            old_config, old_source, old_tok = old.config, old.source, old.tokenizer
             try:
                 s.engine = await loop.run_in_executor(None, build)
                 ok = True
             except Exception as e:  # noqa: BLE001 - keep serving on the previous layout
                 announce(f"distllm serve: re-plan failed ({type(e).__name__}: {e}); restoring the previous layout")
-                s.engine = await loop.run_in_executor(
-                    None, lambda: Engine(old_source, old_config, tokenizer=old_tok))
+                s.engine = await loop.run_in_executor(None, old.rebuild)
                 ok = False
             s.limits = Limits(max_seq_len=s.engine.max_len, vocab_size=s.engine.model.vocab_size)
             return ok

@@ -4,6 +4,11 @@ All shared scheduling state (the FCFS queues, every request, every instance's al
 only under :attr:`Controller.cv`. Workers (one thread per instance) take work from here, run their
 programs outside the lock, and report back; every way a request can end goes through :meth:`finish`,
 which returns its pages to every instance that holds some and sends the final event.
+
+An instance can also be *lost* (its process died: a Ray actor in cluster mode, see
+``distllm_jax.cluster``). :meth:`lose_instance` then stops routing to it and settles every request
+that had pages there: work that can be redone from the prompt goes back to a queue, requests that were
+decoding there fail with the reason.
 """
 
 from __future__ import annotations
@@ -12,10 +17,20 @@ import collections
 import threading
 import time
 import traceback
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
+
+
+class InstanceLost(RuntimeError):
+    """An instance's process is gone, and its KV pool and programs with it (raised by remote instances
+    and remote KV pullers; never by an in-process instance)."""
+
+    def __init__(self, inst: Any, cause: BaseException | str):
+        why = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
+        super().__init__(f"instance {inst.name} was lost ({(why.splitlines() or ['no reason'])[0]})")
+        self.inst = inst
 
 
 class Controller:
@@ -28,6 +43,9 @@ class Controller:
         self.migrations = 0
         self.migration_seconds = 0.0
         self.errors: collections.deque[str] = collections.deque(maxlen=32)  # recent step failures
+        self.lost: set[Any] = set()  # instances whose process died: nothing is routed to them
+        self.requeued = 0  # requests sent back to the prefill queue by a lost instance
+        self.on_lost: Callable[[Any], None] | None = None  # called (lock held) once per lost instance
 
     # everything below runs with self.cv held -----------------------------------------------------
 
@@ -73,14 +91,7 @@ class Controller:
         """End a request, wherever it is: free its pages everywhere, then send the final event."""
         if req.state is RequestState.DONE:
             return
-        for q in (self.waiting, self.held):
-            try:
-                q.remove(req)
-            except ValueError:
-                pass
-        for inst in req.holders:
-            inst.alloc.free(req.rid)
-        req.holders.clear()
+        self._release(req)
         req.state = RequestState.DONE
         req.timings.finish = now or time.perf_counter()
         if req.checker.finished is None:
@@ -99,6 +110,17 @@ class Controller:
             ),
         )
         self.cv.notify_all()
+
+    def _release(self, req: Request) -> None:
+        """Out of every queue, pages returned to every instance that holds some."""
+        for q in (self.waiting, self.held):
+            try:
+                q.remove(req)
+            except ValueError:
+                pass
+        for inst in req.holders:
+            inst.alloc.free(req.rid)
+        req.holders.clear()
 
     def _push(self, req: Request, out: RequestOutput) -> None:
         try:
@@ -125,6 +147,42 @@ class Controller:
         self.errors.append(msg + "\n" + "".join(traceback.format_exception(exc))[-2000:])
         for r in list(reqs):
             self.finish(r, FinishReason.ERROR, error=msg)
+
+    def requeue(self, req: Request) -> None:
+        """Back to the prefill queue, in arrival order, with its pages freed everywhere. A token already
+        streamed stays streamed: the prefill is redone (same prompt, same KV) without emitting again."""
+        self._release(req)
+        req.state = RequestState.WAITING
+        req.num_computed = 0
+        req.timings.migration_start = req.timings.decode_instance = None
+        at = next((i for i, w in enumerate(self.waiting) if w.timings.arrival > req.timings.arrival), len(self.waiting))
+        self.waiting.insert(at, req)
+        self.requeued += 1
+
+    def lose_instance(self, inst: Any, exc: BaseException) -> None:
+        """``inst`` died with its memory. Prefill work there (prefilling, held, migrating out) is redone
+        from the prompt; a request migrating into a lost decode instance waits in prefill memory again;
+        a request that was decoding there fails with the reason. Idempotent."""
+        if inst in self.lost:
+            return
+        self.lost.add(inst)
+        msg = str(exc) if isinstance(exc, InstanceLost) else f"instance {inst.name} was lost: {exc}"
+        self.errors.append(msg)
+        for r in self.holding(inst):
+            if inst.role == "prefill":
+                self.requeue(r)
+            elif r.state is RequestState.MIGRATING and r.holders[0] is not inst:
+                inst.alloc.free(r.rid)
+                r.holders.remove(inst)
+                r.state = RequestState.HELD
+                r.timings.migration_start = r.timings.decode_instance = None
+                self.held.appendleft(r)
+            else:
+                self.finish(r, FinishReason.ERROR,
+                            error=f"{msg} (the request had streamed {r.num_sampled} token(s))")
+        if self.on_lost is not None:
+            self.on_lost(inst)
+        self.cv.notify_all()
 
     def holding(self, inst: object) -> list[Request]:
         return [r for r in self.requests.values() if inst in r.holders]

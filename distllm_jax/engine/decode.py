@@ -2,20 +2,20 @@
 
 A request is pulled only when this instance has a batch slot and pages for the request's whole
 possible length (prompt + max_tokens, capped by the context), so the running batch never runs out of
-pages. With several decode instances, a request goes to the least-loaded one that has room.
+pages. With several decode instances, a request goes to the least-loaded one that has room. A pull that
+finds either side's process gone hands the loss to the controller (the request is redone or waits
+again, see :meth:`Controller.lose_instance`).
 """
 
 from __future__ import annotations
 
 import time
 
-import jax
-
-from distllm_jax.engine.controller import Controller
+from distllm_jax.engine.controller import Controller, InstanceLost
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.request import Request, RequestState
 from distllm_jax.engine.transfer import KVPuller, pages_equal
-from distllm_jax.engine.worker import Worker
+from distllm_jax.engine.worker import Worker, mine
 from distllm_jax.kv_cache import pages_for
 
 
@@ -33,7 +33,8 @@ class DecodeWorker(Worker):
         return len(self.running) + self._pulling
 
     def has_room(self) -> bool:
-        return len(self.running) + self._pulling < self.inst.max_batch and self.inst.alloc.num_free > 0
+        return (len(self.running) + self._pulling < self.inst.max_batch and self.inst.alloc.num_free > 0
+                and not self.lost)
 
     def has_work(self) -> bool:
         return bool(self.running) or (bool(self.ctrl.held) and self.has_room())
@@ -64,24 +65,29 @@ class DecodeWorker(Worker):
     def _pull(self, r: Request, src_pages: list[int], dst_pages: list[int]) -> None:
         src = r.holders[0]
         try:
-            self.puller.pull(src, src_pages, self.inst, dst_pages)
+            path = self.puller.pull(src, src_pages, self.inst, dst_pages)  # returns when the pages are in place
             if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
                 raise AssertionError(f"KV of {r.rid} changed in transit")
-            for st in self.inst.stages:  # the migration ends when the pages are in place
-                jax.block_until_ready(st.pool)
+        except InstanceLost as e:
+            with self.ctrl.cv:
+                self._pulling -= 1
+                self.ctrl.lose_instance(e.inst, e)
+            return
         except Exception as e:  # noqa: BLE001
             with self.ctrl.cv:
                 self._pulling -= 1
-                self.ctrl.fail([r], e, f"KV pull {src.name}->{self.inst.name}")
+                if mine(r, self.inst, RequestState.MIGRATING):
+                    self.ctrl.fail([r], e, f"KV pull {src.name}->{self.inst.name}")
             return
         with self.ctrl.cv:
             now = time.perf_counter()
             self._pulling -= 1
-            if r.state is RequestState.DONE:
+            if not mine(r, self.inst, RequestState.MIGRATING) or src not in r.holders:
                 return
             src.alloc.free(r.rid)
             r.holders.remove(src)
             r.timings.migration_end = now
+            r.timings.migration_path = path or self.puller.kind  # a puller may say which path it took
             self.ctrl.migrations += 1
             self.ctrl.migration_seconds += now - r.timings.migration_start
             r.state = RequestState.RUNNING

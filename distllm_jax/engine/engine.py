@@ -81,24 +81,13 @@ class Engine:
         self.model = self.source.cfg
         self.tokenizer = tokenizer
         self.max_len = cfg.seq_len(self.model)
-        devices = list(devices if devices is not None else jax.devices())
-        if cfg.num_devices > len(devices):
-            raise ValueError(f"{cfg.mode} layout needs {cfg.num_devices} devices, {len(devices)} available")
-        impl = attention_impl(cfg.attention)
-        self.instances: list[Instance] = []
-        offset = 0
-        counters: dict[str, int] = {}
-        for role, spec in cfg.instances():
-            i = counters[role] = counters.get(role, -1) + 1
-            devs = devices[offset : offset + spec.num_devices]
-            offset += spec.num_devices
-            self.instances.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl))
         self.ctrl = Controller()
+        self.instances = self._build_instances(devices)
         self.workers: list[Worker] = []
         self.puller: KVPuller | None = None
         budget = cfg.prefill_token_budget
         if cfg.mode == "disaggregated":
-            self.puller = puller or make_puller(cfg.kv_transfer, pages_for(self.max_len, cfg.page_size))
+            self.puller = puller or self._make_puller()
             peers: list[DecodeWorker] = []
             for inst in self.instances:
                 if inst.role == "prefill":
@@ -120,6 +109,27 @@ class Engine:
                 w.start()
 
     # ---- start-up -------------------------------------------------------------------------------
+
+    def _build_instances(self, devices: Sequence[jax.Device] | None) -> list[Any]:
+        """Place each instance on its own devices of this process, in config order (prefill first).
+        Cluster mode (``distllm_jax.cluster``) places them in their own processes instead."""
+        cfg = self.config
+        devices = list(devices if devices is not None else jax.devices())
+        if cfg.num_devices > len(devices):
+            raise ValueError(f"{cfg.mode} layout needs {cfg.num_devices} devices, {len(devices)} available")
+        impl = attention_impl(cfg.attention)
+        out: list[Instance] = []
+        offset = 0
+        counters: dict[str, int] = {}
+        for role, spec in cfg.instances():
+            i = counters[role] = counters.get(role, -1) + 1
+            devs = devices[offset : offset + spec.num_devices]
+            offset += spec.num_devices
+            out.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl))
+        return out
+
+    def _make_puller(self) -> KVPuller:
+        return make_puller(self.config.kv_transfer, pages_for(self.max_len, self.config.page_size))
 
     def _transfer_pairs(self) -> list[tuple[Instance, Instance]]:
         p = [i for i in self.instances if i.role == "prefill"]
@@ -250,6 +260,8 @@ class Engine:
                 "migrations": c.migrations,
                 "migration_seconds": c.migration_seconds,
                 "migration_path": getattr(self.puller, "kind", None),
+                "requeued": c.requeued,
+                "lost_instances": [i.name for i in self.instances if i in c.lost],
                 "compilations": compile_counter.compilations(),
                 "warmup_seconds": self.warmup_seconds,
                 "instances": per,
@@ -294,6 +306,10 @@ class Engine:
         for w in self.workers:
             if w.thread.is_alive():
                 w.join()
+
+    def rebuild(self) -> "Engine":
+        """A fresh engine of the same kind, source and config (a failed re-plan restores this)."""
+        return type(self)(self.source, self.config, tokenizer=self.tokenizer)
 
     def __enter__(self) -> "Engine":
         return self

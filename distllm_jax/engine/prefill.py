@@ -13,7 +13,7 @@ from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
-from distllm_jax.engine.worker import Worker
+from distllm_jax.engine.worker import Worker, mine
 
 
 def take_prompts(ctrl: Controller, inst: Instance, budget: int, max_seqs: int, reserve_all: bool,
@@ -50,10 +50,12 @@ class PrefillWorker(Worker):
         self.budget = budget
 
     def has_work(self) -> bool:
-        return bool(self.ctrl.waiting) and self.inst.alloc.num_free > 0
+        return bool(self.ctrl.waiting) and self.inst.alloc.num_free > 0 and not self.lost
 
     def step(self) -> bool:
         with self.ctrl.cv:
+            if self.lost:
+                return False
             now = time.perf_counter()
             self.ctrl.expire_queued(now)
             batch = take_prompts(self.ctrl, self.inst, self.budget, self.inst.max_prefill_seqs, False, now)
@@ -66,7 +68,7 @@ class PrefillWorker(Worker):
         with self.ctrl.cv:
             now = time.perf_counter()
             for r, tok in zip(batch, tokens):
-                if r.state is not RequestState.DONE and self.first_token(r, tok, now):
+                if mine(r, self.inst, RequestState.PREFILLING) and self.first_token(r, tok, now):
                     r.state = RequestState.HELD  # KV stays here until a decode instance pulls it
                     self.ctrl.held.append(r)
             self.ctrl.cv.notify_all()

@@ -35,6 +35,7 @@ class RequestTimings:
     token_times: list[float] = dataclasses.field(default_factory=list)
     prefill_instance: str | None = None
     decode_instance: str | None = None
+    migration_path: str | None = None  # the KV path that moved it: local, transfer-server or staged
 
     @property
     def ttft(self) -> float | None:

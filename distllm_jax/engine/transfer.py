@@ -57,11 +57,12 @@ def _overlaps(src: Any, dst: Any):
 
 
 class KVPuller(Protocol):
-    """One migration path. ``kind`` names it in stats and request timings."""
+    """One migration path. ``kind`` names it in stats and request timings. ``pull`` returns when the
+    pages are in place in the destination pool (with the path's name when one puller has several)."""
 
     kind: str
 
-    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> None: ...
+    def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> str | None: ...
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None]) -> None: ...
 
@@ -85,6 +86,7 @@ class LocalKVPuller:
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool = _SCATTER(d.pool, page_index(dst_pages, size, d.mesh), k, v, lo=lo - d.lo)
+        wait_pools(dst)
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None] = lambda _: None) -> None:
         warm_pulls(self, src, dst, tick)
@@ -95,8 +97,12 @@ def warm_pulls(puller: Any, src: Any, dst: Any, tick: Callable[[str], None]) -> 
     for size in puller.buckets:
         tick(f"{puller.kind} {src.name}->{dst.name} {size} pages")
         puller.pull(src, [NULL_PAGE] * size, dst, [NULL_PAGE] * size)
-    for d in dst.stages:
-        jax.block_until_ready(d.pool)
+
+
+def wait_pools(owner: Any) -> None:
+    """Block until every pending write into ``owner``'s pools is done."""
+    for st in owner.stages:
+        jax.block_until_ready(st.pool)
 
 
 def page_index(pages: Sequence[int], size: int, mesh: Any) -> jax.Array:
@@ -107,7 +113,10 @@ def page_index(pages: Sequence[int], size: int, mesh: Any) -> jax.Array:
 
 
 def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """All layers' K and V of the listed pages, on the host (stages concatenated in layer order)."""
+    """All layers' K and V of the listed pages, on the host (stages concatenated in layer order).
+    An owner in another process (``distllm_jax.cluster``) reads its own pages and ships them."""
+    if hasattr(owner, "host_pages"):
+        return owner.host_pages(pages)
     idx = np.asarray(pages, np.int32)
     with owner.lock:
         # whole pools to the host, then index: no eager device op, so no compilation per page count

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distllm_jax.engine.programs import bucket
-from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, warm_pulls
+from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, wait_pools, warm_pulls
 from distllm_jax.parallel import TP
 
 
@@ -120,6 +120,7 @@ class TransferKVReceiver:
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v, lo=part.lo - d.lo)
+        wait_pools(dst)
 
 
 class TransferServerPuller:

@@ -3,7 +3,9 @@
 A worker picks its next step under the controller's lock, runs it without the lock (jax releases the
 GIL while devices compute, so instances proceed in parallel), and reports the sampled tokens back
 under the lock. A failed step fails the requests in it; if the failure also lost the instance's pool,
-every request with pages there fails and the pool is rebuilt, and the worker serves on.
+every request with pages there fails and the pool is rebuilt, and the worker serves on. If the step
+found the instance's process gone (:class:`InstanceLost`), the controller settles its requests and
+this worker stops: a replacement instance comes with a new worker.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import threading
 import time
 from typing import Sequence
 
-from distllm_jax.engine.controller import Controller
+from distllm_jax.engine.controller import Controller, InstanceLost
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
@@ -34,6 +36,12 @@ def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[lis
         out[-1].append(item)
         acc += w
     return out
+
+
+def mine(r: Request, inst: Instance, state: RequestState) -> bool:
+    """``r`` is still in ``state`` with pages on ``inst``: no cancellation, failure or lost instance
+    took it elsewhere while a step ran without the lock."""
+    return r.state is state and inst in r.holders
 
 
 class Worker(abc.ABC):
@@ -57,8 +65,13 @@ class Worker(abc.ABC):
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 
+    @property
+    def lost(self) -> bool:
+        """The instance died; read under the controller's lock to act on it."""
+        return self.inst in self.ctrl.lost
+
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.lost:
             try:
                 busy = self.step()
             except Exception as e:  # noqa: BLE001 - a scheduling bug must not kill the instance
@@ -86,16 +99,23 @@ class Worker(abc.ABC):
 
     def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> list[int] | None:
         """Run one step; on failure fail its requests (and, if the pool was lost, everyone's here)."""
-        pp = len(self.inst.stages)
-        groups = split_micro(list(segs), [len(s.tokens) for s in segs], pp)
+        groups = split_micro(list(segs), [len(s.tokens) for s in segs], self.inst.spec.pp)
         try:
             outs = self.inst.run(kind, groups)
+        except InstanceLost as e:
+            with self.ctrl.cv:
+                self.ctrl.lose_instance(e.inst, e)
+                self.running = [r for r in self.running if r.state is not RequestState.DONE]
+            return None
         except Exception as e:  # noqa: BLE001
             with self.ctrl.cv:
                 self.ctrl.fail(reqs, e, f"{self.inst.name} {kind} step")
                 if not self.inst.pools_ok():
                     self.ctrl.fail(self.ctrl.holding(self.inst), e, f"{self.inst.name} pool lost in {kind} step")
-                    self.inst.reset_pools()
+                    try:
+                        self.inst.reset_pools()
+                    except InstanceLost as lost:  # the process went with its pool
+                        self.ctrl.lose_instance(lost.inst, lost)
                 self.running = [r for r in self.running if r.state is not RequestState.DONE]
             return None
         return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
@@ -110,6 +130,8 @@ class Worker(abc.ABC):
         """A request's prompt is now fully cached and ``tok`` is its first token: stream it. True when
         the request goes on to decode (the caller then queues it where its policy says)."""
         r.num_computed = r.num_prompt
+        if r.num_sampled:  # a prefill redone after its first instance was lost: the token was streamed
+            return not self.ctrl.drop_if_over(r, now)
         if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
             return False
         r.last_token = tok

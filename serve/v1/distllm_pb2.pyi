@@ -47,7 +47,7 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_s", "tpot_s", "queueing_s", "migration_s", "e2e_s", "prefill_instance", "decode_instance")
+    __slots__ = ("ttft_s", "tpot_s", "queueing_s", "migration_s", "e2e_s", "prefill_instance", "decode_instance", "migration_path")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     QUEUEING_S_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class Timings(_message.Message):
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DECODE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_PATH_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     tpot_s: float
     queueing_s: float
@@ -62,7 +63,8 @@ class Timings(_message.Message):
     e2e_s: float
     prefill_instance: str
     decode_instance: str
-    def __init__(self, ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., queueing_s: _Optional[float] = ..., migration_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ...) -> None: ...
+    migration_path: str
+    def __init__(self, ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., queueing_s: _Optional[float] = ..., migration_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., migration_path: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("request_id", "finish_reason", "prompt_tokens", "output_tokens", "timings")
