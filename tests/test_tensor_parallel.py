@@ -49,3 +49,30 @@ def test_split_devices_disjoint():
     assert not set(a) & set(b)
     with pytest.raises(ValueError, match="only 8"):
         split_devices([4, 5])
+
+
+def test_device_random_source_same_model_under_any_split():
+    """Real-size random weights are drawn on the devices (performance work): the same seed must give
+    the same tensors whether an instance loads them on one device, sharded over two, or per pipeline
+    stage, and a different seed must give different ones."""
+    from distllm_jax.engine import DeviceRandomSource
+    from distllm_jax.engine.params_source import stage_tensor_names
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+
+    cfg = ModelConfig.from_hf_dict(preset("tiny-llama"))
+    src = DeviceRandomSource(cfg, "float32", seed=3)
+    names = stage_tensor_names(cfg, 0, cfg.num_layers, True, True)
+    one = src.load(make_mesh(jax.devices()[:1]), names)
+    two = src.load(make_mesh(jax.devices()[1:3]), names)
+    stage = src.load(make_mesh(jax.devices()[3:4]), stage_tensor_names(cfg, 1, cfg.num_layers, False, True))
+    leaves1, leaves2 = jax.tree.leaves(one), jax.tree.leaves(two)
+    assert len(leaves1) == len(leaves2) > 0
+    for a, b in zip(leaves1, leaves2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(len(a.sharding.device_set) == 2 and not a.sharding.is_fully_replicated for a in leaves2)
+    np.testing.assert_array_equal(np.asarray(stage["layers"][1]["mlp"]["w_up"]), np.asarray(one["layers"][1]["mlp"]["w_up"]))
+    w = np.asarray(one["layers"][0]["attn"]["wq"])
+    assert 0.015 < w.std() < 0.025
+    other = DeviceRandomSource(cfg, "float32", seed=4).load(make_mesh(jax.devices()[:1]), names)
+    assert not np.array_equal(np.asarray(other["layers"][0]["attn"]["wq"]), w)

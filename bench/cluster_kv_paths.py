@@ -1,6 +1,6 @@
 """Per-request KV migration time between two Ray actors, for each KV path (transfer server, staged).
 
-    PYTHONPATH=. python tools/cluster_kv_paths.py --out bench/results/cluster-kv-paths-cpu.json
+    python -m bench.cluster_kv_paths --out bench/results/cluster-kv-paths-cpu.json
 
 Starts a local Ray cluster, a prefill actor and a decode actor (tp each, virtual CPU devices on a CPU
 host), prefills one prompt per length, then times ``RemoteKVPuller.pull`` of its pages (what the
