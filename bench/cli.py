@@ -96,7 +96,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(bsub) -> None:
-    from bench import engine_micro, kick_the_tires
+    from bench import engine_micro, kick_the_tires, multi_gpu
 
     r = bsub.add_parser("run", help="replay a workload against a running server at the given rates")
     _target_args(r)
@@ -130,3 +130,8 @@ def add_bench_commands(bsub) -> None:
                         description=engine_micro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine_micro.add_arguments(e)
     e.set_defaults(fn=engine_micro.main)
+
+    mg = bsub.add_parser("multi-gpu", help="disaggregated vs colocated on one node: plan, sweep, breakdown, simcheck",
+                         description=multi_gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    multi_gpu.add_arguments(mg)
+    mg.set_defaults(fn=multi_gpu.main)

@@ -42,7 +42,8 @@ async def _one(client, i: int, item: Item, arrival: float, t0: float, verbose: b
                 t = f.timings
                 rec.server = {"ttft": t.ttft_s, "tpot": t.tpot_s, "queueing": t.queueing_s,
                               "migration": t.migration_s, "e2e": t.e2e_s,
-                              "prefill_instance": t.prefill_instance, "decode_instance": t.decode_instance}
+                              "prefill_instance": t.prefill_instance, "decode_instance": t.decode_instance,
+                              "migration_path": t.migration_path}
     except grpc.RpcError as e:
         rec.error = f"{e.code().name}: {e.details()}"
     except Exception as e:  # noqa: BLE001 - a driver bug must not lose the other requests' records

@@ -38,6 +38,52 @@ def run_engine(engine, items, arrivals):
     return [(r.timings.ttft, r.timings.tpot or 0.0) for r in res]
 
 
+def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
+    """What the engine's host adds to its programs, measured on the idle engine against the same
+    programs run directly (so the profile's fit error stays out of it):
+
+    * per-step bookkeeping (scheduling, streaming): one request decoding alone, its TPOT minus a
+      batch-1 decode step at that context;
+    * admission: an idle request's TTFT minus its prefill step and that bookkeeping;
+    * host contention (disaggregated, instances on one host's cores): a prefill and a decode
+      instance stepping at the same time, against each alone.
+    """
+    from distllm_jax.engine import SamplingParams
+    from distllm_jax.engine.programs import Segment
+    from distllm_jax.placement.profiler import _median_ms, host_contention
+
+    n_out = 33
+    tpots, ttfts = [], []
+    for _ in range(probes):
+        o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
+        tpots.append(o.timings.tpot)
+        ttfts.append(o.timings.ttft)
+    p, d = engine.instances[0], engine.instances[-1]
+    pkind = "prefill" if p.role in ("prefill", "colocated") else "mixed"
+    dkind = "decode" if d.role in ("decode", "colocated") else "mixed"
+    sp = SamplingParams(max_tokens=1)
+    p.alloc.ensure("probe-p", len(prompt) + n_out)
+    rows = [f"probe-d{i}" for i in range(8)]
+    for rid in rows:
+        d.alloc.ensure(rid, len(prompt) + n_out)
+    ptable = list(p.alloc.table("probe-p"))
+    pseg = [Segment(prompt, 0, ptable, sp, 0)]
+    dseg = [Segment([5], len(prompt) + n_out // 2, list(d.alloc.table(rid)), sp, i) for i, rid in enumerate(rows)]
+    try:
+        prefill_s = _median_ms(lambda: p.run(pkind, [pseg]), probes) / 1e3
+        decode_s = _median_ms(lambda: d.run(dkind, [dseg[:1]]), probes) / 1e3
+        contention = 1.0
+        if engine.config.mode == "disaggregated":
+            contention = host_contention(lambda: p.run("prefill", [pseg]), lambda: d.run("decode", [dseg]))
+    finally:
+        p.alloc.free("probe-p")
+        for rid in rows:
+            d.alloc.free(rid)
+    step = max(0.0, statistics.median(tpots) - decode_s)
+    admission = max(0.0, statistics.median(ttfts) - prefill_s - step)
+    return dataclasses.replace(scfg, admission_s=admission, step_overhead_s=step, host_contention=contention)
+
+
 def main(args) -> int:
     import jax
 
@@ -72,22 +118,17 @@ def main(args) -> int:
             inst = engine.instances[-1]  # the engine pads steps to these compiled shapes; so does the model
             scfg = dataclasses.replace(scfg, batch_buckets=tuple(inst.batch_buckets),
                                        token_buckets=tuple(engine.instances[0].token_buckets))
-            # calibrate the host's admission latency once: an idle engine's TTFT minus the model's prefill
-            from distllm_jax.engine import SamplingParams
-
-            probe = []
-            for _ in range(20):
-                o = engine.submit(items[0][0], SamplingParams(max_tokens=1)).result()
-                probe.append(o.timings.ttft)
-            admission = max(0.0, statistics.median(probe) - prof.fit(1).prefill_ms([len(items[0][0])]) / 1e3)
-            scfg = dataclasses.replace(scfg, admission_s=admission)
-            print(f"{name}: admission latency {1e3 * admission:.2f} ms (idle TTFT minus modelled prefill)")
+            scfg = calibrate_host(engine, scfg, items[0][0])
+            print(f"{name}: admission {1e3 * scfg.admission_s:.2f} ms, step overhead "
+                  f"{1e3 * scfg.step_overhead_s:.2f} ms, host contention x{scfg.host_contention:.2f}")
+            admission = scfg.admission_s
             for rate in args.rates:
                 arr = arrival_times(len(items), rate, seed=1)
                 real = run_engine(engine, items, arr)
                 sim = Simulator(prof, scfg).run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
                 simv = [(r.ttft, r.tpot) for r in sim]
-                row = {"mode": name, "rate": rate, "admission_s": admission}
+                row = {"mode": name, "rate": rate, "admission_s": admission,
+                       "step_overhead_s": scfg.step_overhead_s, "host_contention": scfg.host_contention}
                 for tag, v in (("engine", real), ("sim", simv)):
                     row[f"{tag}_p50_ttft"] = statistics.median(x[0] for x in v)
                     row[f"{tag}_p50_tpot"] = statistics.median(x[1] for x in v)

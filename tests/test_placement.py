@@ -59,6 +59,31 @@ def test_one_request_by_hand(mode):
     assert r.tpot == pytest.approx(0.005)
 
 
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_host_overheads_by_hand(mode):
+    """Admission and per-step bookkeeping add exactly to a lone request; contention needs a partner."""
+    cfg = SimConfig(mode, transfer_gbps=0, admission_s=0.002, step_overhead_s=0.001, host_contention=2.0)
+    (r,) = run(const_profile(), cfg, [(0.0, 8, 4)])
+    assert r.ttft == pytest.approx(0.002 + 0.010 + 0.001)
+    assert r.tpot == pytest.approx(0.005 + 0.001)
+
+
+def test_host_contention_slows_overlapping_steps():
+    """Disaggregated on one host: request B's prefill (10 ms) starts at 0.0125 while A decodes in
+    5 ms steps until 0.030 (its batch's horizon), so it overlaps the other instance for all its length
+    and takes 2x; A's decode steps that start during B's prefill are slowed as well."""
+    prof = const_profile()
+    reqs = [(0.0, 8, 5), (0.0125, 8, 2)]
+    free = run(prof, SimConfig("disaggregated", transfer_gbps=0), reqs)
+    shared = run(prof, SimConfig("disaggregated", transfer_gbps=0, host_contention=2.0), reqs)
+    assert free[1].ttft == pytest.approx(0.010)
+    assert shared[1].ttft == pytest.approx(0.020)
+    assert shared[0].ttft == pytest.approx(0.010)  # A's prefill ran alone
+    assert shared[0].finish > free[0].finish
+    assert SimConfig(host_contention=1.5).contended(1.0, 0.010, 1.005) == pytest.approx(0.0125)
+    assert SimConfig(host_contention=1.5).contended(1.0, 0.010, 0.999) == pytest.approx(0.010)
+
+
 def test_migration_time_from_bandwidth():
     prof = const_profile(kv_per_token=1e6)  # 1 MB per token
     (r,) = run(prof, SimConfig("disaggregated", transfer_gbps=1.0), [(0.0, 100, 2)])  # 100 MB at 1 GB/s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def cmd_simulate(args) -> int:
     else:
         cfg = SimConfig(args.mode, colocated=_par(args.colocated), prefill_token_budget=args.prefill_token_budget,
                         max_decode_batch=args.max_decode_batch)
+    cfg = dataclasses.replace(cfg, admission_s=args.admission_ms / 1e3, step_overhead_s=args.step_overhead_ms / 1e3,
+                              host_contention=args.host_contention)
     print(f"{prof.model} on {prof.device}, {cfg.mode} on {cfg.gpus} GPUs, SLO ({slo.ttft}s, {slo.tpot}s)")
     print(f"{'rate':>8}{'per GPU':>9}{'attain':>9}")
     for r in [float(x) for x in args.rates.split(",")]:
@@ -86,7 +89,9 @@ def cmd_place(args) -> int:
     cluster = Cluster(args.nodes, args.gpus_per_node, args.cross_node_gbps, args.intra_node_gbps)
     sim = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch)
     if args.algorithm == "high":
-        plan = algorithm1(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, transfer_gbps=args.cross_node_gbps, **sim)
+        # on one node every KV transfer stays inside it
+        gbps = args.cross_node_gbps if cluster.nodes > 1 else args.intra_node_gbps
+        plan = algorithm1(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, transfer_gbps=gbps, **sim)
     elif args.algorithm == "low":
         plan = algorithm2(prof, wl, (slo.ttft, slo.tpot), cluster, args.rate, **sim)
     else:
@@ -106,7 +111,7 @@ def cmd_place(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from distllm_jax.engine import CheckpointSource, RandomSource
+    from distllm_jax.engine import CheckpointSource, DeviceRandomSource, RandomSource
     from distllm_jax.models.config import ModelConfig
     from distllm_jax.models.presets import preset
     from distllm_jax.placement.profiler import profile
@@ -117,7 +122,8 @@ def cmd_profile(args) -> int:
         source, name = CheckpointSource(args.checkpoint, args.dtype), Path(args.checkpoint).name
     else:
         dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-        source, name = RandomSource(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
+        random = DeviceRandomSource if jax.default_backend() == "gpu" else RandomSource  # real sizes: draw on the GPU
+        source, name = random(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
     prof, errors = profile(source, _ints(args.tp), _ints(args.prompt_lens), _ints(args.prompts_per_batch),
                            _ints(args.batches), _ints(args.contexts), repeats=args.repeats, name=name)
     out = prof.to_dict()
@@ -136,6 +142,10 @@ def add_commands(sub) -> None:
     s.add_argument("--colocated", default="1xtp1p1")
     s.add_argument("--transfer-gbps", type=float, default=100.0)
     s.add_argument("--rates", default="0.5,1,2,4")
+    s.add_argument("--admission-ms", type=float, default=0.0, help="host time before a request can be scheduled")
+    s.add_argument("--step-overhead-ms", type=float, default=0.0, help="host bookkeeping added to every step")
+    s.add_argument("--host-contention", type=float, default=1.0,
+                   help="slowdown of steps that overlap on a shared host (virtual CPU devices; 1 on GPUs)")
     s.add_argument("--ablation", action="store_true", help="the paper's Figure 11 (OPT-13B, ShareGPT) instead")
     s.add_argument("--out-dir", default="bench/results/figure11")
     s.set_defaults(fn=cmd_simulate)

@@ -90,3 +90,39 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
         source=f"distllm profile on {jax.devices()[0].device_kind}",
     )
     return prof, errors
+
+
+def host_contention(step_a, step_b, seconds: float = 1.0) -> float:
+    """How much two instances slow each other when they share one host's cores (virtual CPU devices
+    of one process: the XLA CPU threads and the GIL are shared; disjoint GPUs give about 1.0).
+
+    ``step_a`` and ``step_b`` each run one step of an instance and wait for it. Each is timed alone,
+    then both loop together in two threads for ``seconds``; returns the mean of the two slowdowns
+    (>= 1), the factor :class:`~distllm_jax.placement.simulator.SimConfig` ``host_contention`` takes.
+    """
+    import threading
+
+    def rate(fn, stop: threading.Event, out: list) -> None:
+        n, t0 = 0, time.perf_counter()
+        while not stop.is_set():
+            fn()
+            n += 1
+        out.append(n / (time.perf_counter() - t0))
+
+    for fn in (step_a, step_b):
+        fn()  # warm
+    alone = []
+    for fn in (step_a, step_b):
+        stop, out = threading.Event(), []
+        threading.Timer(seconds / 2, stop.set).start()
+        rate(fn, stop, out)
+        alone.append(out[0])
+    stop, outs = threading.Event(), [[], []]
+    threads = [threading.Thread(target=rate, args=(fn, stop, o)) for fn, o in zip((step_a, step_b), outs)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return max(1.0, statistics.mean(a / o[0] for a, o in zip(alone, outs)))

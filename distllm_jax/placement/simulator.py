@@ -56,6 +56,11 @@ class SimConfig:
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
     kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
+    # host bookkeeping an engine adds to every step beyond its program (scheduling, streaming)
+    step_overhead_s: float = 0.0
+    # instances sharing one host's cores (virtual CPU devices; 1.0 for disjoint GPUs): a step that runs
+    # alongside another instance's takes up to this factor longer, in proportion to the overlap
+    host_contention: float = 1.0
     # the engine pads a step to a compiled shape: decode batches to these sizes, prefill tokens to these
     # counts (None: no padding, as on GPU systems that run exact shapes)
     batch_buckets: tuple[int, ...] | None = None
@@ -74,6 +79,12 @@ class SimConfig:
 
     def capacity(self, profile: Profile, par: Par) -> int:
         return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
+
+    def contended(self, now: float, seconds: float, others_end: float) -> float:
+        """A step's time when other instances on the same host run until ``others_end``."""
+        if self.host_contention == 1.0 or others_end <= now or seconds <= 0:
+            return seconds
+        return seconds * (1 + (self.host_contention - 1) * min(1.0, (others_end - now) / seconds))
 
     @property
     def gpus(self) -> int:
@@ -114,9 +125,15 @@ class _Decoder:
         self.ctx = 0  # Σ tokens in the cache
         self.heap: list[tuple[int, int, SimRequest]] = []
         self._ids = itertools.count()
+        self.horizon = 0  # the step at which the last running request finishes (nothing leaves early)
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.horizon - self.step) if self.n else 0
 
     def join(self, r: SimRequest, ctx: int, steps_left: int) -> None:
         heapq.heappush(self.heap, (self.step + steps_left, next(self._ids), r))
+        self.horizon = max(self.horizon, self.step + steps_left)
         self.n += 1
         self.ctx += ctx
 
@@ -174,6 +191,8 @@ class Simulator:
             push(r.arrival + cfg.admission_s, "arrive", k)
         p_busy = [False] * len(cfg.prefill)
         d_busy = [False] * len(cfg.decode)
+        p_end = [0.0] * len(cfg.prefill)  # when each instance's current step ends (host contention)
+        d_end = [0.0] * len(cfg.decode)
 
         def try_prefill(i: int, now: float) -> None:
             if p_busy[i] or not waiting or p_free_at[i] > now:
@@ -191,11 +210,12 @@ class Simulator:
                 p_used[i] += r.prompt_len
             if not batch:
                 return
-            stage = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp)
+            stage = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp) + cfg.step_overhead_s
+            stage = cfg.contended(now, stage, max([e for k, e in enumerate(p_end) if k != i] + d_end))
             for r in batch:
                 r.prefill_start = now
             p_busy[i] = True
-            p_free_at[i] = now + stage
+            p_free_at[i] = p_end[i] = now + stage
             push(now + stage * par.pp, "prefilled", len(prefilled))
             prefilled.append((i, batch))
             push(now + stage, "p_free", i)
@@ -234,8 +254,10 @@ class Simulator:
                 if joining[j]:
                     push(min(t for t, _ in joining[j]), "d_wake", j)
                 return
-            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp)
+            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp) + cfg.step_overhead_s
+            step = cfg.contended(now, step, max([e for k, e in enumerate(d_end) if k != j] + p_end))
             d_busy[j] = True
+            d_end[j] = now + step * dec[j].steps_left  # it keeps stepping until its batch drains
             push(now + step, "d_step", j)
 
         prefilled: list[tuple[int, list[SimRequest]]] = []
@@ -266,6 +288,8 @@ class Simulator:
                 d_busy[i] = False
                 for r in dec[i].advance(now):
                     d_used[i] -= r.prompt_len + r.output_len
+                if not dec[i].n:
+                    d_end[i] = now
             for k in range(len(cfg.prefill)):
                 try_prefill(k, now)
             for k in range(len(cfg.decode)):
@@ -283,6 +307,7 @@ class Simulator:
         dec = [_Decoder() for _ in range(n_inst)]
         partial: list[list[SimRequest]] = [[] for _ in range(n_inst)]
         busy = [False] * n_inst
+        ends = [0.0] * n_inst  # when each instance's current step ends (host contention)
         pending: dict[int, tuple] = {}
         events: list[tuple[float, int, str, int]] = []
         seq = itertools.count()
@@ -296,6 +321,13 @@ class Simulator:
                 return False
             used[i] += need
             return True
+
+        def launch(i: int, now: float, seconds: float, what: tuple) -> None:
+            seconds = cfg.contended(now, seconds + cfg.step_overhead_s, max([e for k, e in enumerate(ends) if k != i], default=0.0))
+            pending[i] = what
+            busy[i] = True
+            ends[i] = now + seconds
+            push(now + seconds, "done", i)
 
         def start(i: int, now: float) -> None:
             if busy[i]:
@@ -315,15 +347,10 @@ class Simulator:
                     tokens += r.prompt_len
                     r.prefill_start = now
                 if batch:
-                    stage = cfg.prefill_s(fit, [r.prompt_len for r in batch], par.pp)
-                    pending[i] = ("prefill", batch)
-                    busy[i] = True
-                    push(now + stage * par.pp, "done", i)
+                    launch(i, now, cfg.prefill_s(fit, [r.prompt_len for r in batch], par.pp) * par.pp, ("prefill", batch))
                     return
                 if dec[i].n:
-                    pending[i] = ("decode", None)
-                    busy[i] = True
-                    push(now + cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), "done", i)
+                    launch(i, now, cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), ("decode", None))
                 return
             # chunked: one token per running request plus prompt chunks up to the budget
             left = cfg.prefill_token_budget - dec[i].n
@@ -351,9 +378,7 @@ class Simulator:
                 t += (b * (dec[i].ctx + dec[i].n + sum(r.computed for r, _ in chunks)) + c * dec[i].n) / par.pp
             else:
                 t = fit.decode_ms(dec[i].n, dec[i].ctx + dec[i].n, par.pp)
-            pending[i] = ("mixed", chunks)
-            busy[i] = True
-            push(now + t / 1e3, "done", i)
+            launch(i, now, t / 1e3, ("mixed", chunks))
 
         def first_token(i: int, r: SimRequest, now: float) -> None:
             r.first_token = now
