@@ -22,6 +22,8 @@ LAYOUTS = {
     "colocated": dict(mode="colocated", colocated=(InstanceSpec(2),)),
     "Pallas kernels, P-tp1/D-tp2": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(2),), attention="pallas"),
     "chunked": dict(mode="chunked", colocated=(InstanceSpec(2),), prefill_token_budget=32),
+    "Pallas kernels, chunked": dict(mode="chunked", colocated=(InstanceSpec(1),), prefill_token_budget=32,
+                                    attention="pallas"),
 }
 
 
@@ -54,7 +56,7 @@ def test_greedy_matches_hf(reference, variant, layout):
         assert out.token_ids == exp, f"{layout} {variant}: request {i} diverged"
     assert stats["finished"] == {"length": len(WORK)}
     assert stats["attention"] == ("pallas-interpret" if "Pallas" in layout else "reference")
-    if layout.startswith(("P", "2P")) or "D-tp" in layout:
+    if LAYOUTS[layout].get("mode", "disaggregated") == "disaggregated":
         assert stats["migration_path"] == LAYOUTS[layout].get("kv_transfer", "local")
         assert stats["migrations"] == sum(1 for _, n in WORK if n > 1)
         used = {o.timings.prefill_instance for o in outs}
