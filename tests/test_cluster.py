@@ -153,3 +153,35 @@ def test_killed_decode_actor_fails_only_its_decoding_requests(idle, expected):
     idle.assert_no_leaks()
     again = run_arrivals(idle, WORK[:6], lambda i, n: greedy(n))
     assert [o.token_ids for o in again] == expected[:6]
+
+
+def test_prefill_lost_between_choosing_and_pulling(idle, expected, monkeypatch):
+    """Regression (seen once under bazel): a prefill actor lost after the decode worker chose to pull
+    from it, but before the pull began, re-queued the request and emptied its holders; the pull then
+    read ``holders[0]`` and the decode scheduler failed every request it was running. Now nothing is
+    lost: that request is prefilled again, the others decode on."""
+    from distllm_jax.engine.controller import InstanceLost
+    from distllm_jax.engine.decode import DecodeWorker
+
+    choose, fired = DecodeWorker._choose_pulls, []
+
+    def choose_then_lose(self, now):
+        pulls = choose(self, now)  # under the controller's lock, as the worker calls it
+        if pulls and not fired and len(self.running) >= 2:
+            src = pulls[0][1]
+            fired.append(src.name)
+            ray.kill(src.actor)
+            self.ctrl.lose_instance(src, InstanceLost(src, "killed by the test"))
+        return pulls
+
+    monkeypatch.setattr(DecodeWorker, "_choose_pulls", choose_then_lose)
+    streams = [idle.submit(p, greedy(n)) for p, n in WORK]
+    done = idle.wait_idle(180)  # before the fix: a pull count stuck forever, the queue never drained
+    monkeypatch.undo()
+    assert done, idle.stats()
+    outs = [s.result() for s in streams]
+    assert fired, "no pull happened while two requests were decoding"
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        assert out.error is None and out.finished is FinishReason.LENGTH, (i, out.error)
+        assert out.token_ids == exp, f"request {i} diverged"
+    settle(idle)

@@ -42,7 +42,7 @@ class DecodeWorker(Worker):
     def _fits(self, r: Request) -> bool:
         return self.inst.alloc.extra_pages_needed(r.rid, r.max_cached) <= self.inst.alloc.num_free
 
-    def _choose_pulls(self, now: float) -> list[tuple[Request, list[int], list[int]]]:
+    def _choose_pulls(self, now: float) -> list[tuple[Request, Instance, list[int], list[int]]]:
         out = []
         while self.ctrl.held and self.has_room():
             r = self.ctrl.held[0]
@@ -58,12 +58,14 @@ class DecodeWorker(Worker):
             r.timings.migration_start = now
             r.timings.decode_instance = self.inst.name
             n = pages_for(r.num_computed, self.inst.page_size)
-            out.append((r, list(r.holders[0].alloc.table(r.rid))[:n], list(self.inst.alloc.table(r.rid))[:n]))
+            src = r.holders[0]
+            out.append((r, src, list(src.alloc.table(r.rid))[:n], list(self.inst.alloc.table(r.rid))[:n]))
             self._pulling += 1
         return out
 
-    def _pull(self, r: Request, src_pages: list[int], dst_pages: list[int]) -> None:
-        src = r.holders[0]
+    def _pull(self, r: Request, src: Instance, src_pages: list[int], dst_pages: list[int]) -> None:
+        """``src`` was read under the lock: by now a lost prefill instance may have re-queued ``r``
+        (emptying its holders); the checks after the pull see that."""
         try:
             path = self.puller.pull(src, src_pages, self.inst, dst_pages)  # returns when the pages are in place
             if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
@@ -97,6 +99,6 @@ class DecodeWorker(Worker):
     def step(self) -> bool:
         with self.ctrl.cv:
             pulls = self._choose_pulls(time.perf_counter())
-        for r, src_pages, dst_pages in pulls:
-            self._pull(r, src_pages, dst_pages)
+        for r, src, src_pages, dst_pages in pulls:
+            self._pull(r, src, src_pages, dst_pages)
         return self.decode_step() or bool(pulls)
