@@ -42,6 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.engine_micro import _median_ms  # noqa: E402
+
 TABLES: list[str] = []  # every part's table, printed again at the end
 
 
@@ -49,17 +51,6 @@ def _emit(lines: list[str]) -> None:
     text = "\n".join(lines)
     print(text, flush=True)
     TABLES.append(text)
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def device_info() -> dict[str, Any]:
