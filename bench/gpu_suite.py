@@ -191,6 +191,15 @@ def _segments(inst, batch: int, ctx: int, rng: np.random.Generator, kind: str):
     return segs
 
 
+def _release(inst, segs, kind: str) -> None:
+    """Free the pages :func:`_segments` took (a segment's seed is its index there; its context is
+    where a decode token sits, or a prompt's length)."""
+    ctx = segs[0].start if kind == "decode" else len(segs[0].tokens)
+    for s in segs:
+        if not inst.alloc.free(f"{kind}-{len(segs)}-{ctx}-{s.seed}"):
+            raise AssertionError(f"no pages for {kind} segment {s.seed} of {len(segs)} at {ctx}")
+
+
 def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
     """The step's program replayed back to back with its inputs already on the device (one stage)."""
     from distllm_jax.engine.programs import STAGE_STEP
@@ -252,8 +261,7 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps
                          "floor_bytes": floor_bytes, "x_floor": engine_ms / floor_ms,
                          "host_share": max(0.0, 1 - device_ms / engine_ms),
                          "tokens_per_s": B / engine_ms * 1e3})
-            for i in range(B):
-                inst.alloc.free(f"decode-{B}-{ctx}-{i}")
+            _release(inst, segs, "decode")
     del inst
     gc.collect()
     return rows
@@ -292,8 +300,7 @@ def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *,
                      "device_ms": device_ms, "tokens_per_s": n * L / ms * 1e3, "tflop": flops / 1e12,
                      "tflop_per_s": flops / (ms * 1e-3) / 1e12,
                      "mfu": flops / (ms * 1e-3) / (matmul_tflops * 1e12)})
-        for i in range(n):
-            inst.alloc.free(f"prefill-{n}-{L}-{i}")
+        _release(inst, segs, "prefill")
     del inst
     gc.collect()
     return rows

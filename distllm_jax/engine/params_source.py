@@ -61,16 +61,16 @@ class RandomSource:
         self.cfg, self.dtype, self.seed, self.std = cfg, dtype, seed, std
 
     def load(self, mesh: jax.sharding.Mesh, names: Collection[str]) -> Params:
-        flat: dict[str, Any] = {}
-        for spec in tensor_specs(self.cfg):
-            if spec.name in names:
-                host = random_tensor(spec, self.seed, np.float32, self.std).astype(_np_dtype(self.dtype))
-                sharding = jax.sharding.NamedSharding(mesh, spec_partition(spec, mesh))
-                flat[spec.name] = jax.device_put(host, sharding)
+        flat = {spec.name: self._tensor(spec, jax.sharding.NamedSharding(mesh, spec_partition(spec, mesh)))
+                for spec in tensor_specs(self.cfg) if spec.name in names}
         return unflatten(flat, self.cfg)
 
+    def _tensor(self, spec: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        host = random_tensor(spec, self.seed, np.float32, self.std).astype(_np_dtype(self.dtype))
+        return jax.device_put(host, sharding)
 
-class DeviceRandomSource:
+
+class DeviceRandomSource(RandomSource):
     """Seeded random weights drawn on the devices themselves (``jax.random``), for performance work at
     real sizes: a 13B model in seconds, where :class:`RandomSource`'s host draw takes minutes. Each
     tensor's key comes from its name and the draw is made for the whole tensor under its sharding
@@ -78,16 +78,11 @@ class DeviceRandomSource:
     The values differ from :class:`RandomSource`'s (another generator)."""
 
     def __init__(self, cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0, std: float = 0.02):
-        self.cfg, self.dtype, self.seed, self.std = cfg, dtype, seed, std
+        super().__init__(cfg, dtype, seed, std)
 
-    def load(self, mesh: jax.sharding.Mesh, names: Collection[str]) -> Params:
-        flat: dict[str, Any] = {}
-        for spec in tensor_specs(self.cfg):
-            if spec.name in names:
-                sharding = jax.sharding.NamedSharding(mesh, spec_partition(spec, mesh))
-                key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _name_seed(spec.name))
-                flat[spec.name] = _draw(sharding, spec.shape, self.dtype, spec.init, self.std)(key)
-        return unflatten(flat, self.cfg)
+    def _tensor(self, spec: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _name_seed(spec.name))
+        return _draw(sharding, spec.shape, self.dtype, spec.init, self.std)(key)
 
 
 def _name_seed(name: str) -> int:
