@@ -14,8 +14,10 @@ The *floor* of a decode step is the bytes it must read (weights + each sequence'
 bandwidth measured in the same process; *MFU* is the model's FLOPs (2 per weight per token, plus the
 causal attention's 2·L²·H·Dh per layer) over the step time and the measured bf16 matmul rate.
 *engine ms* is a whole engine step as serving runs it (host packing, host->device copies, the step,
-the token ids back); *device ms* is the same program replayed with its inputs already on the device,
-so ``1 - device/engine`` is the host's share of the step.
+the token ids back; decode steps with the serving loop's lookahead, step k+1 dispatched before step k
+is read), *sync ms* the same decode step packed, run and read in turn; *device ms* is the same
+program replayed with its inputs already on the device, so ``1 - device/engine`` is the host's share
+of the step.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.engine_micro import _median_ms  # noqa: E402
+from distllm_jax.placement.profiler import decode_step_ms, run_decode_steps  # noqa: E402
 
 TABLES: list[str] = []  # every part's table, printed again at the end
 
@@ -71,26 +74,41 @@ def device_tag() -> str:
 # ---- ceilings -------------------------------------------------------------------------------------
 
 
-def ceilings(repeats: int = 20) -> dict[str, Any]:
-    """The two rates every other number is compared with, measured here: an elementwise pass over a
-    large bf16 buffer (bytes read + written) and a large bf16 matrix product (random data)."""
+def _back_to_back_ms(fn: Callable[[int], Any], passes: int, repeats: int) -> float:
+    """One pass of ``fn(i)``, timed as ``passes`` dispatched back to back and waited for once: a
+    pass of a millisecond or less is shorter than a dispatch plus a host sync, and timing each alone
+    (as the first version of this did) put that overhead into the rate (1.9 TB/s and 660 TFLOP/s on
+    an H200 that copies at about 4.3 TB/s and multiplies at about 790)."""
+    def run() -> Any:
+        return [fn(i) for i in range(passes)][-1]
+
+    return _median_ms(run, repeats) / passes
+
+
+def ceilings(repeats: int = 10, passes: int = 20) -> dict[str, Any]:
+    """The rates every other number is compared with, measured here: an elementwise pass over a
+    large bf16 buffer (bytes read + written, the copy rate the decode floor uses), a reduction over
+    it (bytes read only, what a decode step mostly does), and a large bf16 matrix product (random
+    data)."""
     key = jax.random.PRNGKey(0)
     n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of bf16 on a GPU
     bufs = [jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.bfloat16) for i in range(3)]
     step = jax.jit(lambda x: x * 1.0009765625 + 1)
-    it = iter(range(1 << 30))
-    copy_ms = _median_ms(lambda: step(bufs[next(it) % 3]), repeats)
+    copy_ms = _back_to_back_ms(lambda i: step(bufs[i % 3]), passes, repeats)
     copy_tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
+    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    read_ms = _back_to_back_ms(lambda i: total(bufs[i % 3]), passes, repeats)
+    read_tbps = n * 2 / (read_ms * 1e-3) / 1e12
     m = 8192 if jax.default_backend() == "gpu" else 512
     a = [jax.random.normal(jax.random.fold_in(key, 10 + i), (m, m), jnp.bfloat16) for i in range(3)]
     mm = jax.jit(lambda x, y: x @ y)
-    it2 = iter(range(1 << 30))
-    mm_ms = _median_ms(lambda: mm(a[next(it2) % 3], a[(next(it2) + 1) % 3]), repeats)
+    mm_ms = _back_to_back_ms(lambda i: mm(a[i % 3], a[(i + 1) % 3]), passes, repeats)
     tflops = 2 * m**3 / (mm_ms * 1e-3) / 1e12
     del bufs, a
-    out = {"copy_tb_per_s": copy_tbps, "copy_bytes": 2 * n * 2, "matmul_tflop_per_s": tflops, "matmul_n": m}
+    out = {"copy_tb_per_s": copy_tbps, "copy_bytes": 2 * n * 2, "read_tb_per_s": read_tbps,
+           "matmul_tflop_per_s": tflops, "matmul_n": m, "timing": f"{passes} passes back to back"}
     _emit([f"ceilings on {device_info()['device']}: elementwise read+write {copy_tbps:.2f} TB/s, "
-           f"bf16 {m}^3 matmul {tflops:.0f} TFLOP/s"])
+           f"read (sum) {read_tbps:.2f} TB/s, bf16 {m}^3 matmul {tflops:.0f} TFLOP/s"])
     return out
 
 
@@ -205,14 +223,18 @@ def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
     from distllm_jax.engine.programs import STAGE_STEP
 
     (st,) = inst.stages
-    batch, _ = inst.pack(kind, segs, inst.bucket_for(kind, segs))
+    size = inst.bucket_for(kind, segs)
+    batch, _ = inst.pack(kind, segs, size)
     b = jax.device_put(batch, st.repl)
+    ahead = kind == "decode" and inst.lookahead  # the serving program: ids fed from the last step
+    src = jax.device_put(np.arange(size, dtype=np.int32), st.repl)
 
     def run_steps(n: int) -> None:
         x = None
         for _ in range(n):
+            feed = (inst._no_ids() if x is None else x[0], src) if ahead else None
             x, st.pool = STAGE_STEP(st.params, None, b, st.pool, kind=kind, cfg=inst.cfg, impl=inst.impl,
-                                    first=True, last=True)
+                                    first=True, last=True, feed=feed)
         jax.block_until_ready(x)
 
     run_steps(2)
@@ -253,11 +275,12 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps
                 rows.append({**row, "skipped": f"needs {gib:.0f} GiB for weights + KV"})
                 continue
             segs = _segments(inst, B, ctx, rng, "decode")
-            engine_ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+            sync_ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+            engine_ms = decode_step_ms(inst, segs, repeats)
             device_ms = _device_loop_ms(inst, "decode", segs)
             floor_bytes = model.weight_bytes() + B * (ctx + 1) * model.kv_bytes_per_token()
             floor_ms = floor_bytes / (copy_tbps * 1e12) * 1e3  # bytes moved over the copy's rate (read + write)
-            rows.append({**row, "engine_ms": engine_ms, "device_ms": device_ms, "floor_ms": floor_ms,
+            rows.append({**row, "engine_ms": engine_ms, "sync_ms": sync_ms, "device_ms": device_ms, "floor_ms": floor_ms,
                          "floor_bytes": floor_bytes, "x_floor": engine_ms / floor_ms,
                          "host_share": max(0.0, 1 - device_ms / engine_ms),
                          "tokens_per_s": B / engine_ms * 1e3})
@@ -268,13 +291,14 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], copy_tbps
 
 
 def decode_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'model':<11}{'batch':>6}{'ctx':>6}{'engine ms':>11}{'device ms':>11}{'floor ms':>10}"
+    out = [f"{'model':<11}{'batch':>6}{'ctx':>6}{'sync ms':>9}{'engine ms':>11}{'device ms':>11}{'floor ms':>10}"
            f"{'x floor':>9}{'host %':>8}{'tok/s':>9}"]
     for r in rows:
         if "skipped" in r:
             out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}  {r['skipped']}")
             continue
-        out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
+        out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}{r.get('sync_ms', float('nan')):>9.2f}"
+                   f"{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
                    f"{r['floor_ms']:>10.2f}{r['x_floor']:>9.2f}{100 * r['host_share']:>8.1f}{r['tokens_per_s']:>9.0f}")
     return out
 
@@ -355,8 +379,9 @@ def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
 
 
 def trace_decode(model: Model, B: int, ctx: int, trace_dir: Path, steps: int = 10, attention: str = "auto") -> dict[str, Any]:
-    inst = make_instance(model, "decode", B * math.ceil((ctx + 1) / 16) + 2, ctx + 16, batch=max(B, 1),
-                         attention=attention)
+    ctx = min(ctx, model.cfg.max_position_embeddings - 1)  # the new token's position
+    inst = make_instance(model, "decode", B * math.ceil((ctx + 1) / 16) + 2,
+                         min(model.cfg.max_position_embeddings, ctx + 16), batch=max(B, 1), attention=attention)
     fill_pools(inst)
     segs = _segments(inst, B, ctx, np.random.default_rng(0), "decode")
     for _ in range(3):
@@ -364,8 +389,7 @@ def trace_decode(model: Model, B: int, ctx: int, trace_dir: Path, steps: int = 1
     log_dir = trace_dir / f"trace-{model.name}-b{B}-c{ctx}-{time.strftime('%H%M%S')}"
     jax.profiler.start_trace(str(log_dir), create_perfetto_trace=True)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        inst.run("decode", [segs])
+    run_decode_steps(inst, segs, steps)  # as the serving loop runs them (lookahead)
     wall_us = (time.perf_counter() - t0) / steps * 1e6
     jax.profiler.stop_trace()
     summary = summarize_trace(log_dir, steps)
@@ -381,9 +405,11 @@ def _hlo_counts(inst, segs) -> dict[str, int]:
     from distllm_jax.engine.programs import STAGE_STEP
 
     (st,) = inst.stages
-    batch, _ = inst.pack("decode", segs, inst.bucket_for("decode", segs))
+    size = inst.bucket_for("decode", segs)
+    batch, _ = inst.pack("decode", segs, size)
+    feed = (inst._no_ids(), np.full(size, -1, np.int32)) if inst.lookahead else None
     text = STAGE_STEP.lower(st.params, None, batch, st.pool, kind="decode", cfg=inst.cfg, impl=inst.impl,
-                            first=True, last=True).compile().as_text()
+                            first=True, last=True, feed=feed).compile().as_text()
     entry = text[text.find("ENTRY"):]
     count = lambda needle, s=entry: s.count(needle)  # noqa: E731
     return {"entry_fusions": count(" fusion("), "entry_custom_calls": count(" custom-call("),
@@ -493,6 +519,33 @@ def e2e_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# ---- the placement's latency profile ---------------------------------------------------------------
+
+
+def engine_profile(model: Model, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """``distllm profile`` of this model on this GPU (tensor degree 1): the engine's prefill and
+    decode programs over a grid, the latency model fitted, the profile JSON written beside the rest."""
+    from distllm_jax.engine import DeviceRandomSource
+    from distllm_jax.placement.profiler import profile
+
+    spec = {k: _ints(v) for k, v in (kv.split("=") for kv in args.profile_grid.split(";"))}
+    src = DeviceRandomSource(model.cfg, model.dtype, seed=0)
+    prof, errors = profile(src, [1], spec["prompt_lens"], spec["prompts"], spec["batches"], spec["contexts"],
+                           repeats=3, name=model.name)
+    d = prof.to_dict()
+    d["fit_errors"] = errors
+    path = out_dir / f"profile-{device_tag()}-{model.name}.json"
+    path.write_text(json.dumps(d, indent=1))
+    e = errors[1]
+    return {"model": model.name, "profile": str(path), "prefill_mean_rel_err": e["prefill_mean_rel_err"],
+            "decode_mean_rel_err": e["decode_mean_rel_err"], "fit": d["fits"]}
+
+
+def profile_table(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"profile {r['model']}: prefill fit mean |err| {100 * r['prefill_mean_rel_err']:.1f}%, decode "
+            f"{100 * r['decode_mean_rel_err']:.1f}% -> {r['profile']}" for r in rows]
+
+
 # ---- driver ---------------------------------------------------------------------------------------
 
 
@@ -501,7 +554,7 @@ def _ints(s: str) -> list[int]:
 
 
 def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, Any], parts: list[str],
-             results: dict[str, list]) -> None:
+             results: dict[str, list], out_dir: Path) -> None:
     if part == "decode":
         rows = decode_grid(model, _ints(args.batches), _ints(args.contexts), ceil["copy_tb_per_s"],
                            repeats=args.repeats, attention=args.attention)
@@ -515,11 +568,13 @@ def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, 
             B, ctx = (int(x) for x in pair.split(":"))
             rows.append(trace_decode(model, B, ctx, Path(args.trace_dir), attention=args.attention))
             _emit(trace_table(rows[-1:]))
+    elif part == "profile":
+        rows = [engine_profile(model, args, out_dir)]
+        _emit(profile_table(rows))
     else:
         B, P, N = (int(x) for x in args.e2e.split(":"))
         rows = [engine_e2e(model, B, P, N)] if "e2e" in parts else []
-        if "hf" in parts:
-            rows += [hf_generate(model, B, P, N, c, args.hf_timeout) for c in args.hf_caches.split(",")]
+        rows += args.hf_rows.get(model.name, [])
         _emit(e2e_table(rows))
     results[part] += rows
 
@@ -533,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-tokens", default="512,2048,8192")
     p.add_argument("--trace", default="1:512,64:2048", help="batch:context pairs traced by the trace part")
     p.add_argument("--e2e", default="32:512:128", help="batch:prompt:new tokens for the e2e and hf parts")
+    p.add_argument("--profile-grid", default="prompt_lens=128,512,1024,2048;prompts=1,2,4;batches=1,8,32,64;"
+                   "contexts=128,512,1536", help="the profile part's grid (distllm profile's axes)")
     p.add_argument("--hf-caches", default="dynamic,static")
     p.add_argument("--hf-timeout", type=int, default=300)
     p.add_argument("--trace-dir", default="/tmp/distllm-traces", help="where the profiler's raw traces go")
@@ -543,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
+    args.hf_rows = {}
+    if "hf" in parts:  # first, while this process holds no GPU memory (jax takes most of it once it starts)
+        B, P, N = (int(x) for x in args.e2e.split(":"))
+        for name in args.models.split(","):
+            args.hf_rows[name] = [hf_generate(load_model(name), B, P, N, c, args.hf_timeout)
+                                  for c in args.hf_caches.split(",")]
     tag = device_tag()
     info = device_info()
     print(json.dumps(info), flush=True)
@@ -553,12 +616,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ceil = json.loads(ceil_path.read_text())
     results: dict[str, list] = defaultdict(list)
+
+    def save() -> None:  # after every part: a call cut short at its time limit keeps what it measured
+        for part, rows in results.items():
+            path = out / f"gpu-suite-{part}-{tag}-{'_'.join(args.models.split(','))}.json"
+            path.write_text(json.dumps({**info, "ceilings": ceil, "rows": rows}, indent=1))
+
     for name in args.models.split(","):
         model = load_model(name)
-        for part in ("decode", "prefill", "trace", "e2e"):
+        for part in ("decode", "prefill", "trace", "profile", "e2e"):
             if part in parts or (part == "e2e" and "hf" in parts):
                 try:
-                    run_part(part, model, args, ceil, parts, results)
+                    run_part(part, model, args, ceil, parts, results, out)
                 except Exception as e:  # noqa: BLE001 - one part's failure must not lose the others
                     import traceback
 
@@ -566,10 +635,9 @@ def main(argv: list[str] | None = None) -> int:
                     _emit([f"{model.name} {part}: FAILED {type(e).__name__}: {str(e)[:300]}"])
                     results[part].append({"model": model.name, "error": f"{type(e).__name__}: {e}"[:2000]})
                 gc.collect()
-    for part, rows in results.items():
-        path = out / f"gpu-suite-{part}-{tag}-{'_'.join(args.models.split(','))}.json"
-        path.write_text(json.dumps({**info, "ceilings": ceil, "rows": rows}, indent=1))
-        print(f"wrote {path}")
+                save()
+    for part in results:
+        print(f"wrote {out / f'gpu-suite-{part}-{tag}-' }{'_'.join(args.models.split(','))}.json")
     print("\n==== summary ====\n" + "\n\n".join(TABLES))
     return 0
 

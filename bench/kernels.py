@@ -30,16 +30,23 @@ import numpy as np
 
 
 def _time_ms(fn, *args, reps: int = 30) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
+    """Per call, from ``reps`` calls dispatched back to back and waited for once (median of 5 such
+    runs): a kernel of a few hundred microseconds is not much longer than a dispatch plus a host
+    sync, and timing each call alone (as this did first) put that overhead into the kernel."""
+    jax.block_until_ready(fn(*args))
     for _ in range(3):
         jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(reps):
+    for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        jax.block_until_ready([fn(*args) for _ in range(reps)])
+        times.append((time.perf_counter() - t0) / reps)
     return 1e3 * statistics.median(times)
+
+
+# (pages per block, warps, pipeline stages) tried for this project's decode kernel; "wide" sweeps
+DECODE_CONFIGS = {"default": ((8, 4, 2), (8, 4, 3), (4, 4, 4), (16, 8, 4)),
+                  "wide": tuple((p, w, st) for p in (4, 8, 16, 32) for w in (4, 8) for st in (1, 2, 3, 4))}
 
 
 def _rel(a, b) -> float:
@@ -47,7 +54,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(1e-9, np.linalg.norm(b)))
 
 
-def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
+def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=DECODE_CONFIGS["default"]):
     from jax.experimental.pallas.ops.gpu import paged_attention as upstream
 
     from distllm_jax.models.attention import paged_decode_attention as xla_ref
@@ -72,7 +79,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
             row = {"batch": B, "context": ctx, "q_heads": H, "kv_heads": KVH, "head_dim": Dh, "MB": moved / 1e6}
             row["xla_ms"] = _time_ms(ref, q, kp, vp, tables, lengths, scale)
             best = None
-            for ppb, warps, stages in ((8, 4, 2), (8, 4, 3), (4, 4, 4), (16, 8, 4)):
+            for ppb, warps, stages in configs:
                 if W % ppb:
                     continue
                 s_auto = max(1, min(W // ppb, math.ceil(264 / (B * KVH))))
@@ -89,6 +96,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
                             continue
                         if err > 2e-2:
                             raise AssertionError(f"ours wrong at {row}: rel err {err}")
+                        row.setdefault("ours_all_ms", {})[f"ppb{ppb}/s{splits}/w{warps}/st{stages}"] = ms
                         if best is None or ms < best[0]:
                             best = (ms, f"ppb{ppb}/s{splits}/w{warps}/st{stages}", err)
             row["ours_ms"], row["ours_config"], row["ours_err"] = best
@@ -115,6 +123,9 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16):
                 if f"{name}_ms" in row:
                     row[f"{name}_TBps"] = moved / row[f"{name}_ms"] / 1e9
             rows.append(row)
+            ranked = sorted(row.get("ours_all_ms", {}).items(), key=lambda kv: kv[1])
+            print("  configs, fastest first:", ", ".join(f"{c} {ms:.3f}" for c, ms in ranked[:6]),
+                  "... slowest", ", ".join(f"{c} {ms:.3f}" for c, ms in ranked[-2:]), flush=True)
             print(f"decode B={B:4d} ctx={ctx:5d}: ours {row['ours_ms']:.3f} ms ({row['ours_TBps']:.2f} TB/s, "
                   f"{row['ours_config']}), upstream {row.get('upstream_ms', float('nan')):.3f} ms, "
                   f"xla {row['xla_ms']:.3f} ms", flush=True)
@@ -231,14 +242,18 @@ def main(args: argparse.Namespace) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_TBps": copy_bandwidth()}
     print(f"{res['device']}, jax {res['jax']}: elementwise read+write {res['copy_TBps']:.2f} TB/s", flush=True)
-    res["decode"] = decode_suite(ints(args.batches), ints(args.contexts), args.heads, args.kv_heads, args.head_dim)
+    configs = DECODE_CONFIGS[args.decode_configs]
+    res["decode"] = decode_suite(ints(args.batches), ints(args.contexts), args.heads, args.kv_heads, args.head_dim,
+                                 configs=configs)
     if args.gqa_kv_heads:
         res["decode_gqa"] = decode_suite(ints(args.batches), ints(args.contexts), args.heads, args.gqa_kv_heads,
-                                         args.head_dim)
-    res["head_dim_80"] = head_dim_80_check()
-    print(f"head_dim 80: {res['head_dim_80']}", flush=True)
-    cases = [[2048] * 4, [4096] * 2, [512] * 16, [1900, 700, 3000, 25, 1000, 1567]]
-    res["prefill"] = prefill_suite(cases, args.heads, args.heads, args.head_dim)
+                                         args.head_dim, configs=configs)
+    res["prefill"] = []
+    if not args.decode_only:
+        res["head_dim_80"] = head_dim_80_check()
+        print(f"head_dim 80: {res['head_dim_80']}", flush=True)
+        cases = [[2048] * 4, [4096] * 2, [512] * 16, [1900, 700, 3000, 25, 1000, 1567]]
+        res["prefill"] = prefill_suite(cases, args.heads, args.heads, args.head_dim)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     errs = {e for r in res["decode"] for e in r.get("upstream_errors", [])}
@@ -264,6 +279,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, default=32)
     p.add_argument("--gqa-kv-heads", type=int, default=8, help="also time GQA with this many KV heads (0: skip)")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--decode-configs", default="default", choices=sorted(DECODE_CONFIGS))
+    p.add_argument("--decode-only", action="store_true", help="skip the prefill kernels")
     p.add_argument("--out", default="bench/results/kernels.json")
 
 

@@ -25,6 +25,8 @@ from distllm_jax.kv_cache import NULL_PAGE
 
 _NEG = -1e30
 _MIN_ROWS = 16
+_FILL_PROGRAMS = 264  # two programs per multiprocessor of an H100/H200 (132)
+_MAX_SPLITS = 8
 
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale: float,
@@ -93,16 +95,26 @@ def paged_decode_attention(
     lengths: jax.Array,  # [B] int32, cached tokens incl. the new one
     scale: float,
     *,
-    pages_per_block: int = 8,
-    splits: int = 4,
+    pages_per_block: int = 4,
+    splits: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 1,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """``poison`` (tests): the kernel writes into NaN-filled buffers, so an element it skipped shows."""
+    """The defaults are the fastest of 32 configurations swept on an H200 (bench/kernels.py
+    ``--decode-configs wide``, OPT-13B's 40 heads, batch 32/64, context 512/2048): 4 pages a block
+    and no software pipelining (``num_stages=1``) beat the former 8 pages and 2 stages by 23-27% in
+    all four shapes (``bench/results/kernels-h200-sweep.json``); each program's loop is only a few
+    blocks long, and without a second stage's buffers more programs fit on a multiprocessor.
+    ``splits=None`` picks split-K from the grid: enough programs to fill the GPU twice over, no more.
+    Every split writes float32 partials for 16 padded rows that the merge reads back; at batch 32 of
+    an MHA model (40 KV heads) four splits wrote and re-read about 1.7 GB a step for nothing.
+    ``poison`` (tests): the kernel writes into NaN-filled buffers, so an element it skipped shows."""
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
+    if splits is None:
+        splits = min(_MAX_SPLITS, max(1, math.ceil(_FILL_PROGRAMS / (B * KVH))))
     G = H // KVH
     W = 1 << (page_tables.shape[1] - 1).bit_length()
     if W != page_tables.shape[1]:

@@ -13,7 +13,8 @@ from bench import gpu_suite
 
 def test_every_part_runs_on_tiny_models(tmp_path, capsys):
     out = tmp_path / "suite"
-    rc = gpu_suite.main(["--parts", "ceilings,decode,prefill,trace,e2e", "--models", "tiny-opt",
+    rc = gpu_suite.main(["--parts", "ceilings,decode,prefill,trace,profile,e2e", "--models", "tiny-opt",
+                         "--profile-grid", "prompt_lens=16,32;prompts=1,2;batches=1,2;contexts=16,48",
                          "--batches", "1,4", "--contexts", "32,600", "--prefill-tokens", "64,256",
                          "--trace", "2:32", "--e2e", "3:16:6", "--repeats", "2", "--out", str(out),
                          "--trace-dir", str(tmp_path / "traces")])
@@ -32,5 +33,10 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
     (trace,) = json.loads((out / "gpu-suite-trace-cpu-tiny-opt.json").read_text())["rows"]
     assert trace["hlo"]["conditionals"] == 0  # sampling is its own program, not a branch in the step
     assert trace["host_top"] and trace["wall_us_per_step"] > 0
+    (prof,) = json.loads((out / "gpu-suite-profile-cpu-tiny-opt.json").read_text())["rows"]
+    fitted = json.loads((out / "profile-cpu-tiny-opt.json").read_text())
+    assert fitted["model"] == "tiny-opt" and "1" in fitted["fits"] and prof["decode_mean_rel_err"] >= 0
+    for r in decode:
+        assert r["sync_ms"] > 0
     (e2e,) = json.loads((out / "gpu-suite-e2e-cpu-tiny-opt.json").read_text())["rows"]
     assert e2e["output_tokens"] == 3 * 6 and e2e["compilations_after_warmup"] == 0

@@ -12,7 +12,7 @@ import pytest
 from distllm_jax.engine import Engine, FinishReason, InstanceSpec, SamplingParams
 from distllm_jax.engine import compile_counter
 from distllm_jax.kv_cache import pages_for
-from engine_workload import MAX_LEN, PAGE, greedy, hf_greedy, small_config, workload
+from engine_workload import MAX_LEN, PAGE, greedy, hf_greedy, run_arrivals, small_config, workload
 
 VARIANT = "llama-gqa-llama3"
 WORK = workload(32, seed=3)
@@ -99,19 +99,20 @@ def test_one_request_failing_does_not_stop_others(engine, monkeypatch):
 
 def test_failed_step_fails_its_batch_and_engine_goes_on(engine, monkeypatch):
     decode = next(i for i in engine.instances if i.role == "decode")
-    real = decode.run
+    real = decode.dispatch_decode  # the decode worker's path (lookahead: one-stage instance)
     calls = {"n": 0}
 
-    def flaky(kind, micro_batches):
+    def flaky(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected device failure")
-        return real(kind, micro_batches)
+        return real(*args, **kw)
 
-    monkeypatch.setattr(decode, "run", flaky)
+    monkeypatch.setattr(decode, "dispatch_decode", flaky)
     out = engine.submit([3, 1, 4, 1, 5], greedy(6)).result()
     assert out.finished is FinishReason.ERROR and "injected device failure" in out.error
-    monkeypatch.setattr(decode, "run", real)
+    assert calls["n"] == 2
+    monkeypatch.setattr(decode, "dispatch_decode", real)
     again = engine.submit([3, 1, 4, 1, 5], greedy(6)).result()
     assert again.finished is FinishReason.LENGTH and len(again.token_ids) == 6
     assert any("injected device failure" in e for e in engine.stats()["recent_errors"])
@@ -136,6 +137,25 @@ def test_stop_token_and_single_token(setup, engine):
     assert out.finished is FinishReason.STOP and out.token_ids == ref[:stop_at]
     one = engine.submit(prompt, greedy(1)).result()
     assert one.token_ids == ref[:1] and one.timings.migration_start is None
+
+
+def test_lookahead_decode_stops_and_reuses_pages(setup, engine):
+    """The decode instance dispatches step k+1 before reading step k: requests that end on a stop
+    token get one step too many, which must neither stream nor corrupt the pages handed on."""
+    model = setup[1]
+    assert [w.lookahead for w in engine.workers] == [False, True]  # prefill, decode (one stage)
+    items, expected, stops = WORK[:12], [], []
+    for i, (p, n) in enumerate(items):
+        ref = hf_greedy(model, p, n)
+        at = next((k for k in range(1, n) if ref[k] not in ref[:k]), None) if i % 2 == 0 else None
+        stops.append(() if at is None else (ref[at],))
+        expected.append(ref if at is None else ref[:at])
+    outs = run_arrivals(engine, items, lambda i, n: SamplingParams(max_tokens=n, stop_token_ids=stops[i],
+                                                                    ignore_eos=True), gap_s=0.001)
+    for out, exp, stop in zip(outs, expected, stops):
+        assert out.token_ids == exp
+        assert out.finished is (FinishReason.STOP if stop else FinishReason.LENGTH)
+        assert out.num_output_tokens == len(exp)
 
 
 def test_timings_in_order(engine):

@@ -39,6 +39,7 @@ class ColocatedWorker(Worker):
             segs = [Segment(r.prompt, 0, list(self.inst.alloc.table(r.rid)), r.params, r.seed) for r in batch]
         if not batch:
             return self.decode_step()
+        self.flush()  # the decode step in flight streams its tokens before the prefill runs
         tokens = self.run("prefill", batch, segs)
         if tokens is not None:
             with self.ctrl.cv:
@@ -54,6 +55,7 @@ class ChunkedWorker(Worker):
     def __init__(self, ctrl: Controller, inst: Instance, budget: int):
         super().__init__(ctrl, inst)
         self.budget = budget
+        self.lookahead = False  # its steps mix prompt chunks with decode tokens: no plain decode step
         self.prefilling: list[Request] = []  # admitted, prompt partly computed (FCFS)
 
     @property

@@ -62,6 +62,9 @@ class EngineConfig:
     attention: str = "auto"  # auto (Pallas on GPU, reference on CPU) | pallas | reference
     kv_transfer: str = "local"  # local (device_put between meshes) | transfer-server
     check_transfers: bool = False  # compare every migrated page bit for bit (tests, debugging)
+    # decode dispatches step k+1 before reading step k (its ids feed k+1 on the device), so host
+    # work overlaps the device's; one-stage instances only (see Instance.dispatch_decode)
+    async_decode: bool = True
     progress: bool = True
     seed: int = 0
 

@@ -99,6 +99,8 @@ class Engine:
         else:
             kind = ColocatedWorker if cfg.mode == "colocated" else ChunkedWorker
             self.workers = [kind(self.ctrl, inst, budget) for inst in self.instances]
+        for w in self.workers:
+            w.lookahead = w.lookahead and cfg.async_decode
         self._rng = np.random.default_rng(cfg.seed)
         self._ids = itertools.count()
         self._closed = False

@@ -100,6 +100,7 @@ class Instance:
         )
         self.mixed_buckets = pow2_buckets(ecfg.min_token_bucket, ecfg.prefill_token_budget)
         self.steps = 0
+        self._zero_ids: jax.Array | None = None  # the feed of a decode step that follows none
 
     # ---- the programs ---------------------------------------------------------------------------
 
@@ -122,29 +123,64 @@ class Instance:
         n = len(segs) if kind == "decode" else sum(len(s.tokens) for s in segs)
         return bucket(self.shapes(kind), n)
 
+    @property
+    def lookahead(self) -> bool:
+        """Decode steps feed each other on the device (:meth:`dispatch_decode`). One stage only: a
+        pipelined instance already overlaps its micro-batches, and its ids would have to cross
+        from the last stage's mesh to the first's."""
+        return len(self.stages) == 1
+
     def dispatch(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[jax.Array]:
         """Dispatch one step (several micro-batches when pipelined); returns the device arrays of
         sampled ids, one per micro-batch, without waiting for them."""
+        if kind == "decode" and self.lookahead and len(micro_batches) == 1:
+            return [self.dispatch_decode(micro_batches[0])]
         self.steps += 1
         return self._launch(kind, [self.pack(kind, segs, self.bucket_for(kind, segs)) for segs in micro_batches])
 
-    def _launch(self, kind: str, host: Sequence[tuple[Any, Any]], sample_all: bool = False) -> list[jax.Array]:
+    def dispatch_decode(self, segs: Sequence[Segment], prev: jax.Array | None = None,
+                        src: Sequence[int] | None = None) -> jax.Array:
+        """Dispatch one decode step whose rows may take their input token from ``prev``, the ids of
+        a step dispatched earlier and not yet read (row i uses ``prev[src[i]]`` when ``src[i] >= 0``,
+        else its segment's token). The serving loop dispatches step k+1 this way before it reads
+        step k, so the host's packing and launch overlap the device's work instead of leaving it
+        idle between steps. Returns ids padded to ``max_batch`` rows."""
+        if not self.lookahead:
+            raise ValueError(f"{self.name}: a {len(self.stages)}-stage instance has no decode lookahead")
+        self.steps += 1
+        B = self.bucket_for("decode", segs)
+        s = np.full(B, -1, np.int32)
+        if src is not None:
+            s[: len(src)] = src
+        if prev is None:
+            prev = self._no_ids()
+        return self._launch("decode", [self.pack("decode", segs, B)], feeds=[(prev, s)])[0]
+
+    def _no_ids(self) -> jax.Array:
+        if self._zero_ids is None:
+            self._zero_ids = jax.device_put(np.zeros(self.max_batch, np.int32), self.stages[0].repl)
+        return self._zero_ids
+
+    def _launch(self, kind: str, host: Sequence[tuple[Any, Any]], sample_all: bool = False,
+                feeds: Sequence[Any] | None = None) -> list[jax.Array]:
         """Host inputs go to the programs as numpy: jit's C++ path places them on each stage's mesh
         (replicated) far cheaper than a Python ``device_put`` per leaf (about 0.5 ms a step on an
         H100, measured). Only the activations between pipeline stages are moved explicitly."""
         outs = []
         with self.lock:
-            for batch, sb in host:
+            for i, (batch, sb) in enumerate(host):
+                feed = feeds[i] if feeds is not None else None
                 x = None
                 for st in self.stages:
                     if x is not None:
                         x = jax.device_put(x, st.repl)
                     x, st.pool = STAGE_STEP(
                         st.params, x, batch, st.pool,
-                        kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last,
+                        kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last, feed=feed,
                     )
                 greedy, logits = x
-                outs.append(SAMPLE(logits, sb) if sample_all or np.any(sb.temperature > 0) else greedy)
+                rows = None if feed is None else self.max_batch
+                outs.append(SAMPLE(logits, sb, rows=rows) if sample_all or np.any(sb.temperature > 0) else greedy)
         return outs
 
     def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
@@ -156,7 +192,10 @@ class Instance:
         for kind in self.kinds():
             for size in self.shapes(kind):
                 tick(f"{self.name} {kind} {size}")
-                np.asarray(self._launch(kind, [self.pack(kind, [], size)], sample_all=True)[0])
+                feeds = None
+                if kind == "decode" and self.lookahead:
+                    feeds = [(self._no_ids(), np.full(size, -1, np.int32))]
+                np.asarray(self._launch(kind, [self.pack(kind, [], size)], sample_all=True, feeds=feeds)[0])
 
     def num_programs(self) -> int:
         return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages)

@@ -48,6 +48,7 @@ class PrefillWorker(Worker):
     def __init__(self, ctrl: Controller, inst: Instance, budget: int):
         super().__init__(ctrl, inst)
         self.budget = budget
+        self.lookahead = False  # never runs decode steps
 
     def has_work(self) -> bool:
         return bool(self.ctrl.waiting) and self.inst.alloc.num_free > 0 and not self.lost

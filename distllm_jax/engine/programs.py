@@ -35,9 +35,16 @@ def stage_step(
     impl: AttentionImpl,
     first: bool,
     last: bool,
+    feed: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, KVPool]:
     """-> (hidden states for the next stage, or on the last stage (greedy ids [rows] int32, float32
     logits [rows, vocab]); the new pool).
+
+    ``feed`` (decode on a one-stage instance) is ``(previous step's ids [R], src [B])``: a row with
+    ``src >= 0`` takes its input token from the previous step's ids, still on the device, instead of
+    ``batch.tokens``, so the host can dispatch step k+1 before it has read step k (see
+    :meth:`Instance.dispatch_decode`); the greedy ids then come back padded to R rows, the shape the
+    next step's feed expects, whatever this step's batch bucket.
 
     The greedy pick is fused here and sampling is a separate program (:data:`SAMPLE`) that the host
     runs on the logits only when a row asks for it: a data-dependent branch inside the step (the
@@ -45,19 +52,35 @@ def stage_step(
     splitting the step's CUDA graph and exposing the whole forward pass (measured on an H100:
     6.2 -> 3.4 ms per back-to-back OPT-1.3B decode step without it).
     """
+    if feed is not None:
+        prev, src = feed
+        batch = batch._replace(tokens=jnp.where(src >= 0, prev[jnp.maximum(src, 0)], batch.tokens))
     if first:
         x = decoder.embed(params, cfg, batch.tokens, batch.positions)
     x, kv = decoder.LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
     if not last:
         return x, kv
     logits = decoder.final(params, cfg, decoder.logit_rows(kind, batch, x))
-    return (jnp.argmax(logits, axis=-1).astype(jnp.int32), logits), kv
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if feed is not None:
+        greedy = pad_rows(greedy, feed[0].shape[0])
+    return (greedy, logits), kv
+
+
+def pad_rows(ids: jax.Array, rows: int) -> jax.Array:
+    return jnp.pad(ids, (0, rows - ids.shape[0]))
+
+
+def sample_rows(logits: jax.Array, sb: SamplingBatch, rows: int | None = None) -> jax.Array:
+    """:func:`sample`, padded to ``rows`` ids when the step feeds the next one on the device."""
+    ids = sample(logits, sb)
+    return ids if rows is None else pad_rows(ids, rows)
 
 
 STAGE_STEP = jax.jit(
     stage_step, static_argnames=("kind", "cfg", "impl", "first", "last"), donate_argnames=("kv",)
 )
-SAMPLE = jax.jit(sample)
+SAMPLE = jax.jit(sample_rows, static_argnames=("rows",))
 
 
 def bucket(buckets: Sequence[int], n: int) -> int:

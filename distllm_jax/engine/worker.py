@@ -13,7 +13,9 @@ from __future__ import annotations
 import abc
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
+
+import numpy as np
 
 from distllm_jax.engine.controller import Controller, InstanceLost
 from distllm_jax.engine.instance import Instance
@@ -21,6 +23,14 @@ from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
 
 IDLE_WAIT_S = 0.02  # an idle worker wakes this often to enforce deadlines
+T = TypeVar("T")
+
+
+class InFlight(NamedTuple):
+    """A decode step dispatched and not yet read: its requests (row order) and its ids on the device."""
+
+    batch: list[Request]
+    ids: Any
 
 
 def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[list]:
@@ -49,6 +59,9 @@ class Worker(abc.ABC):
         self.ctrl = ctrl
         self.inst = inst
         self.running: list[Request] = []  # requests in this instance's decode batch
+        # decode steps overlap the host (see _decode_step_ahead); the engine may switch it off
+        self.lookahead = bool(getattr(inst, "lookahead", False))
+        self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"distllm-{inst.name}", daemon=True)
 
@@ -78,10 +91,11 @@ class Worker(abc.ABC):
                 with self.ctrl.cv:
                     self.ctrl.fail(list(self.running), e, f"{self.inst.name} scheduler")
                     self.running.clear()
+                    self.inflight = None
                 busy = False
             if not busy:
                 with self.ctrl.cv:
-                    if not self._stop.is_set() and not self.has_work():
+                    if not self._stop.is_set() and not self.has_work() and self.inflight is None:
                         self.ctrl.cv.wait(IDLE_WAIT_S)
 
     @abc.abstractmethod
@@ -100,8 +114,15 @@ class Worker(abc.ABC):
     def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> list[int] | None:
         """Run one step; on failure fail its requests (and, if the pool was lost, everyone's here)."""
         groups = split_micro(list(segs), [len(s.tokens) for s in segs], self.inst.spec.pp)
+        outs = self.guarded(kind, reqs, lambda: self.inst.run(kind, groups))
+        if outs is None:
+            return None
+        return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
+
+    def guarded(self, kind: str, reqs: Sequence[Request], fn: Callable[[], T]) -> T | None:
+        """``fn()`` (a dispatch or a read of a step); None after a failure has been settled."""
         try:
-            outs = self.inst.run(kind, groups)
+            return fn()
         except InstanceLost as e:
             with self.ctrl.cv:
                 self.ctrl.lose_instance(e.inst, e)
@@ -118,7 +139,6 @@ class Worker(abc.ABC):
                         self.ctrl.lose_instance(lost.inst, lost)
                 self.running = [r for r in self.running if r.state is not RequestState.DONE]
             return None
-        return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
 
     def drop_finished(self, now: float) -> None:
         """Cancelled or expired requests leave the batch (their pages are freed at once)."""
@@ -142,6 +162,8 @@ class Worker(abc.ABC):
 
     def decode_step(self) -> bool:
         """One continuous-batching step over ``self.running``."""
+        if self.lookahead:
+            return self._decode_step_ahead()
         with self.ctrl.cv:
             self.drop_finished(time.perf_counter())
             if not self.running:
@@ -153,6 +175,55 @@ class Worker(abc.ABC):
             with self.ctrl.cv:
                 self.after_decode(batch, tokens, time.perf_counter())
         return True
+
+    def _decode_step_ahead(self) -> bool:
+        """The decode step with one step in flight: dispatch step k+1, then read step k.
+
+        Rows of requests in step k take their input token from step k's ids on the device, at
+        position one further on. A request sure to end with step k's token (``max_tokens``, the
+        context) is left out; one that may end there (a stop token or string, a cancellation)
+        rides along and the extra token is dropped when step k shows it ended. Its pages may be
+        freed and reused meanwhile: every later use of them is dispatched after step k+1 on the
+        same donated pool, so the device runs them in order.
+        """
+        with self.ctrl.cv:
+            self.drop_finished(time.perf_counter())
+            prev = self.inflight
+            rows = {} if prev is None else {r.rid: j for j, r in enumerate(prev.batch)}
+            batch, segs, src = [], [], []
+            for r in self.running:
+                j = rows.get(r.rid)
+                if j is None:
+                    segs.append(self.decode_segment(r))
+                elif r.num_computed + 2 <= r.max_cached:
+                    segs.append(Segment([0], r.num_computed + 1, self.inst.alloc.table(r.rid), r.params, r.seed))
+                else:
+                    continue
+                batch.append(r)
+                src.append(-1 if j is None else j)
+        if not batch and prev is None:
+            return False
+        self.inflight = None
+        if batch:
+            ids = self.guarded("decode", batch, lambda: self.inst.dispatch_decode(
+                segs, None if prev is None else prev.ids, src))
+            if ids is not None:
+                self.inflight = InFlight(batch, ids)
+        if prev is not None:
+            out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
+            if out is not None:
+                with self.ctrl.cv:
+                    self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], time.perf_counter())
+        return True
+
+    def flush(self) -> None:
+        """Read the step in flight, if any (before a step of another kind on this instance)."""
+        while self.inflight is not None:
+            prev, self.inflight = self.inflight, None
+            out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
+            if out is not None:
+                with self.ctrl.cv:
+                    self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], time.perf_counter())
 
     def after_decode(self, batch: Sequence[Request], tokens: Sequence[int], now: float) -> None:
         for r, tok in zip(batch, tokens):

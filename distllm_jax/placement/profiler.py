@@ -8,6 +8,7 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_prefill
 
@@ -20,6 +21,28 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
+
+
+def run_decode_steps(inst: Any, segs: Sequence[Any], steps: int) -> None:
+    """``steps`` decode steps as the serving loop runs them: with lookahead (one-stage instances),
+    step k+1 is dispatched before step k's ids are read, so host packing overlaps the device;
+    otherwise each step is packed, run and read in turn."""
+    if not getattr(inst, "lookahead", False):
+        for _ in range(steps):
+            inst.run("decode", [segs])
+        return
+    prev, src = None, list(range(len(segs)))
+    for _ in range(steps):
+        ids = inst.dispatch_decode(segs, prev, None if prev is None else src)
+        if prev is not None:
+            np.asarray(prev)
+        prev = ids
+    np.asarray(prev)
+
+
+def decode_step_ms(inst: Any, segs: Sequence[Any], repeats: int, steps: int = 8) -> float:
+    """One decode step of :func:`run_decode_steps`, median over ``repeats`` runs of ``steps``."""
+    return _median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
 
 
 def _device_memory() -> float:
@@ -35,7 +58,8 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
             batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
             name: str = "model", log=print) -> tuple[Profile, dict]:
     """The engine's programs, run as the engine runs them (host packing and the token-id sync included,
-    so the fit holds what serving pays per step)."""
+    decode steps overlapped as the serving loop overlaps them, so the fit holds what serving pays per
+    step)."""
     from distllm_jax.engine import EngineConfig, InstanceSpec, SamplingParams
     from distllm_jax.engine.engine import attention_impl
     from distllm_jax.engine.instance import Instance
@@ -69,7 +93,7 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
         for c in contexts:
             for b in batches:
                 segs = [Segment([1], c, inst.alloc.ensure(("d", i), c + 1), sp, 0) for i in range(b)]
-                ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+                ms = decode_step_ms(inst, segs, repeats)
                 dec.append((b, b * (c + 1), ms))
                 for i in range(b):
                     inst.alloc.free(("d", i))
