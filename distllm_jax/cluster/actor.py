@@ -121,5 +121,5 @@ class InstanceActor:
         for st in self.inst.stages:
             buf = jax.device_put((np.pad(k[st.lo : st.hi], pad), np.pad(v[st.lo : st.hi], pad)), st.buffer_sharding)
             with self.inst.lock:
-                st.pool = _SCATTER(st.pool, page_index(pages, size, st.mesh), *buf, lo=0)
+                st.pool, _ = _SCATTER(st.pool, page_index(pages, size, st.mesh), *buf, lo=0)
         wait_pools(self.inst)

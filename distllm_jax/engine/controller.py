@@ -17,7 +17,7 @@ import collections
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
@@ -33,6 +33,25 @@ class InstanceLost(RuntimeError):
         self.inst = inst
 
 
+class StepRecord(NamedTuple):
+    """One step as serving ran it: wall-clock start and end (a lookahead decode step ends when its
+    ids are read, and starts when the previous step's were, if it was dispatched before that), its
+    tokens per segment (a prompt, a chunk or one decode token) and the context its attention read
+    (Σ positions + tokens). What the placement's latency model is checked and fitted against
+    (``bench/sim_vs_engine.py``)."""
+
+    instance: str
+    kind: str
+    start: float
+    end: float
+    lengths: tuple[int, ...]
+    context: int
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
 class Controller:
     def __init__(self) -> None:
         self.cv = threading.Condition()
@@ -46,6 +65,7 @@ class Controller:
         self.lost: set[Any] = set()  # instances whose process died: nothing is routed to them
         self.requeued = 0  # requests sent back to the prefill queue by a lost instance
         self.on_lost: Callable[[Any], None] | None = None  # called (lock held) once per lost instance
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)  # appended lock-free
 
     # everything below runs with self.cv held -----------------------------------------------------
 

@@ -1,5 +1,10 @@
 """The decode instance's policy: pull prefilled requests when there is room, then continuous batching.
 
+Pulls run on the worker's own pull thread, so the running batch keeps stepping while a request's KV
+moves (the gather on the prefill side waits for that instance's step in flight, which can be a whole
+prefill step); a pulled request joins the batch at the next step dispatched after its pages are in
+place.
+
 A request is pulled only when this instance has a batch slot and pages for the request's whole
 possible length (prompt + max_tokens, capped by the context), so the running batch never runs out of
 pages. With several decode instances, a request goes to the least-loaded one that has room. A pull that
@@ -9,6 +14,8 @@ again, see :meth:`Controller.lose_instance`).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 from distllm_jax.engine.controller import Controller, InstanceLost
@@ -26,7 +33,33 @@ class DecodeWorker(Worker):
         self.puller = puller
         self.peers = peers  # every decode worker (self included): pulls are balanced across them
         self.check = check_transfers
-        self._pulling = 0
+        self._pulling = 0  # chosen and not yet in the batch (counted against its room)
+        self._pulls: queue.SimpleQueue = queue.SimpleQueue()
+        self._puller_thread = threading.Thread(target=self._pull_loop, name=f"distllm-{inst.name}-pull", daemon=True)
+
+    def start(self) -> None:
+        self._puller_thread.start()
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        self._pulls.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._puller_thread.is_alive():
+            self._puller_thread.join(timeout)
+
+    def _pull_loop(self) -> None:
+        while (job := self._pulls.get()) is not None:
+            try:
+                self._pull(*job)
+            except Exception as e:  # noqa: BLE001 - a bug in one pull must not stop the others
+                r = job[0]
+                with self.ctrl.cv:
+                    if mine(r, self.inst, RequestState.MIGRATING):
+                        self._pulling -= 1
+                        self.ctrl.fail([r], e, f"{self.inst.name} pull")
 
     @property
     def load(self) -> int:
@@ -99,6 +132,6 @@ class DecodeWorker(Worker):
     def step(self) -> bool:
         with self.ctrl.cv:
             pulls = self._choose_pulls(time.perf_counter())
-        for r, src, src_pages, dst_pages in pulls:
-            self._pull(r, src, src_pages, dst_pages)
+        for job in pulls:
+            self._pulls.put(job)
         return self.decode_step() or bool(pulls)

@@ -24,7 +24,7 @@ import numpy as np
 from distllm_jax.engine import compile_counter
 from distllm_jax.engine.colocated import ChunkedWorker, ColocatedWorker
 from distllm_jax.engine.config import EngineConfig
-from distllm_jax.engine.controller import Controller
+from distllm_jax.engine.controller import Controller, StepRecord
 from distllm_jax.engine.decode import DecodeWorker
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import CheckpointSource, ParamSource
@@ -269,6 +269,11 @@ class Engine:
                 "instances": per,
                 "recent_errors": [e.splitlines()[0] for e in c.errors],
             }
+
+    def step_log(self, since: float = 0.0) -> list[StepRecord]:
+        """The recent steps (at most 65,536) that ended after ``since`` (``time.perf_counter()``):
+        what each instance ran, when, and over which shapes."""
+        return [r for r in list(self.ctrl.step_log) if r.end > since]
 
     def idle(self) -> bool:
         with self.ctrl.cv:

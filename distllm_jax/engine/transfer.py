@@ -31,12 +31,16 @@ def gather_pages(pool: KVPool, pages: jax.Array, lo: int, hi: int) -> tuple[jax.
             jnp.stack([pool.v[i][pages] for i in range(lo, hi)]))
 
 
-def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array, lo: int) -> KVPool:
-    """Write the buffers into layers [lo, lo + len(k)); the other layers pass through (aliased)."""
+def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array, lo: int) -> tuple[KVPool, jax.Array]:
+    """Write the buffers into layers [lo, lo + len(k)); the other layers pass through (aliased).
+    Also returns one element read back from each written layer: ready once the writes are done, it
+    can be waited for without holding the pool, which the owner's next step may donate meanwhile."""
     hi = lo + k.shape[0]
     upd = lambda arrs, buf: tuple(  # noqa: E731
         a.at[pages].set(buf[i - lo]) if lo <= i < hi else a for i, a in enumerate(arrs))
-    return KVPool(upd(pool.k, k), upd(pool.v, v))
+    new = KVPool(upd(pool.k, k), upd(pool.v, v))
+    done = jnp.stack([new.k[i][pages[0], 0, 0, 0] + new.v[i][pages[0], 0, 0, 0] for i in range(lo, hi)])
+    return new, done
 
 
 _GATHER = jax.jit(gather_pages, static_argnames=("lo", "hi"))
@@ -80,13 +84,15 @@ class LocalKVPuller:
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"page counts differ: {len(src_pages)} source, {len(dst_pages)} destination")
         size = bucket(self.buckets, len(src_pages))
+        done = []
         for s, d, lo, hi in _overlaps(src, dst):
             with src.lock:
                 k, v = _GATHER(s.pool, page_index(src_pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool = _SCATTER(d.pool, page_index(dst_pages, size, d.mesh), k, v, lo=lo - d.lo)
-        wait_pools(dst)
+                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, size, d.mesh), k, v, lo=lo - d.lo)
+            done.append(written)
+        jax.block_until_ready(done)
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None] = lambda _: None) -> None:
         warm_pulls(self, src, dst, tick)
@@ -100,7 +106,8 @@ def warm_pulls(puller: Any, src: Any, dst: Any, tick: Callable[[str], None]) -> 
 
 
 def wait_pools(owner: Any) -> None:
-    """Block until every pending write into ``owner``'s pools is done."""
+    """Block until every pending write into ``owner``'s pools is done (only where nothing else may
+    donate them meanwhile: a serving instance's pools change hands at every step)."""
     for st in owner.stages:
         jax.block_until_ready(st.pool)
 

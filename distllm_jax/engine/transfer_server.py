@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distllm_jax.engine.programs import bucket
-from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, wait_pools, warm_pulls
+from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, warm_pulls
 from distllm_jax.parallel import TP
 
 
@@ -111,6 +111,7 @@ class TransferKVReceiver:
         if len(dst_pages) != offer.num_pages:
             raise ValueError(f"offer has {offer.num_pages} pages, {len(dst_pages)} destination pages given")
         conn = self._conn(offer.address)
+        done = []
         for part in offer.parts:
             d = next(st for st in dst.stages if st.lo <= part.lo and part.hi <= st.hi)
             layout = _layout(list(d.mesh.devices.flat), offer.shards)
@@ -119,8 +120,10 @@ class TransferKVReceiver:
             k, v = conn.pull(part.uuid, [want, want])
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v, lo=part.lo - d.lo)
-        wait_pools(dst)
+                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v,
+                                           lo=part.lo - d.lo)
+            done.append(written)
+        jax.block_until_ready(done)
 
 
 class TransferServerPuller:

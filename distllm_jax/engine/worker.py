@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
-from distllm_jax.engine.controller import Controller, InstanceLost
+from distllm_jax.engine.controller import Controller, InstanceLost, StepRecord
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
@@ -27,10 +27,13 @@ T = TypeVar("T")
 
 
 class InFlight(NamedTuple):
-    """A decode step dispatched and not yet read: its requests (row order) and its ids on the device."""
+    """A decode step dispatched and not yet read: its requests (row order), its ids on the device,
+    when it was dispatched and its segments (for the step log)."""
 
     batch: list[Request]
     ids: Any
+    dispatched: float
+    segs: list[Segment]
 
 
 def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[list]:
@@ -62,6 +65,7 @@ class Worker(abc.ABC):
         # decode steps overlap the host (see _decode_step_ahead); the engine may switch it off
         self.lookahead = bool(getattr(inst, "lookahead", False))
         self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
+        self._last_read = 0.0  # when the last decode step's ids were read
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"distllm-{inst.name}", daemon=True)
 
@@ -114,10 +118,16 @@ class Worker(abc.ABC):
     def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> list[int] | None:
         """Run one step; on failure fail its requests (and, if the pool was lost, everyone's here)."""
         groups = split_micro(list(segs), [len(s.tokens) for s in segs], self.inst.spec.pp)
+        t0 = time.perf_counter()
         outs = self.guarded(kind, reqs, lambda: self.inst.run(kind, groups))
         if outs is None:
             return None
+        self.log_step(kind, t0, time.perf_counter(), segs)
         return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
+
+    def log_step(self, kind: str, start: float, end: float, segs: Sequence[Segment]) -> None:
+        self.ctrl.step_log.append(StepRecord(self.inst.name, kind, start, end, tuple(len(s.tokens) for s in segs),
+                                             sum(s.start + len(s.tokens) for s in segs)))
 
     def guarded(self, kind: str, reqs: Sequence[Request], fn: Callable[[], T]) -> T | None:
         """``fn()`` (a dispatch or a read of a step); None after a failure has been settled."""
@@ -205,25 +215,31 @@ class Worker(abc.ABC):
             return False
         self.inflight = None
         if batch:
+            t = time.perf_counter()
             ids = self.guarded("decode", batch, lambda: self.inst.dispatch_decode(
                 segs, None if prev is None else prev.ids, src))
             if ids is not None:
-                self.inflight = InFlight(batch, ids)
+                self.inflight = InFlight(batch, ids, t, segs)
         if prev is not None:
-            out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
-            if out is not None:
-                with self.ctrl.cv:
-                    self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], time.perf_counter())
+            self._read(prev)
         return True
+
+    def _read(self, prev: InFlight) -> None:
+        """Wait for a dispatched decode step's ids and hand its tokens on."""
+        out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
+        if out is None:
+            return
+        now = time.perf_counter()
+        self.log_step("decode", max(prev.dispatched, self._last_read), now, prev.segs)
+        self._last_read = now
+        with self.ctrl.cv:
+            self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], now)
 
     def flush(self) -> None:
         """Read the step in flight, if any (before a step of another kind on this instance)."""
         while self.inflight is not None:
             prev, self.inflight = self.inflight, None
-            out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
-            if out is not None:
-                with self.ctrl.cv:
-                    self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], time.perf_counter())
+            self._read(prev)
 
     def after_decode(self, batch: Sequence[Request], tokens: Sequence[int], now: float) -> None:
         for r, tok in zip(batch, tokens):

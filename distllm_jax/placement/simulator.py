@@ -65,6 +65,10 @@ class SimConfig:
     # counts (None: no padding, as on GPU systems that run exact shapes)
     batch_buckets: tuple[int, ...] | None = None
     token_buckets: tuple[int, ...] | None = None
+    # the engine's decode lookahead (EngineConfig.async_decode): what follows a decode step is decided
+    # when that step starts, so a colocated instance's waiting prompt runs after the step in flight
+    # *and* the one queued behind it, and a decode step's batch is fixed one step early
+    decode_lookahead: bool = False
 
     def prefill_s(self, fit, lengths, pp: int) -> float:
         t = fit.prefill_ms(lengths, pp)
@@ -193,6 +197,8 @@ class Simulator:
         d_busy = [False] * len(cfg.decode)
         p_end = [0.0] * len(cfg.prefill)  # when each instance's current step ends (host contention)
         d_end = [0.0] * len(cfg.decode)
+        pull_free = [0.0] * len(cfg.decode)  # each decode instance pulls one request at a time
+        d_start = [0.0] * len(cfg.decode)  # when its current (or last) step started
 
         def try_prefill(i: int, now: float) -> None:
             if p_busy[i] or not waiting or p_free_at[i] > now:
@@ -240,12 +246,16 @@ class Simulator:
                 if pi >= 0:
                     p_used[pi] -= r.prompt_len
                 r.migration_start = now
-                t = now + (prof.kv_bytes_per_token * r.prompt_len / (cfg.transfer_gbps * 1e9) if cfg.transfer_gbps else 0.0)
-                r.migration_end = t
+                # the gather waits for the prefill instance's step in flight on its pool
+                t0 = max(now, pull_free[j], p_free_at[pi] if pi >= 0 else 0.0)
+                t = t0 + (prof.kv_bytes_per_token * r.prompt_len / (cfg.transfer_gbps * 1e9) if cfg.transfer_gbps else 0.0)
+                r.migration_end = pull_free[j] = t
                 joining[j].append((t, r))
                 for i in range(len(cfg.prefill)):
                     try_prefill(i, now)
-            ready = [(t, r) for t, r in joining[j] if t <= now]
+            # with lookahead a step's batch was fixed when the step before it started
+            cut = d_start[j] if cfg.decode_lookahead and dec[j].n else now
+            ready = [(t, r) for t, r in joining[j] if t <= cut]
             if ready:
                 joining[j] = [(t, r) for t, r in joining[j] if t > now]
                 for _, r in ready:
@@ -254,6 +264,7 @@ class Simulator:
                 if joining[j]:
                     push(min(t for t, _ in joining[j]), "d_wake", j)
                 return
+            d_start[j] = now
             step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp) + cfg.step_overhead_s
             step = cfg.contended(now, step, max([e for k, e in enumerate(d_end) if k != j] + p_end))
             d_busy[j] = True
@@ -329,28 +340,44 @@ class Simulator:
             ends[i] = now + seconds
             push(now + seconds, "done", i)
 
+        follow: dict[int, tuple] = {}  # lookahead: what was decided to run after the step in flight
+
+        def take(i: int, now: float) -> list[SimRequest]:
+            batch, tokens = [], 0
+            while waiting and len(batch) < cfg.max_prefill_seqs:
+                r = waiting[0]
+                if batch and tokens + r.prompt_len > cfg.prefill_token_budget:
+                    break
+                if not admit(i, r):
+                    break
+                waiting.popleft()
+                batch.append(r)
+                tokens += r.prompt_len
+                r.prefill_start = now
+            return batch
+
+        def decode(i: int, now: float, fit, par: Par) -> None:
+            launch(i, now, cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), ("decode", None))
+            if cfg.decode_lookahead:  # the engine decides what follows this step as it starts
+                batch = take(i, now)
+                follow[i] = ("prefill", batch) if batch else ("decode", None)
+
         def start(i: int, now: float) -> None:
             if busy[i]:
                 return
             par = cfg.colocated[i]
             fit = prof.fit(par.tp)
             if not chunked:
-                batch, tokens = [], 0
-                while waiting and len(batch) < cfg.max_prefill_seqs:
-                    r = waiting[0]
-                    if batch and tokens + r.prompt_len > cfg.prefill_token_budget:
-                        break
-                    if not admit(i, r):
-                        break
-                    waiting.popleft()
-                    batch.append(r)
-                    tokens += r.prompt_len
-                    r.prefill_start = now
+                nxt, batch = follow.pop(i, (None, None))
+                if nxt == "decode" and dec[i].n:
+                    decode(i, now, fit, par)
+                    return
+                batch = batch if nxt == "prefill" else take(i, now)
                 if batch:
                     launch(i, now, cfg.prefill_s(fit, [r.prompt_len for r in batch], par.pp) * par.pp, ("prefill", batch))
                     return
                 if dec[i].n:
-                    launch(i, now, cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), ("decode", None))
+                    decode(i, now, fit, par)
                 return
             # chunked: one token per running request plus prompt chunks up to the budget
             left = cfg.prefill_token_budget - dec[i].n
