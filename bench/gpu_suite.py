@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.engine_micro import _median_ms  # noqa: E402
+from bench.engine_micro import _back_to_back_ms, _median_ms  # noqa: E402
 from distllm_jax.placement.profiler import decode_step_ms, run_decode_steps  # noqa: E402
 
 TABLES: list[str] = []  # every part's table, printed again at the end
@@ -72,17 +72,6 @@ def device_tag() -> str:
 
 
 # ---- ceilings -------------------------------------------------------------------------------------
-
-
-def _back_to_back_ms(fn: Callable[[int], Any], passes: int, repeats: int) -> float:
-    """One pass of ``fn(i)``, timed as ``passes`` dispatched back to back and waited for once: a
-    pass of a millisecond or less is shorter than a dispatch plus a host sync, and timing each alone
-    (as the first version of this did) put that overhead into the rate (1.9 TB/s and 660 TFLOP/s on
-    an H200 that copies at about 4.3 TB/s and multiplies at about 790)."""
-    def run() -> Any:
-        return [fn(i) for i in range(passes)][-1]
-
-    return _median_ms(run, repeats) / passes
 
 
 def ceilings(repeats: int = 10, passes: int = 20) -> dict[str, Any]:
@@ -227,12 +216,12 @@ def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
     batch, _ = inst.pack(kind, segs, size)
     b = jax.device_put(batch, st.repl)
     ahead = kind == "decode" and inst.lookahead  # the serving program: ids fed from the last step
-    src = jax.device_put(np.arange(size, dtype=np.int32), st.repl)
+    src = jax.device_put(inst.decode_feed(size, src=range(size))[1], st.repl)
 
     def run_steps(n: int) -> None:
         x = None
         for _ in range(n):
-            feed = (inst._no_ids() if x is None else x[0], src) if ahead else None
+            feed = (inst.decode_feed(size)[0] if x is None else x[0], src) if ahead else None
             x, st.pool = STAGE_STEP(st.params, None, b, st.pool, kind=kind, cfg=inst.cfg, impl=inst.impl,
                                     first=True, last=True, feed=feed)
         jax.block_until_ready(x)
@@ -407,7 +396,7 @@ def _hlo_counts(inst, segs) -> dict[str, int]:
     (st,) = inst.stages
     size = inst.bucket_for("decode", segs)
     batch, _ = inst.pack("decode", segs, size)
-    feed = (inst._no_ids(), np.full(size, -1, np.int32)) if inst.lookahead else None
+    feed = inst.decode_feed(size) if inst.lookahead else None
     text = STAGE_STEP.lower(st.params, None, batch, st.pool, kind="decode", cfg=inst.cfg, impl=inst.impl,
                             first=True, last=True, feed=feed).compile().as_text()
     entry = text[text.find("ENTRY"):]

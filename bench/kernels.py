@@ -20,28 +20,18 @@ import argparse
 import functools
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.engine_micro import _back_to_back_ms
+
 
 def _time_ms(fn, *args, reps: int = 30) -> float:
-    """Per call, from ``reps`` calls dispatched back to back and waited for once (median of 5 such
-    runs): a kernel of a few hundred microseconds is not much longer than a dispatch plus a host
-    sync, and timing each call alone (as this did first) put that overhead into the kernel."""
-    jax.block_until_ready(fn(*args))
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(reps)])
-        times.append((time.perf_counter() - t0) / reps)
-    return 1e3 * statistics.median(times)
+    """Per call, from ``reps`` calls dispatched back to back (median of 5 such runs)."""
+    return _back_to_back_ms(lambda _: fn(*args), reps, 5)
 
 
 # (pages per block, warps, pipeline stages) tried for this project's decode kernel; "wide" sweeps

@@ -149,17 +149,20 @@ class Instance:
             raise ValueError(f"{self.name}: a {len(self.stages)}-stage instance has no decode lookahead")
         self.steps += 1
         B = self.bucket_for("decode", segs)
-        s = np.full(B, -1, np.int32)
+        return self._launch("decode", [self.pack("decode", segs, B)], feeds=[self.decode_feed(B, prev, src)])[0]
+
+    def decode_feed(self, size: int, prev: jax.Array | None = None,
+                    src: Sequence[int] | None = None) -> tuple[jax.Array, np.ndarray]:
+        """``stage_step``'s feed for a decode step of bucket ``size``: the earlier step's ids (zeros
+        when it follows none) and each row's index into them (-1: the row's own token)."""
+        s = np.full(size, -1, np.int32)
         if src is not None:
             s[: len(src)] = src
         if prev is None:
-            prev = self._no_ids()
-        return self._launch("decode", [self.pack("decode", segs, B)], feeds=[(prev, s)])[0]
-
-    def _no_ids(self) -> jax.Array:
-        if self._zero_ids is None:
-            self._zero_ids = jax.device_put(np.zeros(self.max_batch, np.int32), self.stages[0].repl)
-        return self._zero_ids
+            if self._zero_ids is None:
+                self._zero_ids = jax.device_put(np.zeros(self.max_batch, np.int32), self.stages[0].repl)
+            prev = self._zero_ids
+        return prev, s
 
     def _launch(self, kind: str, host: Sequence[tuple[Any, Any]], sample_all: bool = False,
                 feeds: Sequence[Any] | None = None) -> list[jax.Array]:
@@ -192,9 +195,7 @@ class Instance:
         for kind in self.kinds():
             for size in self.shapes(kind):
                 tick(f"{self.name} {kind} {size}")
-                feeds = None
-                if kind == "decode" and self.lookahead:
-                    feeds = [(self._no_ids(), np.full(size, -1, np.int32))]
+                feeds = [self.decode_feed(size)] if kind == "decode" and self.lookahead else None
                 np.asarray(self._launch(kind, [self.pack(kind, [], size)], sample_all=True, feeds=feeds)[0])
 
     def num_programs(self) -> int:
