@@ -1,12 +1,13 @@
-"""Does the simulator predict the engine? On the present devices: profile the engine, then serve the
-same workload at several rates both for real (in-process engine, Poisson arrivals) and in the simulator
-fed with that profile, in colocated and disaggregated modes; compare median TTFT/TPOT and attainment.
+"""Does the simulator predict the engine? On the present devices: profile the engine's programs
+(``distllm profile``), measure what the engine's host adds (admission, per-step bookkeeping and, with
+instances on one host's cores, how much two steps at once slow each other), then serve the same
+workload at several rates both for real (in-process engine, Poisson arrivals) and in the simulator,
+in colocated and disaggregated modes; compare median TTFT/TPOT and SLO attainment.
 
-Two profiles feed the simulator side by side: ``programs`` (``distllm profile``: each program timed
-alone on an idle engine) and ``serving`` (the same latency model fitted to the steps the engine logged
-while serving a calibration workload, another draw, first: on a shared host this holds what serving
-adds to a step, the host's own work and, disaggregated, the other instance's). Every run also reports
-how the steps it logged compare with each profile's prediction of them.
+Each run also says where the two part: per-request phases (queue, prefill, held, pull, join, the
+decode steps after) and per-kind step statistics (count, mean time and rows, the share that ran
+beside another instance's step), for the engine's step log and the simulator's steps alike, and
+the logged steps against the profile's prediction of them.
 
     python -m bench.sim_vs_engine --checkpoint ckpt/tiny --out bench/results/sim-vs-engine-cpu.json
 """
@@ -40,8 +41,37 @@ def run_engine(engine, items, arrivals):
     t = threading.Thread(target=feed)
     t.start()
     t.join()
-    res = [s.result() for s in streams]
-    return [(r.timings.ttft, r.timings.tpot or 0.0) for r in res]
+    return [s.result().timings for s in streams]
+
+
+PHASES = ("queue", "prefill", "held", "pull", "join", "step")
+
+
+def phases(t, n: int) -> dict:
+    """Where a request's time went (``t``: engine timings or a simulated request, in seconds):
+    waiting for prefill, its prefill, then, disaggregated, held in prefill memory and pulled; from
+    then (colocated: from its first token) to its second token, which holds the wait for a step that
+    takes it and that step; then per decode step after."""
+    moved = t.migration_end is not None and t.migration_end < float("inf")
+    joined = t.migration_end if moved else t.first_token
+    return {"queue": t.prefill_start - t.arrival, "prefill": t.first_token - t.prefill_start,
+            "held": t.migration_start - t.first_token if moved else None,
+            "pull": t.migration_end - t.migration_start if moved else None,
+            "join": t.second_token - joined if n >= 2 else None,
+            "step": (t.finish - t.second_token) / (n - 2) if n >= 3 else None}
+
+
+class _Stamps:
+    """Engine timings in a simulated request's terms (its second token and finish from the token stamps)."""
+
+    def __init__(self, t):
+        self.__dict__.update(vars(t))
+        self.second_token = t.token_times[1 % len(t.token_times)]
+        self.finish = t.token_times[-1]
+
+
+def median_phases(rows: list[dict]) -> dict:
+    return {k: statistics.median(v) if (v := [r[k] for r in rows if r[k] is not None]) else None for k in PHASES}
 
 
 def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
@@ -56,7 +86,7 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
     """
     from distllm_jax.engine import SamplingParams
     from distllm_jax.engine.programs import Segment
-    from distllm_jax.placement.profiler import _median_ms, host_contention
+    from distllm_jax.placement.profiler import _median_ms, decode_step_ms, host_contention
 
     n_out = 33
     tpots, ttfts = [], []
@@ -77,8 +107,9 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
     dseg = [Segment([5], len(prompt) + n_out // 2, list(d.alloc.table(rid)), sp, i) for i, rid in enumerate(rows)]
     try:
         prefill_s = _median_ms(lambda: p.run(pkind, [pseg]), probes) / 1e3
-        decode_s = _median_ms(lambda: d.run(dkind, [dseg[:1]]), probes) / 1e3
-        contention = 1.0
+        decode_s = (decode_step_ms(d, dseg[:1], probes) if dkind == "decode" else  # as serving runs it
+                    _median_ms(lambda: d.run(dkind, [dseg[:1]]), probes)) / 1e3
+        contention = (1.0, 1.0)
         if engine.config.mode == "disaggregated":
             contention = host_contention(lambda: p.run("prefill", [pseg]), lambda: d.run("decode", [dseg]))
     finally:
@@ -87,35 +118,20 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
             d.alloc.free(rid)
     step = max(0.0, statistics.median(tpots) - decode_s)
     admission = max(0.0, statistics.median(ttfts) - prefill_s - step)
-    return dataclasses.replace(scfg, admission_s=admission, step_overhead_s=step, host_contention=contention)
+    return dataclasses.replace(scfg, admission_s=admission, step_overhead_s=step, host_contention=contention[0],
+                               host_contention_decode=contention[1])
 
 
-def _padded(buckets, n: int) -> int:
-    from distllm_jax.placement.simulator import _bucket
-
-    return _bucket(buckets, n) if buckets else n
-
-
-def served_fit(steps, token_buckets, batch_buckets):
-    """The latency model fitted to logged serving steps, on the padded shapes the engine ran (the
-    simulator pads the same way): prefill ms = a + b·padded ΣL + c·ΣL², decode ms = a' + b'·Σ(ctx+1)
-    + c'·padded batch. Returns the Fit and the fits' mean relative errors."""
-    from distllm_jax.placement.latency import Fit, _lstsq
-
-    pre = [r for r in steps if r.kind == "prefill"]
-    dec = [r for r in steps if r.kind == "decode"]
-    if len(pre) < 3 or len(dec) < 3:
-        raise ValueError(f"too few logged steps to fit ({len(pre)} prefill, {len(dec)} decode)")
-    p, perr = _lstsq(np.array([[1.0, _padded(token_buckets, sum(r.lengths)), sum(n * n for n in r.lengths)]
-                               for r in pre]), np.array([1e3 * r.seconds for r in pre]))
-    d, derr = _lstsq(np.array([[1.0, r.context, _padded(batch_buckets, len(r.lengths))] for r in dec]),
-                     np.array([1e3 * r.seconds for r in dec]))
-    return Fit(p, d, d, threshold=10**9), {"prefill_mean_rel_err": perr, "decode_mean_rel_err": derr,
-                                           "prefill_steps": len(pre), "decode_steps": len(dec)}
+def _overlap(r, others) -> float:
+    """The share of step ``r`` during which another instance was stepping (``others``: its steps)."""
+    covered = sum(max(0.0, min(r.end, o.end) - max(r.start, o.start)) for o in others)
+    return min(1.0, covered / max(r.seconds, 1e-9))
 
 
 def step_ratios(steps, fit, scfg) -> dict:
-    """Median of logged / predicted step time, per kind (1.0: the profile predicts serving's steps)."""
+    """Median of logged / predicted step time, per kind (1.0: the profile predicts serving's steps),
+    also split by whether another instance stepped during half the step or more (on a shared host
+    that is where contention shows)."""
     out = {}
     for kind in ("prefill", "decode"):
         rs = [r for r in steps if r.kind == kind]
@@ -125,12 +141,38 @@ def step_ratios(steps, fit, scfg) -> dict:
             pred = [scfg.prefill_s(fit, list(r.lengths), 1) for r in rs]
         else:
             pred = [scfg.decode_s(fit, len(r.lengths), r.context, 1) for r in rs]
-        out[kind] = statistics.median(r.seconds / max(p, 1e-9) for r, p in zip(rs, pred))
+        ratio = [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
+        out[kind] = statistics.median(ratio)
+        if len({r.instance for r in steps}) > 1:
+            shared = [_overlap(r, [o for o in steps if o.instance != r.instance and o.end > r.start and o.start < r.end])
+                      >= 0.5 for r in rs]
+            for tag, want in (("alone", False), ("overlapped", True)):
+                sel = [x for x, o in zip(ratio, shared) if o is want]
+                if sel:
+                    out[f"{kind}_{tag}"] = statistics.median(sel)
+                    out[f"{kind}_{tag}_share"] = len(sel) / len(rs)
     return out
 
 
-def _row(engine_v, sim_v, slo) -> dict:
-    row = {}
+def step_stats(steps) -> dict:
+    """Per kind: how many steps, their mean time and rows, and the share of them that ran half or
+    more alongside another instance's step (for the engine's log and a simulation's steps alike)."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        rs = [r for r in steps if r.kind == kind]
+        if not rs:
+            continue
+        others = [o for o in steps if o.kind != kind]
+        shared = sum(1 for r in rs if others and _overlap(r, [o for o in others if o.instance != r.instance and o.end > r.start
+                                                                and o.start < r.end]) >= 0.5)
+        out[kind] = {"steps": len(rs), "mean_ms": 1e3 * statistics.fmean(r.seconds for r in rs),
+                     "mean_rows": statistics.fmean(len(r.lengths) for r in rs), "overlapped_share": shared / len(rs)}
+    return out
+
+
+def _row(engine_v, sim_v, slo, engine_ph: dict, sim_ph: dict) -> dict:
+    row = {"phases_ms": {k: {"engine": None if engine_ph[k] is None else 1e3 * engine_ph[k],
+                             "sim": None if sim_ph[k] is None else 1e3 * sim_ph[k]} for k in PHASES}}
     for tag, v in (("engine", engine_v), ("sim", sim_v)):
         row[f"{tag}_p50_ttft"] = statistics.median(x[0] for x in v)
         row[f"{tag}_p50_tpot"] = statistics.median(x[1] for x in v)
@@ -139,6 +181,27 @@ def _row(engine_v, sim_v, slo) -> dict:
     row["tpot_rel_diff"] = row["sim_p50_tpot"] / row["engine_p50_tpot"] - 1
     row["attainment_diff_points"] = 100 * (row["sim_attainment"] - row["engine_attainment"])
     return row
+
+
+BAR = (0.10, 0.10, 5.0)  # the issue's bar: median TTFT and TPOT within 10 %, attainment within 5 points
+
+
+def summary(runs: list[dict]) -> str:
+    """The table of simulator against engine, and how many runs are within the bar."""
+    lines = [f"{'mode':<14}{'rate':>6}{'TTFT eng':>10}{'sim':>8}{'diff':>7}{'TPOT eng':>10}{'sim':>8}{'diff':>7}"
+             f"{'att eng':>9}{'sim':>6}{'pts':>6}"]
+    met = 0
+    for r in runs:
+        ok = (abs(r["ttft_rel_diff"]) <= BAR[0] and abs(r["tpot_rel_diff"]) <= BAR[1]
+              and abs(r["attainment_diff_points"]) <= BAR[2])
+        met += ok
+        lines.append(f"{r['mode']:<14}{r['rate']:>6g}{1e3 * r['engine_p50_ttft']:>10.1f}{1e3 * r['sim_p50_ttft']:>8.1f}"
+                     f"{100 * r['ttft_rel_diff']:>+6.0f}%{1e3 * r['engine_p50_tpot']:>10.2f}{1e3 * r['sim_p50_tpot']:>8.2f}"
+                     f"{100 * r['tpot_rel_diff']:>+6.0f}%{100 * r['engine_attainment']:>8.0f}%"
+                     f"{100 * r['sim_attainment']:>5.0f}%{r['attainment_diff_points']:>+6.0f}{'' if ok else '  *'}")
+    lines.append(f"within the bar (medians {100 * BAR[0]:.0f} %, attainment {BAR[2]:.0f} points): {met} of {len(runs)} runs"
+                 + ("" if met == len(runs) else " (* marks the others)"))
+    return "\n".join(lines)
 
 
 def main(args) -> int:
@@ -151,8 +214,9 @@ def main(args) -> int:
 
     source = CheckpointSource(args.checkpoint)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
-    prof, errs = profile(source, [1], [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96],
-                         page_size=ps, repeats=5, name=Path(args.checkpoint).name)
+    grid = ([1], [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96])
+    prof, errs = profile(source, *grid, page_size=ps, repeats=5, name=Path(args.checkpoint).name,
+                         max_prefill_tokens=budget)
     vocab = source.cfg.vocab_size
 
     def draw(seed: int, n: int):
@@ -161,7 +225,6 @@ def main(args) -> int:
                  int(rng.integers(args.min_output, args.max_output))) for _ in range(n)]
 
     items = draw(0, args.num_requests)
-    calibration = draw(100, args.calibration_requests)
     lengths = [(len(p), o) for p, o in items]
     slo = (args.slo_ttft, args.slo_tpot)
     out = {"device": jax.devices()[0].device_kind, "args": vars(args),
@@ -170,6 +233,8 @@ def main(args) -> int:
     layouts = {"colocated": dict(mode="colocated", colocated=(InstanceSpec(1),)),
                "disaggregated": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(1),))}
     for name, lay in layouts.items():
+        if name not in args.modes:
+            continue
         ecfg = EngineConfig(page_size=ps, num_pages=pages, max_seq_len=args.max_seq_len, prefill_token_budget=budget,
                             max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay)
         scfg = (SimConfig("colocated", colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
@@ -184,36 +249,48 @@ def main(args) -> int:
                                        decode_lookahead=ecfg.async_decode)
             scfg = calibrate_host(engine, scfg, items[0][0])
             print(f"{name}: admission {1e3 * scfg.admission_s:.2f} ms, step overhead "
-                  f"{1e3 * scfg.step_overhead_s:.2f} ms, host contention x{scfg.host_contention:.2f}")
-            t0 = time.perf_counter()
-            run_engine(engine, calibration, arrival_times(len(calibration), args.calibration_rate, seed=7))
-            fit, ferr = served_fit(engine.step_log(t0), scfg.token_buckets, scfg.batch_buckets)
-            served = dataclasses.replace(prof, fits={1: fit}, source="fitted to serving steps (calibration run)")
-            # the served fit already holds the host's work and the other instance's share of the cores
-            served_cfg = dataclasses.replace(scfg, step_overhead_s=0.0, host_contention=1.0)
-            print(f"{name}: serving fit {fit.prefill} / {fit.decode_small}, mean |err| prefill "
-                  f"{100 * ferr['prefill_mean_rel_err']:.1f}%, decode {100 * ferr['decode_mean_rel_err']:.1f}% "
-                  f"over {ferr['prefill_steps']} + {ferr['decode_steps']} steps")
+                  f"{1e3 * scfg.step_overhead_s:.2f} ms, host contention x{scfg.host_contention:.2f} prefill, x{scfg.host_contention_decode:.2f} decode")
             for rate in args.rates:
                 arr = arrival_times(len(items), rate, seed=1)
                 t0 = time.perf_counter()
-                real = run_engine(engine, items, arr)
+                timings = run_engine(engine, items, arr)
+                real = [(t.ttft, t.tpot or 0.0) for t in timings]
+                engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 steps = engine.step_log(t0)
-                for tag, pr, cfg in (("programs", prof, scfg), ("serving", served, served_cfg)):
-                    sim = Simulator(pr, cfg).run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
-                    row = {"mode": name, "rate": rate, "profile": tag, "admission_s": cfg.admission_s,
-                           "step_overhead_s": cfg.step_overhead_s, "host_contention": cfg.host_contention,
-                           "steps_logged_over_predicted": step_ratios(steps, pr.fit(1), cfg),
-                           **_row(real, [(r.ttft, r.tpot) for r in sim], slo)}
-                    if tag == "serving":
-                        row["serving_fit"] = {"prefill": fit.prefill, "decode": fit.decode_small, **ferr}
-                    out["runs"].append(row)
-                    ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
-                    print(f"{name:<14} rate {rate:>5g} [{tag:<8}]: TTFT p50 engine {1e3 * row['engine_p50_ttft']:7.1f} ms "
-                          f"sim {1e3 * row['sim_p50_ttft']:7.1f} ({100 * row['ttft_rel_diff']:+.0f}%), TPOT p50 engine "
-                          f"{1e3 * row['engine_p50_tpot']:6.2f} sim {1e3 * row['sim_p50_tpot']:6.2f} "
-                          f"({100 * row['tpot_rel_diff']:+.0f}%), attainment {100 * row['engine_attainment']:.0f}% vs "
-                          f"{100 * row['sim_attainment']:.0f}%; steps logged/predicted {ratio}", flush=True)
+                simulator = Simulator(prof, scfg, record=True)
+                sim = simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
+                sim_ph = median_phases([phases(r, r.output_len) for r in sim])
+                row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
+                       "step_overhead_s": scfg.step_overhead_s, "host_contention": scfg.host_contention,
+                       "host_contention_decode": scfg.host_contention_decode,
+                       "steps_logged_over_predicted": step_ratios(steps, prof.fit(1), scfg),
+                       "steps": {"engine": step_stats(steps), "sim": step_stats(simulator.steps)},
+                       **_row(real, [(r.ttft, r.tpot) for r in sim], slo, engine_ph, sim_ph)}
+                out["runs"].append(row)
+                ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
+                print(f"{name:<14} rate {rate:>5g}: TTFT p50 engine {1e3 * row['engine_p50_ttft']:7.1f} ms "
+                      f"sim {1e3 * row['sim_p50_ttft']:7.1f} ({100 * row['ttft_rel_diff']:+.0f}%), TPOT p50 engine "
+                      f"{1e3 * row['engine_p50_tpot']:6.2f} sim {1e3 * row['sim_p50_tpot']:6.2f} "
+                      f"({100 * row['tpot_rel_diff']:+.0f}%), attainment {100 * row['engine_attainment']:.0f}% vs "
+                      f"{100 * row['sim_attainment']:.0f}%", flush=True)
+                print(f"      steps logged/predicted: {ratio}")
+                print("      phases p50 ms engine/sim: " + ", ".join(
+                    f"{k} {v['engine'] or 0:.1f}/{v['sim'] or 0:.1f}" for k, v in row["phases_ms"].items()))
+                sim_steps = row["steps"]["sim"]
+                print("      steps engine/sim: " + "; ".join(
+                    f"{k} n {e['steps']}/{sim_steps[k]['steps']} ms {e['mean_ms']:.1f}/{sim_steps[k]['mean_ms']:.1f} "
+                    f"rows {e['mean_rows']:.1f}/{sim_steps[k]['mean_rows']:.1f} "
+                    f"shared {e['overlapped_share']:.2f}/{sim_steps[k]['overlapped_share']:.2f}"
+                    for k, e in row["steps"]["engine"].items() if k in sim_steps))
+    # the host's speed drifts (a shared VM): the same grid again, against the profile the runs used
+    _, errs_end = profile(source, *grid, page_size=ps, repeats=5, name="drift check", max_prefill_tokens=budget,
+                          log=lambda *_: None)
+    out["profile_drift"] = {kind: statistics.median(b[-1] / a[-1] for a, b in zip(errs[1][f"{kind}_samples"],
+                                                                                  errs_end[1][f"{kind}_samples"]))
+                            for kind in ("prefill", "decode")}
+    print(summary(out["runs"]))
+    print("the same profile after the runs, against before them (median over its grid): "
+          + ", ".join(f"{k} x{v:.3f}" for k, v in out["profile_drift"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
@@ -224,6 +301,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[5, 15, 30])
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["colocated", "disaggregated"])
     p.add_argument("--num-requests", type=int, default=120)
     p.add_argument("--num-pages", type=int, default=200)
     p.add_argument("--budget", type=int, default=128)
@@ -236,7 +314,5 @@ if __name__ == "__main__":
     p.add_argument("--max-prompt", type=int, default=64)
     p.add_argument("--min-output", type=int, default=4)
     p.add_argument("--max-output", type=int, default=48)
-    p.add_argument("--calibration-requests", type=int, default=60)
-    p.add_argument("--calibration-rate", type=float, default=4.0)
     p.add_argument("--out", default="bench/results/sim-vs-engine-cpu.json")
     raise SystemExit(main(p.parse_args()))

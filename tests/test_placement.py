@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_prefill, load_profile
+from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_decode_split, fit_prefill, load_profile
 from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
 from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
 
@@ -37,6 +37,22 @@ def test_fit_recovers_coefficients():
     dec = [(b, c, true_d[0] + true_d[1] * c + true_d[2] * b) for b in (1, 8, 32, 64) for c in (100, 5000, 40000)]
     (p, pe), (d, de) = fit_prefill(pre), fit_decode(dec)
     assert np.allclose(p, true_p, rtol=1e-6) and np.allclose(d, true_d, rtol=1e-6) and pe < 1e-9 and de < 1e-9
+
+
+def test_decode_fit_in_two_pieces():
+    """A per-row cost that falls with the batch (one line misfits it) is found in two pieces with
+    the threshold where it changes; data on one line stays in one piece."""
+    small, large = (10.0, 1e-3, 2.0), (16.0, 1e-3, 0.5)
+    model = lambda b, c: (small if b < 8 else large)[0] + 1e-3 * c + (small if b < 8 else large)[2] * b  # noqa: E731
+    dec = [(b, b * c, model(b, b * c)) for b in (1, 2, 4, 8, 16, 32) for c in (16, 64, 128)]
+    fit, err = fit_decode_split(dec)
+    assert fit.threshold == 8 and err < 1e-9
+    assert np.allclose(fit.decode_small, small) and np.allclose(fit.decode_large, large)
+    assert fit.decode_ms(4, 4 * 64) == pytest.approx(model(4, 4 * 64))
+    assert fit_decode(dec)[1] > 0.02  # one line over all of it is off by percent
+    line = [(b, b * c, 5.0 + 2e-3 * b * c + 0.3 * b) for b in (1, 2, 4, 8, 16) for c in (16, 64)]
+    one, err = fit_decode_split(line)
+    assert one.threshold == 10**9 and err < 1e-9 and np.allclose(one.decode_small, (5.0, 2e-3, 0.3))
 
 
 def test_shipped_profiles():
@@ -69,9 +85,10 @@ def test_host_overheads_by_hand(mode):
 
 
 def test_host_contention_slows_overlapping_steps():
-    """Disaggregated on one host: request B's prefill (10 ms) starts at 0.0125 while A decodes in
-    5 ms steps until 0.030 (its batch's horizon), so it overlaps the other instance for all its length
-    and takes 2x; A's decode steps that start during B's prefill are slowed as well."""
+    """Disaggregated on one host, processor sharing at half speed each while two steps run: B's
+    prefill (10 ms of work) starts at 0.0125 with A's first decode step half done. A's step ends at
+    0.0175, its second runs to 0.0275, B's prefill ends at 0.0325 (TTFT 20 ms), A's third step
+    finishes alone at 0.035 and its fourth at 0.040."""
     prof = const_profile()
     reqs = [(0.0, 8, 5), (0.0125, 8, 2)]
     free = run(prof, SimConfig("disaggregated", transfer_gbps=0), reqs)
@@ -79,8 +96,8 @@ def test_host_contention_slows_overlapping_steps():
     assert free[1].ttft == pytest.approx(0.010)
     assert shared[1].ttft == pytest.approx(0.020)
     assert shared[0].ttft == pytest.approx(0.010)  # A's prefill ran alone
-    assert shared[0].finish > free[0].finish
-    assert SimConfig(host_contention=1.5).contended(1.0, 0.010, 1.005) == pytest.approx(0.0125)
+    assert shared[0].finish == pytest.approx(0.040) and free[0].finish == pytest.approx(0.030)
+    assert SimConfig(host_contention=1.5).contended(1.0, 0.010, 1.005) == pytest.approx(0.0125)  # colocated
     assert SimConfig(host_contention=1.5).contended(1.0, 0.010, 0.999) == pytest.approx(0.010)
 
 
@@ -89,6 +106,22 @@ def test_migration_time_from_bandwidth():
     (r,) = run(prof, SimConfig("disaggregated", transfer_gbps=1.0), [(0.0, 100, 2)])  # 100 MB at 1 GB/s
     assert r.migration_end - r.migration_start == pytest.approx(0.1)
     assert r.finish == pytest.approx(0.010 + 0.1 + 0.005)
+
+
+def test_pull_timeline_with_lookahead():
+    """The engine's pull, step by step (prefill 10 ms, decode steps 5 ms, one prompt per prefill):
+    A's gather waits for B's prefill, dispatched as A's ended, so A lands at 0.020 on the idle decode
+    instance and decodes at once. B is held at 0.020 and pulled at 0.025, when A's first step ends;
+    its gather waits for C's prefill (to 0.030), its scatter for the step in flight and the one queued
+    behind it (to 0.035). The steps dispatched at 0.035 and 0.040 were fixed before it landed, so its
+    second token comes with the step that ends at 0.050."""
+    prof = const_profile()
+    cfg = SimConfig("disaggregated", transfer_gbps=0, max_prefill_seqs=1, decode_lookahead=True)
+    a, b, c = run(prof, cfg, [(0.0, 8, 20), (0.001, 8, 20), (0.002, 8, 20)])
+    assert (a.first_token, a.migration_end, a.second_token) == pytest.approx((0.010, 0.020, 0.025))
+    assert (b.first_token, b.migration_start, b.migration_end) == pytest.approx((0.020, 0.025, 0.035))
+    assert b.second_token == pytest.approx(0.050)
+    assert c.first_token == pytest.approx(0.030)
 
 
 def test_fcfs_and_the_token_budget():

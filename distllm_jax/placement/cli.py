@@ -69,7 +69,8 @@ def cmd_simulate(args) -> int:
         cfg = SimConfig(args.mode, colocated=_par(args.colocated), prefill_token_budget=args.prefill_token_budget,
                         max_decode_batch=args.max_decode_batch)
     cfg = dataclasses.replace(cfg, admission_s=args.admission_ms / 1e3, step_overhead_s=args.step_overhead_ms / 1e3,
-                              host_contention=args.host_contention)
+                              host_contention=args.host_contention,
+                              host_contention_decode=args.host_contention_decode)
     print(f"{prof.model} on {prof.device}, {cfg.mode} on {cfg.gpus} GPUs, SLO ({slo.ttft}s, {slo.tpot}s)")
     print(f"{'rate':>8}{'per GPU':>9}{'attain':>9}")
     for r in [float(x) for x in args.rates.split(",")]:
@@ -125,7 +126,8 @@ def cmd_profile(args) -> int:
         random = DeviceRandomSource if jax.default_backend() == "gpu" else RandomSource  # real sizes: draw on the GPU
         source, name = random(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
     prof, errors = profile(source, _ints(args.tp), _ints(args.prompt_lens), _ints(args.prompts_per_batch),
-                           _ints(args.batches), _ints(args.contexts), repeats=args.repeats, name=name)
+                           _ints(args.batches), _ints(args.contexts), repeats=args.repeats, name=name,
+                           max_prefill_tokens=args.max_prefill_tokens)
     out = prof.to_dict()
     out["fit_errors"] = errors
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -145,7 +147,9 @@ def add_commands(sub) -> None:
     s.add_argument("--admission-ms", type=float, default=0.0, help="host time before a request can be scheduled")
     s.add_argument("--step-overhead-ms", type=float, default=0.0, help="host bookkeeping added to every step")
     s.add_argument("--host-contention", type=float, default=1.0,
-                   help="slowdown of steps that overlap on a shared host (virtual CPU devices; 1 on GPUs)")
+                   help="slowdown of prefill steps that overlap others on a shared host (virtual CPU devices; 1 on GPUs)")
+    s.add_argument("--host-contention-decode", type=float, default=None,
+                   help="the same for decode steps (default: --host-contention)")
     s.add_argument("--ablation", action="store_true", help="the paper's Figure 11 (OPT-13B, ShareGPT) instead")
     s.add_argument("--out-dir", default="bench/results/figure11")
     s.set_defaults(fn=cmd_simulate)
@@ -168,6 +172,8 @@ def add_commands(sub) -> None:
     f.add_argument("--tp", default="1")
     f.add_argument("--prompt-lens", default="16,64,128,256")
     f.add_argument("--prompts-per-batch", default="1,2,4")
+    f.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="skip prefill batches longer than this (the token budget you will serve with)")
     f.add_argument("--batches", default="1,4,8,16")
     f.add_argument("--contexts", default="32,128,256")
     f.add_argument("--repeats", type=int, default=3)

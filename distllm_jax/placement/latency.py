@@ -121,6 +121,27 @@ def fit_decode(samples: Sequence[tuple[int, int, float]]) -> tuple[tuple[float, 
     return _lstsq(X, y)
 
 
+def fit_decode_split(samples: Sequence[tuple[int, int, float]]) -> tuple[Fit, float]:
+    """The decode fit in two pieces, below and at or above a batch-size threshold, as DistServe fits
+    it: a step's cost per row falls as the batch grows (weights read once for more rows, then compute
+    takes over), which one line over all batch sizes misses at both ends. The threshold is the grid's
+    batch size that fits best, each piece keeping two batch sizes or more; one piece if none does
+    better. Returns a Fit with this decode model (and a placeholder prefill) and its mean relative
+    error."""
+    one, err = fit_decode(samples)
+    best = (err, one, one, 10**9)
+    sizes = sorted({n for n, _, _ in samples})
+    for t in sizes[2:-1]:
+        lo = [x for x in samples if x[0] < t]
+        hi = [x for x in samples if x[0] >= t]
+        (small, e_lo), (large, e_hi) = fit_decode(lo), fit_decode(hi)
+        e = (e_lo * len(lo) + e_hi * len(hi)) / len(samples)
+        if e < best[0]:
+            best = (e, small, large, t)
+    e, small, large, t = best
+    return Fit((0.0, 0.0, 0.0), small, large, threshold=t), e
+
+
 def _lstsq(X: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:
     # weight by 1/y so short steps count as much as long ones (relative error is what matters)
     w = 1.0 / np.maximum(y, 1e-6)

@@ -3,6 +3,7 @@ grid of batch shapes and tensor degrees, fit the latency model, and write a prof
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_prefill
+from distllm_jax.placement.latency import Fit, Profile, fit_decode_split, fit_prefill
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -40,7 +41,10 @@ def run_decode_steps(inst: Any, segs: Sequence[Any], steps: int) -> None:
     np.asarray(prev)
 
 
-def decode_step_ms(inst: Any, segs: Sequence[Any], repeats: int, steps: int = 8) -> float:
+DECODE_STEPS = 8  # decode steps timed together (the lookahead needs a run of them)
+
+
+def decode_step_ms(inst: Any, segs: Sequence[Any], repeats: int, steps: int = DECODE_STEPS) -> float:
     """One decode step of :func:`run_decode_steps`, median over ``repeats`` runs of ``steps``."""
     return _median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
 
@@ -56,10 +60,11 @@ def _device_memory() -> float:
 
 def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
             batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
-            name: str = "model", log=print) -> tuple[Profile, dict]:
+            name: str = "model", log=print, max_prefill_tokens: int | None = None) -> tuple[Profile, dict]:
     """The engine's programs, run as the engine runs them (host packing and the token-id sync included,
     decode steps overlapped as the serving loop overlaps them, so the fit holds what serving pays per
-    step)."""
+    step). ``max_prefill_tokens``: leave out prefill batches longer than this (the token budget the
+    engine will serve with; a line fitted over batches it never runs is bent away from those it does)."""
     from distllm_jax.engine import EngineConfig, InstanceSpec, SamplingParams
     from distllm_jax.engine.engine import attention_impl
     from distllm_jax.engine.instance import Instance
@@ -68,7 +73,9 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
 
     cfg = source.cfg
     max_len = min(cfg.max_position_embeddings, max(max(contexts) + 2, max(prompt_lens) + 1))
-    budget = max(L * k for L in prompt_lens for k in prompts_per_batch)
+    grid = [(L, k) for L in prompt_lens for k in prompts_per_batch
+            if max_prefill_tokens is None or L * k <= max_prefill_tokens or k == 1]
+    budget = max(L * k for L, k in grid)
     pages = max(max(b * pages_for(c + 2, page_size) for b in batches for c in contexts),
                 sum(pages_for(L, page_size) for L in prompt_lens) * max(prompts_per_batch)) + 2
     ecfg = EngineConfig(page_size=page_size, num_pages=pages, max_seq_len=max_len, prefill_token_budget=budget,
@@ -81,29 +88,37 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
     for tp in tps:
         devs = jax.devices()[:tp]
         inst = Instance(f"profile-tp{tp}", "colocated", InstanceSpec(tp, num_pages=pages), devs, source, ecfg, impl)
-        pre = []
-        for L in prompt_lens:
-            for k in prompts_per_batch:
-                segs = [Segment([1] * L, 0, inst.alloc.ensure(("p", i), L), sp, 0) for i in range(k)]
-                ms = _median_ms(lambda: inst.run("prefill", [segs]), repeats)
-                pre.append(([L] * k, ms))
-                for i in range(k):
+        points = [("p", L, k) for L, k in grid]
+        points += [("d", c, b) for c in contexts for b in batches]
+        times: dict[tuple, list[float]] = {pt: [] for pt in points}
+        # rounds over the whole grid, so a slow spell of the host spreads over every point instead
+        # of biasing the few measured during it (the first round warms and is dropped)
+        for rnd in range(repeats + 1):
+            for pt in points:
+                kind, x, n = pt
+                if kind == "p":
+                    segs = [Segment([1] * x, 0, inst.alloc.ensure(("p", i), x), sp, 0) for i in range(n)]
+                    t0 = time.perf_counter()
+                    inst.run("prefill", [segs])
+                    ms = 1e3 * (time.perf_counter() - t0)
+                else:
+                    segs = [Segment([1], x, inst.alloc.ensure(("p", i), x + 1), sp, 0) for i in range(n)]
+                    t0 = time.perf_counter()
+                    run_decode_steps(inst, segs, DECODE_STEPS)
+                    ms = 1e3 * (time.perf_counter() - t0) / DECODE_STEPS
+                for i in range(n):
                     inst.alloc.free(("p", i))
-        dec = []
-        for c in contexts:
-            for b in batches:
-                segs = [Segment([1], c, inst.alloc.ensure(("d", i), c + 1), sp, 0) for i in range(b)]
-                ms = decode_step_ms(inst, segs, repeats)
-                dec.append((b, b * (c + 1), ms))
-                for i in range(b):
-                    inst.alloc.free(("d", i))
+                if rnd:
+                    times[pt].append(ms)
+        pre = [([x] * n, statistics.median(times[(kind, x, n)])) for kind, x, n in points if kind == "p"]
+        dec = [(n, n * (x + 1), statistics.median(times[(kind, x, n)])) for kind, x, n in points if kind == "d"]
         p_fit, p_err = fit_prefill(pre)
-        d_fit, d_err = fit_decode(dec)
-        fits[tp] = Fit(p_fit, d_fit, d_fit, threshold=10**9)
+        d_fit, d_err = fit_decode_split(dec)
+        fits[tp] = dataclasses.replace(d_fit, prefill=p_fit)
         errors[tp] = {"prefill_mean_rel_err": p_err, "decode_mean_rel_err": d_err, "prefill_samples": pre,
                       "decode_samples": dec}
-        log(f"tp{tp}: prefill fit {p_fit} (mean |err| {100 * p_err:.1f}%), decode fit {d_fit} "
-            f"(mean |err| {100 * d_err:.1f}%)")
+        log(f"tp{tp}: prefill fit {p_fit} (mean |err| {100 * p_err:.1f}%), decode fit {d_fit.decode_small}, "
+            f"{d_fit.decode_large} from batch {d_fit.threshold} (mean |err| {100 * d_err:.1f}%)")
         inst = None  # free this degree's instance before the next one loads
     item = jax.numpy.dtype(source.dtype).itemsize
     prof = Profile(
@@ -116,13 +131,15 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
     return prof, errors
 
 
-def host_contention(step_a, step_b, seconds: float = 1.0) -> float:
+def host_contention(step_a, step_b, seconds: float = 1.0) -> tuple[float, float]:
     """How much two instances slow each other when they share one host's cores (virtual CPU devices
     of one process: the XLA CPU threads and the GIL are shared; disjoint GPUs give about 1.0).
 
     ``step_a`` and ``step_b`` each run one step of an instance and wait for it. Each is timed alone,
-    then both loop together in two threads for ``seconds``; returns the mean of the two slowdowns
-    (>= 1), the factor :class:`~distllm_jax.placement.simulator.SimConfig` ``host_contention`` takes.
+    then both loop together in two threads for ``seconds``; returns each one's slowdown (>= 1): they
+    need not share alike (a long prefill program holds the cores longer than a short decode step).
+    :class:`~distllm_jax.placement.simulator.SimConfig` takes them as ``host_contention`` (prefill)
+    and ``host_contention_decode``.
     """
     import threading
 
@@ -149,4 +166,5 @@ def host_contention(step_a, step_b, seconds: float = 1.0) -> float:
     stop.set()
     for t in threads:
         t.join()
-    return max(1.0, statistics.mean(a / o[0] for a, o in zip(alone, outs)))
+    a, b = (max(1.0, x / o[0]) for x, o in zip(alone, outs))
+    return a, b

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from distllm_jax.placement.latency import Profile
 
@@ -58,9 +58,12 @@ class SimConfig:
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
     # host bookkeeping an engine adds to every step beyond its program (scheduling, streaming)
     step_overhead_s: float = 0.0
-    # instances sharing one host's cores (virtual CPU devices; 1.0 for disjoint GPUs): a step that runs
-    # alongside another instance's takes up to this factor longer, in proportion to the overlap
+    # instances sharing one host's cores (virtual CPU devices; 1.0 for disjoint GPUs): a prefill step
+    # alongside another instance's takes this factor longer, a decode step host_contention_decode
+    # (None: the same). Disaggregated, steps share the host as processor sharing (their ends move as
+    # others start and end); colocated instances scale a step by its overlap
     host_contention: float = 1.0
+    host_contention_decode: float | None = None
     # the engine pads a step to a compiled shape: decode batches to these sizes, prefill tokens to these
     # counts (None: no padding, as on GPU systems that run exact shapes)
     batch_buckets: tuple[int, ...] | None = None
@@ -107,6 +110,7 @@ class SimRequest:
     migration_start: float = INF
     migration_end: float = INF
     finish: float = INF
+    second_token: float = INF  # the end of its first decode step (where the engine's steps show)
     computed: int = 0  # prompt tokens prefilled (chunked mode)
 
     @property
@@ -127,7 +131,8 @@ class _Decoder:
         self.step = 0
         self.n = 0
         self.ctx = 0  # Σ tokens in the cache
-        self.heap: list[tuple[int, int, SimRequest]] = []
+        self.heap: list[tuple[int, int, SimRequest, int]] = []
+        self.ends: list[float] = []  # each step's end time (for the requests' second tokens)
         self._ids = itertools.count()
         self.horizon = 0  # the step at which the last running request finishes (nothing leaves early)
 
@@ -136,7 +141,7 @@ class _Decoder:
         return max(0, self.horizon - self.step) if self.n else 0
 
     def join(self, r: SimRequest, ctx: int, steps_left: int) -> None:
-        heapq.heappush(self.heap, (self.step + steps_left, next(self._ids), r))
+        heapq.heappush(self.heap, (self.step + steps_left, next(self._ids), r, self.step))
         self.horizon = max(self.horizon, self.step + steps_left)
         self.n += 1
         self.ctx += ctx
@@ -145,19 +150,74 @@ class _Decoder:
         """One step done at ``t_end``: every running request got a token; return those finished."""
         self.step += 1
         self.ctx += self.n
+        self.ends.append(t_end)
         done = []
         while self.heap and self.heap[0][0] <= self.step:
-            _, _, r = heapq.heappop(self.heap)
+            _, _, r, joined = heapq.heappop(self.heap)
             r.finish = t_end
+            r.second_token = self.ends[joined]
             self.n -= 1
             self.ctx -= r.prompt_len + r.output_len - 1
             done.append(r)
         return done
 
 
+class _SharedHost:
+    """Steps of instances that share one host's cores, under processor sharing: while k steps run,
+    one of kind ``x`` goes at 1 / (1 + (c_x - 1)(k - 1)) of its speed alone, c_x being the slowdown
+    of such a step with one other running (measured: ``profiler.host_contention``). All c = 1
+    (disjoint devices): each step takes its own time."""
+
+    def __init__(self, contention: dict[str, float]):
+        self.c = contention  # by step kind (the first element of a key)
+        self.shared = any(c != 1.0 for c in contention.values())
+        self.work: dict[tuple[str, int], float] = {}  # seconds of each running step left, at full speed
+        self.last = 0.0
+
+    def _speed(self, key: tuple[str, int]) -> float:
+        return 1.0 / (1.0 + (self.c[key[0]] - 1.0) * max(0, len(self.work) - 1))
+
+    def _advance(self, now: float) -> None:
+        for k in self.work:
+            self.work[k] -= (now - self.last) * self._speed(k)
+        self.last = now
+
+    def start(self, key: tuple[str, int], seconds: float, now: float) -> dict[tuple[str, int], float]:
+        """Start a step; returns the ends of the steps whose end this moves (all, or the new one)."""
+        self._advance(now)
+        self.work[key] = seconds
+        return self._ends(now) if self.shared else {key: now + seconds}
+
+    def finish(self, key: tuple[str, int], now: float) -> dict[tuple[str, int], float]:
+        self._advance(now)
+        self.work.pop(key, None)
+        return self._ends(now) if self.shared else {}
+
+    def _ends(self, now: float) -> dict[tuple[str, int], float]:
+        return {k: now + max(0.0, w) / self._speed(k) for k, w in self.work.items()}
+
+
+class SimStep(NamedTuple):
+    """A simulated step, in the fields of the engine's step log (``Engine.step_log``), so the two
+    can be compared with the same code."""
+
+    instance: str
+    kind: str  # prefill | decode | mixed
+    start: float
+    end: float
+    lengths: tuple[int, ...]  # tokens per segment (1 per decode row)
+    context: int  # Σ positions + tokens its attention read
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
 class Simulator:
-    def __init__(self, profile: Profile, cfg: SimConfig):
+    def __init__(self, profile: Profile, cfg: SimConfig, record: bool = False):
+        """``record``: keep every step in ``self.steps`` (a diagnostic; it costs memory per step)."""
         self.profile, self.cfg = profile, cfg
+        self.steps: list[SimStep] | None = [] if record else None
         if cfg.mode == "disaggregated":
             used = cfg.prefill if cfg.phase == "prefill" else cfg.decode if cfg.phase == "decode" else cfg.prefill + cfg.decode
         else:
@@ -179,31 +239,56 @@ class Simulator:
     def _disaggregated(self, reqs: Sequence[SimRequest]) -> None:
         cfg, prof = self.cfg, self.profile
         order = sorted(reqs, key=lambda r: r.arrival)
+        n_p, n_d = len(cfg.prefill), len(cfg.decode)
         waiting: collections.deque[SimRequest] = collections.deque()
         held: collections.deque[tuple[float, SimRequest, int]] = collections.deque()  # (ready, req, prefill idx)
         p_cap = [cfg.capacity(prof, p) for p in cfg.prefill]
-        p_used = [0] * len(cfg.prefill)
-        p_free_at = [0.0] * len(cfg.prefill)
+        p_used = [0] * n_p
+        p_busy = [False] * n_p
+        p_free_at = [0.0] * n_p  # when each prefill instance's step in flight ends
+        p_stage = [0.0] * n_p  # that step's stage time alone (later pipeline stages take as long)
+        p_batch: list[list[SimRequest]] = [[] for _ in range(n_p)]
         d_cap = [cfg.capacity(prof, p) for p in cfg.decode]
-        d_used = [0] * len(cfg.decode)
+        d_used = [0] * n_d
+        d_busy = [False] * n_d
+        d_start = [0.0] * n_d  # when each decode instance's current (or last) step started
         dec = [_Decoder() for _ in cfg.decode]
-        joining: list[list[tuple[float, SimRequest]]] = [[] for _ in cfg.decode]
-        events: list[tuple[float, int, str, int]] = []
+        # a pull moves through: chosen (queued on the instance's one pull thread), gathered (the
+        # gather waits for the prefill step in flight), scattered (behind the decode steps already
+        # dispatched), joining (its pages in place; it enters the next step dispatched)
+        pull_q: list[collections.deque[tuple[SimRequest, int]]] = [collections.deque() for _ in range(n_d)]
+        pull_cur: list[SimRequest | None] = [None] * n_d
+        scatter_wait: list[list[tuple[int, SimRequest]]] = [[] for _ in range(n_d)]  # (decode step, req)
+        pulling = [0] * n_d
+        joining: list[list[tuple[float, SimRequest]]] = [[] for _ in range(n_d)]
+        host = _SharedHost({"p_free": cfg.host_contention, "d_step": cfg.host_contention_decode
+                            if cfg.host_contention_decode is not None else cfg.host_contention})
+        token: dict[tuple[str, int], int] = collections.defaultdict(int)  # the live end event of a step
+        started: dict[tuple[str, int], tuple[float, tuple[int, ...], int]] = {}  # for self.steps
+        events: list[tuple[float, int, str, int, int]] = []
         seq = itertools.count()
-        push = lambda t, kind, i: heapq.heappush(events, (t, next(seq), kind, i))  # noqa: E731
+
+        def push(t: float, kind: str, i: int, tok: int = 0) -> None:
+            heapq.heappush(events, (t, next(seq), kind, i, tok))
+
+        def schedule(ends: dict[tuple[str, int], float]) -> None:
+            """(Re)schedule the end of every running step (processor sharing moves them)."""
+            for key, t in ends.items():
+                token[key] += 1
+                push(t, key[0], key[1], token[key])
+                if key[0] == "p_free":
+                    p_free_at[key[1]] = t
+
         for k, r in enumerate(order):
             push(r.arrival + cfg.admission_s, "arrive", k)
-        p_busy = [False] * len(cfg.prefill)
-        d_busy = [False] * len(cfg.decode)
-        p_end = [0.0] * len(cfg.prefill)  # when each instance's current step ends (host contention)
-        d_end = [0.0] * len(cfg.decode)
-        pull_free = [0.0] * len(cfg.decode)  # each decode instance pulls one request at a time
-        d_start = [0.0] * len(cfg.decode)  # when its current (or last) step started
+
+        def load(j: int) -> int:
+            return dec[j].n + len(joining[j]) + pulling[j]
 
         def try_prefill(i: int, now: float) -> None:
-            if p_busy[i] or not waiting or p_free_at[i] > now:
+            if p_busy[i] or not waiting:
                 return
-            par, batch, tokens = cfg.prefill[i], [], 0
+            batch, tokens = [], 0
             while waiting and len(batch) < cfg.max_prefill_seqs:
                 r = waiting[0]
                 if batch and tokens + r.prompt_len > cfg.prefill_token_budget:
@@ -216,15 +301,32 @@ class Simulator:
                 p_used[i] += r.prompt_len
             if not batch:
                 return
-            stage = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp) + cfg.step_overhead_s
-            stage = cfg.contended(now, stage, max([e for k, e in enumerate(p_end) if k != i] + d_end))
+            par = cfg.prefill[i]
+            p_stage[i] = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp) + cfg.step_overhead_s
             for r in batch:
                 r.prefill_start = now
             p_busy[i] = True
-            p_free_at[i] = p_end[i] = now + stage
-            push(now + stage * par.pp, "prefilled", len(prefilled))
-            prefilled.append((i, batch))
-            push(now + stage, "p_free", i)
+            p_batch[i] = batch
+            started[("p_free", i)] = (now, tuple(r.prompt_len for r in batch), tokens)
+            schedule(host.start(("p_free", i), p_stage[i], now))
+
+        def next_pull(j: int, now: float) -> None:
+            if pull_cur[j] is not None or not pull_q[j]:
+                return
+            r, pi = pull_q[j].popleft()
+            pull_cur[j] = r
+            # the gather queues behind the prefill instance's step in flight on its pool
+            t = max(now, p_free_at[pi]) if pi >= 0 and p_busy[pi] else now
+            t += prof.kv_bytes_per_token * r.prompt_len / (cfg.transfer_gbps * 1e9) if cfg.transfer_gbps else 0.0
+            push(t, "gathered", j)
+
+        def land(j: int, r: SimRequest, now: float) -> None:
+            """``r``'s pages are in place on decode instance ``j``; its pull thread takes the next."""
+            r.migration_end = now
+            joining[j].append((now, r))
+            pulling[j] -= 1
+            pull_cur[j] = None
+            next_pull(j, now)
 
         def try_decode(j: int, now: float) -> None:
             if d_busy[j]:
@@ -234,46 +336,50 @@ class Simulator:
             while held and held[0][0] <= now:
                 _, r, pi = held[0]
                 need = r.prompt_len + r.output_len
-                if dec[j].n + len(joining[j]) >= cfg.max_decode_batch or d_used[j] + need > d_cap[j]:
+                if load(j) >= cfg.max_decode_batch or d_used[j] + need > d_cap[j]:
                     break
-                loads = [dec[k].n + len(joining[k]) for k in range(len(cfg.decode))
-                         if k != j and not d_busy[k] and d_used[k] + need <= d_cap[k]
-                         and dec[k].n + len(joining[k]) < cfg.max_decode_batch]
-                if loads and dec[j].n + len(joining[j]) > min(loads):
+                loads = [load(k) for k in range(n_d) if k != j and not d_busy[k] and d_used[k] + need <= d_cap[k]
+                         and load(k) < cfg.max_decode_batch]
+                if loads and load(j) > min(loads):
                     break
                 held.popleft()
                 d_used[j] += need
                 if pi >= 0:
                     p_used[pi] -= r.prompt_len
                 r.migration_start = now
-                # the gather waits for the prefill instance's step in flight on its pool
-                t0 = max(now, pull_free[j], p_free_at[pi] if pi >= 0 else 0.0)
-                t = t0 + (prof.kv_bytes_per_token * r.prompt_len / (cfg.transfer_gbps * 1e9) if cfg.transfer_gbps else 0.0)
-                r.migration_end = pull_free[j] = t
-                joining[j].append((t, r))
-                for i in range(len(cfg.prefill)):
+                pulling[j] += 1
+                pull_q[j].append((r, pi))
+                for i in range(n_p):
                     try_prefill(i, now)
-            # with lookahead a step's batch was fixed when the step before it started
-            cut = d_start[j] if cfg.decode_lookahead and dec[j].n else now
-            ready = [(t, r) for t, r in joining[j] if t <= cut]
+            next_pull(j, now)
+            # with lookahead a step's batch was fixed when the step before it started (a request whose
+            # pages land just then misses it: the pull thread hands it over after the worker dispatched)
+            ahead = cfg.decode_lookahead and dec[j].n
+            cut = d_start[j] if ahead else now
+            ready = [(t, r) for t, r in joining[j] if (t < cut if ahead else t <= cut)]
             if ready:
-                joining[j] = [(t, r) for t, r in joining[j] if t > now]
+                joining[j] = [(t, r) for t, r in joining[j] if (t >= cut if ahead else t > cut)]
                 for _, r in ready:
                     dec[j].join(r, r.prompt_len, r.output_len - 1)
-            if dec[j].n == 0:
-                if joining[j]:
-                    push(min(t for t, _ in joining[j]), "d_wake", j)
+            if not dec[j].n:
                 return
             d_start[j] = now
-            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp) + cfg.step_overhead_s
-            step = cfg.contended(now, step, max([e for k, e in enumerate(d_end) if k != j] + p_end))
             d_busy[j] = True
-            d_end[j] = now + step * dec[j].steps_left  # it keeps stepping until its batch drains
-            push(now + step, "d_step", j)
+            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp) + cfg.step_overhead_s
+            started[("d_step", j)] = (now, (1,) * dec[j].n, dec[j].ctx + dec[j].n)
+            schedule(host.start(("d_step", j), step, now))
 
         prefilled: list[tuple[int, list[SimRequest]]] = []
         while events:
-            now, _, kind, i = heapq.heappop(events)
+            now, _, kind, i, tok = heapq.heappop(events)
+            if kind in ("p_free", "d_step"):
+                if tok != token[(kind, i)]:
+                    continue  # rescheduled: the step's end moved
+                schedule(host.finish((kind, i), now))
+                if self.steps is not None:
+                    t0, lengths, ctx = started[(kind, i)]
+                    self.steps.append(SimStep(f"{'prefill' if kind == 'p_free' else 'decode'}-{i}",
+                                              "prefill" if kind == "p_free" else "decode", t0, now, lengths, ctx))
             if kind == "arrive":
                 r = order[i]
                 if cfg.phase == "decode":  # Algorithm 1 sizes decode alone: requests arrive prefilled
@@ -282,7 +388,11 @@ class Simulator:
                 else:
                     waiting.append(r)
             elif kind == "p_free":
+                # freed before its prompts are held: the engine's prefill worker dispatches its next
+                # batch before a decode instance's pull can queue a gather behind the finished one
                 p_busy[i] = False
+                push(now + p_stage[i] * (cfg.prefill[i].pp - 1), "prefilled", len(prefilled))
+                prefilled.append((i, p_batch[i]))
             elif kind == "prefilled":
                 pi, batch = prefilled[i]
                 for r in batch:
@@ -295,15 +405,24 @@ class Simulator:
                         p_used[pi] -= r.prompt_len
                     else:
                         held.append((now, r, pi))
+            elif kind == "gathered":
+                r = pull_cur[i]
+                if d_busy[i]:  # the scatter runs after the step in flight and, with lookahead, the next
+                    scatter_wait[i].append((dec[i].step + (2 if cfg.decode_lookahead else 1), r))
+                else:
+                    land(i, r, now)
             elif kind == "d_step":
                 d_busy[i] = False
                 for r in dec[i].advance(now):
                     d_used[i] -= r.prompt_len + r.output_len
-                if not dec[i].n:
-                    d_end[i] = now
-            for k in range(len(cfg.prefill)):
+                if scatter_wait[i]:
+                    due = [x for x in scatter_wait[i] if x[0] <= dec[i].step or not dec[i].n]
+                    scatter_wait[i] = [x for x in scatter_wait[i] if not (x[0] <= dec[i].step or not dec[i].n)]
+                    for _, r in due:
+                        land(i, r, now)
+            for k in range(n_p):
                 try_prefill(k, now)
-            for k in range(len(cfg.decode)):
+            for k in range(n_d):
                 try_decode(k, now)
 
     # ---- colocated / chunked ---------------------------------------------------------------------
@@ -335,6 +454,13 @@ class Simulator:
 
         def launch(i: int, now: float, seconds: float, what: tuple) -> None:
             seconds = cfg.contended(now, seconds + cfg.step_overhead_s, max([e for k, e in enumerate(ends) if k != i], default=0.0))
+            if self.steps is not None:
+                kind, payload = what
+                lengths = (tuple(r.prompt_len for r in payload) if kind == "prefill" else
+                           (1,) * dec[i].n + tuple(n for _, n in payload or ()))
+                ctx = (sum(lengths) if kind == "prefill" else
+                       dec[i].ctx + dec[i].n + sum(r.computed + n for r, n in payload or ()))
+                self.steps.append(SimStep(f"colocated-{i}", kind, now, now + seconds, lengths, ctx))
             pending[i] = what
             busy[i] = True
             ends[i] = now + seconds
