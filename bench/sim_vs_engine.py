@@ -251,20 +251,25 @@ def main(args) -> int:
             print(f"{name}: admission {1e3 * scfg.admission_s:.2f} ms, step overhead "
                   f"{1e3 * scfg.step_overhead_s:.2f} ms, host contention x{scfg.host_contention:.2f} prefill, x{scfg.host_contention_decode:.2f} decode")
             for rate in args.rates:
-                arr = arrival_times(len(items), rate, seed=1)
-                t0 = time.perf_counter()
-                timings = run_engine(engine, items, arr)
+                # each repeat another draw of the arrival times; requests and steps are pooled (the
+                # engine's own spread between runs is several percent on a shared host)
+                timings, steps, sim, sim_steps = [], [], [], []
+                for rep in range(args.repeats):
+                    arr = arrival_times(len(items), rate, seed=1 + rep)
+                    t0 = time.perf_counter()
+                    timings += run_engine(engine, items, arr)
+                    steps += engine.step_log(t0)
+                    simulator = Simulator(prof, scfg, record=True)
+                    sim += simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
+                    sim_steps += [s._replace(start=s.start + 1e6 * rep, end=s.end + 1e6 * rep) for s in simulator.steps]
                 real = [(t.ttft, t.tpot or 0.0) for t in timings]
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
-                steps = engine.step_log(t0)
-                simulator = Simulator(prof, scfg, record=True)
-                sim = simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
                 row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
                        "step_overhead_s": scfg.step_overhead_s, "host_contention": scfg.host_contention,
                        "host_contention_decode": scfg.host_contention_decode,
                        "steps_logged_over_predicted": step_ratios(steps, prof.fit(1), scfg),
-                       "steps": {"engine": step_stats(steps), "sim": step_stats(simulator.steps)},
+                       "steps": {"engine": step_stats(steps), "sim": step_stats(sim_steps)},
                        **_row(real, [(r.ttft, r.tpot) for r in sim], slo, engine_ph, sim_ph)}
                 out["runs"].append(row)
                 ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
@@ -303,6 +308,7 @@ if __name__ == "__main__":
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[5, 15, 30])
     p.add_argument("--modes", type=lambda s: s.split(","), default=["colocated", "disaggregated"])
     p.add_argument("--num-requests", type=int, default=120)
+    p.add_argument("--repeats", type=int, default=1, help="runs per rate (other arrival draws), pooled")
     p.add_argument("--num-pages", type=int, default=200)
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)

@@ -166,6 +166,9 @@ def test_timings_in_order(engine):
     assert len(t.token_times) == out.num_output_tokens == 8
     assert t.ttft > 0 and t.tpot > 0 and t.migration >= 0
     assert t.prefill_instance == "prefill0" and t.decode_instance == "decode0"
+    # the idle decode instance had room: its pull was chosen as the prefill ended, and the prefill
+    # worker dispatched its gathers before taking another batch
+    assert t.migration_start == t.first_token
 
 
 def test_async_stream_and_early_exit(engine):

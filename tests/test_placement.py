@@ -109,19 +109,23 @@ def test_migration_time_from_bandwidth():
 
 
 def test_pull_timeline_with_lookahead():
-    """The engine's pull, step by step (prefill 10 ms, decode steps 5 ms, one prompt per prefill):
-    A's gather waits for B's prefill, dispatched as A's ended, so A lands at 0.020 on the idle decode
-    instance and decodes at once. B is held at 0.020 and pulled at 0.025, when A's first step ends;
-    its gather waits for C's prefill (to 0.030), its scatter for the step in flight and the one queued
-    behind it (to 0.035). The steps dispatched at 0.035 and 0.040 were fixed before it landed, so its
-    second token comes with the step that ends at 0.050."""
+    """The engine's pull, step by step (prefill 10 ms, decode steps 5 ms, one prompt per prefill).
+    A's pull is offered as its prefill ends, so its gather goes ahead of B's prefill: it lands at
+    0.010 on the idle decode instance and decodes at once. B's is offered at 0.020 while A's third
+    step runs with the fourth queued: the scatter lands after those (0.030), the steps dispatched at
+    0.030 and 0.035 were fixed before it, so its second token comes with the step ending at 0.045.
+    A pull chosen later by the decode side waits for the prefill step in flight: the batch (two) is
+    full until A ends at 0.105, when C is pulled while E's prefill runs to 0.110."""
     prof = const_profile()
-    cfg = SimConfig("disaggregated", transfer_gbps=0, max_prefill_seqs=1, decode_lookahead=True)
-    a, b, c = run(prof, cfg, [(0.0, 8, 20), (0.001, 8, 20), (0.002, 8, 20)])
-    assert (a.first_token, a.migration_end, a.second_token) == pytest.approx((0.010, 0.020, 0.025))
-    assert (b.first_token, b.migration_start, b.migration_end) == pytest.approx((0.020, 0.025, 0.035))
-    assert b.second_token == pytest.approx(0.050)
-    assert c.first_token == pytest.approx(0.030)
+    cfg = SimConfig("disaggregated", transfer_gbps=0, max_prefill_seqs=1, decode_lookahead=True,
+                    max_decode_batch=2)
+    a, b, c, d, e = run(prof, cfg, [(0.0, 8, 20), (0.001, 8, 20), (0.002, 8, 4), (0.003, 8, 4), (0.1, 8, 2)])
+    assert (a.first_token, a.migration_end, a.second_token) == pytest.approx((0.010, 0.010, 0.015))
+    assert (b.first_token, b.migration_start, b.migration_end) == pytest.approx((0.020, 0.020, 0.030))
+    assert b.second_token == pytest.approx(0.045)
+    assert (c.first_token, d.first_token, e.first_token) == pytest.approx((0.030, 0.040, 0.110))
+    assert a.finish == pytest.approx(0.105) and c.migration_start == pytest.approx(0.105)
+    assert c.migration_end >= 0.110 - 1e-9 and d.migration_start >= c.migration_end
 
 
 def test_fcfs_and_the_token_budget():

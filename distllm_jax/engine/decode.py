@@ -21,7 +21,7 @@ import time
 from distllm_jax.engine.controller import Controller, InstanceLost
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.request import Request, RequestState
-from distllm_jax.engine.transfer import KVPuller, pages_equal
+from distllm_jax.engine.transfer import KVPuller, can_stage, pages_equal
 from distllm_jax.engine.worker import Worker, mine
 from distllm_jax.kv_cache import pages_for
 
@@ -49,6 +49,28 @@ class DecodeWorker(Worker):
         super().join(timeout)
         if self._puller_thread.is_alive():
             self._puller_thread.join(timeout)
+
+    def offer(self, now: float) -> list[tuple]:
+        """Pulls chosen for this instance now (lock held), for a prefill worker whose step just ended
+        to start: it stages them (:meth:`stage`) before it dispatches its next step, so their gathers
+        do not queue behind that step. A puller that cannot stage gets them queued as they are."""
+        jobs = self._choose_pulls(now)
+        if not can_stage(self.puller):
+            for job in jobs:
+                self._pulls.put(job)
+            return []
+        return jobs
+
+    def stage(self, jobs: list[tuple]) -> None:
+        """Dispatch the gathers of offered pulls (on the prefill worker's thread, lock not held) and
+        hand them to this instance's pull thread; a failed gather fails the pull there."""
+        for job in jobs:
+            r, src, src_pages, _ = job
+            try:
+                staged = self.puller.stage(src, src_pages, self.inst)
+            except Exception as e:  # noqa: BLE001 - settled by the pull thread, as a failed pull
+                staged = e
+            self._pulls.put((*job, staged))
 
     def _pull_loop(self) -> None:
         while (job := self._pulls.get()) is not None:
@@ -96,11 +118,17 @@ class DecodeWorker(Worker):
             self._pulling += 1
         return out
 
-    def _pull(self, r: Request, src: Instance, src_pages: list[int], dst_pages: list[int]) -> None:
+    def _pull(self, r: Request, src: Instance, src_pages: list[int], dst_pages: list[int], staged=None) -> None:
         """``src`` was read under the lock: by now a lost prefill instance may have re-queued ``r``
-        (emptying its holders); the checks after the pull see that."""
+        (emptying its holders); the checks after the pull see that. ``staged``: the gathers a prefill
+        worker dispatched for it (:meth:`offer`), or the error that dispatching them raised."""
         try:
-            path = self.puller.pull(src, src_pages, self.inst, dst_pages)  # returns when the pages are in place
+            if isinstance(staged, BaseException):
+                raise staged
+            if staged is not None:  # both return when the pages are in place
+                path = self.puller.put(staged, self.inst, dst_pages)
+            else:
+                path = self.puller.pull(src, src_pages, self.inst, dst_pages)
             if self.check and not pages_equal(src, src_pages, self.inst, dst_pages):
                 raise AssertionError(f"KV of {r.rid} changed in transit")
         except InstanceLost as e:

@@ -91,7 +91,7 @@ class Engine:
             peers: list[DecodeWorker] = []
             for inst in self.instances:
                 if inst.role == "prefill":
-                    self.workers.append(PrefillWorker(self.ctrl, inst, budget))
+                    self.workers.append(PrefillWorker(self.ctrl, inst, budget, peers))
                 else:
                     w = DecodeWorker(self.ctrl, inst, self.puller, peers, cfg.check_transfers)
                     peers.append(w)

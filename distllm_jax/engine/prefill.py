@@ -1,13 +1,16 @@
 """The prefill instance's policy: FCFS batches up to the token budget (the paper's L_m).
 
 A prefilled request keeps its K/V in this instance's pool (state HELD) until a decode instance pulls
-it. The pool is the bound on that buffer: when it is full of held requests, new prompts wait in the
+it. As a batch ends, the decode instances with room choose their pulls at once and this worker
+dispatches those pulls' gathers before its next batch: otherwise they would queue behind that whole
+step on the device. The pool is the bound on that buffer: when it is full of held requests, new prompts wait in the
 queue (they are never dropped), and prefill resumes as decode instances pull.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any, Sequence
 
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance import Instance
@@ -45,9 +48,12 @@ def take_prompts(ctrl: Controller, inst: Instance, budget: int, max_seqs: int, r
 
 
 class PrefillWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: Instance, budget: int):
+    def __init__(self, ctrl: Controller, inst: Instance, budget: int, decoders: Sequence[Any] = ()):
+        """``decoders``: the decode workers (filled in by the engine, shared), offered each batch as
+        it ends so their pulls' gathers go ahead of this instance's next step."""
         super().__init__(ctrl, inst)
         self.budget = budget
+        self.decoders = decoders
         self.lookahead = False  # never runs decode steps
 
     def has_work(self) -> bool:
@@ -72,5 +78,9 @@ class PrefillWorker(Worker):
                 if mine(r, self.inst, RequestState.PREFILLING) and self.first_token(r, tok, now):
                     r.state = RequestState.HELD  # KV stays here until a decode instance pulls it
                     self.ctrl.held.append(r)
+            # decode instances with room choose now, least loaded first (their own policy)
+            offers = [(w, w.offer(now)) for w in sorted(self.decoders, key=lambda w: w.load)]
             self.ctrl.cv.notify_all()
+        for w, jobs in offers:
+            w.stage(jobs)  # dispatched before this instance's next step
         return True

@@ -71,6 +71,12 @@ class KVPuller(Protocol):
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None]) -> None: ...
 
 
+def can_stage(puller: Any) -> bool:
+    """The puller splits a pull in two (:meth:`LocalKVPuller.stage`, then ``put``): the prefill side
+    can start it the moment its step ends, before its next step is dispatched."""
+    return hasattr(puller, "stage") and hasattr(puller, "put")
+
+
 class LocalKVPuller:
     """Both instances live in this process: device-to-device copies between their meshes."""
 
@@ -83,14 +89,30 @@ class LocalKVPuller:
         """Copy ``src_pages`` of every layer of ``src`` into ``dst_pages`` of ``dst`` (in place)."""
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"page counts differ: {len(src_pages)} source, {len(dst_pages)} destination")
+        self.put(self.stage(src, src_pages, dst), dst, dst_pages)
+
+    def stage(self, src: Any, src_pages: Sequence[int], dst: Any) -> list:
+        """The pull's first half: dispatch the gathers of ``src_pages`` (for ``dst``'s layer ranges)
+        and return their buffers without waiting. The device runs them in dispatch order, so a
+        gather dispatched before ``src``'s next step reads the pages before that step can delay it."""
         size = bucket(self.buckets, len(src_pages))
-        done = []
+        staged = []
         for s, d, lo, hi in _overlaps(src, dst):
             with src.lock:
                 k, v = _GATHER(s.pool, page_index(src_pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
+            staged.append((d, lo, k, v, len(src_pages)))
+        return staged
+
+    def put(self, staged: list, dst: Any, dst_pages: Sequence[int]) -> None:
+        """The second half: move the staged buffers onto ``dst``'s mesh and scatter them into
+        ``dst_pages``; returns when they are in place."""
+        done = []
+        for d, lo, k, v, n in staged:
+            if n != len(dst_pages):
+                raise ValueError(f"page counts differ: {n} source, {len(dst_pages)} destination")
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, size, d.mesh), k, v, lo=lo - d.lo)
+                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, k.shape[1], d.mesh), k, v, lo=lo - d.lo)
             done.append(written)
         jax.block_until_ready(done)
 

@@ -8,7 +8,10 @@ Policies (as ``distllm_jax.engine`` runs them):
   for decode (prefill memory is the queue that absorbs bursts).
 - Decode instances pull held requests FCFS when they have a batch slot and KV room for the request's
   whole length (prompt + output: the engine reserves it), the least-loaded instance first; the KV moves
-  in ``kv_bytes / transfer bandwidth`` before the request joins the batch.
+  in ``kv_bytes / transfer bandwidth`` before the request joins the batch. As in the engine, pulls are
+  offered as a prefill batch ends (their gathers go first; a pull chosen later waits for the prefill
+  step in flight), one pull at a time per decode instance, each scatter behind the decode steps
+  already dispatched, and a pulled request joins the next step dispatched after its pages land.
 - Colocated: prefill first whenever a waiting prompt fits, else one decode step (vLLM). Chunked: each
   step carries one token of every running request plus prompt chunks up to the budget (SplitFuse).
 
@@ -253,9 +256,10 @@ class Simulator:
         d_busy = [False] * n_d
         d_start = [0.0] * n_d  # when each decode instance's current (or last) step started
         dec = [_Decoder() for _ in cfg.decode]
-        # a pull moves through: chosen (queued on the instance's one pull thread), gathered (the
-        # gather waits for the prefill step in flight), scattered (behind the decode steps already
-        # dispatched), joining (its pages in place; it enters the next step dispatched)
+        # a pull moves through: chosen (queued on the instance's one pull thread), gathered (a
+        # gather dispatched as its prefill ended runs at once, one dispatched later waits for the
+        # prefill step in flight), scattered (behind the decode steps already dispatched), joining
+        # (its pages in place; it enters the next step dispatched)
         pull_q: list[collections.deque[tuple[SimRequest, int]]] = [collections.deque() for _ in range(n_d)]
         pull_cur: list[SimRequest | None] = [None] * n_d
         scatter_wait: list[list[tuple[int, SimRequest]]] = [[] for _ in range(n_d)]  # (decode step, req)
@@ -328,18 +332,17 @@ class Simulator:
             pull_cur[j] = None
             next_pull(j, now)
 
-        def try_decode(j: int, now: float) -> None:
-            if d_busy[j]:
-                return
-            par = cfg.decode[j]
-            # pull: FCFS, least-loaded instance with room first
+        def choose(j: int, now: float, staged: bool) -> None:
+            """Pull held requests onto decode instance ``j``: FCFS, the least-loaded instance with room
+            first. ``staged``: chosen as a prefill batch ends, whose worker dispatches the gathers
+            before its next step (else a gather queues behind the prefill step in flight)."""
             while held and held[0][0] <= now:
                 _, r, pi = held[0]
                 need = r.prompt_len + r.output_len
                 if load(j) >= cfg.max_decode_batch or d_used[j] + need > d_cap[j]:
                     break
-                loads = [load(k) for k in range(n_d) if k != j and not d_busy[k] and d_used[k] + need <= d_cap[k]
-                         and load(k) < cfg.max_decode_batch]
+                loads = [load(k) for k in range(n_d) if k != j and (staged or not d_busy[k])
+                         and d_used[k] + need <= d_cap[k] and load(k) < cfg.max_decode_batch]
                 if loads and load(j) > min(loads):
                     break
                 held.popleft()
@@ -348,9 +351,15 @@ class Simulator:
                     p_used[pi] -= r.prompt_len
                 r.migration_start = now
                 pulling[j] += 1
-                pull_q[j].append((r, pi))
+                pull_q[j].append((r, -1 if staged else pi))
                 for i in range(n_p):
                     try_prefill(i, now)
+
+        def try_decode(j: int, now: float) -> None:
+            if d_busy[j]:
+                return
+            par = cfg.decode[j]
+            choose(j, now, staged=False)
             next_pull(j, now)
             # with lookahead a step's batch was fixed when the step before it started (a request whose
             # pages land just then misses it: the pull thread hands it over after the worker dispatched)
@@ -405,6 +414,9 @@ class Simulator:
                         p_used[pi] -= r.prompt_len
                     else:
                         held.append((now, r, pi))
+                for j in sorted(range(n_d), key=load):  # offered as the batch ends (see choose)
+                    choose(j, now, staged=True)
+                    next_pull(j, now)
             elif kind == "gathered":
                 r = pull_cur[i]
                 if d_busy[i]:  # the scatter runs after the step in flight and, with lookahead, the next
