@@ -122,10 +122,12 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
                                host_contention_decode=contention[1])
 
 
-def _overlap(r, others) -> float:
-    """The share of step ``r`` during which another instance was stepping (``others``: its steps)."""
-    covered = sum(max(0.0, min(r.end, o.end) - max(r.start, o.start)) for o in others)
-    return min(1.0, covered / max(r.seconds, 1e-9))
+def _beside_another(r, steps) -> bool:
+    """Step ``r`` ran half its time or more while another instance's steps ran (they do not overlap
+    one another: each instance steps one at a time)."""
+    covered = sum(max(0.0, min(r.end, o.end) - max(r.start, o.start)) for o in steps
+                  if o.instance != r.instance and o.end > r.start and o.start < r.end)
+    return r.seconds > 0 and covered >= 0.5 * r.seconds
 
 
 def step_ratios(steps, fit, scfg) -> dict:
@@ -144,8 +146,7 @@ def step_ratios(steps, fit, scfg) -> dict:
         ratio = [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
         out[kind] = statistics.median(ratio)
         if len({r.instance for r in steps}) > 1:
-            shared = [_overlap(r, [o for o in steps if o.instance != r.instance and o.end > r.start and o.start < r.end])
-                      >= 0.5 for r in rs]
+            shared = [_beside_another(r, steps) for r in rs]
             for tag, want in (("alone", False), ("overlapped", True)):
                 sel = [x for x, o in zip(ratio, shared) if o is want]
                 if sel:
@@ -162,9 +163,7 @@ def step_stats(steps) -> dict:
         rs = [r for r in steps if r.kind == kind]
         if not rs:
             continue
-        others = [o for o in steps if o.kind != kind]
-        shared = sum(1 for r in rs if others and _overlap(r, [o for o in others if o.instance != r.instance and o.end > r.start
-                                                                and o.start < r.end]) >= 0.5)
+        shared = sum(_beside_another(r, steps) for r in rs)
         out[kind] = {"steps": len(rs), "mean_ms": 1e3 * statistics.fmean(r.seconds for r in rs),
                      "mean_rows": statistics.fmean(len(r.lengths) for r in rs), "overlapped_share": shared / len(rs)}
     return out

@@ -1,9 +1,10 @@
 """The decode instance's policy: pull prefilled requests when there is room, then continuous batching.
 
 Pulls run on the worker's own pull thread, so the running batch keeps stepping while a request's KV
-moves (the gather on the prefill side waits for that instance's step in flight, which can be a whole
-prefill step); a pulled request joins the batch at the next step dispatched after its pages are in
-place.
+moves; a pulled request joins the batch at the next step dispatched after its pages are in place. A
+prefill worker offers its finished batch at once (:meth:`DecodeWorker.offer`) and dispatches the
+chosen pulls' gathers before its next step; a pull this worker chooses later has its gather wait for
+the prefill step in flight on that pool, which can be a whole prefill step.
 
 A request is pulled only when this instance has a batch slot and pages for the request's whole
 possible length (prompt + max_tokens, capped by the context), so the running batch never runs out of
@@ -65,7 +66,7 @@ class DecodeWorker(Worker):
         """Dispatch the gathers of offered pulls (on the prefill worker's thread, lock not held) and
         hand them to this instance's pull thread; a failed gather fails the pull there."""
         for job in jobs:
-            r, src, src_pages, _ = job
+            _, src, src_pages, _ = job
             try:
                 staged = self.puller.stage(src, src_pages, self.inst)
             except Exception as e:  # noqa: BLE001 - settled by the pull thread, as a failed pull

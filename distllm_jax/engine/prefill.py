@@ -3,8 +3,8 @@
 A prefilled request keeps its K/V in this instance's pool (state HELD) until a decode instance pulls
 it. As a batch ends, the decode instances with room choose their pulls at once and this worker
 dispatches those pulls' gathers before its next batch: otherwise they would queue behind that whole
-step on the device. The pool is the bound on that buffer: when it is full of held requests, new prompts wait in the
-queue (they are never dropped), and prefill resumes as decode instances pull.
+step on the device. The pool is the bound on that buffer: when it is full of held requests, new
+prompts wait in the queue (they are never dropped), and prefill resumes as decode instances pull.
 """
 
 from __future__ import annotations

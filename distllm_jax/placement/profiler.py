@@ -110,8 +110,9 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
                     inst.alloc.free(("p", i))
                 if rnd:
                     times[pt].append(ms)
-        pre = [([x] * n, statistics.median(times[(kind, x, n)])) for kind, x, n in points if kind == "p"]
-        dec = [(n, n * (x + 1), statistics.median(times[(kind, x, n)])) for kind, x, n in points if kind == "d"]
+        med = {pt: statistics.median(ts) for pt, ts in times.items()}
+        pre = [([x] * n, ms) for (kind, x, n), ms in med.items() if kind == "p"]
+        dec = [(n, n * (x + 1), ms) for (kind, x, n), ms in med.items() if kind == "d"]
         p_fit, p_err = fit_prefill(pre)
         d_fit, d_err = fit_decode_split(dec)
         fits[tp] = dataclasses.replace(d_fit, prefill=p_fit)

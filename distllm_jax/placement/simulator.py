@@ -137,15 +137,9 @@ class _Decoder:
         self.heap: list[tuple[int, int, SimRequest, int]] = []
         self.ends: list[float] = []  # each step's end time (for the requests' second tokens)
         self._ids = itertools.count()
-        self.horizon = 0  # the step at which the last running request finishes (nothing leaves early)
-
-    @property
-    def steps_left(self) -> int:
-        return max(0, self.horizon - self.step) if self.n else 0
 
     def join(self, r: SimRequest, ctx: int, steps_left: int) -> None:
         heapq.heappush(self.heap, (self.step + steps_left, next(self._ids), r, self.step))
-        self.horizon = max(self.horizon, self.step + steps_left)
         self.n += 1
         self.ctx += ctx
 
@@ -387,8 +381,8 @@ class Simulator:
                 schedule(host.finish((kind, i), now))
                 if self.steps is not None:
                     t0, lengths, ctx = started[(kind, i)]
-                    self.steps.append(SimStep(f"{'prefill' if kind == 'p_free' else 'decode'}-{i}",
-                                              "prefill" if kind == "p_free" else "decode", t0, now, lengths, ctx))
+                    step_kind = "prefill" if kind == "p_free" else "decode"
+                    self.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx))
             if kind == "arrive":
                 r = order[i]
                 if cfg.phase == "decode":  # Algorithm 1 sizes decode alone: requests arrive prefilled
@@ -427,11 +421,13 @@ class Simulator:
                 d_busy[i] = False
                 for r in dec[i].advance(now):
                     d_used[i] -= r.prompt_len + r.output_len
-                if scatter_wait[i]:
-                    due = [x for x in scatter_wait[i] if x[0] <= dec[i].step or not dec[i].n]
-                    scatter_wait[i] = [x for x in scatter_wait[i] if not (x[0] <= dec[i].step or not dec[i].n)]
-                    for _, r in due:
+                # scatters due after this step land now (all of them once the batch has drained)
+                waiting_scatters, scatter_wait[i] = scatter_wait[i], []
+                for target, r in waiting_scatters:
+                    if target <= dec[i].step or not dec[i].n:
                         land(i, r, now)
+                    else:
+                        scatter_wait[i].append((target, r))
             for k in range(n_p):
                 try_prefill(k, now)
             for k in range(n_d):
