@@ -74,7 +74,7 @@ def median_phases(rows: list[dict]) -> dict:
     return {k: statistics.median(v) if (v := [r[k] for r in rows if r[k] is not None]) else None for k in PHASES}
 
 
-def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
+def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
     """What the engine's host adds to its programs, measured on the idle engine against the same
     programs run directly (so the profile's fit error stays out of it):
 
@@ -83,17 +83,17 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
     * admission: an idle request's TTFT minus its prefill step and that bookkeeping;
     * host contention (disaggregated, instances on one host's cores): a prefill and a decode
       instance stepping at the same time, against each alone.
+
+    Each probe request is followed at once by the programs it ran, timed directly, and the medians
+    are taken over those pairs' differences: the host's speed drifts over seconds, and timing all
+    probes first and all programs after put that drift into the difference (it moved the step
+    overhead between 0.02 and 1.3 ms from one run to the next).
     """
     from distllm_jax.engine import SamplingParams
     from distllm_jax.engine.programs import Segment
-    from distllm_jax.placement.profiler import _median_ms, decode_step_ms, host_contention
+    from distllm_jax.placement.profiler import DECODE_STEPS, _median_ms, host_contention, run_decode_steps
 
     n_out = 33
-    tpots, ttfts = [], []
-    for _ in range(probes):
-        o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
-        tpots.append(o.timings.tpot)
-        ttfts.append(o.timings.ttft)
     p, d = engine.instances[0], engine.instances[-1]
     pkind = "prefill" if p.role in ("prefill", "colocated") else "mixed"
     dkind = "decode" if d.role in ("decode", "colocated") else "mixed"
@@ -105,10 +105,20 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
     ptable = list(p.alloc.table("probe-p"))
     pseg = [Segment(prompt, 0, ptable, sp, 0)]
     dseg = [Segment([5], len(prompt) + n_out // 2, list(d.alloc.table(rid)), sp, i) for i, rid in enumerate(rows)]
+
+    def decode_s() -> float:  # a batch-1 step as serving runs it (decode: with the lookahead)
+        if dkind != "decode":
+            return _median_ms(lambda: d.run(dkind, [dseg[:1]]), 1) / 1e3
+        return _median_ms(lambda: run_decode_steps(d, dseg[:1], DECODE_STEPS), 1) / 1e3 / DECODE_STEPS
+
+    steps, admissions = [], []
     try:
-        prefill_s = _median_ms(lambda: p.run(pkind, [pseg]), probes) / 1e3
-        decode_s = (decode_step_ms(d, dseg[:1], probes) if dkind == "decode" else  # as serving runs it
-                    _median_ms(lambda: d.run(dkind, [dseg[:1]]), probes)) / 1e3
+        for _ in range(probes):
+            o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
+            prefill = _median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
+            step = o.timings.tpot - decode_s()
+            steps.append(step)
+            admissions.append(o.timings.ttft - prefill - max(0.0, step))
         contention = (1.0, 1.0)
         if engine.config.mode == "disaggregated":
             contention = host_contention(lambda: p.run("prefill", [pseg]), lambda: d.run("decode", [dseg]))
@@ -116,9 +126,8 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 20):
         p.alloc.free("probe-p")
         for rid in rows:
             d.alloc.free(rid)
-    step = max(0.0, statistics.median(tpots) - decode_s)
-    admission = max(0.0, statistics.median(ttfts) - prefill_s - step)
-    return dataclasses.replace(scfg, admission_s=admission, step_overhead_s=step, host_contention=contention[0],
+    return dataclasses.replace(scfg, admission_s=max(0.0, statistics.median(admissions)),
+                               step_overhead_s=max(0.0, statistics.median(steps)), host_contention=contention[0],
                                host_contention_decode=contention[1])
 
 
@@ -215,7 +224,7 @@ def main(args) -> int:
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
     grid = ([1], [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96])
     prof, errs = profile(source, *grid, page_size=ps, repeats=5, name=Path(args.checkpoint).name,
-                         max_prefill_tokens=budget)
+                         max_prefill_tokens=budget, max_seq_len=args.max_seq_len)
     vocab = source.cfg.vocab_size
 
     def draw(seed: int, n: int):
@@ -288,7 +297,7 @@ def main(args) -> int:
                     for k, e in row["steps"]["engine"].items() if k in sim_steps))
     # the host's speed drifts (a shared VM): the same grid again, against the profile the runs used
     _, errs_end = profile(source, *grid, page_size=ps, repeats=5, name="drift check", max_prefill_tokens=budget,
-                          log=lambda *_: None)
+                          max_seq_len=args.max_seq_len, log=lambda *_: None)
     out["profile_drift"] = {kind: statistics.median(b[-1] / a[-1] for a, b in zip(errs[1][f"{kind}_samples"],
                                                                                   errs_end[1][f"{kind}_samples"]))
                             for kind in ("prefill", "decode")}

@@ -211,7 +211,10 @@ def test_cli_simulate_place_profile(tmp_path, capsys, converted):
     prof = tmp_path / "cpu.json"
     assert main(["profile", "--checkpoint", str(ckpt), "--tp", "1,2", "--prompt-lens", "16,32",
                  "--prompts-per-batch", "1,2", "--batches", "1,4", "--contexts", "16,48", "--repeats", "1",
-                 "--out", str(prof)]) == 0
+                 "--max-seq-len", "96", "--out", str(prof)]) == 0
     p = load_profile(str(prof))
     assert sorted(p.fits) == [1, 2] and p.num_layers == 2
     assert "mean |err|" in capsys.readouterr().out
+    # said before anything compiles
+    assert main(["profile", "--checkpoint", str(ckpt), "--contexts", "16,48", "--max-seq-len", "40", "--out", str(prof)]) != 0
+    assert "max_seq_len 40 is shorter than the grid's longest sequence (257 tokens)" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def cmd_profile(args) -> int:
         source, name = random(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
     prof, errors = profile(source, _ints(args.tp), _ints(args.prompt_lens), _ints(args.prompts_per_batch),
                            _ints(args.batches), _ints(args.contexts), repeats=args.repeats, name=name,
-                           max_prefill_tokens=args.max_prefill_tokens)
+                           max_prefill_tokens=args.max_prefill_tokens, max_seq_len=args.max_seq_len)
     out = prof.to_dict()
     out["fit_errors"] = errors
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -174,6 +174,8 @@ def add_commands(sub) -> None:
     f.add_argument("--prompts-per-batch", default="1,2,4")
     f.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="skip prefill batches longer than this (the token budget you will serve with)")
+    f.add_argument("--max-seq-len", type=int, default=None,
+                   help="the max_seq_len you will serve with (decode programs are compiled for its page-table width)")
     f.add_argument("--batches", default="1,4,8,16")
     f.add_argument("--contexts", default="32,128,256")
     f.add_argument("--repeats", type=int, default=3)

@@ -60,11 +60,15 @@ def _device_memory() -> float:
 
 def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
             batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
-            name: str = "model", log=print, max_prefill_tokens: int | None = None) -> tuple[Profile, dict]:
+            name: str = "model", log=print, max_prefill_tokens: int | None = None,
+            max_seq_len: int | None = None) -> tuple[Profile, dict]:
     """The engine's programs, run as the engine runs them (host packing and the token-id sync included,
     decode steps overlapped as the serving loop overlaps them, so the fit holds what serving pays per
     step). ``max_prefill_tokens``: leave out prefill batches longer than this (the token budget the
-    engine will serve with; a line fitted over batches it never runs is bent away from those it does)."""
+    engine will serve with; a line fitted over batches it never runs is bent away from those it does).
+    ``max_seq_len``: the serving engine's (default: just what the grid needs). Its page-table width
+    is part of every decode program, and the CPU's reference attention reads the whole table: a
+    profile taken with 7 pages a row ran 2 % faster at batch 8 than the engine serving with 8."""
     from distllm_jax.engine import EngineConfig, InstanceSpec, SamplingParams
     from distllm_jax.engine.engine import attention_impl
     from distllm_jax.engine.instance import Instance
@@ -72,7 +76,10 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
     from distllm_jax.kv_cache import pages_for
 
     cfg = source.cfg
-    max_len = min(cfg.max_position_embeddings, max(max(contexts) + 2, max(prompt_lens) + 1))
+    need = max(max(contexts) + 2, max(prompt_lens) + 1)
+    if max_seq_len is not None and max_seq_len < need:
+        raise ValueError(f"max_seq_len {max_seq_len} is shorter than the grid's longest sequence ({need} tokens)")
+    max_len = min(cfg.max_position_embeddings, max_seq_len or need)
     grid = [(L, k) for L in prompt_lens for k in prompts_per_batch
             if max_prefill_tokens is None or L * k <= max_prefill_tokens or k == 1]
     budget = max(L * k for L, k in grid)
@@ -132,13 +139,15 @@ def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts
     return prof, errors
 
 
-def host_contention(step_a, step_b, seconds: float = 1.0) -> tuple[float, float]:
+def host_contention(step_a, step_b, seconds: float = 1.0, rounds: int = 3) -> tuple[float, float]:
     """How much two instances slow each other when they share one host's cores (virtual CPU devices
     of one process: the XLA CPU threads and the GIL are shared; disjoint GPUs give about 1.0).
 
     ``step_a`` and ``step_b`` each run one step of an instance and wait for it. Each is timed alone,
-    then both loop together in two threads for ``seconds``; returns each one's slowdown (>= 1): they
-    need not share alike (a long prefill program holds the cores longer than a short decode step).
+    then both loop together in two threads for ``seconds``; returns each one's slowdown (>= 1), the
+    median over ``rounds`` such measurements (one round moved by a tenth between calls on a shared
+    host). They need not share alike (a long prefill program holds the cores longer than a short
+    decode step).
     :class:`~distllm_jax.placement.simulator.SimConfig` takes them as ``host_contention`` (prefill)
     and ``host_contention_decode``.
     """
@@ -151,21 +160,25 @@ def host_contention(step_a, step_b, seconds: float = 1.0) -> tuple[float, float]
             n += 1
         out.append(n / (time.perf_counter() - t0))
 
+    def once() -> tuple[float, float]:
+        alone = []
+        for fn in (step_a, step_b):
+            stop, out = threading.Event(), []
+            threading.Timer(seconds / 2, stop.set).start()
+            rate(fn, stop, out)
+            alone.append(out[0])
+        stop, outs = threading.Event(), [[], []]
+        threads = [threading.Thread(target=rate, args=(fn, stop, o)) for fn, o in zip((step_a, step_b), outs)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        a, b = (max(1.0, x / o[0]) for x, o in zip(alone, outs))
+        return a, b
+
     for fn in (step_a, step_b):
         fn()  # warm
-    alone = []
-    for fn in (step_a, step_b):
-        stop, out = threading.Event(), []
-        threading.Timer(seconds / 2, stop.set).start()
-        rate(fn, stop, out)
-        alone.append(out[0])
-    stop, outs = threading.Event(), [[], []]
-    threads = [threading.Thread(target=rate, args=(fn, stop, o)) for fn, o in zip((step_a, step_b), outs)]
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    a, b = (max(1.0, x / o[0]) for x, o in zip(alone, outs))
-    return a, b
+    got = [once() for _ in range(rounds)]
+    return statistics.median(a for a, _ in got), statistics.median(b for _, b in got)
