@@ -1,5 +1,6 @@
 """Does the simulator predict the engine? On the present devices: profile the engine's programs
-(``distllm profile``), measure what the engine's host adds (admission, per-step bookkeeping and, with
+(``distllm profile``; timed again just before and after each run, and each run simulated with the
+fit to those timings, since a shared host drifts by several percent over minutes), measure what the engine's host adds (admission, per-step bookkeeping and, with
 instances on one host's cores, how much two steps at once slow each other), then serve the same
 workload at several rates both for real (in-process engine, Poisson arrivals) and in the simulator,
 in colocated and disaggregated modes; compare median TTFT/TPOT and SLO attainment.
@@ -121,7 +122,16 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
             admissions.append(o.timings.ttft - prefill - max(0.0, step))
         contention = (1.0, 1.0)
         if engine.config.mode == "disaggregated":
-            contention = host_contention(lambda: p.run("prefill", [pseg]), lambda: d.run("decode", [dseg]))
+            # the decode side as serving runs it (with the lookahead), at the batch sizes of the
+            # profile's grid, averaged: against a synchronous batch-8 loop, prefill's slowdown came
+            # out x1.61, where serving's overlapped prefill steps ran x1.67-1.75 their profile
+            def decode_loop(n: int):
+                if dkind != "decode":
+                    return lambda: d.run(dkind, [dseg[:n]])
+                return lambda: run_decode_steps(d, dseg[:n], DECODE_STEPS)
+
+            got = [host_contention(lambda: p.run("prefill", [pseg]), decode_loop(n), rounds=2) for n in (1, 2, 4, 8)]
+            contention = (statistics.mean(a for a, _ in got), statistics.mean(b for _, b in got))
     finally:
         p.alloc.free("probe-p")
         for rid in rows:
@@ -139,29 +149,38 @@ def _beside_another(r, steps) -> bool:
     return r.seconds > 0 and covered >= 0.5 * r.seconds
 
 
-def step_ratios(steps, fit, scfg) -> dict:
+def step_ratios(parts, scfg) -> dict:
     """Median of logged / predicted step time, per kind (1.0: the profile predicts serving's steps),
     also split by whether another instance stepped during half the step or more (on a shared host
-    that is where contention shows)."""
+    that is where contention shows). ``parts``: (engine steps, the fit that predicts them) per run."""
     out = {}
     for kind in ("prefill", "decode"):
-        rs = [r for r in steps if r.kind == kind]
-        if not rs:
+        ratio, shared = [], []
+        for steps, fit in parts:
+            rs = [r for r in steps if r.kind == kind]
+            if kind == "prefill":
+                pred = [scfg.prefill_s(fit, list(r.lengths), 1) for r in rs]
+            else:
+                pred = [scfg.decode_s(fit, len(r.lengths), r.context, 1) for r in rs]
+            ratio += [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
+            shared += [len({r.instance for r in steps}) > 1 and _beside_another(r, steps) for r in rs]
+        if not ratio:
             continue
-        if kind == "prefill":
-            pred = [scfg.prefill_s(fit, list(r.lengths), 1) for r in rs]
-        else:
-            pred = [scfg.decode_s(fit, len(r.lengths), r.context, 1) for r in rs]
-        ratio = [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
         out[kind] = statistics.median(ratio)
-        if len({r.instance for r in steps}) > 1:
-            shared = [_beside_another(r, steps) for r in rs]
+        if any(shared):
             for tag, want in (("alone", False), ("overlapped", True)):
                 sel = [x for x, o in zip(ratio, shared) if o is want]
                 if sel:
                     out[f"{kind}_{tag}"] = statistics.median(sel)
-                    out[f"{kind}_{tag}_share"] = len(sel) / len(rs)
+                    out[f"{kind}_{tag}_share"] = len(sel) / len(ratio)
     return out
+
+
+def speed_ratio(a: dict, b: dict) -> dict:
+    """Per kind, the median over grid points of ``a``'s time over ``b``'s (two :meth:`Profiler.measure`
+    results): how much slower the host ran the same programs."""
+    return {kind: statistics.median(statistics.median(a[pt]) / statistics.median(b[pt]) for pt in a if pt[0] == k)
+            for kind, k in (("prefill", "p"), ("decode", "d"))}
 
 
 def step_stats(steps) -> dict:
@@ -217,14 +236,16 @@ def main(args) -> int:
 
     from bench.arrivals import arrival_times
     from distllm_jax.engine import CheckpointSource, Engine, EngineConfig, InstanceSpec
-    from distllm_jax.placement.profiler import profile
+    from distllm_jax.placement.profiler import Profiler, make_profile
     from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
 
     source = CheckpointSource(args.checkpoint)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
-    grid = ([1], [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96])
-    prof, errs = profile(source, *grid, page_size=ps, repeats=5, name=Path(args.checkpoint).name,
-                         max_prefill_tokens=budget, max_seq_len=args.max_seq_len)
+    profiler = Profiler(source, 1, [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96], page_size=ps,
+                        max_prefill_tokens=budget, max_seq_len=args.max_seq_len)
+    first = profiler.measure(5)
+    fit0, errs = profiler.fit(first, print)
+    model_name = Path(args.checkpoint).name
     vocab = source.cfg.vocab_size
 
     def draw(seed: int, n: int):
@@ -236,8 +257,7 @@ def main(args) -> int:
     lengths = [(len(p), o) for p, o in items]
     slo = (args.slo_ttft, args.slo_tpot)
     out = {"device": jax.devices()[0].device_kind, "args": vars(args),
-           "profile_fit_errors": {k: {kk: vv for kk, vv in v.items() if "err" in kk} for k, v in errs.items()},
-           "runs": []}
+           "profile_fit_errors": {1: {k: v for k, v in errs.items() if "err" in k}}, "runs": []}
     layouts = {"colocated": dict(mode="colocated", colocated=(InstanceSpec(1),)),
                "disaggregated": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(1),))}
     for name, lay in layouts.items():
@@ -261,22 +281,35 @@ def main(args) -> int:
             for rate in args.rates:
                 # each repeat another draw of the arrival times; requests and steps are pooled (the
                 # engine's own spread between runs is several percent on a shared host)
-                timings, steps, sim, sim_steps = [], [], [], []
+                timings, parts, sim, sim_steps, drift, level = [], [], [], [], [], []
                 for rep in range(args.repeats):
                     arr = arrival_times(len(items), rate, seed=1 + rep)
+                    # the host drifts by several percent over minutes: the grid is timed again just
+                    # before and just after each run, and the run is simulated with that fit
+                    before = profiler.measure(args.bracket) if args.bracket else None
                     t0 = time.perf_counter()
                     timings += run_engine(engine, items, arr)
-                    steps += engine.step_log(t0)
-                    simulator = Simulator(prof, scfg, record=True)
+                    run_steps = engine.step_log(t0)
+                    fit = fit0
+                    if before is not None:
+                        after = profiler.measure(args.bracket)
+                        both = {pt: before[pt] + after[pt] for pt in before}
+                        fit, _ = profiler.fit(both)
+                        drift.append(speed_ratio(after, before))
+                        level.append(speed_ratio(both, first))
+                    parts.append((run_steps, fit))
+                    simulator = Simulator(make_profile(source, {1: fit}, model_name), scfg, record=True)
                     sim += simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
                     sim_steps += [s._replace(start=s.start + 1e6 * rep, end=s.end + 1e6 * rep) for s in simulator.steps]
+                steps = [r for run_steps, _ in parts for r in run_steps]
                 real = [(t.ttft, t.tpot or 0.0) for t in timings]
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
                 row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
                        "step_overhead_s": scfg.step_overhead_s, "host_contention": scfg.host_contention,
                        "host_contention_decode": scfg.host_contention_decode,
-                       "steps_logged_over_predicted": step_ratios(steps, prof.fit(1), scfg),
+                       "steps_logged_over_predicted": step_ratios(parts, scfg),
+                       "host_speed": {"during_runs": drift, "against_first_profile": level},
                        "steps": {"engine": step_stats(steps), "sim": step_stats(sim_steps)},
                        **_row(real, [(r.ttft, r.tpot) for r in sim], slo, engine_ph, sim_ph)}
                 out["runs"].append(row)
@@ -287,6 +320,11 @@ def main(args) -> int:
                       f"({100 * row['tpot_rel_diff']:+.0f}%), attainment {100 * row['engine_attainment']:.0f}% vs "
                       f"{100 * row['sim_attainment']:.0f}%", flush=True)
                 print(f"      steps logged/predicted: {ratio}")
+                if drift:
+                    print("      host speed: after/before each run " + "; ".join(
+                        f"prefill x{d['prefill']:.3f} decode x{d['decode']:.3f}" for d in drift)
+                          + " | against the first profile " + "; ".join(
+                        f"prefill x{d['prefill']:.3f} decode x{d['decode']:.3f}" for d in level))
                 print("      phases p50 ms engine/sim: " + ", ".join(
                     f"{k} {v['engine'] or 0:.1f}/{v['sim'] or 0:.1f}" for k, v in row["phases_ms"].items()))
                 sim_steps = row["steps"]["sim"]
@@ -295,14 +333,9 @@ def main(args) -> int:
                     f"rows {e['mean_rows']:.1f}/{sim_steps[k]['mean_rows']:.1f} "
                     f"shared {e['overlapped_share']:.2f}/{sim_steps[k]['overlapped_share']:.2f}"
                     for k, e in row["steps"]["engine"].items() if k in sim_steps))
-    # the host's speed drifts (a shared VM): the same grid again, against the profile the runs used
-    _, errs_end = profile(source, *grid, page_size=ps, repeats=5, name="drift check", max_prefill_tokens=budget,
-                          max_seq_len=args.max_seq_len, log=lambda *_: None)
-    out["profile_drift"] = {kind: statistics.median(b[-1] / a[-1] for a, b in zip(errs[1][f"{kind}_samples"],
-                                                                                  errs_end[1][f"{kind}_samples"]))
-                            for kind in ("prefill", "decode")}
+    out["profile_drift"] = speed_ratio(profiler.measure(5), first)
     print(summary(out["runs"]))
-    print("the same profile after the runs, against before them (median over its grid): "
+    print("the grid timed again after all runs, against before them (median over its points): "
           + ", ".join(f"{k} x{v:.3f}" for k, v in out["profile_drift"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -317,6 +350,9 @@ if __name__ == "__main__":
     p.add_argument("--modes", type=lambda s: s.split(","), default=["colocated", "disaggregated"])
     p.add_argument("--num-requests", type=int, default=120)
     p.add_argument("--repeats", type=int, default=1, help="runs per rate (other arrival draws), pooled")
+    p.add_argument("--bracket", type=int, default=2,
+                   help="rounds of the profile grid timed just before and just after each run, which that run's "
+                        "simulation is fitted to (0: the first profile for all runs)")
     p.add_argument("--num-pages", type=int, default=200)
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)

@@ -58,85 +58,118 @@ def _device_memory() -> float:
     return psutil.virtual_memory().total / max(1, len(jax.devices()))
 
 
-def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
-            batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
-            name: str = "model", log=print, max_prefill_tokens: int | None = None,
-            max_seq_len: int | None = None) -> tuple[Profile, dict]:
-    """The engine's programs, run as the engine runs them (host packing and the token-id sync included,
-    decode steps overlapped as the serving loop overlaps them, so the fit holds what serving pays per
-    step). ``max_prefill_tokens``: leave out prefill batches longer than this (the token budget the
-    engine will serve with; a line fitted over batches it never runs is bent away from those it does).
-    ``max_seq_len``: the serving engine's (default: just what the grid needs). Its page-table width
-    is part of every decode program, and the CPU's reference attention reads the whole table: a
-    profile taken with 7 pages a row ran 2 % faster at batch 8 than the engine serving with 8."""
-    from distllm_jax.engine import EngineConfig, InstanceSpec, SamplingParams
-    from distllm_jax.engine.engine import attention_impl
-    from distllm_jax.engine.instance import Instance
-    from distllm_jax.engine.programs import Segment
-    from distllm_jax.kv_cache import pages_for
+class Profiler:
+    """One tensor degree's profiling instance over a grid of batch shapes, kept so the grid can be
+    timed again: on a shared host the speed drifts by several percent over minutes, and a check of
+    a simulator against serving wants the programs timed around each run, not once before all.
 
-    cfg = source.cfg
-    need = max(max(contexts) + 2, max(prompt_lens) + 1)
-    if max_seq_len is not None and max_seq_len < need:
-        raise ValueError(f"max_seq_len {max_seq_len} is shorter than the grid's longest sequence ({need} tokens)")
-    max_len = min(cfg.max_position_embeddings, max_seq_len or need)
-    grid = [(L, k) for L in prompt_lens for k in prompts_per_batch
-            if max_prefill_tokens is None or L * k <= max_prefill_tokens or k == 1]
-    budget = max(L * k for L, k in grid)
-    pages = max(max(b * pages_for(c + 2, page_size) for b in batches for c in contexts),
-                sum(pages_for(L, page_size) for L in prompt_lens) * max(prompts_per_batch)) + 2
-    ecfg = EngineConfig(page_size=page_size, num_pages=pages, max_seq_len=max_len, prefill_token_budget=budget,
-                        max_prefill_seqs=max(prompts_per_batch), max_decode_batch=max(batches), progress=False,
-                        dtype=source.dtype)
-    impl = attention_impl("auto")
-    sp = SamplingParams()
-    fits: dict[int, Fit] = {}
-    errors: dict[int, dict] = {}
-    for tp in tps:
-        devs = jax.devices()[:tp]
-        inst = Instance(f"profile-tp{tp}", "colocated", InstanceSpec(tp, num_pages=pages), devs, source, ecfg, impl)
-        points = [("p", L, k) for L, k in grid]
-        points += [("d", c, b) for c in contexts for b in batches]
-        times: dict[tuple, list[float]] = {pt: [] for pt in points}
-        # rounds over the whole grid, so a slow spell of the host spreads over every point instead
-        # of biasing the few measured during it (the first round warms and is dropped)
-        for rnd in range(repeats + 1):
-            for pt in points:
-                kind, x, n = pt
-                if kind == "p":
-                    segs = [Segment([1] * x, 0, inst.alloc.ensure(("p", i), x), sp, 0) for i in range(n)]
-                    t0 = time.perf_counter()
-                    inst.run("prefill", [segs])
-                    ms = 1e3 * (time.perf_counter() - t0)
-                else:
-                    segs = [Segment([1], x, inst.alloc.ensure(("p", i), x + 1), sp, 0) for i in range(n)]
-                    t0 = time.perf_counter()
-                    run_decode_steps(inst, segs, DECODE_STEPS)
-                    ms = 1e3 * (time.perf_counter() - t0) / DECODE_STEPS
-                for i in range(n):
-                    inst.alloc.free(("p", i))
-                if rnd:
-                    times[pt].append(ms)
+    The engine's programs are run as the engine runs them (host packing and the token-id sync
+    included, decode steps overlapped as the serving loop overlaps them, so the fit holds what
+    serving pays per step). ``max_prefill_tokens``: leave out prefill batches longer than this (the
+    token budget the engine will serve with; a line fitted over batches it never runs is bent away
+    from those it does). ``max_seq_len``: the serving engine's (default: just what the grid needs).
+    Its page-table width is part of every decode program, and the CPU's reference attention reads
+    the whole table: a profile taken with 7 pages a row ran 2 % faster at batch 8 than the engine
+    serving with 8."""
+
+    def __init__(self, source: Any, tp: int, prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
+                 batches: Sequence[int], contexts: Sequence[int], page_size: int = 16,
+                 max_prefill_tokens: int | None = None, max_seq_len: int | None = None):
+        from distllm_jax.engine import EngineConfig, InstanceSpec
+        from distllm_jax.engine.engine import attention_impl
+        from distllm_jax.engine.instance import Instance
+        from distllm_jax.kv_cache import pages_for
+
+        need = max(max(contexts) + 2, max(prompt_lens) + 1)
+        if max_seq_len is not None and max_seq_len < need:
+            raise ValueError(f"max_seq_len {max_seq_len} is shorter than the grid's longest sequence ({need} tokens)")
+        max_len = min(source.cfg.max_position_embeddings, max_seq_len or need)
+        grid = [(L, k) for L in prompt_lens for k in prompts_per_batch
+                if max_prefill_tokens is None or L * k <= max_prefill_tokens or k == 1]
+        pages = max(max(b * pages_for(c + 2, page_size) for b in batches for c in contexts),
+                    sum(pages_for(L, page_size) for L in prompt_lens) * max(prompts_per_batch)) + 2
+        ecfg = EngineConfig(page_size=page_size, num_pages=pages, max_seq_len=max_len,
+                            prefill_token_budget=max(L * k for L, k in grid), max_prefill_seqs=max(prompts_per_batch),
+                            max_decode_batch=max(batches), progress=False, dtype=source.dtype)
+        self.tp = tp
+        self.inst = Instance(f"profile-tp{tp}", "colocated", InstanceSpec(tp, num_pages=pages), jax.devices()[:tp],
+                             source, ecfg, attention_impl("auto"))
+        self.points = [("p", L, k) for L, k in grid] + [("d", c, b) for c in contexts for b in batches]
+        self._warm = False
+
+    def _time(self, point: tuple) -> float:
+        from distllm_jax.engine import SamplingParams
+        from distllm_jax.engine.programs import Segment
+
+        kind, x, n, inst, sp = *point, self.inst, SamplingParams()
+        if kind == "p":
+            segs = [Segment([1] * x, 0, inst.alloc.ensure(("p", i), x), sp, 0) for i in range(n)]
+            t0 = time.perf_counter()
+            inst.run("prefill", [segs])
+            ms = 1e3 * (time.perf_counter() - t0)
+        else:
+            segs = [Segment([1], x, inst.alloc.ensure(("p", i), x + 1), sp, 0) for i in range(n)]
+            t0 = time.perf_counter()
+            run_decode_steps(inst, segs, DECODE_STEPS)
+            ms = 1e3 * (time.perf_counter() - t0) / DECODE_STEPS
+        for i in range(n):
+            inst.alloc.free(("p", i))
+        return ms
+
+    def measure(self, rounds: int) -> dict[tuple, list[float]]:
+        """ms per grid point, ``rounds`` times each. Rounds go over the whole grid, so a slow spell of
+        the host spreads over every point instead of biasing the few measured during it; the first
+        call warms (compiles) with a round it drops."""
+        if not self._warm:
+            for pt in self.points:
+                self._time(pt)
+            self._warm = True
+        times: dict[tuple, list[float]] = {pt: [] for pt in self.points}
+        for _ in range(rounds):
+            for pt in self.points:
+                times[pt].append(self._time(pt))
+        return times
+
+    def fit(self, times: dict[tuple, list[float]], log=None) -> tuple[Fit, dict]:
+        """The latency model fitted to each point's median; with the fit errors and the samples."""
         med = {pt: statistics.median(ts) for pt, ts in times.items()}
         pre = [([x] * n, ms) for (kind, x, n), ms in med.items() if kind == "p"]
         dec = [(n, n * (x + 1), ms) for (kind, x, n), ms in med.items() if kind == "d"]
         p_fit, p_err = fit_prefill(pre)
         d_fit, d_err = fit_decode_split(dec)
-        fits[tp] = dataclasses.replace(d_fit, prefill=p_fit)
-        errors[tp] = {"prefill_mean_rel_err": p_err, "decode_mean_rel_err": d_err, "prefill_samples": pre,
-                      "decode_samples": dec}
-        log(f"tp{tp}: prefill fit {p_fit} (mean |err| {100 * p_err:.1f}%), decode fit {d_fit.decode_small}, "
-            f"{d_fit.decode_large} from batch {d_fit.threshold} (mean |err| {100 * d_err:.1f}%)")
-        inst = None  # free this degree's instance before the next one loads
+        if log is not None:
+            log(f"tp{self.tp}: prefill fit {p_fit} (mean |err| {100 * p_err:.1f}%), decode fit {d_fit.decode_small}, "
+                f"{d_fit.decode_large} from batch {d_fit.threshold} (mean |err| {100 * d_err:.1f}%)")
+        return dataclasses.replace(d_fit, prefill=p_fit), {
+            "prefill_mean_rel_err": p_err, "decode_mean_rel_err": d_err, "prefill_samples": pre, "decode_samples": dec}
+
+
+def make_profile(source: Any, fits: dict[int, Fit], name: str) -> Profile:
+    """A profile of ``fits`` measured on the present devices for ``source``'s model."""
+    cfg = source.cfg
     item = jax.numpy.dtype(source.dtype).itemsize
-    prof = Profile(
+    return Profile(
         model=name, device=f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})",
         fits=fits, params_bytes=cfg.param_count() * item,
         kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item,
         gpu_memory_bytes=_device_memory(), num_layers=cfg.num_layers,
         source=f"distllm profile on {jax.devices()[0].device_kind}",
     )
-    return prof, errors
+
+
+def profile(source: Any, tps: Sequence[int], prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
+            batches: Sequence[int], contexts: Sequence[int], page_size: int = 16, repeats: int = 3,
+            name: str = "model", log=print, max_prefill_tokens: int | None = None,
+            max_seq_len: int | None = None) -> tuple[Profile, dict]:
+    """Time the grid ``repeats`` times at each tensor degree (see :class:`Profiler`), fit the model."""
+    fits: dict[int, Fit] = {}
+    errors: dict[int, dict] = {}
+    for tp in tps:
+        prof = Profiler(source, tp, prompt_lens, prompts_per_batch, batches, contexts, page_size,
+                        max_prefill_tokens, max_seq_len)
+        fits[tp], errors[tp] = prof.fit(prof.measure(repeats), log)
+        prof = None  # free this degree's instance before the next one loads
+    return make_profile(source, fits, name), errors
 
 
 def host_contention(step_a, step_b, seconds: float = 1.0, rounds: int = 3) -> tuple[float, float]:
