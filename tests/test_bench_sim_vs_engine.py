@@ -1,11 +1,12 @@
 """The simulator-vs-engine benchmark's own bookkeeping: step statistics shared by the engine's step log
-and the simulator's recorded steps, per-request phases, and the table's verdict against the bar."""
+and the simulator's recorded steps, per-request phases, logged steps against each run's fit, the host's
+speed between two timings of the grid, and the table's verdict against the bar."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.sim_vs_engine import phases, step_stats, summary
+from bench.sim_vs_engine import phases, speed_ratio, step_ratios, step_stats, summary
 from distllm_jax.placement.latency import Fit, Profile
 from distllm_jax.placement.simulator import SimConfig, SimRequest, SimStep, Simulator
 
@@ -42,3 +43,24 @@ def test_summary_marks_runs_outside_the_bar():
     assert summary([row]).endswith("1 of 1 runs")
     out = summary([row, dict(row, rate=4.0, tpot_rel_diff=-0.12)])
     assert "1 of 2 runs" in out and out.splitlines()[2].endswith("*")
+    out = summary([row, dict(row, rate=4.0, engine_spread={"attainment_diff_points": [3.0, -7.5]})]).splitlines()
+    assert out[0].endswith("eng-eng") and out[2].endswith("7.5") and out[-1].endswith("2 of 2 runs")
+
+
+def test_step_ratios_pool_runs_each_against_its_own_fit():
+    slow = Fit((20.0, 0, 0), (10.0, 0, 0), (10.0, 0, 0))  # the host ran at half speed around run 2
+    run1 = [SimStep("d", "decode", 0.0, 0.005, (1,), 5), SimStep("d", "decode", 0.005, 0.011, (1,), 6)]
+    run2 = [SimStep("d", "decode", 0.0, 0.010, (1,), 5), SimStep("d", "decode", 0.010, 0.022, (1,), 6)]
+    out = step_ratios([(run1, toy_profile().fit(1)), (run2, slow)], SimConfig())
+    assert out == {"decode": pytest.approx(1.1)}  # ratios 1.0, 1.2, 1.0, 1.2: no overlap split, one instance
+    both = [SimStep("p", "prefill", 0.0, 0.020, (8,), 8), SimStep("d", "decode", 0.0, 0.010, (1,), 5),
+            SimStep("d", "decode", 0.030, 0.035, (1,), 6)]
+    out = step_ratios([(both, toy_profile().fit(1))], SimConfig())
+    assert out["prefill"] == pytest.approx(2.0) and out["prefill_overlapped_share"] == 1.0
+    assert out["decode_alone"] == pytest.approx(1.0) and out["decode_overlapped"] == pytest.approx(2.0)
+
+
+def test_speed_ratio_per_kind_over_the_grid():
+    before = {("p", 16, 1): [10.0, 12.0], ("p", 32, 1): [20.0], ("d", 16, 1): [5.0], ("d", 48, 4): [8.0, 8.0, 9.0]}
+    after = {("p", 16, 1): [11.0], ("p", 32, 1): [22.0], ("d", 16, 1): [5.0], ("d", 48, 4): [8.0]}
+    assert speed_ratio(after, before) == {"prefill": pytest.approx(1.05), "decode": pytest.approx(1.0)}
