@@ -107,17 +107,20 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
     pseg = [Segment(prompt, 0, ptable, sp, 0)]
     dseg = [Segment([5], len(prompt) + n_out // 2, list(d.alloc.table(rid)), sp, i) for i, rid in enumerate(rows)]
 
-    def decode_s() -> float:  # a batch-1 step as serving runs it (decode: with the lookahead)
+    # decode steps over n rows as serving runs them (decode: a run of DECODE_STEPS with the lookahead)
+    per_call = DECODE_STEPS if dkind == "decode" else 1
+
+    def decode_loop(n: int):
         if dkind != "decode":
-            return _median_ms(lambda: d.run(dkind, [dseg[:1]]), 1) / 1e3
-        return _median_ms(lambda: run_decode_steps(d, dseg[:1], DECODE_STEPS), 1) / 1e3 / DECODE_STEPS
+            return lambda: d.run(dkind, [dseg[:n]])
+        return lambda: run_decode_steps(d, dseg[:n], DECODE_STEPS)
 
     steps, admissions = [], []
     try:
         for _ in range(probes):
             o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
             prefill = _median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
-            step = o.timings.tpot - decode_s()
+            step = o.timings.tpot - _median_ms(decode_loop(1), 1) / 1e3 / per_call
             steps.append(step)
             admissions.append(o.timings.ttft - prefill - max(0.0, step))
         contention = (1.0, 1.0)
@@ -125,11 +128,6 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
             # the decode side as serving runs it (with the lookahead), at the batch sizes of the
             # profile's grid, averaged: against a synchronous batch-8 loop, prefill's slowdown came
             # out x1.61, where serving's overlapped prefill steps ran x1.67-1.75 their profile
-            def decode_loop(n: int):
-                if dkind != "decode":
-                    return lambda: d.run(dkind, [dseg[:n]])
-                return lambda: run_decode_steps(d, dseg[:n], DECODE_STEPS)
-
             got = [host_contention(lambda: p.run("prefill", [pseg]), decode_loop(n), rounds=2) for n in (1, 2, 4, 8)]
             contention = (statistics.mean(a for a, _ in got), statistics.mean(b for _, b in got))
     finally:
@@ -197,9 +195,14 @@ def step_stats(steps) -> dict:
     return out
 
 
-def _row(engine_v, sim_v, slo, engine_ph: dict, sim_ph: dict) -> dict:
-    row = {"phases_ms": {k: {"engine": None if engine_ph[k] is None else 1e3 * engine_ph[k],
-                             "sim": None if sim_ph[k] is None else 1e3 * sim_ph[k]} for k in PHASES}}
+def _phases_ms(engine_ph: dict, sim_ph: dict) -> dict:
+    return {k: {"engine": None if engine_ph[k] is None else 1e3 * engine_ph[k],
+                "sim": None if sim_ph[k] is None else 1e3 * sim_ph[k]} for k in PHASES}
+
+
+def _compare(engine_v, sim_v, slo) -> dict:
+    """Medians and attainment of both sides ((ttft, tpot) per request) and the second minus the first."""
+    row = {}
     for tag, v in (("engine", engine_v), ("sim", sim_v)):
         row[f"{tag}_p50_ttft"] = statistics.median(x[0] for x in v)
         row[f"{tag}_p50_tpot"] = statistics.median(x[1] for x in v)
@@ -307,13 +310,12 @@ def main(args) -> int:
                     sim_steps += [s._replace(start=s.start + 1e6 * rep, end=s.end + 1e6 * rep) for s in simulator.steps]
                 steps = [r for run_steps, _ in parts for r in run_steps]
                 # the engine's own spread: the same requests on the same arrival draws again
+                real = [(t.ttft, t.tpot or 0.0) for t in timings]
                 again = []
                 for _ in range(args.spread_runs):
                     redo = [t for rep in range(args.repeats)
                             for t in run_engine(engine, items, arrival_times(len(items), rate, seed=1 + rep))]
-                    again.append(_row([(t.ttft, t.tpot or 0.0) for t in redo], [(t.ttft, t.tpot or 0.0) for t in timings],
-                                      slo, median_phases([]), median_phases([])))
-                real = [(t.ttft, t.tpot or 0.0) for t in timings]
+                    again.append(_compare([(t.ttft, t.tpot or 0.0) for t in redo], real, slo))
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
                 row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
@@ -322,7 +324,7 @@ def main(args) -> int:
                        "steps_logged_over_predicted": step_ratios(parts, scfg),
                        "host_speed": {"during_runs": drift, "against_first_profile": level},
                        "steps": {"engine": step_stats(steps), "sim": step_stats(sim_steps)},
-                       **_row(real, [(r.ttft, r.tpot) for r in sim], slo, engine_ph, sim_ph)}
+                       "phases_ms": _phases_ms(engine_ph, sim_ph), **_compare(real, [(r.ttft, r.tpot) for r in sim], slo)}
                 if again:  # the first engine run minus each repeat of it, in the table's terms
                     row["engine_spread"] = {k: [x[k] for x in again]
                                             for k in ("ttft_rel_diff", "tpot_rel_diff", "attainment_diff_points")}
