@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
+from distllm_jax.scheduling import release
 
 
 class InstanceLost(RuntimeError):
@@ -132,15 +133,7 @@ class Controller:
         self.cv.notify_all()
 
     def _release(self, req: Request) -> None:
-        """Out of every queue, pages returned to every instance that holds some."""
-        for q in (self.waiting, self.held):
-            try:
-                q.remove(req)
-            except ValueError:
-                pass
-        for inst in req.holders:
-            inst.alloc.free(req.rid)
-        req.holders.clear()
+        release(self, req)
 
     def _push(self, req: Request, out: RequestOutput) -> None:
         try:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import queue
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 from distllm_jax.engine.sampling import SamplingParams
 from distllm_jax.engine.stopping import FinishReason, StopChecker
+from distllm_jax.scheduling.state import RequestState  # noqa: F401 - the engine's request states
 
 if TYPE_CHECKING:
     from distllm_jax.engine.instance import Instance
@@ -74,15 +74,6 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     timings: RequestTimings | None = None  # on the final event
-
-
-class RequestState(enum.Enum):
-    WAITING = "waiting"  # queued for prefill
-    PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
-    HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
-    MIGRATING = "migrating"
-    RUNNING = "running"  # in a decode batch
-    DONE = "done"
 
 
 class RequestStream:

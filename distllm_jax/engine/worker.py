@@ -21,6 +21,7 @@ from distllm_jax.engine.controller import Controller, InstanceLost, StepRecord
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
+from distllm_jax.scheduling import Scheduler
 
 IDLE_WAIT_S = 0.02  # an idle worker wakes this often to enforce deadlines
 T = TypeVar("T")
@@ -58,10 +59,12 @@ def mine(r: Request, inst: Instance, state: RequestState) -> bool:
 
 
 class Worker(abc.ABC):
-    def __init__(self, ctrl: Controller, inst: Instance):
+    def __init__(self, ctrl: Controller, inst: Instance, sched: Scheduler):
+        """``sched``: the instance's policy (:mod:`distllm_jax.scheduling`), which owns its queues'
+        share, its batch and its page reservations; this worker executes its plans."""
         self.ctrl = ctrl
         self.inst = inst
-        self.running: list[Request] = []  # requests in this instance's decode batch
+        self.sched = sched
         # decode steps overlap the host (see _decode_step_ahead); the engine may switch it off
         self.lookahead = bool(getattr(inst, "lookahead", False))
         self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
@@ -106,12 +109,21 @@ class Worker(abc.ABC):
     def step(self) -> bool:
         """Pick and run one step; False when there was nothing to do."""
 
+    @property
+    def running(self) -> list[Request]:
+        """The requests in this instance's decode batch (the scheduler's list)."""
+        return self.sched.running
+
+    @running.setter
+    def running(self, reqs: list[Request]) -> None:
+        self.sched.running = reqs
+
     def has_work(self) -> bool:
-        return bool(self.running)
+        return self.sched.has_work()
 
     @property
     def load(self) -> int:
-        return len(self.running)
+        return self.sched.load
 
     # ---- shared pieces ----------------------------------------------------------------------------
 

@@ -1,0 +1,19 @@
+"""Scheduling policy, pure and device-free: who runs next, on which instance, with which pages.
+
+The engine's workers and the placement simulator drive the *same* scheduler objects: a worker executes
+the plans on devices and reports back under the controller's lock; the simulator times the plans with
+the latency model. Nothing here imports jax, a device or a clock: ``now`` is always passed in.
+"""
+
+from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Scheduler, Slot, Stamps
+from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan, PullPlan, StepKind
+from distllm_jax.scheduling.state import RequestState, Queues, release
+from distllm_jax.scheduling.prefill import PrefillScheduler, take_prompts
+from distllm_jax.scheduling.decode import DecodeScheduler
+from distllm_jax.scheduling.colocated import ChunkedScheduler, ColocatedScheduler
+
+__all__ = [
+    "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "MixedPlan", "MixedRow",
+    "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues", "RequestState", "SchedRequest",
+    "Scheduler", "Slot", "Stamps", "StepKind", "release", "take_prompts",
+]

@@ -1,0 +1,80 @@
+"""The decode instance's policy: pull prefilled requests when there is room, then continuous batching.
+
+A request is pulled only when this instance has a batch slot and pages for its whole possible length
+(prompt + max_tokens, capped by the context), so the running batch never runs out of pages. With
+several decode instances a request goes to the least-loaded one that has room: each instance defers
+to a peer with a smaller load.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from distllm_jax.scheduling.pages import pages_for
+from distllm_jax.scheduling.plans import DecodePlan, PullPlan
+from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Slot
+from distllm_jax.scheduling.state import RequestState
+
+
+class DecodeScheduler:
+    def __init__(self, queues: QueueState, inst: Slot, peers: Iterable["DecodeScheduler"],
+                 lost: Callable[[], bool] = lambda: False):
+        """``peers``: every decode scheduler (this one included), shared and filled in by the caller.
+        ``lost``: whether the instance is gone (nothing is routed to a lost instance)."""
+        self.queues, self.inst, self.peers, self.lost = queues, inst, peers, lost
+        self.running: list[SchedRequest] = []  # in the decode batch
+        self.pulling = 0  # chosen and not yet in the batch (counted against the room)
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + self.pulling
+
+    def has_room(self) -> bool:
+        return self.load < self.inst.max_batch and self.inst.alloc.num_free > 0 and not self.lost()
+
+    def has_work(self) -> bool:
+        return bool(self.running) or (bool(self.queues.held) and self.has_room())
+
+    def fits(self, r: SchedRequest) -> bool:
+        return self.inst.alloc.extra_pages_needed(r.rid, r.max_cached) <= self.inst.alloc.num_free
+
+    def choose_pulls(self, now: float) -> list[PullPlan]:
+        """Held requests this instance pulls now, FCFS, with their pages reserved here."""
+        out = []
+        while self.queues.held and self.has_room():
+            r = self.queues.held[0]
+            if not self.fits(r):
+                break
+            others = [p.load for p in self.peers if p is not self and p.has_room() and p.fits(r)]
+            if others and self.load > min(others):
+                break  # a less-loaded peer takes it
+            self.queues.held.popleft()
+            self.inst.alloc.ensure(r.rid, r.max_cached)
+            r.holders.append(self.inst)
+            r.state = RequestState.MIGRATING
+            r.timings.migration_start = now
+            r.timings.decode_instance = self.inst.name
+            n = pages_for(r.num_computed, self.inst.page_size)
+            src = r.holders[0]
+            out.append(PullPlan(r, src, list(src.alloc.table(r.rid))[:n], list(self.inst.alloc.table(r.rid))[:n]))
+            self.pulling += 1
+        return out
+
+    def pull_ended(self) -> None:
+        """A chosen pull is over (landed or failed): it no longer counts against the room."""
+        self.pulling -= 1
+
+    def pulled(self, r: SchedRequest, src: Slot) -> bool:
+        """``r``'s pages are in place here: free them at the source and join the batch. False when
+        ``r`` was taken elsewhere meanwhile (cancelled, failed, its source lost and the prefill redone)."""
+        self.pull_ended()
+        if not (r.state is RequestState.MIGRATING and self.inst in r.holders and src in r.holders):
+            return False
+        src.alloc.free(r.rid)
+        r.holders.remove(src)
+        r.state = RequestState.RUNNING
+        self.running.append(r)
+        return True
+
+    def plan(self) -> DecodePlan | None:
+        return DecodePlan(list(self.running)) if self.running else None

@@ -1,0 +1,63 @@
+"""The prefill instance's policy: FCFS batches up to the token budget (the paper's L_m).
+
+A prefilled request keeps its K/V in the instance's pool (state HELD) until a decode instance pulls
+it. The pool bounds that buffer: when it is full of held requests, new prompts wait in the queue
+(never dropped), and prefill resumes as decode instances pull.
+"""
+
+from __future__ import annotations
+
+from distllm_jax.scheduling.plans import PrefillPlan
+from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Slot
+from distllm_jax.scheduling.state import RequestState
+
+
+def take_prompts(queues: QueueState, inst: Slot, budget: int, max_seqs: int, reserve_all: bool,
+                 now: float, room: int | None = None) -> list[SchedRequest]:
+    """Pop waiting requests FCFS while they fit the token budget, the sequence limit and the pool.
+
+    The head of the queue is never skipped (FCFS); a prompt longer than the budget runs alone.
+    ``reserve_all`` reserves pages for the request's whole length (instances that also decode).
+    """
+    batch: list[SchedRequest] = []
+    tokens = 0
+    limit = max_seqs if room is None else min(max_seqs, room)
+    while queues.waiting and len(batch) < limit:
+        r = queues.waiting[0]
+        if batch and tokens + r.num_prompt > budget:
+            break
+        need = r.max_cached if reserve_all else r.num_prompt
+        if inst.alloc.extra_pages_needed(r.rid, need) > inst.alloc.num_free:
+            break
+        queues.waiting.popleft()
+        inst.alloc.ensure(r.rid, need)
+        r.holders.append(inst)
+        r.state = RequestState.PREFILLING
+        r.timings.prefill_start = now
+        r.timings.prefill_instance = inst.name
+        batch.append(r)
+        tokens += r.num_prompt
+    return batch
+
+
+class PrefillScheduler:
+    def __init__(self, queues: QueueState, inst: Slot, budget: int):
+        self.queues, self.inst, self.budget = queues, inst, budget
+        self.running: list[SchedRequest] = []  # never decodes
+
+    @property
+    def load(self) -> int:
+        return 0
+
+    def has_work(self) -> bool:
+        return bool(self.queues.waiting) and self.inst.alloc.num_free > 0
+
+    def plan(self, now: float) -> PrefillPlan | None:
+        batch = take_prompts(self.queues, self.inst, self.budget, self.inst.max_prefill_seqs, False, now)
+        return PrefillPlan(batch) if batch else None
+
+    def prefilled(self, r: SchedRequest) -> None:
+        """``r``'s first token is out and it goes on: its KV waits here for a pull."""
+        r.num_computed = r.num_prompt
+        r.state = RequestState.HELD
+        self.queues.held.append(r)

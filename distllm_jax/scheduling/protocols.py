@@ -1,0 +1,62 @@
+"""What a scheduler reads and writes of instances and requests: the engine's ``Instance`` /
+``RemoteInstance`` and ``Request`` satisfy these, and so do the simulator's timed stand-ins."""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from distllm_jax.kv_cache import PageAllocator
+    from distllm_jax.scheduling.state import RequestState
+
+
+class Slot(Protocol):
+    """An instance as the policy sees it: its pages and its limits."""
+
+    name: str
+    role: str
+    alloc: PageAllocator
+    max_batch: int
+    max_prefill_seqs: int
+    page_size: int
+
+
+class Stamps(Protocol):
+    """The moments a scheduler records on a request (the engine's ``RequestTimings``)."""
+
+    arrival: float
+    prefill_start: float | None
+    migration_start: float | None
+    prefill_instance: str | None
+    decode_instance: str | None
+
+
+class SchedRequest(Protocol):
+    rid: str
+    state: RequestState
+    holders: list[Slot]  # instances whose allocator holds pages for it (the prefill one first)
+    num_computed: int  # tokens whose K/V are in the cache
+    max_cached: int  # tokens that can ever be in the cache (prompt + max_tokens - 1, capped)
+    timings: Stamps
+
+    @property
+    def num_prompt(self) -> int: ...
+
+
+class QueueState(Protocol):
+    """The FCFS queues every scheduler shares (the engine's controller, the simulator's ``Queues``)."""
+
+    waiting: collections.deque  # not yet prefilled, arrival order
+    held: collections.deque  # prefilled, KV waiting in prefill memory for a decode instance
+
+
+class Scheduler(Protocol):
+    """What every instance's policy offers its worker (and the simulator)."""
+
+    running: list  # requests in the instance's decode batch
+
+    @property
+    def load(self) -> int: ...
+
+    def has_work(self) -> bool: ...

@@ -1,0 +1,36 @@
+"""Request states and the shared queues."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+from distllm_jax.scheduling.protocols import QueueState, SchedRequest
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued for prefill
+    PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
+    HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
+    MIGRATING = "migrating"
+    RUNNING = "running"  # in a decode batch
+    DONE = "done"
+
+
+@dataclasses.dataclass
+class Queues:
+    waiting: collections.deque = dataclasses.field(default_factory=collections.deque)
+    held: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+
+def release(queues: QueueState, req: SchedRequest) -> None:
+    """Out of every queue, pages returned to every instance that holds some: how every request ends."""
+    for q in (queues.waiting, queues.held):
+        try:
+            q.remove(req)
+        except ValueError:
+            pass
+    for inst in req.holders:
+        inst.alloc.free(req.rid)
+    req.holders.clear()
