@@ -1,22 +1,19 @@
-"""Discrete-event replay of a workload through prefill/decode (or colocated / chunked) instances with
-the engine's own policies, timed by the latency model. Fast enough for 10,000 requests in seconds:
-decode finishes are tracked in a heap by step count instead of per token.
+"""Discrete-event replay of a workload through prefill/decode (or colocated / chunked) instances,
+timed by the latency model, with the engine's own scheduling policy.
 
-Policies (as ``distllm_jax.engine`` runs them):
-- FCFS everywhere; a prefill batch packs waiting prompts up to the token budget (a longer prompt runs
-  alone) and up to ``max_prefill_seqs``; a prompt waits while prefill memory is full of requests held
-  for decode (prefill memory is the queue that absorbs bursts).
-- Decode instances pull held requests FCFS when they have a batch slot and KV room for the request's
-  whole length (prompt + output: the engine reserves it), the least-loaded instance first; the KV moves
-  in ``kv_bytes / transfer bandwidth`` before the request joins the batch. As in the engine, pulls are
-  offered as a prefill batch ends (their gathers go first; a pull chosen later waits for the prefill
-  step in flight), one pull at a time per decode instance, each scatter behind the decode steps
-  already dispatched, and a pulled request joins the next step dispatched after its pages land.
-- Colocated: prefill first whenever a waiting prompt fits, else one decode step (vLLM). Chunked: each
-  step carries one token of every running request plus prompt chunks up to the budget (SplitFuse).
+The policy is not copied here: each stand-in instance runs the scheduler object the engine's worker
+runs (:mod:`distllm_jax.scheduling`: FCFS prefill batches up to the token budget, the pull choice and
+the decode room, prefill-first colocated, SplitFuse mixed steps). What this module adds is the
+mechanism's timing, as the engine executes the plans:
 
-Pipelines: a prefill batch holds an instance for one stage's time and reaches its first token after
-``pp`` stages; a decode step is timed with the model's pipeline division, as DistServe's simulator does.
+- A prefill batch holds an instance for one stage's time and reaches its first token after ``pp``
+  stages; a decode step is timed with the model's pipeline division, as DistServe's simulator does.
+- A pull is offered as a prefill batch ends (its gather goes before that instance's next step) or
+  chosen later by the decode side (its gather waits for the prefill step in flight); one pull at a
+  time per decode instance moves ``kv_bytes / transfer bandwidth``; its scatter lands behind the
+  decode steps already dispatched, and the request joins the next step dispatched after that.
+- The decode lookahead: what follows a decode step is decided as it starts.
+- Instances sharing one host's cores slow each other (processor sharing), per the measured contention.
 """
 
 from __future__ import annotations
@@ -28,6 +25,9 @@ import itertools
 from typing import NamedTuple, Sequence
 
 from distllm_jax.placement.latency import Profile
+from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
+                                    PrefillPlan, PrefillScheduler, Queues, RequestState, release)
+from distllm_jax.scheduling.pages import PageAllocator
 
 INF = float("inf")
 
@@ -75,6 +75,7 @@ class SimConfig:
     # when that step starts, so a colocated instance's waiting prompt runs after the step in flight
     # *and* the one queued behind it, and a decode step's batch is fixed one step early
     decode_lookahead: bool = False
+    page_size: int = 16  # KV pages as the engine allocates them
 
     def prefill_s(self, fit, lengths, pp: int) -> float:
         t = fit.prefill_ms(lengths, pp)
@@ -101,62 +102,6 @@ class SimConfig:
         if self.mode == "disaggregated":
             return sum(p.gpus for p in self.prefill) + sum(p.gpus for p in self.decode)
         return sum(p.gpus for p in self.colocated)
-
-
-@dataclasses.dataclass
-class SimRequest:
-    arrival: float  # seconds
-    prompt_len: int
-    output_len: int
-    prefill_start: float = INF
-    first_token: float = INF
-    migration_start: float = INF
-    migration_end: float = INF
-    finish: float = INF
-    second_token: float = INF  # the end of its first decode step (where the engine's steps show)
-    computed: int = 0  # prompt tokens prefilled (chunked mode)
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def tpot(self) -> float:
-        if self.finish == INF:
-            return INF
-        return 0.0 if self.output_len < 2 else (self.finish - self.first_token) / (self.output_len - 1)
-
-
-class _Decoder:
-    """A running batch: requests finish after a known number of steps, so steps cost O(log n)."""
-
-    def __init__(self):
-        self.step = 0
-        self.n = 0
-        self.ctx = 0  # Σ tokens in the cache
-        self.heap: list[tuple[int, int, SimRequest, int]] = []
-        self.ends: list[float] = []  # each step's end time (for the requests' second tokens)
-        self._ids = itertools.count()
-
-    def join(self, r: SimRequest, ctx: int, steps_left: int) -> None:
-        heapq.heappush(self.heap, (self.step + steps_left, next(self._ids), r, self.step))
-        self.n += 1
-        self.ctx += ctx
-
-    def advance(self, t_end: float) -> list[SimRequest]:
-        """One step done at ``t_end``: every running request got a token; return those finished."""
-        self.step += 1
-        self.ctx += self.n
-        self.ends.append(t_end)
-        done = []
-        while self.heap and self.heap[0][0] <= self.step:
-            _, _, r, joined = heapq.heappop(self.heap)
-            r.finish = t_end
-            r.second_token = self.ends[joined]
-            self.n -= 1
-            self.ctx -= r.prompt_len + r.output_len - 1
-            done.append(r)
-        return done
 
 
 class _SharedHost:
@@ -210,7 +155,72 @@ class SimStep(NamedTuple):
         return self.end - self.start
 
 
+@dataclasses.dataclass(eq=False)
+class SimRequest:
+    """A request as the simulator replays it; it is also what the schedulers read and write
+    (:class:`distllm_jax.scheduling.SchedRequest`): the engine's policy runs on it unchanged."""
+
+    arrival: float  # seconds
+    prompt_len: int
+    output_len: int
+    prefill_start: float = INF
+    first_token: float = INF
+    migration_start: float = INF
+    migration_end: float = INF
+    finish: float = INF
+    second_token: float = INF  # the end of its first decode step (where the engine's steps show)
+    # what the schedulers own
+    rid: str = ""
+    state: RequestState = RequestState.WAITING
+    holders: list = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are cached
+    generated: int = 0  # tokens produced
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+
+    @property
+    def num_prompt(self) -> int:
+        return self.prompt_len
+
+    @property
+    def max_cached(self) -> int:
+        """The engine's reservation: the last sampled token is never fed back."""
+        return self.prompt_len + max(1, self.output_len) - 1
+
+    @property
+    def timings(self) -> "SimRequest":
+        return self  # the schedulers' stamps are fields of the request itself
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        if self.finish == INF:
+            return INF
+        return 0.0 if self.output_len < 2 else (self.finish - self.first_token) / (self.output_len - 1)
+
+
+@dataclasses.dataclass(eq=False)
+class SimSlot:
+    """A timed stand-in for an instance, as its scheduler sees it (:class:`distllm_jax.scheduling.Slot`):
+    an allocator sized to the instance's KV capacity and the engine's batch limits."""
+
+    name: str
+    role: str
+    alloc: PageAllocator
+    max_batch: int
+    max_prefill_seqs: int
+    page_size: int
+    par: Par = Par()
+
+
 class Simulator:
+    """The engine's own schedulers (:mod:`distllm_jax.scheduling`) on timed stand-in instances: the
+    policy is the engine's, only the clock and the steps' durations (the latency model) are the
+    simulator's. DistServe's simulator keeps its real schedulers and swaps the worker the same way."""
+
     def __init__(self, profile: Profile, cfg: SimConfig, record: bool = False):
         """``record``: keep every step in ``self.steps`` (a diagnostic; it costs memory per step)."""
         self.profile, self.cfg = profile, cfg
@@ -221,355 +231,396 @@ class Simulator:
             used = cfg.colocated
         for p in used:
             profile.fit(p.tp)  # fail early on a degree the profile lacks
-            if cfg.capacity(profile, p) <= 0:
+            if cfg.capacity(profile, p) // cfg.page_size <= 0:
                 raise ValueError(f"{profile.model}: weights do not fit tp={p.tp} pp={p.pp} on {profile.device}")
 
+    def _slot(self, name: str, role: str, par: Par) -> SimSlot:
+        cfg = self.cfg
+        n = cfg.capacity(self.profile, par) // cfg.page_size
+        return SimSlot(name, role, PageAllocator(n + 1, cfg.page_size), cfg.max_decode_batch, cfg.max_prefill_seqs,
+                       cfg.page_size, par)
+
     def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
+        for k, r in enumerate(requests):
+            r.rid = r.rid or f"r{k}"
         if self.cfg.mode == "disaggregated":
-            self._disaggregated(requests)
+            _Disaggregated(self).run(requests)
         else:
-            self._colocated(requests, chunked=self.cfg.mode == "chunked")
+            _Colocated(self).run(requests)
         return list(requests)
 
-    # ---- disaggregated ---------------------------------------------------------------------------
 
-    def _disaggregated(self, reqs: Sequence[SimRequest]) -> None:
-        cfg, prof = self.cfg, self.profile
-        order = sorted(reqs, key=lambda r: r.arrival)
-        n_p, n_d = len(cfg.prefill), len(cfg.decode)
-        waiting: collections.deque[SimRequest] = collections.deque()
-        held: collections.deque[tuple[float, SimRequest, int]] = collections.deque()  # (ready, req, prefill idx)
-        p_cap = [cfg.capacity(prof, p) for p in cfg.prefill]
-        p_used = [0] * n_p
-        p_busy = [False] * n_p
-        p_free_at = [0.0] * n_p  # when each prefill instance's step in flight ends
-        p_stage = [0.0] * n_p  # that step's stage time alone (later pipeline stages take as long)
-        p_batch: list[list[SimRequest]] = [[] for _ in range(n_p)]
-        d_cap = [cfg.capacity(prof, p) for p in cfg.decode]
-        d_used = [0] * n_d
-        d_busy = [False] * n_d
-        d_start = [0.0] * n_d  # when each decode instance's current (or last) step started
-        dec = [_Decoder() for _ in cfg.decode]
-        # a pull moves through: chosen (queued on the instance's one pull thread), gathered (a
-        # gather dispatched as its prefill ended runs at once, one dispatched later waits for the
-        # prefill step in flight), scattered (behind the decode steps already dispatched), joining
-        # (its pages in place; it enters the next step dispatched)
-        pull_q: list[collections.deque[tuple[SimRequest, int]]] = [collections.deque() for _ in range(n_d)]
-        pull_cur: list[SimRequest | None] = [None] * n_d
-        scatter_wait: list[list[tuple[int, SimRequest]]] = [[] for _ in range(n_d)]  # (decode step, req)
-        pulling = [0] * n_d
-        joining: list[list[tuple[float, SimRequest]]] = [[] for _ in range(n_d)]
-        host = _SharedHost({"p_free": cfg.host_contention, "d_step": cfg.host_contention_decode
-                            if cfg.host_contention_decode is not None else cfg.host_contention})
-        token: dict[tuple[str, int], int] = collections.defaultdict(int)  # the live end event of a step
-        started: dict[tuple[str, int], tuple[float, tuple[int, ...], int]] = {}  # for self.steps
-        events: list[tuple[float, int, str, int, int]] = []
-        seq = itertools.count()
+class _Clock:
+    """Events in time order (ties in the order they were pushed)."""
 
-        def push(t: float, kind: str, i: int, tok: int = 0) -> None:
-            heapq.heappush(events, (t, next(seq), kind, i, tok))
+    def __init__(self):
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = itertools.count()
 
-        def schedule(ends: dict[tuple[str, int], float]) -> None:
-            """(Re)schedule the end of every running step (processor sharing moves them)."""
-            for key, t in ends.items():
-                token[key] += 1
-                push(t, key[0], key[1], token[key])
-                if key[0] == "p_free":
-                    p_free_at[key[1]] = t
+    def push(self, t: float, kind: str, what: object = None) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, what))
 
-        for k, r in enumerate(order):
-            push(r.arrival + cfg.admission_s, "arrive", k)
+    def pop(self) -> tuple[float, str, object]:
+        t, _, kind, what = heapq.heappop(self.events)
+        return t, kind, what
 
-        def load(j: int) -> int:
-            return dec[j].n + len(joining[j]) + pulling[j]
 
-        def try_prefill(i: int, now: float) -> None:
-            if p_busy[i] or not waiting:
-                return
-            batch, tokens = [], 0
-            while waiting and len(batch) < cfg.max_prefill_seqs:
-                r = waiting[0]
-                if batch and tokens + r.prompt_len > cfg.prefill_token_budget:
-                    break
-                if p_used[i] + r.prompt_len > p_cap[i]:
-                    break
-                waiting.popleft()
-                batch.append(r)
-                tokens += r.prompt_len
-                p_used[i] += r.prompt_len
-            if not batch:
-                return
-            par = cfg.prefill[i]
-            p_stage[i] = cfg.prefill_s(prof.fit(par.tp), [r.prompt_len for r in batch], par.pp) + cfg.step_overhead_s
-            for r in batch:
-                r.prefill_start = now
-            p_busy[i] = True
-            p_batch[i] = batch
-            started[("p_free", i)] = (now, tuple(r.prompt_len for r in batch), tokens)
-            schedule(host.start(("p_free", i), p_stage[i], now))
+def _emit(r: SimRequest, now: float) -> bool:
+    """One token of ``r`` is out at ``now``; True when that was its last."""
+    r.generated += 1
+    if r.generated == 1:
+        r.first_token = now
+    elif r.generated == 2:
+        r.second_token = now
+    if r.generated >= max(1, r.output_len):
+        r.finish = now
+        return True
+    return False
 
-        def next_pull(j: int, now: float) -> None:
-            if pull_cur[j] is not None or not pull_q[j]:
-                return
-            r, pi = pull_q[j].popleft()
-            pull_cur[j] = r
-            # the gather queues behind the prefill instance's step in flight on its pool
-            t = max(now, p_free_at[pi]) if pi >= 0 and p_busy[pi] else now
-            t += prof.kv_bytes_per_token * r.prompt_len / (cfg.transfer_gbps * 1e9) if cfg.transfer_gbps else 0.0
-            push(t, "gathered", j)
 
-        def land(j: int, r: SimRequest, now: float) -> None:
-            """``r``'s pages are in place on decode instance ``j``; its pull thread takes the next."""
+def _end(queues: Queues, r: SimRequest) -> None:
+    release(queues, r)
+    r.state = RequestState.DONE
+
+
+def _decoded(queues: Queues, running: list[SimRequest], batch: Sequence[SimRequest], now: float) -> None:
+    """A decode step over ``batch`` ended at ``now``: a token each (``_emit`` inlined: this loop is
+    the simulator's hot spot); the finished leave ``running``."""
+    for r in batch:
+        r.num_computed += 1
+        r.generated += 1
+        if r.generated == 2:
+            r.second_token = now
+        if r.generated >= r.output_len:
+            r.finish = now
+            running.remove(r)
+            _end(queues, r)
+
+
+class _Disaggregated:
+    """Prefill and decode instances (the engine's PrefillWorker / DecodeWorker around their
+    schedulers). The pull is timed as the engine runs it: offered as a prefill batch ends (its
+    gather dispatched before that instance's next step) or chosen later by the decode side (its
+    gather waits for the prefill step in flight), one pull at a time per decode instance, each
+    scatter behind the decode steps already dispatched, and a pulled request in the next step
+    dispatched after its pages land (with lookahead that batch was fixed when the step before began)."""
+
+    def __init__(self, sim: Simulator):
+        self.sim, self.cfg, self.prof = sim, sim.cfg, sim.profile
+        cfg = self.cfg
+        self.q = Queues()
+        self.p_slots = [sim._slot(f"prefill-{i}", "prefill", p) for i, p in enumerate(cfg.prefill)]
+        self.d_slots = [sim._slot(f"decode-{j}", "decode", p) for j, p in enumerate(cfg.decode)]
+        self.p_sched = [PrefillScheduler(self.q, s, cfg.prefill_token_budget) for s in self.p_slots]
+        self.d_sched: list[DecodeScheduler] = []
+        self.d_sched += [DecodeScheduler(self.q, s, self.d_sched) for s in self.d_slots]
+        # requests of the decode phase alone arrive prefilled, their KV on a source without limits
+        self.source = (SimSlot("source", "prefill", _Unbounded(cfg.page_size), cfg.max_decode_batch,
+                               cfg.max_prefill_seqs, cfg.page_size) if cfg.phase == "decode" else None)
+        self.p_index = {id(s): i for i, s in enumerate(self.p_slots)}
+        n_p, n_d = len(self.p_slots), len(self.d_slots)
+        self.p_busy = [False] * n_p
+        self.p_free_at = [0.0] * n_p  # when each prefill instance's step in flight ends
+        self.p_stage = [0.0] * n_p  # that step's stage time (later pipeline stages take as long)
+        self.p_batch: list[list[SimRequest]] = [[] for _ in range(n_p)]
+        self.d_busy = [False] * n_d
+        self.d_start = [0.0] * n_d  # when each decode instance's current (or last) step started
+        self.d_steps = [0] * n_d  # decode steps done
+        self.d_batch: list[list[SimRequest]] = [[] for _ in range(n_d)]
+        self.landed: dict[str, float] = {}  # when each pulled request's pages were in place
+        self.pull_q: list[collections.deque] = [collections.deque() for _ in range(n_d)]  # (plan, staged)
+        self.pull_cur: list[object] = [None] * n_d
+        self.scatter_wait: list[list] = [[] for _ in range(n_d)]  # (decode step it lands after, plan)
+        self.host = _SharedHost({"p_free": cfg.host_contention, "d_step": cfg.host_contention_decode
+                                 if cfg.host_contention_decode is not None else cfg.host_contention})
+        self.token: dict[tuple[str, int], int] = collections.defaultdict(int)  # the live end event of a step
+        self.started: dict[tuple[str, int], tuple[float, tuple[int, ...], int]] = {}
+        self.clock = _Clock()
+
+    def schedule(self, ends: dict[tuple[str, int], float]) -> None:
+        """(Re)schedule the end of every running step (processor sharing moves them)."""
+        for key, t in ends.items():
+            self.token[key] += 1
+            self.clock.push(t, key[0], (key[1], self.token[key]))
+            if key[0] == "p_free":
+                self.p_free_at[key[1]] = t
+
+    def try_prefill(self, i: int, now: float) -> None:
+        if self.p_busy[i]:
+            return
+        plan = self.p_sched[i].plan(now)
+        if plan is None:
+            return
+        cfg, par = self.cfg, self.cfg.prefill[i]
+        lengths = [r.prompt_len for r in plan.batch]
+        self.p_stage[i] = cfg.prefill_s(self.prof.fit(par.tp), lengths, par.pp) + cfg.step_overhead_s
+        self.p_busy[i] = True
+        self.p_batch[i] = plan.batch
+        self.started[("p_free", i)] = (now, tuple(lengths), sum(lengths))
+        self.schedule(self.host.start(("p_free", i), self.p_stage[i], now))
+
+    def next_pull(self, j: int, now: float) -> None:
+        if self.pull_cur[j] is not None or not self.pull_q[j]:
+            return
+        plan, staged = self.pull_q[j].popleft()
+        self.pull_cur[j] = plan
+        t = now
+        pi = self.p_index.get(id(plan.src))
+        if not staged and pi is not None and self.p_busy[pi]:
+            t = max(now, self.p_free_at[pi])  # the gather queues behind the prefill step in flight
+        gbps = self.cfg.transfer_gbps
+        t += self.prof.kv_bytes_per_token * plan.req.prompt_len / (gbps * 1e9) if gbps else 0.0
+        self.clock.push(t, "gathered", j)
+
+    def land(self, j: int, plan, now: float) -> None:
+        """The pull's pages are in place on decode instance ``j``; its pull thread takes the next."""
+        r = plan.req
+        if self.d_sched[j].pulled(r, plan.src):
             r.migration_end = now
-            joining[j].append((now, r))
-            pulling[j] -= 1
-            pull_cur[j] = None
-            next_pull(j, now)
+            self.landed[r.rid] = now
+        self.pull_cur[j] = None
+        self.next_pull(j, now)
 
-        def choose(j: int, now: float, staged: bool) -> None:
-            """Pull held requests onto decode instance ``j``: FCFS, the least-loaded instance with room
-            first. ``staged``: chosen as a prefill batch ends, whose worker dispatches the gathers
-            before its next step (else a gather queues behind the prefill step in flight)."""
-            while held and held[0][0] <= now:
-                _, r, pi = held[0]
-                need = r.prompt_len + r.output_len
-                if load(j) >= cfg.max_decode_batch or d_used[j] + need > d_cap[j]:
-                    break
-                loads = [load(k) for k in range(n_d) if k != j and (staged or not d_busy[k])
-                         and d_used[k] + need <= d_cap[k] and load(k) < cfg.max_decode_batch]
-                if loads and load(j) > min(loads):
-                    break
-                held.popleft()
-                d_used[j] += need
-                if pi >= 0:
-                    p_used[pi] -= r.prompt_len
-                r.migration_start = now
-                pulling[j] += 1
-                pull_q[j].append((r, -1 if staged else pi))
-                for i in range(n_p):
-                    try_prefill(i, now)
+    def choose(self, j: int, now: float, staged: bool) -> None:
+        for plan in self.d_sched[j].choose_pulls(now):
+            self.pull_q[j].append((plan, staged))
 
-        def try_decode(j: int, now: float) -> None:
-            if d_busy[j]:
-                return
-            par = cfg.decode[j]
-            choose(j, now, staged=False)
-            next_pull(j, now)
-            # with lookahead a step's batch was fixed when the step before it started (a request whose
-            # pages land just then misses it: the pull thread hands it over after the worker dispatched)
-            ahead = cfg.decode_lookahead and dec[j].n
-            cut = d_start[j] if ahead else now
-            ready = [(t, r) for t, r in joining[j] if (t < cut if ahead else t <= cut)]
-            if ready:
-                joining[j] = [(t, r) for t, r in joining[j] if (t >= cut if ahead else t > cut)]
-                for _, r in ready:
-                    dec[j].join(r, r.prompt_len, r.output_len - 1)
-            if not dec[j].n:
-                return
-            d_start[j] = now
-            d_busy[j] = True
-            step = cfg.decode_s(prof.fit(par.tp), dec[j].n, dec[j].ctx + dec[j].n, par.pp) + cfg.step_overhead_s
-            started[("d_step", j)] = (now, (1,) * dec[j].n, dec[j].ctx + dec[j].n)
-            schedule(host.start(("d_step", j), step, now))
+    def try_decode(self, j: int, now: float) -> None:
+        if self.d_busy[j]:
+            return
+        self.choose(j, now, staged=False)
+        self.next_pull(j, now)
+        plan = self.d_sched[j].plan()
+        if plan is None:
+            return
+        cfg, par = self.cfg, self.cfg.decode[j]
+        # with lookahead a step's batch was fixed when the step before it started (a request whose
+        # pages land just then misses it: the pull thread hands it over after the worker dispatched)
+        if cfg.decode_lookahead and self.d_steps[j] and any(r.generated > 1 for r in plan.batch):
+            batch = [r for r in plan.batch if r.generated > 1 or self.landed[r.rid] < self.d_start[j]]
+        else:
+            batch = plan.batch
+        if not batch:
+            return
+        ctx = sum(r.num_computed + 1 for r in batch)
+        self.d_start[j] = now
+        self.d_busy[j] = True
+        self.d_batch[j] = batch
+        step = cfg.decode_s(self.prof.fit(par.tp), len(batch), ctx, par.pp) + cfg.step_overhead_s
+        self.started[("d_step", j)] = (now, (1,) * len(batch), ctx)
+        self.schedule(self.host.start(("d_step", j), step, now))
 
-        prefilled: list[tuple[int, list[SimRequest]]] = []
-        while events:
-            now, _, kind, i, tok = heapq.heappop(events)
+    def arrive(self, r: SimRequest, now: float) -> None:
+        if self.source is None:
+            self.q.waiting.append(r)
+            return
+        # Algorithm 1 sizes decode alone: the request arrives prefilled (its first token out)
+        self.source.alloc.ensure(r.rid, r.prompt_len)
+        r.holders.append(self.source)
+        r.prefill_start = now
+        if _emit(r, now):
+            _end(self.q, r)
+            return
+        r.num_computed = r.prompt_len
+        r.state = RequestState.HELD
+        self.q.held.append(r)
+
+    def prefilled(self, i: int, batch: list[SimRequest], now: float) -> None:
+        for r in batch:
+            if _emit(r, now) or self.cfg.phase == "prefill":  # Algorithm 1 sizes prefill alone
+                r.finish = now
+                _end(self.q, r)
+            else:
+                self.p_sched[i].prefilled(r)
+        for j in sorted(range(len(self.d_sched)), key=lambda k: self.d_sched[k].load):
+            self.choose(j, now, staged=True)  # offered as the batch ends
+            self.next_pull(j, now)
+
+    def decoded(self, j: int, now: float) -> None:
+        self.d_steps[j] += 1
+        sched = self.d_sched[j]
+        _decoded(self.q, sched.running, self.d_batch[j], now)
+        # scatters due after this step land now (all of them once the batch has drained)
+        due, self.scatter_wait[j] = self.scatter_wait[j], []
+        for target, plan in due:
+            if target <= self.d_steps[j] or not sched.running:
+                self.land(j, plan, now)
+            else:
+                self.scatter_wait[j].append((target, plan))
+
+    def run(self, reqs: Sequence[SimRequest]) -> None:
+        cfg, clock = self.cfg, self.clock
+        order = sorted(reqs, key=lambda r: r.arrival)
+        for r in order:
+            clock.push(r.arrival + cfg.admission_s, "arrive", r)
+        prefill_pp = [p.pp for p in cfg.prefill]
+        while clock.events:
+            now, kind, what = clock.pop()
             if kind in ("p_free", "d_step"):
-                if tok != token[(kind, i)]:
+                i, tok = what
+                if tok != self.token[(kind, i)]:
                     continue  # rescheduled: the step's end moved
-                schedule(host.finish((kind, i), now))
-                if self.steps is not None:
-                    t0, lengths, ctx = started[(kind, i)]
+                self.schedule(self.host.finish((kind, i), now))
+                if self.sim.steps is not None:
+                    t0, lengths, ctx = self.started[(kind, i)]
                     step_kind = "prefill" if kind == "p_free" else "decode"
-                    self.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx))
+                    self.sim.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx))
             if kind == "arrive":
-                r = order[i]
-                if cfg.phase == "decode":  # Algorithm 1 sizes decode alone: requests arrive prefilled
-                    r.prefill_start = r.first_token = now
-                    held.append((now, r, -1))
-                else:
-                    waiting.append(r)
+                self.arrive(what, now)
             elif kind == "p_free":
                 # freed before its prompts are held: the engine's prefill worker dispatches its next
                 # batch before a decode instance's pull can queue a gather behind the finished one
-                p_busy[i] = False
-                push(now + p_stage[i] * (cfg.prefill[i].pp - 1), "prefilled", len(prefilled))
-                prefilled.append((i, p_batch[i]))
+                self.p_busy[i] = False
+                clock.push(now + self.p_stage[i] * (prefill_pp[i] - 1), "prefilled", (i, self.p_batch[i]))
             elif kind == "prefilled":
-                pi, batch = prefilled[i]
-                for r in batch:
-                    r.first_token = now
-                    if cfg.phase == "prefill":  # Algorithm 1 sizes prefill alone
-                        r.finish = now
-                        p_used[pi] -= r.prompt_len
-                    elif r.output_len <= 1:
-                        r.finish = now
-                        p_used[pi] -= r.prompt_len
-                    else:
-                        held.append((now, r, pi))
-                for j in sorted(range(n_d), key=load):  # offered as the batch ends (see choose)
-                    choose(j, now, staged=True)
-                    next_pull(j, now)
+                self.prefilled(what[0], what[1], now)
             elif kind == "gathered":
-                r = pull_cur[i]
-                if d_busy[i]:  # the scatter runs after the step in flight and, with lookahead, the next
-                    scatter_wait[i].append((dec[i].step + (2 if cfg.decode_lookahead else 1), r))
+                j, plan = what, self.pull_cur[what]
+                if self.d_busy[j]:  # the scatter runs after the step in flight and, with lookahead, the next
+                    self.scatter_wait[j].append((self.d_steps[j] + (2 if cfg.decode_lookahead else 1), plan))
                 else:
-                    land(i, r, now)
+                    self.land(j, plan, now)
             elif kind == "d_step":
-                d_busy[i] = False
-                for r in dec[i].advance(now):
-                    d_used[i] -= r.prompt_len + r.output_len
-                # scatters due after this step land now (all of them once the batch has drained)
-                waiting_scatters, scatter_wait[i] = scatter_wait[i], []
-                for target, r in waiting_scatters:
-                    if target <= dec[i].step or not dec[i].n:
-                        land(i, r, now)
-                    else:
-                        scatter_wait[i].append((target, r))
-            for k in range(n_p):
-                try_prefill(k, now)
-            for k in range(n_d):
-                try_decode(k, now)
+                self.d_busy[i] = False
+                self.decoded(i, now)
+            for k in range(len(self.p_sched)):
+                self.try_prefill(k, now)
+            for k in range(len(self.d_sched)):
+                self.try_decode(k, now)
 
-    # ---- colocated / chunked ---------------------------------------------------------------------
 
-    def _colocated(self, reqs: Sequence[SimRequest], chunked: bool) -> None:
-        cfg, prof = self.cfg, self.profile
-        order = sorted(reqs, key=lambda r: r.arrival)
-        n_inst = len(cfg.colocated)
-        waiting: collections.deque[SimRequest] = collections.deque()
-        cap = [cfg.capacity(prof, p) for p in cfg.colocated]
-        used = [0] * n_inst
-        dec = [_Decoder() for _ in range(n_inst)]
-        partial: list[list[SimRequest]] = [[] for _ in range(n_inst)]
-        busy = [False] * n_inst
-        ends = [0.0] * n_inst  # when each instance's current step ends (host contention)
-        pending: dict[int, tuple] = {}
-        events: list[tuple[float, int, str, int]] = []
-        seq = itertools.count()
-        push = lambda t, kind, i: heapq.heappush(events, (t, next(seq), kind, i))  # noqa: E731
-        for k, r in enumerate(order):
-            push(r.arrival + cfg.admission_s, "arrive", k)
+class _Unbounded(PageAllocator):
+    """A source of prefilled requests with no memory limit (the decode phase simulated alone)."""
 
-        def admit(i: int, r: SimRequest) -> bool:
-            need = r.prompt_len + r.output_len
-            if used[i] + need > cap[i] or dec[i].n + len(partial[i]) >= cfg.max_decode_batch:
-                return False
-            used[i] += need
-            return True
+    def __init__(self, page_size: int):
+        super().__init__(2, page_size)
+        self._next = itertools.count(1)
 
-        def launch(i: int, now: float, seconds: float, what: tuple) -> None:
-            seconds = cfg.contended(now, seconds + cfg.step_overhead_s, max([e for k, e in enumerate(ends) if k != i], default=0.0))
-            if self.steps is not None:
-                kind, payload = what
-                lengths = (tuple(r.prompt_len for r in payload) if kind == "prefill" else
-                           (1,) * dec[i].n + tuple(n for _, n in payload or ()))
-                ctx = (sum(lengths) if kind == "prefill" else
-                       dec[i].ctx + dec[i].n + sum(r.computed + n for r, n in payload or ()))
-                self.steps.append(SimStep(f"colocated-{i}", kind, now, now + seconds, lengths, ctx))
-            pending[i] = what
-            busy[i] = True
-            ends[i] = now + seconds
-            push(now + seconds, "done", i)
+    @property
+    def num_free(self) -> int:
+        return 1 << 40
 
-        follow: dict[int, tuple] = {}  # lookahead: what was decided to run after the step in flight
+    def ensure(self, rid, num_tokens: int) -> list[int]:
+        table = self._tables.setdefault(rid, [])
+        table.extend(next(self._next) for _ in range(self.extra_pages_needed(rid, num_tokens)))
+        return table
 
-        def take(i: int, now: float) -> list[SimRequest]:
-            batch, tokens = [], 0
-            while waiting and len(batch) < cfg.max_prefill_seqs:
-                r = waiting[0]
-                if batch and tokens + r.prompt_len > cfg.prefill_token_budget:
-                    break
-                if not admit(i, r):
-                    break
-                waiting.popleft()
-                batch.append(r)
-                tokens += r.prompt_len
-                r.prefill_start = now
-            return batch
+    def free(self, rid) -> int:
+        return len(self._tables.pop(rid, []))
 
-        def decode(i: int, now: float, fit, par: Par) -> None:
-            launch(i, now, cfg.decode_s(fit, dec[i].n, dec[i].ctx + dec[i].n, par.pp), ("decode", None))
-            if cfg.decode_lookahead:  # the engine decides what follows this step as it starts
-                batch = take(i, now)
-                follow[i] = ("prefill", batch) if batch else ("decode", None)
 
-        def start(i: int, now: float) -> None:
-            if busy[i]:
-                return
-            par = cfg.colocated[i]
-            fit = prof.fit(par.tp)
-            if not chunked:
-                nxt, batch = follow.pop(i, (None, None))
-                if nxt == "decode" and dec[i].n:
-                    decode(i, now, fit, par)
-                    return
-                batch = batch if nxt == "prefill" else take(i, now)
-                if batch:
-                    launch(i, now, cfg.prefill_s(fit, [r.prompt_len for r in batch], par.pp) * par.pp, ("prefill", batch))
-                    return
-                if dec[i].n:
-                    decode(i, now, fit, par)
-                return
-            # chunked: one token per running request plus prompt chunks up to the budget
-            left = cfg.prefill_token_budget - dec[i].n
-            chunks = []
-            k = 0
-            while left > 0:
-                if k == len(partial[i]):
-                    if not waiting or not admit(i, waiting[0]):
-                        break
-                    r = waiting.popleft()
-                    r.prefill_start = now
-                    partial[i].append(r)
-                r = partial[i][k]
-                n = min(left, r.prompt_len - r.computed)
-                chunks.append((r, n))
-                left -= n
-                k += 1
-            if not chunks and not dec[i].n:
-                return
-            if chunks:
-                # the chunks as a prefill batch, plus what the decode fit charges for context reads
-                # (the decode tokens' and the chunks' cached prefixes) and for the decode rows
-                _, b, c = fit.decode_small if dec[i].n < fit.threshold else fit.decode_large
-                t = fit.prefill_ms([n for _, n in chunks], par.pp)
-                t += (b * (dec[i].ctx + dec[i].n + sum(r.computed for r, _ in chunks)) + c * dec[i].n) / par.pp
+class _Colocated:
+    """Colocated or chunked instances (the engine's ColocatedWorker / ChunkedWorker around their
+    schedulers). With the decode lookahead, what follows a decode step is decided as it starts."""
+
+    def __init__(self, sim: Simulator):
+        self.sim, self.cfg, self.prof = sim, sim.cfg, sim.profile
+        cfg = self.cfg
+        self.chunked = cfg.mode == "chunked"
+        self.q = Queues()
+        self.slots = [sim._slot(f"colocated-{i}", cfg.mode, p) for i, p in enumerate(cfg.colocated)]
+        kind = ChunkedScheduler if self.chunked else ColocatedScheduler
+        self.sched = [kind(self.q, s, cfg.prefill_token_budget) for s in self.slots]
+        n = len(self.slots)
+        self.busy = [False] * n
+        self.ends = [0.0] * n  # when each instance's current step ends (host contention)
+        self.pending: dict[int, object] = {}
+        self.follow: dict[int, object] = {}  # lookahead: the plan decided to run after the step in flight
+        self.clock = _Clock()
+
+    def launch(self, i: int, now: float, seconds: float, plan) -> None:
+        cfg = self.cfg
+        others = max([e for k, e in enumerate(self.ends) if k != i], default=0.0)
+        seconds = cfg.contended(now, seconds + cfg.step_overhead_s, others)
+        if self.sim.steps is not None:
+            if isinstance(plan, PrefillPlan):
+                lengths = tuple(r.prompt_len for r in plan.batch)
+                ctx = sum(lengths)
+            elif isinstance(plan, DecodePlan):
+                lengths, ctx = (1,) * len(plan.batch), sum(r.num_computed + 1 for r in plan.batch)
             else:
-                t = fit.decode_ms(dec[i].n, dec[i].ctx + dec[i].n, par.pp)
-            launch(i, now, t / 1e3, ("mixed", chunks))
+                lengths = tuple(row.length for row in plan.rows)
+                ctx = sum(row.start + row.length for row in plan.rows)
+            self.sim.steps.append(SimStep(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx))
+        self.pending[i] = plan
+        self.busy[i] = True
+        self.ends[i] = now + seconds
+        self.clock.push(now + seconds, "done", i)
 
-        def first_token(i: int, r: SimRequest, now: float) -> None:
-            r.first_token = now
-            if r.output_len <= 1:
-                r.finish = now
-                used[i] -= r.prompt_len + r.output_len
-            else:
-                dec[i].join(r, r.prompt_len, r.output_len - 1)
+    def decode(self, i: int, now: float, plan: DecodePlan) -> None:
+        cfg, par = self.cfg, self.cfg.colocated[i]
+        ctx = sum(r.num_computed + 1 for r in plan.batch)
+        self.launch(i, now, cfg.decode_s(self.prof.fit(par.tp), len(plan.batch), ctx, par.pp), plan)
+        if cfg.decode_lookahead:  # the engine decides what follows this step as it starts
+            self.follow[i] = self.sched[i].plan(now)
 
-        while events:
-            now, _, kind, i = heapq.heappop(events)
-            if kind == "arrive":
-                waiting.append(order[i])
-            else:
-                busy[i] = False
-                what, payload = pending.pop(i)
-                if what == "prefill":
-                    for r in payload:
-                        first_token(i, r, now)
+    def start(self, i: int, now: float) -> None:
+        if self.busy[i]:
+            return
+        cfg, par = self.cfg, self.cfg.colocated[i]
+        fit = self.prof.fit(par.tp)
+        sched = self.sched[i]
+        if not self.chunked:
+            plan = self.follow.pop(i, None)
+            if isinstance(plan, DecodePlan):
+                plan = DecodePlan(list(sched.running))  # minus those that ended in the step before
+            if plan is None or (isinstance(plan, DecodePlan) and not plan.batch):
+                plan = sched.plan(now)
+            if isinstance(plan, PrefillPlan):
+                seconds = cfg.prefill_s(fit, [r.prompt_len for r in plan.batch], par.pp) * par.pp
+                self.launch(i, now, seconds, plan)
+            elif plan is not None:
+                self.decode(i, now, plan)
+            return
+        plan = sched.plan(now)
+        if plan is None:
+            return
+        chunks = [row for row in plan.rows if row.chunk]
+        n_dec = len(plan.rows) - len(chunks)
+        dec_ctx = sum(row.start + 1 for row in plan.rows if not row.chunk)
+        if chunks:
+            # the chunks as a prefill batch, plus what the decode fit charges for context reads
+            # (the decode tokens' and the chunks' cached prefixes) and for the decode rows
+            _, b, c = fit.decode_small if n_dec < fit.threshold else fit.decode_large
+            t = fit.prefill_ms([row.length for row in chunks], par.pp)
+            t += (b * (dec_ctx + sum(row.start for row in chunks)) + c * n_dec) / par.pp
+        else:
+            t = fit.decode_ms(n_dec, dec_ctx, par.pp)
+        self.launch(i, now, t / 1e3, plan)
+
+    def done(self, i: int, now: float) -> None:
+        self.busy[i] = False
+        plan, sched = self.pending.pop(i), self.sched[i]
+        if isinstance(plan, PrefillPlan):
+            for r in plan.batch:
+                if _emit(r, now):
+                    _end(self.q, r)
                 else:
-                    if dec[i].n:
-                        for r in dec[i].advance(now):
-                            used[i] -= r.prompt_len + r.output_len
-                    for r, n in payload or ():
-                        r.computed += n
-                        if r.computed == r.prompt_len:
-                            partial[i].remove(r)
-                            first_token(i, r, now)
-            for k in range(n_inst):
-                start(k, now)
+                    sched.prefilled(r)
+            return
+        if isinstance(plan, DecodePlan):
+            _decoded(self.q, sched.running, plan.batch, now)
+            return
+        _decoded(self.q, sched.running, [row.req for row in plan.rows if not row.chunk], now)
+        for row in plan.rows:
+            if row.chunk and sched.chunk_done(row.req, row.length):
+                if _emit(row.req, now):
+                    _end(self.q, row.req)
+                else:
+                    sched.prefilled(row.req)
+
+    def run(self, reqs: Sequence[SimRequest]) -> None:
+        clock = self.clock
+        for r in sorted(reqs, key=lambda r: r.arrival):
+            clock.push(r.arrival + self.cfg.admission_s, "arrive", r)
+        while clock.events:
+            now, kind, what = clock.pop()
+            if kind == "arrive":
+                self.q.waiting.append(what)
+            else:
+                self.done(what, now)
+            for k in range(len(self.sched)):
+                self.start(k, now)
 
 
 def attainment(reqs: Sequence[SimRequest], ttft: float, tpot: float) -> float:

@@ -26,11 +26,11 @@ class Queues:
 
 def release(queues: QueueState, req: SchedRequest) -> None:
     """Out of every queue, pages returned to every instance that holds some: how every request ends."""
-    for q in (queues.waiting, queues.held):
-        try:
-            q.remove(req)
-        except ValueError:
-            pass
+    # only a waiting request is in the waiting queue and only a held one in the held queue (looking
+    # in the others would cost a scan, and a failed deque.remove formats the request)
+    q = queues.waiting if req.state is RequestState.WAITING else queues.held if req.state is RequestState.HELD else None
+    if q is not None and req in q:
+        q.remove(req)
     for inst in req.holders:
         inst.alloc.free(req.rid)
     req.holders.clear()
