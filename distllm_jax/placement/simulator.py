@@ -88,6 +88,17 @@ class SimConfig:
         nb = _bucket(self.batch_buckets, n) if self.batch_buckets else n
         return fit.decode_ms(nb, ctx, pp) / 1e3
 
+    def mixed_s(self, fit, chunks: Sequence[tuple[int, int]], decode_starts: Sequence[int], pp: int) -> float:
+        """A chunked-prefill step: prompt chunks (start, length) and decode rows at these positions.
+        The chunks cost a prefill batch, plus what the decode fit charges for context reads (the
+        decode tokens' and the chunks' cached prefixes) and for the decode rows."""
+        n_dec, dec_ctx = len(decode_starts), sum(decode_starts) + len(decode_starts)
+        if not chunks:
+            return fit.decode_ms(n_dec, dec_ctx, pp) / 1e3
+        _, b, c = fit.decode_small if n_dec < fit.threshold else fit.decode_large
+        t = fit.prefill_ms([n for _, n in chunks], pp)
+        return (t + (b * (dec_ctx + sum(s for s, _ in chunks)) + c * n_dec) / pp) / 1e3
+
     def capacity(self, profile: Profile, par: Par) -> int:
         return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
 
@@ -149,6 +160,7 @@ class SimStep(NamedTuple):
     end: float
     lengths: tuple[int, ...]  # tokens per segment (1 per decode row)
     context: int  # Σ positions + tokens its attention read
+    rids: tuple[str, ...] = ()  # the requests in it, row by row (the scheduler's decision)
 
     @property
     def seconds(self) -> float:
@@ -334,7 +346,7 @@ class _Disaggregated:
         self.host = _SharedHost({"p_free": cfg.host_contention, "d_step": cfg.host_contention_decode
                                  if cfg.host_contention_decode is not None else cfg.host_contention})
         self.token: dict[tuple[str, int], int] = collections.defaultdict(int)  # the live end event of a step
-        self.started: dict[tuple[str, int], tuple[float, tuple[int, ...], int]] = {}
+        self.started: dict[tuple[str, int], tuple[float, tuple[int, ...], int, tuple[str, ...]]] = {}
         self.clock = _Clock()
 
     def schedule(self, ends: dict[tuple[str, int], float]) -> None:
@@ -356,7 +368,7 @@ class _Disaggregated:
         self.p_stage[i] = cfg.prefill_s(self.prof.fit(par.tp), lengths, par.pp) + cfg.step_overhead_s
         self.p_busy[i] = True
         self.p_batch[i] = plan.batch
-        self.started[("p_free", i)] = (now, tuple(lengths), sum(lengths))
+        self.started[("p_free", i)] = (now, tuple(lengths), sum(lengths), tuple(r.rid for r in plan.batch))
         self.schedule(self.host.start(("p_free", i), self.p_stage[i], now))
 
     def next_pull(self, j: int, now: float) -> None:
@@ -407,7 +419,7 @@ class _Disaggregated:
         self.d_busy[j] = True
         self.d_batch[j] = batch
         step = cfg.decode_s(self.prof.fit(par.tp), len(batch), ctx, par.pp) + cfg.step_overhead_s
-        self.started[("d_step", j)] = (now, (1,) * len(batch), ctx)
+        self.started[("d_step", j)] = (now, (1,) * len(batch), ctx, tuple(r.rid for r in batch))
         self.schedule(self.host.start(("d_step", j), step, now))
 
     def arrive(self, r: SimRequest, now: float) -> None:
@@ -462,9 +474,9 @@ class _Disaggregated:
                     continue  # rescheduled: the step's end moved
                 self.schedule(self.host.finish((kind, i), now))
                 if self.sim.steps is not None:
-                    t0, lengths, ctx = self.started[(kind, i)]
+                    t0, lengths, ctx, rids = self.started[(kind, i)]
                     step_kind = "prefill" if kind == "p_free" else "decode"
-                    self.sim.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx))
+                    self.sim.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx, rids))
             if kind == "arrive":
                 self.arrive(what, now)
             elif kind == "p_free":
@@ -535,13 +547,15 @@ class _Colocated:
         if self.sim.steps is not None:
             if isinstance(plan, PrefillPlan):
                 lengths = tuple(r.prompt_len for r in plan.batch)
-                ctx = sum(lengths)
+                ctx, reqs = sum(lengths), plan.batch
             elif isinstance(plan, DecodePlan):
                 lengths, ctx = (1,) * len(plan.batch), sum(r.num_computed + 1 for r in plan.batch)
+                reqs = plan.batch
             else:
                 lengths = tuple(row.length for row in plan.rows)
-                ctx = sum(row.start + row.length for row in plan.rows)
-            self.sim.steps.append(SimStep(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx))
+                ctx, reqs = sum(row.start + row.length for row in plan.rows), [row.req for row in plan.rows]
+            self.sim.steps.append(SimStep(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx,
+                                          tuple(r.rid for r in reqs)))
         self.pending[i] = plan
         self.busy[i] = True
         self.ends[i] = now + seconds
@@ -575,18 +589,9 @@ class _Colocated:
         plan = sched.plan(now)
         if plan is None:
             return
-        chunks = [row for row in plan.rows if row.chunk]
-        n_dec = len(plan.rows) - len(chunks)
-        dec_ctx = sum(row.start + 1 for row in plan.rows if not row.chunk)
-        if chunks:
-            # the chunks as a prefill batch, plus what the decode fit charges for context reads
-            # (the decode tokens' and the chunks' cached prefixes) and for the decode rows
-            _, b, c = fit.decode_small if n_dec < fit.threshold else fit.decode_large
-            t = fit.prefill_ms([row.length for row in chunks], par.pp)
-            t += (b * (dec_ctx + sum(row.start for row in chunks)) + c * n_dec) / par.pp
-        else:
-            t = fit.decode_ms(n_dec, dec_ctx, par.pp)
-        self.launch(i, now, t / 1e3, plan)
+        chunks = [(row.start, row.length) for row in plan.rows if row.chunk]
+        decode_starts = [row.start for row in plan.rows if not row.chunk]
+        self.launch(i, now, cfg.mixed_s(fit, chunks, decode_starts, par.pp), plan)
 
     def done(self, i: int, now: float) -> None:
         self.busy[i] = False
