@@ -1,4 +1,5 @@
-"""``distllm bench …``: run, goodput, plot, kick-the-tires, engine (the engine micro-benchmark)."""
+"""``distllm bench …``: run, goodput, plot, kick-the-tires, engine (the engine micro-benchmark),
+multi-gpu, sim-vs-real (the simulator against DistServe's published A100 runs)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(bsub) -> None:
-    from bench import engine_micro, kick_the_tires, multi_gpu
+    from bench import engine_micro, kick_the_tires, multi_gpu, sim_vs_real
 
     r = bsub.add_parser("run", help="replay a workload against a running server at the given rates")
     _target_args(r)
@@ -135,3 +136,8 @@ def add_bench_commands(bsub) -> None:
                          description=multi_gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     multi_gpu.add_arguments(mg)
     mg.set_defaults(fn=multi_gpu.main)
+
+    sv = bsub.add_parser("sim-vs-real", help="replay real A100 runs (DistServe's traces) through the simulator",
+                         description=sim_vs_real.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim_vs_real.add_arguments(sv)
+    sv.set_defaults(fn=sim_vs_real.main)
