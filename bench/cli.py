@@ -19,7 +19,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"))
     p.add_argument("--tls-ca")
     p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
-    p.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench | file:PATH")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt | sharegpt-artifact | humaneval | longbench | file:PATH")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     p.add_argument("--seed", type=int, default=0)
