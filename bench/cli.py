@@ -40,6 +40,8 @@ def _run(args: argparse.Namespace) -> int:
 
     target = _target(args)
     slo = resolve(args.slo)
+    if args.trace:
+        return _run_trace(args, target, slo)
     runs = []
     for n, rate in parse_pairs(args.num_prompts_req_rates):
         run = run_once(target, args.dataset, n, rate, slo, burstiness=args.burstiness, seed=args.seed,
@@ -48,6 +50,22 @@ def _run(args: argparse.Namespace) -> int:
         if "path" in run:
             print(f"wrote {run['path']}")
     print_table(runs)
+    return 0
+
+
+def _run_trace(args: argparse.Namespace, target, slo) -> int:
+    """``bench run --trace``: the trace's arrivals and lengths against the server, its strict
+    attainment and p50/p90 beside the trace's own measurements."""
+    from bench.runs import print_table, run_trace
+
+    run = run_trace(target, args.trace, slo, verbose=args.verbose, results=args.results or None)
+    if "path" in run:
+        print(f"wrote {run['path']}")
+    print_table([run])
+    for k, s in run["trace_compare"].items():
+        if s is not None:
+            print(f"{k:<6} attainment {s['attainment_pct']:.1f}% (strict)  TTFT p50/p90 {1e3 * s['ttft_p50_s']:.1f}/"
+                  f"{1e3 * s['ttft_p90_s']:.1f} ms  TPOT p50/p90 {1e3 * s['tpot_p50_s']:.1f}/{1e3 * s['tpot_p90_s']:.1f} ms")
     return 0
 
 
@@ -103,6 +121,8 @@ def add_bench_commands(bsub) -> None:
     _target_args(r)
     r.add_argument("--num-prompts-req-rates", default="[(50, 2)]", help='e.g. "[(50, 2), (100, 4)]"')
     r.add_argument("--verbose", action="store_true", help="print every prompt and response")
+    r.add_argument("--trace", help="replay a recorded run's arrivals and lengths (JSON Lines or DistServe .exp) "
+                                   "instead of --dataset/--num-prompts-req-rates")
     r.set_defaults(fn=_run)
 
     g = bsub.add_parser("goodput", help="bisect the highest rate with >= 90%% SLO attainment")

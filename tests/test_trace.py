@@ -154,3 +154,14 @@ def test_cli_simulate_trace_json(tmp_path, capsys):
     assert res["slo"] == [1.0, 1.0] and res["sim"]["attainment_pct"] == 100.0
     assert main(["simulate", "--trace", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such trace file" in capsys.readouterr().err
+
+
+def test_trace_items_have_the_trace_lengths(tmp_path):
+    from bench.runs import trace_items
+
+    t = read_trace(write_jsonl(tmp_path / "t.jsonl", ROWS))
+    items = trace_items(t, lambda s: list(range(len(s.split()))), 64)
+    assert [(i.prompt_len, i.output_len) for i in items] == [(16, 2), (8, 4), (4, 1)]
+    assert items[0].prompt_ids[:3] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"request 0 \(arrival 0 s\) needs 16 \+ 2 tokens, over the server's context of 10"):
+        trace_items(t, lambda s: [1], 10)
