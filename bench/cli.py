@@ -1,4 +1,5 @@
-"""``distllm bench …``: run, goodput, plot, kick-the-tires, engine (the engine micro-benchmark)."""
+"""``distllm bench …``: run, goodput, plot, kick-the-tires, engine (the engine micro-benchmark),
+multi-gpu, sim-vs-real (the simulator against DistServe's published A100 runs)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"))
     p.add_argument("--tls-ca")
     p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
-    p.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench | file:PATH")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt | sharegpt-artifact | humaneval | longbench | file:PATH")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     p.add_argument("--seed", type=int, default=0)
@@ -39,6 +40,8 @@ def _run(args: argparse.Namespace) -> int:
 
     target = _target(args)
     slo = resolve(args.slo)
+    if args.trace:
+        return _run_trace(args, target, slo)
     runs = []
     for n, rate in parse_pairs(args.num_prompts_req_rates):
         run = run_once(target, args.dataset, n, rate, slo, burstiness=args.burstiness, seed=args.seed,
@@ -47,6 +50,22 @@ def _run(args: argparse.Namespace) -> int:
         if "path" in run:
             print(f"wrote {run['path']}")
     print_table(runs)
+    return 0
+
+
+def _run_trace(args: argparse.Namespace, target, slo) -> int:
+    """``bench run --trace``: the trace's arrivals and lengths against the server, its strict
+    attainment and p50/p90 beside the trace's own measurements."""
+    from bench.runs import print_table, run_trace
+
+    run = run_trace(target, args.trace, slo, verbose=args.verbose, results=args.results or None)
+    if "path" in run:
+        print(f"wrote {run['path']}")
+    print_table([run])
+    for k, s in run["trace_compare"].items():
+        if s is not None:
+            print(f"{k:<6} attainment {s['attainment_pct']:.1f}% (strict)  TTFT p50/p90 {1e3 * s['ttft_p50_s']:.1f}/"
+                  f"{1e3 * s['ttft_p90_s']:.1f} ms  TPOT p50/p90 {1e3 * s['tpot_p50_s']:.1f}/{1e3 * s['tpot_p90_s']:.1f} ms")
     return 0
 
 
@@ -96,12 +115,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def add_bench_commands(bsub) -> None:
-    from bench import engine_micro, kick_the_tires, multi_gpu
+    from bench import engine_micro, kick_the_tires, multi_gpu, sim_vs_real
 
     r = bsub.add_parser("run", help="replay a workload against a running server at the given rates")
     _target_args(r)
     r.add_argument("--num-prompts-req-rates", default="[(50, 2)]", help='e.g. "[(50, 2), (100, 4)]"')
     r.add_argument("--verbose", action="store_true", help="print every prompt and response")
+    r.add_argument("--trace", help="replay a recorded run's arrivals and lengths (JSON Lines or DistServe .exp) "
+                                   "instead of --dataset/--num-prompts-req-rates")
     r.set_defaults(fn=_run)
 
     g = bsub.add_parser("goodput", help="bisect the highest rate with >= 90%% SLO attainment")
@@ -135,3 +156,8 @@ def add_bench_commands(bsub) -> None:
                          description=multi_gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     multi_gpu.add_arguments(mg)
     mg.set_defaults(fn=multi_gpu.main)
+
+    sv = bsub.add_parser("sim-vs-real", help="replay real A100 runs (DistServe's traces) through the simulator",
+                         description=sim_vs_real.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim_vs_real.add_arguments(sv)
+    sv.set_defaults(fn=sim_vs_real.main)

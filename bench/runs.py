@@ -8,13 +8,14 @@ import asyncio
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bench.arrivals import arrival_times
-from bench.datasets import Workload, load
+from bench.datasets import Item, Workload, load
 from bench.driver import run_workload
 from bench.metrics import RequestRecord, summarize, tightest_scale
 from bench.slo import SLO
+from distllm_jax.placement.trace import Trace
 
 
 def parse_pairs(text: str) -> list[tuple[int, float]]:
@@ -108,15 +109,7 @@ def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: S
     w = target.workload(dataset, num_prompts, seed, cache_dir)
     items = (w.items * (num_prompts // len(w.items) + 1))[:num_prompts]
     arrivals = arrival_times(len(items), rate, burstiness, seed)
-    if target.backend == "openai":
-        from bench.driver import run_workload_openai
-
-        records = asyncio.run(run_workload_openai(target.base_url, target.model, items, arrivals, token=target.token,
-                                                  verbose=verbose, progress=progress, detok=target.decode))
-    else:
-        records = asyncio.run(run_workload(target.address, items, arrivals, token=target.token,
-                                           tls_ca=target.tls_ca, verbose=verbose, progress=progress,
-                                           detok=target.decode))
+    records = _drive(target, items, arrivals, verbose, progress)
     summary = summarize(records, slo)
     if slo is not None:
         summary["tightest_slo_scale"] = tightest_scale(records, slo)
@@ -132,6 +125,76 @@ def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: S
     if results:
         path = Path(results) / f"{target.model}-{Path(dataset).stem if dataset.startswith('file:') else dataset}" \
             / f"{target.mode}-{num_prompts}-{rate:g}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=_json_default))
+        out["path"] = str(path)
+    return out
+
+
+def _drive(target: Target, items: Sequence[Item], arrivals: Sequence[float], verbose: bool,
+           progress: bool) -> list[RequestRecord]:
+    """Send ``items`` at ``arrivals`` (seconds from the start) through the target's backend."""
+    if target.backend == "openai":
+        from bench.driver import run_workload_openai
+
+        return asyncio.run(run_workload_openai(target.base_url, target.model, items, arrivals, token=target.token,
+                                               verbose=verbose, progress=progress, detok=target.decode))
+    return asyncio.run(run_workload(target.address, items, arrivals, token=target.token, tls_ca=target.tls_ca,
+                                    verbose=verbose, progress=progress, detok=target.decode))
+
+
+FILLER = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
+
+
+def trace_items(trace: Trace, encode: Callable[[str], Sequence[int]], max_len: int) -> list[Item]:
+    """Prompts of the trace's exact lengths: a filler text's token ids repeated and cut (a trace keeps
+    lengths, not text; what decides the timings is how many tokens, and the output length is forced by
+    ``max_tokens`` with ``ignore_eos``). Every request must fit the server's context."""
+    for i, r in enumerate(trace.requests):
+        if r.prompt_len + r.output_len > max_len:
+            n = sum(1 for q in trace.requests if q.prompt_len + q.output_len > max_len)
+            raise ValueError(f"{trace.path}: request {i} (arrival {r.arrival_s:g} s) needs {r.prompt_len} + "
+                             f"{r.output_len} tokens, over the server's context of {max_len} ({n} such requests)")
+    base = list(encode(FILLER))
+    if not base:
+        raise ValueError("the tokenizer gives no tokens for the filler text")
+    longest = max(r.prompt_len for r in trace.requests)
+    ids = base * (longest // len(base) + 1)
+    return [Item("", ids[:r.prompt_len], r.output_len) for r in trace.requests]
+
+
+def run_trace(target: Target, trace_path: str, slo: SLO | None, *, verbose: bool = False, progress: bool = True,
+              results: str | None = "bench/results") -> dict[str, Any]:
+    """Replay a recorded run against a live server: its arrivals and (prompt, output) lengths. Besides
+    the usual summary, ``trace_compare`` puts this server's strict summary (TTFT < target and TPOT <
+    target, as ``distllm simulate --trace`` counts) beside the trace's measurements, when it has them."""
+    from distllm_jax.placement.trace import read_trace, summarize as trace_summary
+
+    trace = read_trace(trace_path)
+    items = trace_items(trace, target.encode, target.max_len)
+    arrivals = [r.arrival_s for r in trace.requests]
+    records = _drive(target, items, arrivals, verbose, progress)
+    summary = summarize(records, slo)
+    span = arrivals[-1] - arrivals[0]
+    rate = (len(arrivals) - 1) / span if span > 0 else math.inf
+    out: dict[str, Any] = {
+        "config": {"backend": target.backend, "address": getattr(target, "base_url", target.address),
+                   "model": target.model, "mode": target.mode, "dataset": f"trace:{trace_path}", "trace": trace_path,
+                   "num_prompts": len(items), "rate": rate, "devices": target.devices, "engine": target.engine,
+                   "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}},
+        "summary": summary,
+    }
+    if slo is not None:
+        summary["tightest_slo_scale"] = tightest_scale(records, slo)
+        cmp = {"live": trace_summary([r.ttft for r in records], [r.tpot for r in records], (slo.ttft, slo.tpot)),
+               "trace": None}
+        if trace.measured:
+            cmp["trace"] = trace_summary([r.ttft_s for r in trace.requests], [r.tpot_s for r in trace.requests],
+                                         (slo.ttft, slo.tpot))
+        out["trace_compare"] = cmp
+    out["requests"] = [r.to_dict() for r in records]
+    if results:
+        path = Path(results) / f"{target.model}-trace" / f"{target.mode}-{trace.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=_json_default))
         out["path"] = str(path)

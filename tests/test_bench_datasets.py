@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bench.datasets import from_file, humaneval, iter_json_array, load, longbench_like, sharegpt, sharegpt_path
+from bench.datasets import (from_file, humaneval, iter_json_array, load, longbench_like, sharegpt, sharegpt_artifact,
+                            sharegpt_path)
 from distllm_jax.tokenizer import bundled_gpt2
 
 TOK = bundled_gpt2()
@@ -77,3 +78,51 @@ def test_cache(tmp_path):
     assert len(calls) > n  # another tokenizer, another cache entry
     with pytest.raises(ValueError, match="unknown dataset"):
         load("nope", enc, 1, 2048, cache_dir=tmp_path)
+
+
+def _conv(*turns):
+    return {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]}
+
+
+def test_sharegpt_artifact_prepares_as_distserve_does(tmp_path):
+    import random
+
+    words = lambda k, w="w": " ".join([w] * k)  # noqa: E731
+    convs = [_conv("a b c d", "e f g h"),  # 2 turns: skipped, draws nothing
+             _conv(words(5, "p"), words(6, "q"), words(7, "r"), words(8, "s"), words(9, "t")),
+             _conv(words(3, "u"), words(4, "v"), words(2, "x")),
+             _conv(words(2100), words(300), words(400), words(200)),  # long: prompt + output >= 2048 whatever k is
+             _conv("", "", "")]  # prompt < 4 and output < 4 tokens (BOS included): dropped
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(convs))
+    toks = lambda s: [len(t) for t in s.split()]  # noqa: E731  one token a word, no BOS of its own
+    w = sharegpt_artifact(toks, 100, 4096, path=path)
+    rng = random.Random(0)  # the script's random.seed(0): one randint per conversation of >= 3 turns
+    ks = [rng.randint(1, min(len(c["conversations"]) - 1, 1000)) for c in convs[1:]]
+    want = []
+    for c, k in zip(convs[1:3], ks):
+        turns = [t["value"] for t in c["conversations"]]
+        want.append(("\n".join(turns[:k]), 1 + sum(len(t.split()) for t in turns[:k]), 1 + len(turns[k].split())))
+    got = sorted((i.prompt, i.prompt_len, i.output_len) for i in w.items)
+    assert got == sorted(want) and w.source_records == 5
+    assert all(i.prompt_ids[0] == 2 for i in w.items)  # OPT's BOS, prepended and counted
+    assert sharegpt_artifact(toks, 100, 4096, path=path, seed=5).items != [] and \
+        [i.prompt for i in sharegpt_artifact(toks, 100, 4096, path=path).items] == [i.prompt for i in w.items]
+    assert len(sharegpt_artifact(toks, 1, 4096, path=path).items) == 1
+    assert sharegpt_artifact(toks, 100, 10, path=path).items == []  # nothing fits a 10-token context
+    with_bos = lambda s: [2, *toks(s)]  # noqa: E731  a tokenizer that adds its own BOS: not added twice
+    assert sorted((i.prompt_len, i.output_len) for i in sharegpt_artifact(with_bos, 100, 4096, path=path).items) == \
+        sorted((p, o) for _, p, o in want)
+
+
+def test_sharegpt_artifact_on_the_packaged_file():
+    w = sharegpt_artifact(enc, 10**6, 2048, records=400)
+    s = w.stats()
+    print(s)
+    assert w.source_records == 400 and 150 < len(w.items) < 400
+    assert all(i.prompt_len + i.output_len < 2048 and (i.prompt_len >= 4 or i.output_len >= 4) for i in w.items)
+    assert all(i.prompt_ids == [2, *enc(i.prompt)] for i in w.items[:20])
+    assert 700 < s["prompt_mean"] < 850  # multi-turn prompts (the artifact's ~770), not first turns (~110)
+    again = sharegpt_artifact(enc, 50, 2048, records=400)
+    assert [i.prompt_ids for i in again.items] == [i.prompt_ids for i in sharegpt_artifact(enc, 50, 2048, records=400).items]
+    assert {i.prompt for i in again.items} <= {i.prompt for i in w.items}

@@ -55,6 +55,30 @@ def test_goodput_bisects_against_the_server(server, tmp_path, capsys):
     assert "goodput 0 req/s" in capsys.readouterr().out
 
 
+def test_run_replays_a_trace(server, tmp_path, capsys):
+    rows = [{"arrival_s": 0.05 * i, "prompt_len": 9 + 7 * i, "output_len": 3 + i, "ttft_s": 0.1, "tpot_s": 0.01}
+            for i in range(5)]
+    trace = tmp_path / "vllm-5-20.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in reversed(rows)) + "\n")  # read sorted by arrival
+    rc = main(["bench", "run", "--address", server.address, "--trace", str(trace), "--slo", "5,1",
+               "--results", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TTFT ms mean/p50/p90/p99" in out and "trace  attainment 100.0% (strict)" in out and "live   attainment" in out
+    run = json.loads((tmp_path / "tiny-opt-test-trace" / "colocated-vllm-5-20.json").read_text())
+    assert run["config"]["trace"] == str(trace) and run["config"]["num_prompts"] == 5
+    assert run["summary"]["completed"] == 5 and run["summary"]["errors"] == 0
+    for r, want in zip(run["requests"], rows):  # the trace's arrivals and exact lengths
+        assert r["arrival"] == pytest.approx(want["arrival_s"]) and r["prompt_len"] == want["prompt_len"]
+        assert r["output_tokens"] == want["output_len"] and r["finish_reason"] == "length"
+    assert run["trace_compare"]["trace"]["attainment_pct"] == 100.0 and run["trace_compare"]["live"]["ttft_p50_s"] > 0
+
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"arrival_s": 0, "prompt_len": 120, "output_len": 20}) + "\n")
+    assert main(["bench", "run", "--address", server.address, "--trace", str(long), "--results", ""]) == 2
+    assert "needs 120 + 20 tokens, over the server's context of 128" in capsys.readouterr().err
+
+
 def test_unreachable_server_is_a_clear_error(capsys):
     assert main(["bench", "run", "--address", "127.0.0.1:1"]) == 2
     assert "cannot reach a distllm server" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -23,15 +22,19 @@ def _workload(args) -> list[tuple[int, int]]:
     return [(i.prompt_len, i.output_len) for i in w.items]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, system_limits: bool = False) -> None:
+    """Flags of ``simulate`` and ``place``. ``system_limits``: the batch limits default to the chosen
+    system's (``simulate --system``; None here) instead of this engine's 512 / 256."""
     p.add_argument("--profile", default="a100-opt-13b", help="shipped profile name or a JSON from `distllm profile`")
     p.add_argument("--dataset", default="sharegpt")
     p.add_argument("--num-prompts", type=int, default=1000, help="workload size (lengths drawn from the dataset)")
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--slo", default="opt-13b-sharegpt-ablation")
+    p.add_argument("--slo", default="opt-13b-sharegpt-ablation", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill-token-budget", type=int, default=512)
-    p.add_argument("--max-decode-batch", type=int, default=256)
+    p.add_argument("--prefill-token-budget", type=int, default=None if system_limits else 512,
+                   help="prompt tokens per prefill batch (default: the system's; 512 for distllm)")
+    p.add_argument("--max-decode-batch", type=int, default=None if system_limits else 256,
+                   help="sequences per decode batch (default: the system's; 256 for distllm)")
 
 
 def _par(spec: str):
@@ -48,34 +51,67 @@ def _par(spec: str):
     return tuple(out)
 
 
+def _sim_config(args):
+    """The SimConfig of ``--system`` on the layout flags; flags given explicitly win over the preset."""
+    from distllm_jax.placement.systems import SYSTEMS, system_config
+
+    system = SYSTEMS[args.system]
+    mode = args.mode or system.mode or "disaggregated"
+    layout = (dict(prefill=_par(args.prefill), decode=_par(args.decode)) if mode == "disaggregated"
+              else dict(colocated=_par(args.colocated)))
+    given = {"prefill_token_budget": args.prefill_token_budget, "max_decode_batch": args.max_decode_batch,
+             "transfer_gbps": args.transfer_gbps, "admission_s": None if args.admission_ms is None else args.admission_ms / 1e3,
+             "step_overhead_s": None if args.step_overhead_ms is None else args.step_overhead_ms / 1e3,
+             "host_contention": args.host_contention, "host_contention_decode": args.host_contention_decode}
+    return system_config(args.system, mode, **layout, **{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_simulate(args) -> int:
     from bench.slo import resolve
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import sim_attainment, workload_from
-    from distllm_jax.placement.simulator import SimConfig
 
     if args.ablation:
         from distllm_jax.placement.ablation import run_ablation
 
+        # the ablation searches this engine's policies (its own flags' defaults)
+        args.prefill_token_budget = args.prefill_token_budget or 512
+        args.max_decode_batch = args.max_decode_batch or 256
         return run_ablation(args)
     prof = load_profile(args.profile)
     slo = resolve(args.slo)
+    cfg = _sim_config(args)
+    if args.trace:
+        return _simulate_trace(args, prof, cfg, (slo.ttft, slo.tpot))
     wl = workload_from(_workload(args), args.num_prompts, args.seed)
-    if args.mode == "disaggregated":
-        cfg = SimConfig("disaggregated", prefill=_par(args.prefill), decode=_par(args.decode),
-                        prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
-                        transfer_gbps=args.transfer_gbps)
-    else:
-        cfg = SimConfig(args.mode, colocated=_par(args.colocated), prefill_token_budget=args.prefill_token_budget,
-                        max_decode_batch=args.max_decode_batch)
-    cfg = dataclasses.replace(cfg, admission_s=args.admission_ms / 1e3, step_overhead_s=args.step_overhead_ms / 1e3,
-                              host_contention=args.host_contention,
-                              host_contention_decode=args.host_contention_decode)
     print(f"{prof.model} on {prof.device}, {cfg.mode} on {cfg.gpus} GPUs, SLO ({slo.ttft}s, {slo.tpot}s)")
     print(f"{'rate':>8}{'per GPU':>9}{'attain':>9}")
     for r in [float(x) for x in args.rates.split(",")]:
         a = sim_attainment(prof, cfg, wl, r, (slo.ttft, slo.tpot))
         print(f"{r:>8g}{r / cfg.gpus:>9.3g}{100 * a:>8.1f}%")
+    return 0
+
+
+def _simulate_trace(args, prof, cfg, slo: tuple[float, float]) -> int:
+    """Replay a recorded run's arrivals and lengths; print the simulated summary beside the measured."""
+    from distllm_jax.placement.trace import compare, read_trace
+
+    trace = read_trace(args.trace)
+    res = compare(trace, prof, cfg, slo)
+    layout = " + ".join(f"{len(v)}x tp{v[0].tp}pp{v[0].pp}" for v in
+                        ((cfg.prefill, cfg.decode) if cfg.mode == "disaggregated" else (cfg.colocated,)))
+    print(f"{trace.name}: {res['requests']} requests, {args.system} ({cfg.mode} {layout}) on {prof.model} "
+          f"({args.profile}), SLO ({slo[0]}s, {slo[1]}s)")
+    print(f"{'':<8}{'attain':>8}{'TTFT p50':>10}{'p90':>8}{'TPOT p50':>10}{'p90':>8}   (ms)")
+    for k in ("sim", "trace"):
+        s = res[k]
+        if s is None:
+            print(f"{k:<8}  (no measurements in the trace)")
+            continue
+        print(f"{k:<8}{s['attainment_pct']:>7.1f}%{1e3 * s['ttft_p50_s']:>10.1f}{1e3 * s['ttft_p90_s']:>8.1f}"
+              f"{1e3 * s['tpot_p50_s']:>10.1f}{1e3 * s['tpot_p90_s']:>8.1f}")
+    if args.json:
+        print(json.dumps(res))
     return 0
 
 
@@ -136,18 +172,25 @@ def cmd_profile(args) -> int:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("simulate", help="simulate a configuration over a workload at several rates")
-    _common(s)
-    s.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated", "chunked"])
+    from distllm_jax.placement.systems import SYSTEMS
+
+    s = sub.add_parser("simulate", help="simulate a configuration over a workload at several rates, or replay a trace")
+    _common(s, system_limits=True)
+    s.add_argument("--system", default="distllm", choices=list(SYSTEMS),
+                   help="the serving system's policies and limits (distllm_jax/placement/systems.py)")
+    s.add_argument("--trace", help="replay a recorded run (JSON Lines or DistServe .exp) instead of --rates")
+    s.add_argument("--json", action="store_true", help="with --trace: one JSON summary on the last line")
+    s.add_argument("--mode", default=None, choices=["disaggregated", "colocated", "chunked"],
+                   help="serving mode (default: the system's; disaggregated for distllm)")
     s.add_argument("--prefill", default="1xtp1p1", help="instances, e.g. 2xtp2p1 (count x tp p pp)")
     s.add_argument("--decode", default="1xtp1p1")
     s.add_argument("--colocated", default="1xtp1p1")
-    s.add_argument("--transfer-gbps", type=float, default=100.0)
+    s.add_argument("--transfer-gbps", type=float, default=None, help="KV transfer GB/s (default 100)")
     s.add_argument("--rates", default="0.5,1,2,4")
-    s.add_argument("--admission-ms", type=float, default=0.0, help="host time before a request can be scheduled")
-    s.add_argument("--step-overhead-ms", type=float, default=0.0, help="host bookkeeping added to every step")
-    s.add_argument("--host-contention", type=float, default=1.0,
-                   help="slowdown of prefill steps that overlap others on a shared host (virtual CPU devices; 1 on GPUs)")
+    s.add_argument("--admission-ms", type=float, default=None, help="host time before a request can be scheduled (default 0)")
+    s.add_argument("--step-overhead-ms", type=float, default=None, help="host bookkeeping added to every step (default 0)")
+    s.add_argument("--host-contention", type=float, default=None,
+                   help="slowdown of prefill steps that overlap others on a shared host (virtual CPU devices; default 1, GPUs)")
     s.add_argument("--host-contention-decode", type=float, default=None,
                    help="the same for decode steps (default: --host-contention)")
     s.add_argument("--ablation", action="store_true", help="the paper's Figure 11 (OPT-13B, ShareGPT) instead")
