@@ -71,6 +71,8 @@ def cmd_simulate(args) -> int:
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import sim_attainment, workload_from
 
+    if args.dataset is None:
+        args.dataset = "sharegpt-artifact" if args.ablation else "sharegpt"
     if args.ablation:
         from distllm_jax.placement.ablation import run_ablation
 
@@ -172,6 +174,7 @@ def cmd_profile(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from distllm_jax.placement.ablation import add_arguments as add_ablation_arguments
     from distllm_jax.placement.systems import SYSTEMS
 
     s = sub.add_parser("simulate", help="simulate a configuration over a workload at several rates, or replay a trace")
@@ -193,8 +196,11 @@ def add_commands(sub) -> None:
                    help="slowdown of prefill steps that overlap others on a shared host (virtual CPU devices; default 1, GPUs)")
     s.add_argument("--host-contention-decode", type=float, default=None,
                    help="the same for decode steps (default: --host-contention)")
-    s.add_argument("--ablation", action="store_true", help="the paper's Figure 11 (OPT-13B, ShareGPT) instead")
+    s.add_argument("--ablation", action="store_true",
+                   help="the paper's Figure 11 (OPT-13B, ShareGPT) as DistServe's artifact runs it, instead")
     s.add_argument("--out-dir", default="bench/results/figure11")
+    add_ablation_arguments(s)
+    s.set_defaults(dataset=None)  # sharegpt, or sharegpt-artifact with --ablation (cmd_simulate)
     s.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("place", help="search the placement (the paper's Algorithms 1 and 2) and write a plan")
