@@ -122,21 +122,26 @@ def test_system_presets():
 
 
 def test_vllm_profiles_carry_distserve_numbers():
+    """vLLM's fitted A100 model with the camera-ready simulator's factors (prefill x1.4 + 1 ms x pp,
+    decode x1.2), and the KV capacity DistServe's memory profiler measured at 0.95 utilisation."""
     p13, base = load_profile("a100-opt-13b-vllm"), load_profile("a100-opt-13b")
-    assert sorted(p13.fits) == [1, 2, 4] and sorted(load_profile("a100-opt-66b-vllm").fits) == [2, 3, 4]
+    assert sorted(p13.fits) == [1, 2, 4] and sorted(load_profile("a100-opt-66b-vllm").fits) == [2, 3, 4, 8]
     f = p13.fit(1)
-    assert f.prefill == pytest.approx(tuple(1.2 * x for x in (15.751574849507277, 0.10036374192949256, 5.76898915900792e-06)))
-    assert f.decode_large == (16.8386301447433, 0.00040897725301957885, 0.10000261546561776)
-    assert f.overhead == (2.0, 0.0001) and f.threshold == 95
+    assert f.prefill == pytest.approx(tuple(1.4 * x for x in (15.751574849507277, 0.10036374192949256, 5.76898915900792e-06)))
+    assert f.decode_large == pytest.approx(tuple(1.2 * x for x in (16.8386301447433, 0.00040897725301957885, 0.10000261546561776)))
+    assert f.overhead == (2.0, 0.0001) and f.threshold == 95 and f.prefill_hop_ms == 1.0
     assert (p13.params_bytes, p13.kv_bytes_per_token) == (base.params_bytes, base.kv_bytes_per_token)
+    assert p13.kv_token_capacity(1, 1, 0.95) == base.kv_token_capacity(1, 1, 0.95) == 66144
+    assert base.kv_token_capacity(1, 1) == 56518  # other utilisations: from the weights
     p66, b66 = load_profile("a100-opt-66b-vllm"), load_profile("a100-opt-66b")
     assert (p66.params_bytes, p66.kv_bytes_per_token, p66.num_layers) == (b66.params_bytes, b66.kv_bytes_per_token, 64)
     raw = json.loads((PROFILES / "a100-opt-66b-vllm.json").read_text())
     for tp, fit in raw["fits"].items():  # every number traced back to the file it came from
         src = raw["source_coefficients"]["fits"][tp]
-        assert fit["prefill"] == pytest.approx([1.2 * x for x in src["prefill"]])
-        assert fit["decode_small"] == src["decoding_smallbs"] and fit["decode_large"] == src["decoding_largebs"]
-    assert "profiler-a100-80g.vllm.json" in p13.source and "1.2" in p13.source
+        assert fit["prefill"] == pytest.approx([1.4 * x for x in src["prefill"]])
+        assert fit["decode_small"] == pytest.approx([1.2 * x for x in src["decoding_smallbs"]])
+        assert fit["decode_large"] == pytest.approx([1.2 * x for x in src["decoding_largebs"]])
+    assert "profiler-a100-80g.vllm.json" in p13.source and "1.4" in p13.source and "camera-ready" in p13.source
 
 
 def test_cli_simulate_trace_json(tmp_path, capsys):

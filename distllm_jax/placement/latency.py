@@ -31,13 +31,15 @@ class Fit:
     decode_large: tuple[float, float, float]
     threshold: int = 95
     overhead: tuple[float, float] = (0.0, 0.0)  # ms per step + ms per context token (first stage)
+    # ms per pipeline stage added to every prefill stage (DistServe's simulator: pp_const = 1 ms x pp)
+    prefill_hop_ms: float = 0.0
 
     def prefill_ms(self, lengths: Sequence[int], pp: int = 1) -> float:
         """One stage's time for a prefill batch (a request sees ``pp`` of these)."""
         a, b, c = self.prefill
         s1 = float(sum(lengths))
         s2 = float(sum(n * n for n in lengths))
-        return (a + b * s1 + c * s2) / pp + self.overhead[0] + self.overhead[1] * s1
+        return (a + b * s1 + c * s2) / pp + self.prefill_hop_ms * pp + self.overhead[0] + self.overhead[1] * s1
 
     def decode_ms(self, batch: int, total_ctx: int, pp: int = 1) -> float:
         """One stage's time for a decode step over ``batch`` sequences with Σ(ctx+1) = ``total_ctx``."""
@@ -50,7 +52,7 @@ class Fit:
     @classmethod
     def from_dict(cls, d: dict) -> "Fit":
         return cls(tuple(d["prefill"]), tuple(d["decode_small"]), tuple(d["decode_large"]),
-                   int(d.get("threshold", 95)), tuple(d.get("overhead", (0.0, 0.0))))
+                   int(d.get("threshold", 95)), tuple(d.get("overhead", (0.0, 0.0))), float(d.get("prefill_hop_ms", 0.0)))
 
 
 @dataclasses.dataclass
@@ -65,6 +67,11 @@ class Profile:
     gpu_memory_bytes: float
     num_layers: int
     source: str = ""
+    # KV tokens an instance held as measured by a real system's memory profiler, by "tp{T}pp{P}", at
+    # kv_measured_utilisation of GPU memory (what a weights-only estimate misses: activations, the
+    # allocator, the real capacity of an "80 GB" card)
+    kv_tokens_measured: dict[str, int] = dataclasses.field(default_factory=dict)
+    kv_measured_utilisation: float | None = None
 
     def fit(self, tp: int) -> Fit:
         if tp not in self.fits:
@@ -76,7 +83,11 @@ class Profile:
         return self.params_bytes / (tp * pp) <= weights_share * self.gpu_memory_bytes
 
     def kv_token_capacity(self, tp: int, pp: int, utilisation: float = 0.9) -> int:
-        """Tokens of KV one instance can hold (every device of it: tp·pp devices)."""
+        """Tokens of KV one instance can hold (every device of it: tp·pp devices): the measured count
+        where the profile has one at this utilisation, else what the weights leave of that share."""
+        measured = self.kv_tokens_measured.get(f"tp{tp}pp{pp}")
+        if measured is not None and self.kv_measured_utilisation == utilisation:
+            return measured
         free = utilisation * self.gpu_memory_bytes * tp * pp - self.params_bytes
         return max(0, int(free / self.kv_bytes_per_token))
 

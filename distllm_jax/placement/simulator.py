@@ -25,7 +25,7 @@ import itertools
 from typing import NamedTuple, Sequence
 
 from distllm_jax.placement.latency import Profile
-from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
+from distllm_jax.scheduling import (Admission, ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
                                     PrefillPlan, PrefillScheduler, Queues, RequestState, release)
 from distllm_jax.scheduling.pages import PageAllocator
 
@@ -58,6 +58,10 @@ class SimConfig:
     transfer_gbps: float = 100.0  # GB/s between a prefill and a decode instance (0: free)
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
     kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
+    memory_utilization: float = 0.9  # the share of GPU memory weights and KV may use (vLLM's flag)
+    # how a decode instance admits pulls (distllm_jax.scheduling.Admission): "reserve" the whole length
+    # (this engine), or "on-demand" with swap-outs when the pool runs short (DistServe; swaps untimed)
+    decode_admission: str = "reserve"
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
     # host bookkeeping an engine adds to every step beyond its program (scheduling, streaming)
     step_overhead_s: float = 0.0
@@ -100,7 +104,9 @@ class SimConfig:
         return (t + (b * (dec_ctx + sum(s for s, _ in chunks)) + c * n_dec) / pp) / 1e3
 
     def capacity(self, profile: Profile, par: Par) -> int:
-        return self.kv_tokens if self.kv_tokens is not None else profile.kv_token_capacity(par.tp, par.pp)
+        if self.kv_tokens is not None:
+            return self.kv_tokens
+        return profile.kv_token_capacity(par.tp, par.pp, self.memory_utilization)
 
     def contended(self, now: float, seconds: float, others_end: float) -> float:
         """A step's time when other instances on the same host run until ``others_end``."""
@@ -325,7 +331,8 @@ class _Disaggregated:
         self.d_slots = [sim._slot(f"decode-{j}", "decode", p) for j, p in enumerate(cfg.decode)]
         self.p_sched = [PrefillScheduler(self.q, s, cfg.prefill_token_budget) for s in self.p_slots]
         self.d_sched: list[DecodeScheduler] = []
-        self.d_sched += [DecodeScheduler(self.q, s, self.d_sched) for s in self.d_slots]
+        admission = Admission(cfg.decode_admission)
+        self.d_sched += [DecodeScheduler(self.q, s, self.d_sched, admission=admission) for s in self.d_slots]
         # requests of the decode phase alone arrive prefilled, their KV on a source without limits
         self.source = (SimSlot("source", "prefill", _Unbounded(cfg.page_size), cfg.max_decode_batch,
                                cfg.max_prefill_seqs, cfg.page_size) if cfg.phase == "decode" else None)

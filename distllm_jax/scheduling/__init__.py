@@ -9,11 +9,11 @@ from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Scheduler
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan, PullPlan, StepKind
 from distllm_jax.scheduling.state import RequestState, Queues, release
 from distllm_jax.scheduling.prefill import PrefillScheduler, take_prompts
-from distllm_jax.scheduling.decode import DecodeScheduler
+from distllm_jax.scheduling.decode import Admission, DecodeScheduler
 from distllm_jax.scheduling.colocated import ChunkedScheduler, ColocatedScheduler
 
 __all__ = [
-    "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "MixedPlan", "MixedRow",
+    "Admission", "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "MixedPlan", "MixedRow",
     "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues", "RequestState", "SchedRequest",
     "Scheduler", "Slot", "Stamps", "StepKind", "release", "take_prompts",
 ]

@@ -15,6 +15,7 @@ class RequestState(enum.Enum):
     HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
     MIGRATING = "migrating"
     RUNNING = "running"  # in a decode batch
+    SWAPPED = "swapped"  # taken out of a decode batch that ran out of pages; its KV off the pool
     DONE = "done"
 
 
