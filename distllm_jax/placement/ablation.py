@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from distllm_jax.placement.latency import Profile
+from distllm_jax.placement.latency import PROFILES, Profile
+from distllm_jax.placement.systems import system_overrides
 from distllm_jax.placement.simulator import Par, SimConfig, simulate
 
 DEGREES = (1, 2, 4, 8)  # the artifact's --tp-prefill/--pp-prefill/--tp-decode/--pp-decode lists
@@ -239,24 +240,33 @@ def pick(runner: Runner, candidates: Sequence[Layout], brackets: dict[Layout, tu
 
 
 def run(profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec,
-        sim: dict[str, object]) -> dict:
-    """The four systems' layouts, per-GPU goodputs and curves, and every layout tried, as JSON-able data."""
+        sim: dict[str, object], colocated_profile: Profile | None = None,
+        colocated_sim: dict[str, object] | None = None) -> dict:
+    """The four systems' layouts, per-GPU goodputs and curves, and every layout tried, as JSON-able data.
+
+    ``profile``/``sim``: how the disaggregated layouts run (DistServe's engine: its latency model and
+    its policies as SimConfig fields); ``colocated_profile``/``colocated_sim``: how the colocated ones
+    run (vLLM's), as the artifact simulates each system with its own engine type (default: the same)."""
     if spec.pick not in PICKS:
         raise ValueError(f"pick must be one of {PICKS}, got {spec.pick!r}")
     t0 = time.time()
-    runner = Runner(profile, lengths, spec, sim)
-    disagg, coloc = layouts(profile, spec.total_gpus)
+    co_prof = colocated_profile or profile
+    runners = {"disaggregated": Runner(profile, lengths, spec, sim),
+               "colocated": Runner(co_prof, lengths, spec, sim if colocated_sim is None else colocated_sim)}
+    disagg, _ = layouts(profile, spec.total_gpus)
+    _, coloc = layouts(co_prof, spec.total_gpus)
     if not disagg or not coloc:
         raise ValueError(f"{profile.model}: no layout fits in {spec.total_gpus} GPUs")
     candidates = {
         "DistServe-High": disagg,
         "DistServe-Low": [l for l in disagg if low_affinity(l, spec.nodes, spec.gpus_per_node)],
         "vLLM++": coloc,
-        "vLLM": [vllm_layout(profile, coloc)],
+        "vLLM": [vllm_layout(co_prof, coloc)],
     }
     brackets: dict[Layout, tuple[float, float]] = {}
     systems = {}
     for name in SYSTEMS:
+        runner = runners["disaggregated" if name.startswith("DistServe") else "colocated"]
         best = pick(runner, candidates[name], brackets)
         lo, hi = brackets.get(best) or grid_bracket(lambda r: runner.attainment(best, r), spec.per_gpu_rates,
                                                     spec.target, spec.max_per_gpu_rate)
@@ -275,11 +285,11 @@ def run(profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec
             "candidates": len(candidates[name]),
         }
     tried = {l.name: {"gpus": l.gpus, "low_affinity": low_affinity(l, spec.nodes, spec.gpus_per_node),
-                      "attainment_by_per_gpu_rate": runner.simulated(l),
+                      "attainment_by_per_gpu_rate": runners["disaggregated" if l.disaggregated else "colocated"].simulated(l),
                       **({"per_gpu_goodput_bracket": list(brackets[l])} if l in brackets else {})}
              for l in disagg + coloc}
     return {"profile": profile.model, "device": profile.device, "spec": dataclasses.asdict(spec),
-            "systems": systems, "layouts": tried, "simulations": runner.simulations,
+            "systems": systems, "layouts": tried, "simulations": sum(r.simulations for r in runners.values()),
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -326,6 +336,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "plot script does (highest attainment at the highest rate)")
     p.add_argument("--requests-per-gpu", type=int, default=100,
                    help="ablation: requests per GPU of a layout (the artifact's base_N)")
+    p.add_argument("--disaggregated-system", default="distserve",
+                   help="ablation: the system whose policies the DistServe layouts run (distllm for this engine's)")
+    p.add_argument("--colocated-system", default="vllm",
+                   help="ablation: the system whose policies the vLLM layouts run")
+    p.add_argument("--colocated-profile", default=None,
+                   help="ablation: latency profile of the vLLM layouts (default: <--profile>-vllm where shipped, "
+                        "as the artifact times vLLM with vLLM's own fit)")
 
 
 def run_ablation(args: argparse.Namespace) -> int:
@@ -335,6 +352,9 @@ def run_ablation(args: argparse.Namespace) -> int:
     from distllm_jax.placement.latency import load_profile
 
     prof = load_profile(args.profile)
+    co_name = args.colocated_profile or (f"{args.profile}-vllm" if (PROFILES / f"{args.profile}-vllm.json").exists()
+                                         else args.profile)
+    co_prof = load_profile(co_name)
     slo = resolve(args.slo)
     spec = AblationSpec(total_gpus=args.gpus, requests_per_gpu=args.requests_per_gpu, slo=(slo.ttft, slo.tpot),
                         pick=args.pick, seed=args.seed)
@@ -346,19 +366,25 @@ def run_ablation(args: argparse.Namespace) -> int:
             raise SystemExit(f"{e}\n(sharegpt-artifact is DistServe's own ShareGPT preparation; until "
                              "bench/datasets.py has it, pass --dataset sharegpt or --dataset file:PATH)")
         raise
-    sim = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
-               transfer_gbps=args.transfer_gbps)
-    result = run(prof, lengths, spec, sim)
+    given = {k: v for k, v in (("prefill_token_budget", args.prefill_token_budget),
+                               ("max_decode_batch", args.max_decode_batch)) if v is not None}
+    sim = {**system_overrides(args.disaggregated_system, "disaggregated"), **given,
+           "transfer_gbps": 100.0 if args.transfer_gbps is None else args.transfer_gbps}
+    co_sim = {**system_overrides(args.colocated_system, "colocated"), **given}
+    result = run(prof, lengths, spec, sim, co_prof, co_sim)
     result.update(dataset=args.dataset, requests_in_pool=len(lengths),
                   mean_prompt_len=float(np.mean([p for p, _ in lengths])),
-                  mean_output_len=float(np.mean([o for _, o in lengths])), sim=sim,
+                  mean_output_len=float(np.mean([o for _, o in lengths])), sim=sim, colocated_sim=co_sim,
+                  systems_run={"DistServe": [args.disaggregated_system, args.profile],
+                               "vLLM": [args.colocated_system, co_name]},
                   seconds_with_workload=round(time.time() - t0, 1))
     out = Path(args.out_dir)
     stem = "figure11" if spec.total_gpus == 4 else f"figure11-{spec.total_gpus}gpu"
     plot(result, out / f"{stem}.png",
          f"{prof.model}, {args.dataset} (mean prompt {result['mean_prompt_len']:.0f}, output "
          f"{result['mean_output_len']:.0f}), SLO ({slo.ttft}s, {slo.tpot}s), {spec.total_gpus} GPUs, "
-         f"simulated from the {prof.device} profile; x: goodput at 90 %")
+         f"{prof.device}: DistServe as {args.disaggregated_system} ({args.profile}), vLLM as "
+         f"{args.colocated_system} ({co_name}); x: goodput at 90 %")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     rates = spec.per_gpu_rates
     print(f"{'system':<16}{'layout':<20}{'goodput/GPU':>12}{'grid':>6}" + "".join(f"{f'@{r:g}':>7}" for r in rates))

@@ -76,10 +76,7 @@ def cmd_simulate(args) -> int:
     if args.ablation:
         from distllm_jax.placement.ablation import run_ablation
 
-        # the ablation searches this engine's policies (its own flags' defaults)
-        args.prefill_token_budget = args.prefill_token_budget or 512
-        args.max_decode_batch = args.max_decode_batch or 256
-        return run_ablation(args)
+        return run_ablation(args)  # each system with its own policies (flags given override them)
     prof = load_profile(args.profile)
     slo = resolve(args.slo)
     cfg = _sim_config(args)

@@ -125,18 +125,24 @@ class DistServe(System):
 SYSTEMS: dict[str, type[System]] = {s.name: s for s in (DistLLM, VLLM, VLLMDefaults, DistServe)}
 
 
-def system_config(name: str, mode: str | None = None, *, prefill: tuple[Par, ...] | None = None,
-                  decode: tuple[Par, ...] | None = None, colocated: tuple[Par, ...] | None = None,
-                  **overrides: Any) -> SimConfig:
-    """The SimConfig of system ``name`` on a layout: the system's fields over SimConfig's defaults,
-    then ``overrides`` (explicit settings win over the preset). ``mode`` defaults to the system's own;
-    asking a bound system for another mode is an error (vLLM does not disaggregate)."""
+def system_overrides(name: str, mode: str | None = None) -> dict[str, Any]:
+    """System ``name``'s SimConfig fields; asking a bound system for another ``mode`` is an error
+    (vLLM does not disaggregate)."""
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}: one of {', '.join(SYSTEMS)}")
     system = SYSTEMS[name]()
     if system.mode is not None and mode is not None and mode != system.mode:
         raise ValueError(f"system {name!r} runs {system.mode}, not {mode}")
-    fields = system.overrides()
+    return system.overrides()
+
+
+def system_config(name: str, mode: str | None = None, *, prefill: tuple[Par, ...] | None = None,
+                  decode: tuple[Par, ...] | None = None, colocated: tuple[Par, ...] | None = None,
+                  **overrides: Any) -> SimConfig:
+    """The SimConfig of system ``name`` on a layout: the system's fields over SimConfig's defaults,
+    then ``overrides`` (explicit settings win over the preset). ``mode`` defaults to the system's own."""
+    fields = system_overrides(name, mode)
+    system = SYSTEMS[name]
     unknown = sorted(set(fields) - _SIM_FIELDS) + sorted(set(overrides) - _SIM_FIELDS)
     if unknown:
         raise ValueError(f"system {name!r}: not SimConfig fields: {unknown}")
