@@ -53,14 +53,26 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+def serve_arguments(args: argparse.Namespace) -> list[str]:
+    """``distllm serve``'s arguments: the checkpoint made absolute and checked before any server starts
+    (a bad path then fails in one line, not in each server's log)."""
+    if not args.checkpoint:
+        return list(args.serve_arg)
+    from distllm_jax.checkpoint import read_meta
+    from distllm_jax.checkpoint.paths import user_path
+
+    ckpt = user_path(args.checkpoint)
+    read_meta(ckpt)
+    return ["--checkpoint", str(ckpt), *args.serve_arg]
+
+
 def main(args: argparse.Namespace) -> int:
     from bench.plot import plot
     from bench.runs import Target, print_table, run_once
     from bench.slo import resolve
 
     slo = resolve(args.slo)
-    serve_args = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    serve_args += args.serve_arg
+    serve_args = serve_arguments(args)
     runs, dirs = [], set()
     for mode in args.modes.split(","):
         proc, address = start_server(mode, serve_args)
