@@ -99,12 +99,12 @@ def main(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="serve this checkpoint (default: the embedded default model)")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--dataset", default="sharegpt")
-    p.add_argument("--num-prompts", type=int, default=50)
+    p.add_argument("--modes", default=",".join(MODES), help="modes served in turn, comma list")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench | file:PATH")
+    p.add_argument("--num-prompts", type=int, default=50, help="requests per rate")
     p.add_argument("--rate", default="2", help="request rate (req/s); a comma list runs each against the same server")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="bench/results")
+    p.add_argument("--seed", type=int, default=0, help="seed for the workload sample and the arrivals")
+    p.add_argument("--results", default="bench/results", help="folder for the run files and the plot")
     p.add_argument("--quiet", action="store_true", help="do not print prompts and responses")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `distllm serve` (repeat)")
