@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.slo import SLO
+
 MODES = ("disaggregated", "colocated", "chunked")
 
 
@@ -68,7 +70,7 @@ def serve_arguments(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from bench.plot import plot
-    from bench.runs import Target, print_table, run_once
+    from bench.runs import Target, run_once
     from bench.slo import resolve
 
     slo = resolve(args.slo)
@@ -90,11 +92,21 @@ def main(args: argparse.Namespace) -> int:
             print(f"the {mode} server exited with {code}", file=sys.stderr)
             return 1
     print()
-    print_table(runs)
+    print_results(runs, slo, args.slo)
     png = Path(args.results) / f"kick-the-tires-{runs[0]['config']['model']}.png"
-    plot(sorted(dirs), slo, png)
+    plot(sorted(dirs), slo, png, per_gpu=False)  # the table's rates, not the rates per device
     print(f"wrote {png}")
     return 0
+
+
+def print_results(runs: list[dict], slo: SLO, slo_name: str) -> None:
+    """The closing table, and the SLO its attain column counts against (a bare percentage is meaningless
+    without it)."""
+    from bench.runs import print_table
+
+    print_table(runs)
+    print(f"attain: share of requests with TTFT <= {slo.ttft:g} s and TPOT <= {slo.tpot:g} s "
+          f"(--slo {slo_name}); rate: requests per second sent to the whole server")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
