@@ -30,7 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     gb = rep.bytes_written / 1e9
     print(
-        f"wrote {rep.out_dir}: {rep.config.family} {rep.config.param_count() / 1e6:.1f}M params, "
+        f"wrote {rep.out_dir}: {rep.config.family} {_si(rep.config.param_count())} params, "
         f"{rep.tensors} tensors, {gb:.3f} GB {rep.dtype} in {rep.seconds:.1f}s"
     )
     if rep.unused:

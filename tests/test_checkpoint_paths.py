@@ -40,6 +40,7 @@ def test_readme_checkpoint_example_runs_as_written(hf_checkpoints, tmp_path, mon
         assert main([*argv, "--quiet"] if argv[0] == "convert" else argv) == 0, line
     out = capsys.readouterr().out
     assert f"checkpoint   {work / 'ckpt' / 'my-model'}" in out
+    assert f"wrote {work / 'ckpt' / 'tiny'}: opt 6.77M params" in out
     # what `distllm serve --checkpoint ckpt/my-model` loads, from the same relative path
     import jax
 
