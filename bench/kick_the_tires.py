@@ -77,7 +77,11 @@ def main(args: argparse.Namespace) -> int:
     serve_args = serve_arguments(args)
     runs, dirs = [], set()
     for mode in args.modes.split(","):
-        proc, address = start_server(mode, serve_args)
+        try:
+            proc, address = start_server(mode, serve_args)
+        except (RuntimeError, TimeoutError) as e:  # the server's own output is already printed above
+            print(f"distllm bench kick-the-tires: error: {str(e).splitlines()[0].rstrip(':')}", file=sys.stderr)
+            return 1
         try:
             target = Target(address)
             for rate in (float(r) for r in str(args.rate).split(",")):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,14 @@ def test_kick_the_tires_resolves_the_checkpoint(tmp_path, monkeypatch, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "distllm bench: error:" in err and "not a distllm checkpoint" in err and "Traceback" not in err
+
+
+def test_kick_the_tires_reports_a_server_that_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_random(TINY, "ckpt/x", progress=False)
+    shutil.rmtree(tmp_path / "ckpt" / "x" / "params")  # the metadata reads, the weights do not
+    rc = main(["bench", "kick-the-tires", "--checkpoint", "ckpt/x", "--modes", "colocated",
+               "--results", str(tmp_path / "r"), "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "distllm bench kick-the-tires: error: the colocated server exited"
