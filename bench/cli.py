@@ -11,18 +11,20 @@ from pathlib import Path
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="distllm-grpc", choices=["distllm-grpc", "openai"])
+    p.add_argument("--backend", default="distllm-grpc", choices=["distllm-grpc", "openai"],
+                   help="distllm's gRPC API, or any OpenAI-compatible HTTP server")
     p.add_argument("--address", default="127.0.0.1:50051", help="gRPC address (distllm-grpc backend)")
     p.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (openai backend)")
     p.add_argument("--model", help="model name at --base-url (default: the first it serves)")
     p.add_argument("--devices", type=int, default=1, help="GPUs behind an openai-backend server (per-GPU rates)")
-    p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"))
-    p.add_argument("--tls-ca")
+    p.add_argument("--token", default=os.environ.get("DISTLLM_AUTH_TOKEN"),
+                   help="bearer token (default: env DISTLLM_AUTH_TOKEN, which keeps it out of `ps`)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server with")
     p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
     p.add_argument("--dataset", default="sharegpt", help="sharegpt | sharegpt-artifact | humaneval | longbench | file:PATH")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the workload sample and the arrivals")
     p.add_argument("--results", default="bench/results", help="folder for run files ('' to skip)")
     p.add_argument("--cache-dir", help="prepared-workload cache (default ~/.cache/distllm)")
 
@@ -127,33 +129,34 @@ def add_bench_commands(bsub) -> None:
 
     g = bsub.add_parser("goodput", help="bisect the highest rate with >= 90%% SLO attainment")
     _target_args(g)
-    g.add_argument("--num-prompts", type=int, default=200)
-    g.add_argument("--min-rate", type=float, default=0.5)
-    g.add_argument("--max-rate", type=float, default=16.0)
-    g.add_argument("--target", type=float, default=0.9)
+    g.add_argument("--num-prompts", type=int, default=200, help="requests per rate tried")
+    g.add_argument("--min-rate", type=float, default=0.5, help="lowest rate tried (req/s)")
+    g.add_argument("--max-rate", type=float, default=16.0, help="highest rate tried (req/s)")
+    g.add_argument("--target", type=float, default=0.9, help="SLO attainment the goodput must reach (0-1)")
     g.add_argument("--tolerance", type=float, default=0.05, help="relative width at which bisection stops")
     g.add_argument("--scale-rate", type=float, help="rate for the tightest-SLO-scale report (default: the goodput)")
     g.set_defaults(fn=_goodput)
 
     pl = bsub.add_parser("plot", help="attainment vs rate / SLO scale and the latency breakdown (PNG)")
     pl.add_argument("runs", nargs="+", help="run files or folders of them")
-    pl.add_argument("--slo", default="opt-13b-sharegpt")
-    pl.add_argument("--out", default="bench/results/attainment.png")
+    pl.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
+    pl.add_argument("--out", default="bench/results/attainment.png", help="PNG to write")
     pl.add_argument("--scale-rate", type=float, help="per-GPU rate for the SLO-scale panel")
     pl.set_defaults(fn=_plot)
 
     k = bsub.add_parser("kick-the-tires", help="all three modes, (50 prompts, 2 req/s) each, with a plot",
-                        description=kick_the_tires.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=kick_the_tires.__doc__)
     kick_the_tires.add_arguments(k)
     k.set_defaults(fn=kick_the_tires.main)
 
     e = bsub.add_parser("engine", help="engine micro-benchmark: prefill, decode steps, KV migration, e2e",
-                        description=engine_micro.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=engine_micro.__doc__)
     engine_micro.add_arguments(e)
     e.set_defaults(fn=engine_micro.main)
 
+    # the module's notes on running it on lent machines are for the project, not for --help
     mg = bsub.add_parser("multi-gpu", help="disaggregated vs colocated on one node: plan, sweep, breakdown, simcheck",
-                         description=multi_gpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=multi_gpu.__doc__.split("\nOn a lent ", 1)[0])
     multi_gpu.add_arguments(mg)
     mg.set_defaults(fn=multi_gpu.main)
 

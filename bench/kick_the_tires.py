@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.slo import SLO
+
 MODES = ("disaggregated", "colocated", "chunked")
 
 
@@ -53,17 +55,33 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+def serve_arguments(args: argparse.Namespace) -> list[str]:
+    """``distllm serve``'s arguments: the checkpoint made absolute and checked before any server starts
+    (a bad path then fails in one line, not in each server's log)."""
+    if not args.checkpoint:
+        return list(args.serve_arg)
+    from distllm_jax.checkpoint import read_meta
+    from distllm_jax.checkpoint.paths import user_path
+
+    ckpt = user_path(args.checkpoint)
+    read_meta(ckpt)
+    return ["--checkpoint", str(ckpt), *args.serve_arg]
+
+
 def main(args: argparse.Namespace) -> int:
     from bench.plot import plot
-    from bench.runs import Target, print_table, run_once
+    from bench.runs import Target, run_once
     from bench.slo import resolve
 
     slo = resolve(args.slo)
-    serve_args = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    serve_args += args.serve_arg
+    serve_args = serve_arguments(args)
     runs, dirs = [], set()
     for mode in args.modes.split(","):
-        proc, address = start_server(mode, serve_args)
+        try:
+            proc, address = start_server(mode, serve_args)
+        except (RuntimeError, TimeoutError) as e:  # the server's own output is already printed above
+            print(f"distllm bench kick-the-tires: error: {str(e).splitlines()[0].rstrip(':')}", file=sys.stderr)
+            return 1
         try:
             target = Target(address)
             for rate in (float(r) for r in str(args.rate).split(",")):
@@ -78,21 +96,31 @@ def main(args: argparse.Namespace) -> int:
             print(f"the {mode} server exited with {code}", file=sys.stderr)
             return 1
     print()
-    print_table(runs)
+    print_results(runs, slo, args.slo)
     png = Path(args.results) / f"kick-the-tires-{runs[0]['config']['model']}.png"
-    plot(sorted(dirs), slo, png)
+    plot(sorted(dirs), slo, png, per_gpu=False)  # the table's rates, not the rates per device
     print(f"wrote {png}")
     return 0
 
 
+def print_results(runs: list[dict], slo: SLO, slo_name: str) -> None:
+    """The closing table, and the SLO its attain column counts against (a bare percentage is meaningless
+    without it)."""
+    from bench.runs import print_table
+
+    print_table(runs)
+    print(f"attain: share of requests with TTFT <= {slo.ttft:g} s and TPOT <= {slo.tpot:g} s "
+          f"(--slo {slo_name}); rate: requests per second sent to the whole server")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="serve this checkpoint (default: the embedded default model)")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--dataset", default="sharegpt")
-    p.add_argument("--num-prompts", type=int, default=50)
+    p.add_argument("--modes", default=",".join(MODES), help="modes served in turn, comma list")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt | humaneval | longbench | file:PATH")
+    p.add_argument("--num-prompts", type=int, default=50, help="requests per rate")
     p.add_argument("--rate", default="2", help="request rate (req/s); a comma list runs each against the same server")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="bench/results")
+    p.add_argument("--seed", type=int, default=0, help="seed for the workload sample and the arrivals")
+    p.add_argument("--results", default="bench/results", help="folder for the run files and the plot")
     p.add_argument("--quiet", action="store_true", help="do not print prompts and responses")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `distllm serve` (repeat)")

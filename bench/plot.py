@@ -3,7 +3,6 @@ modes (Figures 8/9), and the latency breakdown (queueing, prefill, migration, de
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +42,43 @@ def breakdown(recs: Sequence[RequestRecord]) -> dict[str, float]:
     return {k: v / max(1, len(ok)) for k, v in parts.items()}
 
 
-def plot(paths: Sequence[Path], slo: SLO, out: Path, scale_rate: float | None = None) -> dict:
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def dodge(series: dict[str, tuple[Sequence[float], Sequence[float]]], tol: float = 1.0,
+          frac: float = 0.015) -> dict[str, list[float]]:
+    """x positions for drawing ``{mode: (xs, ys)}`` with points that coincide across modes (same x, y
+    within ``tol``) spread sideways by ``frac`` of the x range, so none hides another; every other point
+    keeps its x. The modes of a group are spread in name order, so a mode's offset is stable."""
+    out = {m: list(xs) for m, (xs, _) in series.items()}
+    all_x = [x for xs, _ in series.values() for x in xs]
+    if not all_x:
+        return out
+    step = frac * ((max(all_x) - min(all_x)) or max(abs(x) for x in all_x) or 1.0)
+    at: dict[float, list[tuple[float, str, int]]] = defaultdict(list)
+    for m, (xs, ys) in series.items():
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            at[x].append((y, m, i))
+    for x, pts in at.items():
+        groups: list[list[tuple[float, str, int]]] = []
+        for p in sorted(pts):
+            if groups and p[0] - groups[-1][-1][0] <= tol:
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        for g in groups:
+            if len({m for _, m, _ in g}) > 1:
+                for k, (_, m, i) in enumerate(sorted(g, key=lambda p: p[1])):
+                    out[m][i] = x + step * (k - (len(g) - 1) / 2)
+    return out
+
+
+def plot(paths: Sequence[Path], slo: SLO, out: Path, scale_rate: float | None = None,
+         per_gpu: bool = True) -> dict:
+    """Attainment vs rate, vs SLO scale (at ``scale_rate``, on the same x axis) and the latency breakdown,
+    saved as one PNG; returns the numbers drawn, per mode. ``per_gpu``: the x axis is the rate divided by
+    the devices the layout used (the paper's Figure 8), else the rate the client sent (as a run table
+    shows it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,23 +88,32 @@ def plot(paths: Sequence[Path], slo: SLO, out: Path, scale_rate: float | None = 
     if not by_mode:
         raise ValueError(f"no run files under {[str(p) for p in paths]}")
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
-    table = {}
+    unit = "req/s/GPU" if per_gpu else "req/s"
+    table, series, scale_runs = {}, {}, {}
     for mode, runs in sorted(by_mode.items()):
-        xs = [c["config"]["rate"] / max(1, c["config"]["devices"]) for c, _ in runs]
+        rates = [c["config"]["rate"] for c, _ in runs]
+        per = [c["config"]["rate"] / max(1, c["config"]["devices"]) for c, _ in runs]
+        xs = per if per_gpu else rates
         ys = [100 * attainment(r, slo) for _, r in runs]
-        a1.plot(xs, ys, marker="o", label=mode)
+        series[mode] = (xs, ys)
         target = scale_rate if scale_rate is not None else xs[len(xs) // 2]
         i = min(range(len(xs)), key=lambda j: abs(xs[j] - target))
-        scales = [0.25 * 1.25**k for k in range(20)]
-        a2.plot(scales, [100 * attainment(runs[i][1], slo, s) for s in scales], marker=".",
-                label=f"{mode} @ {xs[i]:g} req/s/GPU")
-        table[mode] = {"per_gpu_rate": xs, "attainment": ys, "breakdown": breakdown(runs[i][1])}
+        scale_runs[mode] = runs[i][1]
+        table[mode] = {"rate": rates, "per_gpu_rate": per, "attainment": ys, "breakdown": breakdown(runs[i][1]),
+                       "scale_at": xs[i]}
+    drawn = dodge(series)
+    for k, mode in enumerate(sorted(series)):
+        marker = MARKERS[k % len(MARKERS)]
+        a1.plot(drawn[mode], series[mode][1], marker=marker, mfc="none", label=mode)
+        scales = [0.25 * 1.25**j for j in range(20)]
+        a2.plot(scales, [100 * attainment(scale_runs[mode], slo, sc) for sc in scales], marker=marker, mfc="none",
+                markevery=2, label=f"{mode} @ {table[mode]['scale_at']:g} {unit}")
     for ax in (a1, a2):
         ax.axhline(90, color="grey", ls="--", lw=1)
         ax.set_ylabel("SLO attainment (%)")
         ax.set_ylim(0, 105)
         ax.legend()
-    a1.set_xlabel("rate per GPU (req/s)")
+    a1.set_xlabel(f"rate per GPU ({unit})" if per_gpu else f"request rate ({unit})")
     a1.set_title(f"attainment vs rate (TTFT {slo.ttft:g}s, TPOT {slo.tpot:g}s)")
     a2.set_xlabel("SLO scale")
     a2.set_xscale("log")
@@ -87,4 +131,4 @@ def plot(paths: Sequence[Path], slo: SLO, out: Path, scale_rate: float | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return {m: {k: v for k, v in t.items()} for m, t in table.items() if not math.isnan(0.0)}
+    return table

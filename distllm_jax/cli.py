@@ -1,4 +1,4 @@
-"""The ``distllm`` command line: one entry point, one subcommand per job."""
+"""The distllm command line: one entry point, one subcommand per job."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from distllm_jax.checkpoint.safetensors_reader import CheckpointError
-from distllm_jax.models.config import ConfigError
+from distllm_jax.models.config import ConfigError, ModelConfig
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     gb = rep.bytes_written / 1e9
     print(
-        f"wrote {rep.out_dir}: {rep.config.family} {rep.config.param_count() / 1e6:.1f}M params, "
+        f"wrote {rep.out_dir}: {rep.config.family} {_si(rep.config.param_count())} params, "
         f"{rep.tensors} tensors, {gb:.3f} GB {rep.dtype} in {rep.seconds:.1f}s"
     )
     if rep.unused:
@@ -40,54 +41,118 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from distllm_jax.checkpoint.orbax_store import read_meta
-    from distllm_jax.models.config import ModelConfig
     from distllm_jax.models.params import bytes_per_dtype
 
     meta = read_meta(args.ckpt)
     cfg = ModelConfig.from_dict(meta["model_config"])
     per_dtype = bytes_per_dtype({k: (tuple(v[0]), v[1]) for k, v in meta["tensors"].items()})
     n_params = sum(math.prod(v[0]) for v in meta["tensors"].values())
+    config = _shown_config(cfg, meta["tensors"])
     if args.json:
-        print(json.dumps({"config": cfg.to_dict(), "params": n_params, "bytes_per_dtype": per_dtype,
+        print(json.dumps({"config": config, "params": n_params, "bytes_per_dtype": per_dtype,
                           "source": meta.get("source"), "tensors": len(meta["tensors"])}, indent=1))
         return 0
     print(f"checkpoint   {Path(args.ckpt).resolve()}")
     print(f"source       {meta.get('source')}")
-    print(f"parameters   {n_params:,} ({n_params / 1e9:.3f} B) in {len(meta['tensors'])} tensors")
+    print(f"parameters   {n_params:,} ({_si(n_params)}) in {len(meta['tensors'])} tensors")
     for dt, b in sorted(per_dtype.items()):
         print(f"bytes        {dt}: {b:,} ({b / 2**30:.3f} GiB)")
     print("config")
-    for k, v in cfg.to_dict().items():
+    for k, v in config.items():
         print(f"  {k:<26}{v}")
     return 0
 
 
+def _si(n: int) -> str:
+    """A count with three significant digits and a K/M/B suffix: 262,272 reads as 262K, not 0.000 B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
+def _shown_config(cfg: ModelConfig, tensors: dict) -> dict:
+    """The config as ``info`` shows it, with the bias flags read from the tensors actually stored: the
+    config's ``attention_bias``/``mlp_bias`` describe LLaMA's optional biases, while OPT (whose HF config
+    says ``enable_bias``) always has them."""
+    layer = [n for n in tensors if n.startswith("layers.")]
+    return {**cfg.to_dict(),
+            "attention_bias": any(".attn.b" in n for n in layer),
+            "mlp_bias": any(".mlp.b_" in n for n in layer)}
+
+
+def plain_text(text: str) -> str:
+    """Docstrings used as descriptions are written in reST; a terminal would show its markup literally."""
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return re.sub(r"::$", ":", text, flags=re.M)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help (unless the help already says it, or there is none to show);
+    descriptions keep their line breaks, without reST markup."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == []
+        if nothing or action.default == argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands (created with its class) all use :class:`HelpFormatter`."""
+
+    def __init__(self, *args: object, formatter_class: type = HelpFormatter, **kwargs: object) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import distllm_jax
+
+    try:
+        return version("distllm-jax")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return distllm_jax.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distllm", description=__doc__)
+    """The whole command tree (subcommands of serve, placement and bench come from their modules)."""
+    p = Parser(prog="distllm", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser(
         "convert",
         help="HF checkpoint -> distllm (orbax) checkpoint; without --hf, a random-weight built-in model",
+        description="Convert a Hugging Face checkpoint, or write a built-in config with random weights,\n"
+                    "into a distllm checkpoint directory (paths may be relative to the working directory).",
     )
     c.add_argument("--hf", help="Hugging Face model directory (config.json + safetensors)")
     c.add_argument("--preset", help="built-in config to random-initialise (default: tiny-opt)")
-    c.add_argument("--out", required=True, help="output checkpoint directory")
-    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    c.add_argument("--out", required=True, help="output checkpoint directory (created; must be empty)")
+    c.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype the tensors are stored in")
     c.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output directory (once the new checkpoint is complete)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)
 
-    i = sub.add_parser("info", help="print a checkpoint's config, parameter count and bytes per dtype")
-    i.add_argument("ckpt")
-    i.add_argument("--json", action="store_true")
+    i = sub.add_parser("info", help="print a checkpoint's config, parameter count and bytes per dtype",
+                       description="Print a distllm checkpoint's config, parameter count and bytes per dtype.")
+    i.add_argument("ckpt", help="a distllm checkpoint directory")
+    i.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     i.set_defaults(fn=_cmd_info)
 
     from serve import cli as serve_cli
 
     sv = sub.add_parser("serve", help="start the gRPC server (no arguments: the embedded default model)",
-                        description=serve_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=serve_cli.__doc__)
     serve_cli.add_serve_arguments(sv)
     sv.set_defaults(fn=serve_cli.run_serve)
     g = sub.add_parser("generate", help="stream a completion from a running server to the terminal")
@@ -115,10 +180,17 @@ def _virtual_cpu_devices(n: int = 8) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors the user can act on end in one line and exit status 2."""
     _virtual_cpu_devices()
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head`) surfaces here
+        return code
+    except BrokenPipeError:
+        # the reader closed the pipe: stop quietly, and keep the interpreter's own final flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CheckpointError, ConfigError, ValueError, ConnectionError, FileNotFoundError, KeyError) as e:
         print(f"distllm {args.command}: error: {e}", file=sys.stderr)
         return 2

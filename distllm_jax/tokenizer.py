@@ -3,6 +3,7 @@ GPT-2 BPE for random-weight models, all through the ``tokenizers`` library."""
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
-    """The tokenizer stored beside a checkpoint; the bundled GPT-2 BPE when it has none."""
+    """The tokenizer stored beside a checkpoint; the bundled GPT-2 BPE when it has none, with a warning
+    naming it (text would otherwise be tokenised differently from the model's training, silently)."""
     d = Path(ckpt_dir)
     if (d / "tokenizer.json").exists():
         return Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -57,4 +59,8 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return tok
-    return bundled_gpt2()
+    tok = bundled_gpt2()
+    logging.getLogger(__name__).warning(
+        "%s has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); using the bundled GPT-2 "
+        "byte-level BPE (%d tokens) instead", d, tok.get_vocab_size())
+    return tok

@@ -1,8 +1,13 @@
-"""`distllm convert` on the embedded default and `distllm info`; restore casts and errors."""
+"""`distllm convert` on the embedded default and `distllm info`; restore casts and errors; the help,
+version and output behaviour of the command line."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import distllm_jax
 from distllm_jax.checkpoint import CheckpointError, read_meta, restore_params
-from distllm_jax.cli import main
+from distllm_jax.cli import _si, build_parser, main
 from distllm_jax.tokenizer import load_tokenizer
 from model_runner import greedy_generate
 
@@ -70,3 +76,78 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "distllm_jax.cli", "info", "/nonexistent"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "not a distllm checkpoint" in res.stderr
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every (command path, parser) of the command tree."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+# `serve` and `generate` take their flags from serve/cli.py, which the server's owners document
+SERVER_COMMANDS = {("serve",), ("generate",)}
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for path, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        assert "``" not in text and not re.search(r"::$", text, re.M), f"reST markup in {path} --help"
+        if path in SERVER_COMMANDS:
+            continue
+        for a in parser._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"distllm {' '.join(path)} {a.option_strings or a.dest}: no help text"
+            shown = a.default is not None and a.default is not False and a.default != []
+            if shown and a.option_strings:
+                formatter = parser._get_formatter()
+                formatter.add_argument(a)
+                entry = formatter.format_help()
+                assert "default" in entry, f"distllm {' '.join(path)} {entry}: default {a.default!r} not shown"
+
+
+def test_multi_gpu_help_is_for_users():
+    res = subprocess.run([sys.executable, "-m", "distllm_jax.cli", "bench", "multi-gpu", "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--part" in res.stdout
+    for note in ("lent", "$OUT", "device call"):
+        assert note not in res.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"distllm {distllm_jax.__version__}"
+
+
+def test_info_into_a_closed_pipe(default_ckpt):
+    """`distllm info CKPT | head`: the reader is gone before everything is written."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        res = subprocess.run([sys.executable, "-m", "distllm_jax.cli", "info", str(default_ckpt)],
+                             stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)
+    assert res.stderr == "" and res.returncode == 1
+
+
+def test_info_parameter_count_and_opt_biases(default_ckpt, capsys):
+    assert main(["info", str(default_ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "parameters   6,765,824 (6.77M) in" in text
+    # tiny-opt's HF config says enable_bias: true; OPT's attention and MLP carry biases
+    assert re.search(r"attention_bias\s+True", text) and re.search(r"mlp_bias\s+True", text)
+    assert main(["info", str(default_ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["attention_bias"] is True
+    assert [_si(n) for n in (262_272, 999, 1_300_000_000, 6_765_824)] == ["262K", "999", "1.3B", "6.77M"]
+
+
+def test_tokenizer_fallback_is_named(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="distllm_jax.tokenizer"):
+        tok = load_tokenizer(tmp_path)
+    assert tok.get_vocab_size() == 50257
+    assert f"{tmp_path} has no tokenizer files" in caplog.text and "bundled GPT-2 byte-level BPE" in caplog.text

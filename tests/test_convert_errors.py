@@ -1,21 +1,27 @@
-"""Bad checkpoints: each error is clear and names the offending file and tensor; nothing is written."""
+"""Bad checkpoints: each error is clear and names the offending file and tensor; nothing is written,
+nothing outside ``--out`` is touched, and no file outside the checkpoint directory is read."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from distllm_jax.checkpoint import CheckpointError, convert, restore_params
+from distllm_jax.checkpoint import CheckpointError, convert, restore_params, write_random
 from distllm_jax.cli import main as cli_main
+from distllm_jax.models.presets import preset
 
 FC1 = "model.decoder.layers.1.fc1.weight"
+convert_mod = importlib.import_module("distllm_jax.checkpoint.convert")  # the package re-exports the function
+TINY = preset("tiny-opt")
 
 
 @pytest.fixture
@@ -154,3 +160,108 @@ def test_cli_reports_error(hf_copy, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "distllm convert: error:" in err and FC1 in err and "model.safetensors" in err
+
+
+def test_failed_conversion_leaves_no_directory(hf_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def failing_add(self, name, array):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_add(self, name, array)
+
+    real_add = convert_mod.ParamWriter.add
+    monkeypatch.setattr(convert_mod.ParamWriter, "add", failing_add)
+    with pytest.raises(OSError, match="disk full"):
+        convert(hf_copy, "ckpt/tiny", dtype="float32", progress=False)
+    assert not (tmp_path / "ckpt").exists(), "neither ckpt/tiny nor ckpt/ is left behind"
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        write_random(TINY, "ckpt/x", progress=False)
+    assert not (tmp_path / "ckpt").exists()
+
+
+
+def test_convert_touches_nothing_outside_out(hf_copy, tmp_path, monkeypatch):
+    sibling = tmp_path / "out.partial_save"
+    sibling.mkdir()
+    (sibling / "mine.txt").write_text("not the converter's")
+    out = tmp_path / "out"
+    convert(hf_copy, out, dtype="float32", progress=False)
+    assert (sibling / "mine.txt").read_text() == "not the converter's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "out.partial_save"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "the temporary directory is gone"
+    _, params = restore_params(out)  # the checkpoint works after its move out of the temporary directory
+    assert params["layers"][1]["mlp"]["w_up"].shape == (64, 128)
+
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_complete(hf_copy, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_random(TINY, out, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(convert_mod.ParamWriter, "finish", lambda self: (_ for _ in ()).throw(OSError("boom")))
+    with pytest.raises(OSError, match="boom"):
+        convert(hf_copy, out, dtype="float32", overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "distllm.json").read_text())["source"] == "random(seed=0)"
+    monkeypatch.undo()
+    convert(hf_copy, out, dtype="float32", overwrite=True, progress=False)
+    assert json.loads((out / "distllm.json").read_text())["source"] == str(hf_copy)
+
+
+
+def _shard(hf_dir: Path, weight_map: dict) -> None:
+    os.remove(hf_dir / "model.safetensors")
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+
+def test_index_shard_outside_the_directory_is_refused(hf_copy, tmp_path):
+    names = list(load_file(hf_copy / "model.safetensors"))
+    _shard(hf_copy, {n: "../../../../../../etc/passwd" for n in names})
+    with pytest.raises(CheckpointError, match=r"shard named in model\.safetensors\.index\.json resolves to "
+                                              r"/etc/passwd, outside") as e:
+        convert(hf_copy, tmp_path / "out", progress=False)
+    assert "header" not in str(e.value), "the file is not opened"
+    _shard_abs = {n: "/etc/passwd" for n in names}
+    (hf_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": _shard_abs}))
+    with pytest.raises(CheckpointError, match="outside"):
+        convert(hf_copy, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_tokenizer_symlink_outside_is_refused(hf_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    (hf_copy / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: side file resolves to .*secret\.txt, outside"):
+        convert(hf_copy, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+
+def test_hf_hub_snapshot_symlinks_into_blobs_are_followed(hf_copy, tmp_path):
+    """A snapshot of the HF hub cache links every file into the repository's blobs/."""
+    repo = tmp_path / "models--tiny"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in hf_copy.iterdir():
+        blob = repo / "blobs" / f"sha-{f.name}"
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    rep = convert(snap, tmp_path / "out", dtype="float32", progress=False)
+    assert rep.tensors > 0 and not (tmp_path / "out" / "config.json").is_symlink()
+
+
+
+def test_deeply_nested_safetensors_header(hf_copy, tmp_path):
+    header = b"[" * 100_000 + b"]" * 100_000
+    (hf_copy / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header \(nested too deeply\)"):
+        convert(hf_copy, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ import numpy as np
 
 from distllm_jax.checkpoint.hf_source import HFSource
 from distllm_jax.checkpoint.orbax_store import ParamWriter
+from distllm_jax.checkpoint.paths import confined, staged_output, user_path
 from distllm_jax.checkpoint.safetensors_reader import CheckpointError
 from distllm_jax.models.config import ConfigError, ModelConfig
 from distllm_jax.models.params import TensorSpec, random_tensor, tensor_specs
@@ -62,17 +63,6 @@ def _target_dtype(dtype: str) -> np.dtype:
         return TARGET_DTYPES[dtype]
     except KeyError:
         raise CheckpointError(f"unsupported --dtype {dtype!r}; choose one of {sorted(TARGET_DTYPES)}") from None
-
-
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out_dir}: output directory is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
-    partial = out_dir.parent / (out_dir.name + ".partial_save")
-    if partial.exists():
-        shutil.rmtree(partial)  # left by an interrupted conversion
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _progress(total_bytes: int, desc: str, enabled: bool) -> Any:
@@ -150,8 +140,9 @@ def convert(
 ) -> ConvertReport:
     """Convert a HF directory into a distllm (orbax) checkpoint; see the module docstring."""
     t0 = time.perf_counter()
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir, out_dir = user_path(hf_dir), user_path(out_dir)
     target = _target_dtype(dtype)
+    side_files = _side_files(hf_dir, ("config.json", *TOKENIZER_FILES))
     try:
         cfg = ModelConfig.from_hf_file(hf_dir)
     except ConfigError as e:
@@ -169,18 +160,21 @@ def convert(
     def load(s: TensorSpec) -> np.ndarray:
         return np.ascontiguousarray(s.from_hf(src.read(hf_names[s.name])).astype(target, copy=False))
 
-    _prepare_out(out_dir, overwrite)
-    writer = ParamWriter(out_dir, cfg, dtype, source=str(hf_dir.resolve()))
-    written = _stream(writer, specs, load, target, f"convert {hf_dir.name}", progress)
-    _copy_side_files(hf_dir, out_dir)
+    with staged_output(out_dir, overwrite) as tmp:
+        writer = ParamWriter(tmp, cfg, dtype, source=str(hf_dir.resolve()))
+        written = _stream(writer, specs, load, target, f"convert {hf_dir.name}", progress)
+        _copy(side_files, tmp)
     return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, unused)
 
 
-def _copy_side_files(hf_dir: Path, out_dir: Path) -> None:
-    shutil.copy2(hf_dir / "config.json", out_dir / "config.json")
-    for name in TOKENIZER_FILES:
-        if (hf_dir / name).exists():
-            shutil.copy2(hf_dir / name, out_dir / name)
+def _side_files(src_dir: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[Path]:
+    """The files among ``names`` present in ``src_dir``, each confined to it (checked before writing)."""
+    return [confined(src_dir, n, "side file") for n in names if (src_dir / n).exists()]
+
+
+def _copy(files: list[Path], out_dir: Path) -> None:
+    for f in files:
+        shutil.copyfile(f, out_dir / f.name)
 
 
 def write_random(
@@ -195,23 +189,20 @@ def write_random(
     """A random-initialised checkpoint from a HF config dict (the embedded default, or real shapes for
     performance work), streamed the same way as a conversion."""
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = user_path(out_dir)
     target = _target_dtype(dtype)
     cfg = ModelConfig.from_hf_dict(hf_config, source="preset")
     specs = tensor_specs(cfg)
-    _prepare_out(out_dir, overwrite)
-    writer = ParamWriter(out_dir, cfg, dtype, source=f"random(seed={seed})")
-    written = _stream(writer, specs, lambda s: random_tensor(s, seed, target), target, "random init", progress)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=1))
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            p = Path(tokenizer_dir) / name
-            if p.exists():
-                shutil.copy2(p, out_dir / name)
-    elif cfg.vocab_size >= GPT2_VOCAB:
-        from distllm_jax.tokenizer import bundled_gpt2
+    side_files = _side_files(user_path(tokenizer_dir)) if tokenizer_dir is not None else []
+    with staged_output(out_dir, overwrite) as tmp:
+        writer = ParamWriter(tmp, cfg, dtype, source=f"random(seed={seed})")
+        written = _stream(writer, specs, lambda s: random_tensor(s, seed, target), target, "random init", progress)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
+        _copy(side_files, tmp)
+        if tokenizer_dir is None and cfg.vocab_size >= GPT2_VOCAB:
+            from distllm_jax.tokenizer import bundled_gpt2
 
-        bundled_gpt2().save(str(out_dir / "tokenizer.json"))
+            bundled_gpt2().save(str(tmp / "tokenizer.json"))
     return ConvertReport(out_dir, cfg, dtype, len(specs), written, time.perf_counter() - t0, [])
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from distllm_jax.checkpoint.paths import confined, user_path
 from distllm_jax.checkpoint.safetensors_reader import CheckpointError, SafetensorsFile
 
 ST_INDEX = "model.safetensors.index.json"
@@ -67,19 +68,19 @@ class HFSource:
     """Tensor names, shapes and dtypes of a HF directory, and per-tensor reads."""
 
     def __init__(self, hf_dir: str | Path):
-        self.dir = Path(hf_dir)
+        self.dir = user_path(hf_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
         self._where: dict[str, Any] = {}  # tensor name -> file object
         self._meta: dict[str, tuple[str, tuple[int, ...], Path]] = {}
         if (self.dir / ST_INDEX).exists():
-            self._open_index(self.dir / ST_INDEX, SafetensorsFile)
+            self._open_index(confined(self.dir, ST_INDEX, "index"), SafetensorsFile)
         elif (self.dir / ST_SINGLE).exists():
-            self._add_st(SafetensorsFile(self.dir / ST_SINGLE))
+            self._add_st(SafetensorsFile(confined(self.dir, ST_SINGLE, "weights file")))
         elif (self.dir / BIN_INDEX).exists():
-            self._open_index(self.dir / BIN_INDEX, _TorchBinFile)
+            self._open_index(confined(self.dir, BIN_INDEX, "index"), _TorchBinFile)
         elif (self.dir / BIN_SINGLE).exists():
-            self._add_bin(_TorchBinFile(self.dir / BIN_SINGLE))
+            self._add_bin(_TorchBinFile(confined(self.dir, BIN_SINGLE, "weights file")))
         else:
             raise CheckpointError(
                 f"{self.dir}: no weights found (looked for {ST_INDEX}, {ST_SINGLE}, {BIN_INDEX}, {BIN_SINGLE})"
@@ -98,11 +99,13 @@ class HFSource:
     def _open_index(self, index_path: Path, opener: Any) -> None:
         try:
             weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: malformed index ({e})") from e
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index_path}: malformed index ({type(e).__name__}: {e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: malformed index (weight_map must map names to file names)")
         files: dict[str, Any] = {}
         for fname in sorted(set(weight_map.values())):
-            path = self.dir / fname
+            path = confined(self.dir, fname, f"shard named in {index_path.name}")
             if not path.exists():
                 first = next(n for n, f in weight_map.items() if f == fname)
                 raise CheckpointError(f"{path}: shard named in {index_path.name} is missing (holds {first!r})")

@@ -21,6 +21,7 @@ from typing import Any, Collection
 import jax
 import numpy as np
 
+from distllm_jax.checkpoint.paths import user_path
 from distllm_jax.checkpoint.safetensors_reader import CheckpointError
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.params import Params, tensor_specs, unflatten
@@ -52,7 +53,7 @@ class ParamWriter:
     """Streams tensors into ``CKPT/params`` one at a time; :meth:`finish` commits and writes metadata."""
 
     def __init__(self, out_dir: str | Path, cfg: ModelConfig, dtype: str, source: str):
-        self.out = Path(out_dir)
+        self.out = user_path(out_dir)
         self.cfg = cfg
         self.dtype = dtype
         self.source = source
@@ -78,17 +79,23 @@ class ParamWriter:
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / META_FILE
+    """The checkpoint's ``distllm.json``: format, ModelConfig, dtype, per-tensor shapes, source."""
+    path = user_path(ckpt_dir) / META_FILE
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: not a distllm checkpoint (no {META_FILE}; run `distllm convert`)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt {META_FILE} ({type(e).__name__})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt {META_FILE} (a JSON object expected)")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} (expected {FORMAT_VERSION})")
     return meta
 
 
 def read_config(ckpt_dir: str | Path) -> ModelConfig:
+    """The checkpoint's ModelConfig, without reading any tensor."""
     return ModelConfig.from_dict(read_meta(ckpt_dir)["model_config"])
 
 
@@ -106,6 +113,7 @@ def restore_params(
     """
     from distllm_jax.parallel import make_mesh, spec_partition
 
+    ckpt_dir = user_path(ckpt_dir)  # orbax refuses relative paths
     meta = read_meta(ckpt_dir)
     cfg = ModelConfig.from_dict(meta["model_config"])
     mesh = mesh or make_mesh(jax.devices()[:1])
@@ -130,7 +138,7 @@ def restore_params(
         _merge(abstract, _nested(spec.name, leaf))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tree = ocp.load_pytree(Path(ckpt_dir) / PARAMS_DIR, abstract)
+        tree = ocp.load_pytree(ckpt_dir / PARAMS_DIR, abstract)
     flat = {k: v for k, v in _flatten_nested(tree).items() if names is None or k in names}
     return cfg, unflatten(flat, cfg)
 

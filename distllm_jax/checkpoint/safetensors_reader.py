@@ -85,6 +85,10 @@ class SafetensorsFile:
             header = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{p}: corrupt safetensors header ({e})") from e
+        except RecursionError as e:  # nesting deeper than the interpreter's stack, never a real header
+            raise CheckpointError(f"{p}: corrupt safetensors header (nested too deeply)") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{p}: corrupt safetensors header (a JSON object expected, got {type(header).__name__})")
         base = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
         for name, h in header.items():
