@@ -3,7 +3,7 @@
 fit to those timings, since a shared host drifts by several percent over minutes), measure what the engine's host adds (admission, per-step bookkeeping and, with
 instances on one host's cores, how much two steps at once slow each other), then serve the same
 workload at several rates both for real (in-process engine, Poisson arrivals) and in the simulator,
-in colocated and disaggregated modes; compare median TTFT/TPOT and SLO attainment.
+in colocated, chunked and disaggregated modes; compare median TTFT/TPOT and SLO attainment.
 
 Each run also says where the two part: per-request phases (queue, prefill, held, pull, join, the
 decode steps after) and per-kind step statistics (count, mean time and rows, the share that ran
@@ -11,6 +11,7 @@ beside another instance's step), for the engine's step log and the simulator's s
 the logged steps against the profile's prediction of them.
 
     python -m bench.sim_vs_engine --checkpoint ckpt/tiny --out bench/results/sim-vs-engine-cpu.json
+    python -m bench.sim_vs_engine --preset opt-13b --modes colocated,chunked ...   # random weights, real size
 """
 
 from __future__ import annotations
@@ -152,14 +153,16 @@ def step_ratios(parts, scfg) -> dict:
     also split by whether another instance stepped during half the step or more (on a shared host
     that is where contention shows). ``parts``: (engine steps, the fit that predicts them) per run."""
     out = {}
-    for kind in ("prefill", "decode"):
+    for kind in ("prefill", "decode", "mixed"):
         ratio, shared = [], []
         for steps, fit in parts:
             rs = [r for r in steps if r.kind == kind]
             if kind == "prefill":
                 pred = [scfg.prefill_s(fit, list(r.lengths), 1) for r in rs]
-            else:
+            elif kind == "decode":
                 pred = [scfg.decode_s(fit, len(r.lengths), r.context, 1) for r in rs]
+            else:
+                pred = [_mixed_s(scfg, fit, r) for r in rs]
             ratio += [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
             shared += [len({r.instance for r in steps}) > 1 and _beside_another(r, steps) for r in rs]
         if not ratio:
@@ -174,6 +177,17 @@ def step_ratios(parts, scfg) -> dict:
     return out
 
 
+def _mixed_s(scfg, fit, r) -> float:
+    """A logged mixed step's time as the latency model predicts it. The log holds each row's tokens
+    and the step's whole context (Σ start + length), not which rows were chunks: rows of one token
+    count as decode rows (a one-token chunk is taken for one). The model charges the context through
+    the sum of the rows' starts alone, so spreading that sum evenly over the rows is exact."""
+    dec = [n for n in r.lengths if n == 1]
+    chunks = [n for n in r.lengths if n > 1]
+    share = max(0, r.context - sum(r.lengths)) / max(1, len(r.lengths))
+    return scfg.mixed_s(fit, [(share, n) for n in chunks], [share] * len(dec), 1)
+
+
 def speed_ratio(a: dict, b: dict) -> dict:
     """Per kind, the median over grid points of ``a``'s time over ``b``'s (two :meth:`Profiler.measure`
     results): how much slower the host ran the same programs."""
@@ -185,7 +199,7 @@ def step_stats(steps) -> dict:
     """Per kind: how many steps, their mean time and rows, and the share of them that ran half or
     more alongside another instance's step (for the engine's log and a simulation's steps alike)."""
     out = {}
-    for kind in ("prefill", "decode"):
+    for kind in ("prefill", "decode", "mixed"):
         rs = [r for r in steps if r.kind == kind]
         if not rs:
             continue
@@ -238,21 +252,37 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def weights(args):
+    """The engine's parameters: a converted checkpoint, or a preset's real shapes with random weights
+    (drawn on the device where there is a GPU, so a 13B model needs no host copy)."""
+    import jax
+
+    from distllm_jax.engine import CheckpointSource, DeviceRandomSource, RandomSource
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+
+    if args.checkpoint:
+        return CheckpointSource(args.checkpoint, args.dtype), Path(args.checkpoint).name
+    gpu = jax.default_backend() == "gpu"
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    random = DeviceRandomSource if gpu else RandomSource
+    return random(ModelConfig.from_hf_dict(preset(args.preset)), dtype), args.preset
+
+
 def main(args) -> int:
     import jax
 
     from bench.arrivals import arrival_times
-    from distllm_jax.engine import CheckpointSource, Engine, EngineConfig, InstanceSpec
+    from distllm_jax.engine import Engine, EngineConfig, InstanceSpec
     from distllm_jax.placement.profiler import Profiler, make_profile
     from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
 
-    source = CheckpointSource(args.checkpoint)
+    source, model_name = weights(args)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
-    profiler = Profiler(source, 1, [16, 32, 64], [1, 2, 4], [1, 2, 4, 8, 16], [16, 48, 96], page_size=ps,
+    profiler = Profiler(source, 1, args.prompt_lens, args.prompts_per_batch, args.batches, args.contexts, page_size=ps,
                         max_prefill_tokens=budget, max_seq_len=args.max_seq_len)
     first = profiler.measure(5)
     fit0, errs = profiler.fit(first, print)
-    model_name = Path(args.checkpoint).name
     vocab = source.cfg.vocab_size
 
     def draw(seed: int, n: int):
@@ -266,15 +296,19 @@ def main(args) -> int:
     out = {"device": jax.devices()[0].device_kind, "args": vars(args),
            "profile_fit_errors": {1: {k: v for k, v in errs.items() if "err" in k}}, "runs": []}
     layouts = {"colocated": dict(mode="colocated", colocated=(InstanceSpec(1),)),
+               "chunked": dict(mode="chunked", colocated=(InstanceSpec(1),)),
                "disaggregated": dict(prefill=(InstanceSpec(1),), decode=(InstanceSpec(1),))}
+    unknown = sorted(set(args.modes) - set(layouts))
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}: choose from {sorted(layouts)}")
     for name, lay in layouts.items():
         if name not in args.modes:
             continue
         ecfg = EngineConfig(page_size=ps, num_pages=pages, max_seq_len=args.max_seq_len, prefill_token_budget=budget,
                             max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay)
-        scfg = (SimConfig("colocated", colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
+        scfg = (SimConfig(name, colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps)
-                if name == "colocated" else
+                if name != "disaggregated" else
                 SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
         with Engine(source, ecfg) as engine:
@@ -365,9 +399,20 @@ def main(args) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a converted checkpoint directory")
+    which.add_argument("--preset", help="a preset's real shapes with random weights (e.g. opt-13b)")
+    p.add_argument("--dtype", default=None, help="weights' dtype (default: the checkpoint's; bfloat16 on a GPU)")
+    p.add_argument("--prompt-lens", type=_ints, default=[16, 32, 64], help="profile grid: prompt lengths")
+    p.add_argument("--prompts-per-batch", type=_ints, default=[1, 2, 4], help="profile grid: prompts per prefill")
+    p.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16], help="profile grid: decode batch sizes")
+    p.add_argument("--contexts", type=_ints, default=[16, 48, 96], help="profile grid: decode contexts")
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[5, 15, 30])
     p.add_argument("--modes", type=lambda s: s.split(","), default=["colocated", "disaggregated"])
     p.add_argument("--num-requests", type=int, default=120)
