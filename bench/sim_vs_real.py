@@ -27,10 +27,8 @@ from distllm_jax.placement.simulator import Par, SimConfig
 from distllm_jax.placement.systems import system_config
 from distllm_jax.placement.trace import compare, read_trace
 
-_REPO = Path(__file__).resolve().parents[1]
-# the project's shared data sits beside the checkout (../shared) or, on a device machine, inside it
-DEFAULT_TRACES = next((p for p in (_REPO.parent / "shared", _REPO / "shared", Path("/work/shared"))
-                       if (p / "data").is_dir()), _REPO.parent / "shared") / "data" / "distserve-a100-opt13b-traces"
+# DistServe's published A100 runs, shipped with the bench (bench/traces/distserve-a100-opt13b/README.md)
+DEFAULT_TRACES = Path(__file__).parent / "traces" / "distserve-a100-opt13b"
 TRACE_SUFFIXES = (".jsonl", ".exp")
 
 

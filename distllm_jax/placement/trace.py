@@ -7,7 +7,7 @@ simulate --trace``, ``bench/sim_vs_real.py``).
 
 Two formats are read:
 - JSON Lines, one request a line: ``{"arrival_s", "prompt_len", "output_len"}`` plus optional
-  ``"ttft_s"`` and ``"tpot_s"`` (seconds). ``../shared/data/distserve-a100-opt13b-traces/`` holds
+  ``"ttft_s"`` and ``"tpot_s"`` (seconds). ``bench/traces/distserve-a100-opt13b/`` holds
   DistServe's published A100 runs in this form.
 - DistServe's own benchmark results (``.exp``, written by its ``2-benchmark-serving.py``): the first line
   is a Python literal list of dicts with ``prompt_len``, ``output_len``, ``issue_time`` (s),
