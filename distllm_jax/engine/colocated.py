@@ -47,10 +47,6 @@ class ChunkedWorker(Worker):
         super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget))
         self.lookahead = False  # its steps mix prompt chunks with decode tokens: no plain decode step
 
-    @property
-    def prefilling(self):
-        return self.sched.prefilling
-
     def step(self) -> bool:
         with self.ctrl.cv:
             now = time.perf_counter()
