@@ -77,3 +77,41 @@ def test_seed_makes_output_independent_of_batch():
 def test_invalid_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+def _exact(logits: np.ndarray, sp: SamplingParams) -> np.ndarray:
+    """The top-k / top-p distribution by its definition: sort, cut, renormalise."""
+    z = logits.astype(np.float64) / sp.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, bool)
+    mass = 0.0
+    for rank, t in enumerate(order):
+        if (sp.top_k and rank >= sp.top_k) or (rank and mass >= sp.top_p):
+            break
+        keep[t] = True
+        mass += p[t]
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=0.8, top_k=5, seed=21),
+                                SamplingParams(temperature=1.3, top_p=0.8, seed=22),
+                                SamplingParams(temperature=1.0, top_k=6, top_p=0.7, seed=23),
+                                SamplingParams(temperature=2.0, seed=24)])
+def test_sampled_distribution_is_the_exact_top_k_top_p_one(sp):
+    """Chi-squared against the definition, on a small vocabulary (rejection sampling must not bend it);
+    tokens outside the set are never drawn."""
+    from scipy.stats import chisquare
+
+    logits = np.random.default_rng(7).standard_normal(12).astype(np.float32) * 1.5
+    want = _exact(logits, sp)
+    rows = 400
+    draws = np.concatenate([_draw(np.tile(logits, (rows, 1)), [sp] * rows, list(range(c * rows, (c + 1) * rows)))
+                            for c in range(8)])
+    counts = np.bincount(draws, minlength=12)
+    assert counts[want == 0].sum() == 0
+    support = want > 0
+    expected = want[support] / want[support].sum() * counts.sum()
+    assert chisquare(counts[support], expected).pvalue > 1e-3

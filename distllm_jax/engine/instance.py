@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from distllm_jax.engine.config import EngineConfig, InstanceSpec, pow2_buckets
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
-from distllm_jax.engine.programs import SAMPLE, STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_prefill
+from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_picks,
+                                         pack_prefill, pick_buckets)
 from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
@@ -182,8 +183,12 @@ class Instance:
                         kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last, feed=feed,
                     )
                 greedy, logits = x
-                rows = None if feed is None else self.max_batch
-                outs.append(SAMPLE(logits, sb, rows=rows) if sample_all or np.any(sb.temperature > 0) else greedy)
+                if sample_all:  # start-up: every sampling program this step can call
+                    for size in pick_buckets(logits.shape[0]):
+                        SAMPLE(greedy, logits, sb, np.zeros(size, np.int32))
+                if np.any(sb.temperature > 0):
+                    greedy = SAMPLE(greedy, logits, sb, pack_picks(sb.temperature, logits.shape[0], greedy.shape[0]))
+                outs.append(greedy)
         return outs
 
     def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:

@@ -71,16 +71,40 @@ def pad_rows(ids: jax.Array, rows: int) -> jax.Array:
     return jnp.pad(ids, (0, rows - ids.shape[0]))
 
 
-def sample_rows(logits: jax.Array, sb: SamplingBatch, rows: int | None = None) -> jax.Array:
-    """:func:`sample`, padded to ``rows`` ids when the step feeds the next one on the device."""
-    ids = sample(logits, sb)
-    return ids if rows is None else pad_rows(ids, rows)
+def sample_rows(greedy: jax.Array, logits: jax.Array, sb: SamplingBatch, picks: jax.Array) -> jax.Array:
+    """The step's greedy ids with the rows in ``picks`` sampled (:func:`sample`) instead.
+
+    Only the picked rows' logits are read: one request sampling in a batch of greedy ones costs one
+    row's work, not the batch's. ``picks`` is padded to a bucket (:func:`pick_buckets`) with indices
+    past the batch, which read the last row and are dropped when written back."""
+    n = logits.shape[0]
+    at = jnp.minimum(picks, n - 1)
+    ids = sample(logits[at], SamplingBatch(*(field[at] for field in sb)))
+    return greedy.at[picks].set(ids, mode="drop")
+
+
+def pick_buckets(rows: int) -> list[int]:
+    """How many sampled rows a sampling program is compiled for: powers of four below the batch, and
+    the batch (few programs; a picked row costs a few passes over the vocabulary)."""
+    out, n = [], 1
+    while n < rows:
+        out.append(n)
+        n *= 4
+    return out + [rows]
+
+
+def pack_picks(temperature: np.ndarray, rows: int, past: int) -> np.ndarray:
+    """The sampled rows' indices among ``rows`` logits rows, padded to their bucket with ``past``
+    (the length of the ids they are written into: out of range, so dropped)."""
+    picks = np.flatnonzero(temperature[:rows] > 0).astype(np.int32)
+    size = bucket(pick_buckets(rows), max(1, len(picks)))
+    return np.concatenate([picks, np.full(size - len(picks), past, np.int32)])
 
 
 STAGE_STEP = jax.jit(
     stage_step, static_argnames=("kind", "cfg", "impl", "first", "last"), donate_argnames=("kv",)
 )
-SAMPLE = jax.jit(sample_rows, static_argnames=("rows",))
+SAMPLE = jax.jit(sample_rows)
 
 
 def bucket(buckets: Sequence[int], n: int) -> int:

@@ -69,28 +69,59 @@ def make_sampling_batch(
 
 
 def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """Top-k / top-p sampling by rejection, without sorting the vocabulary (as FlashInfer samples).
+
+    A row draws a token from its distribution restricted to the tokens above a pivot (all of them at
+    first). The token is kept when it is inside the row's top-k and top-p set: fewer than k tokens
+    are more likely and their mass is below p. Otherwise no token as likely or less can be inside
+    either, so the pivot moves up to it and the row draws again from what is left. The set is the
+    top of the order, so every candidate set contains it, and each draw is proportional to the
+    probabilities: what is kept has exactly the top-k/top-p distribution. A draw removes at least the
+    rejected token, so the loop ends; a typical top-p row keeps its first or second draw. Each round
+    costs a few passes over the vocabulary and one random number a row; a full sort costs far more.
+    Greedy rows are never drawn for.
+    """
     B, V = logits.shape
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
     scaled = logits / temp[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(V)[None, :]
+    probs = jax.nn.softmax(scaled, axis=-1)
     k = jnp.where(sb.top_k > 0, sb.top_k, V)
-    keep = rank < k[:, None]
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-    keep = keep & ((before < sb.top_p[:, None]) | (rank == 0))
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.PRNGKey(s), pos))(sb.seed, sb.position)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    base = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.PRNGKey(s), pos))(sb.seed, sb.position)
+
+    def draw(round_: jax.Array, pivot: jax.Array) -> jax.Array:
+        # inverse CDF over the candidates in vocabulary order: one uniform number a row, not a
+        # Gumbel draw per token (generating those cost more than the sort on a CPU)
+        keys = jax.vmap(lambda key: jax.random.fold_in(key, round_))(base)
+        u = jax.vmap(lambda key: jax.random.uniform(key, (), scaled.dtype))(keys)
+        cdf = jnp.cumsum(jnp.where(scaled > pivot[:, None], probs, 0.0), axis=-1)
+        return jnp.minimum(jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1), V - 1)
+
+    def check(tok: jax.Array) -> tuple[jax.Array, jax.Array]:
+        value = jnp.take_along_axis(scaled, tok[:, None], axis=-1)
+        above = scaled > value
+        mass = jnp.sum(jnp.where(above, probs, 0.0), axis=-1)
+        count = jnp.sum(above, axis=-1)
+        inside = ((mass < sb.top_p) | (sb.top_p >= 1.0)) & (count < k)
+        return inside, value[:, 0]
+
+    def body(state):
+        round_, pivot, tok, done = state
+        new = draw(round_, pivot)
+        tok = jnp.where(done, tok, new)
+        inside, value = check(tok)
+        pivot = jnp.where(done | inside, pivot, value)
+        return round_ + 1, pivot, tok, done | inside
+
+    start = (jnp.int32(0), jnp.full((B,), -jnp.inf, scaled.dtype), jnp.zeros((B,), jnp.int32), sb.temperature <= 0)
+    _, _, tok, _ = jax.lax.while_loop(lambda st: ~jnp.all(st[3]), body, start)
+    return tok.astype(jnp.int32)
 
 
 def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     """logits [B, V] (float32) -> token ids [B] int32; rows with temperature 0 stay greedy.
 
     The engine runs this only for batches where some row samples: all-greedy batches use the argmax
-    fused into the step, so they never pay for the sort over the vocabulary that top-k/top-p need.
+    fused into the step and never pay for the draws.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jnp.where(sb.temperature > 0, _sample_random(logits, sb), greedy)
