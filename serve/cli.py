@@ -1,27 +1,27 @@
-"""``distllm serve`` and ``distllm generate``: arguments, the model and layout they imply, and the run.
+"""distllm serve and distllm generate: arguments, the model and layout they imply, and the run.
 
-With no arguments ``serve`` starts the embedded default: the built-in ``tiny-opt`` config with random
+With no arguments serve starts the embedded default: the built-in tiny-opt config with random
 weights and the bundled GPT-2 byte-level BPE, laid out disaggregated over the available devices (one
 prefill and one decode instance on a CPU's virtual devices; half the GPUs each on several GPUs;
 colocated on a single GPU, which cannot hold two disjoint meshes).
 
-A plan file (``--plan``, as ``distllm place`` writes it) is JSON::
+A plan file (--plan, as distllm place writes it) is JSON:
 
     {"mode": "disaggregated",
      "prefill": [{"tp": 2, "pp": 1}], "decode": [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1}],
      "colocated": [{"tp": 2, "pp": 1}],                     # for colocated / chunked
      "prefill_token_budget": 512, "max_decode_batch": 64}   # optional
 
-With ``--cluster auto`` (start a local Ray cluster) or ``--cluster ADDRESS`` (join one) every instance
-runs as a Ray actor in its own process; the plan may then pin instances to nodes (``"node"``) and ask
-for low node affinity (``"same_node": true``), see ``distllm_jax.cluster.config``. A lost actor is
+With --cluster auto (start a local Ray cluster) or --cluster ADDRESS (join one) every instance
+runs as a Ray actor in its own process; the plan may then pin instances to nodes ("node") and ask
+for low node affinity ("same_node": true), see distllm_jax.cluster.config. A lost actor is
 replaced while the others serve.
 
 SIGHUP re-reads the plan file and re-places the engine: the plan is checked first (a bad one changes
 nothing), then health reports NOT_SERVING, new requests wait, running ones finish (within
-``--drain-timeout``, else the re-plan is abandoned), the old instances are shut down, the new ones are
+--drain-timeout, else the re-plan is abandoned), the old instances are shut down, the new ones are
 placed and compiled, and serving resumes (the previous layout is restored if the new one cannot be
-built). Without ``--plan`` SIGHUP only logs a line.
+built). Without --plan SIGHUP only logs a line.
 
 SIGTERM or Ctrl-C drains: health reports NOT_SERVING and new requests are refused while running ones
 finish, then the server exits 0; a second signal during the drain exits at once with code 1.
@@ -105,7 +105,7 @@ class _DescriptionAndDefaults(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        unset = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        unset = action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS)
         if not unset and action.option_strings:
             text += " (default: %(default)s)"
         return text
@@ -246,18 +246,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--token", help="bearer token (or env DISTLLM_AUTH_TOKEN)")
+    p.formatter_class = _DescriptionAndDefaults
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, help="sampling temperature (none: the server's, greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (none: 1, off)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (none: 0, off)")
+    p.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same output")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable; never printed)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--token", help=f"bearer token; prefer env {AUTH_ENV}, which keeps it out of `ps`")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies TLS")
-    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--timeout", type=float, help="deadline in seconds (none: no deadline)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
