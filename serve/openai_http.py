@@ -24,7 +24,7 @@ import ipaddress
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request  # module level: route annotations resolve against these globals
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -140,7 +140,7 @@ def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: boo
     return req
 
 
-def host_check(bound: str, allowed: Iterable[str]):
+def host_check(bound: str, allowed: Iterable[str]) -> Callable[[str], bool]:
     """Which Host header values the server answers to: the bound address (for a loopback bind also
     ``localhost`` and the other loopback address; for a wildcard bind any IP literal), and ``allowed``
     (``*``: any). A page on another site that rebinds its DNS name to this address still sends its own
@@ -175,10 +175,10 @@ def host_check(bound: str, allowed: Iterable[str]):
 class HostCheck:
     """ASGI middleware refusing requests whose Host header the server does not answer to."""
 
-    def __init__(self, app, ok):
+    def __init__(self, app: Any, ok: Callable[[str], bool]):
         self.app, self.ok = app, ok
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
             if len(hosts) != 1 or not self.ok(hosts[0]):

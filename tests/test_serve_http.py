@@ -236,6 +236,23 @@ def test_cors_only_for_allowed_origins():
         "access-control-allow-origin"] == "https://app.example"
 
 
+def test_health_is_503_while_re_planning():
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from serve.chat_template import ChatTemplate
+    from serve.openai_http import OpenAIFrontend
+
+    service = SimpleNamespace(draining=False, ready=asyncio.Event())  # cleared: a re-plan is under way
+    client = TestClient(OpenAIFrontend(service, "m", None, 1000, ChatTemplate(), allowed_hosts=["testserver"]).app())
+    r = client.get("/health")
+    assert r.status_code == 503 and "re-planning" in r.json()["error"]["message"]
+    service.ready.set()
+    assert client.get("/health").json() == {"status": "ok"}
+
+
 NESTED = b'{"prompt": "x", "deep": ' + b"[" * 45_000 + b"]" * 45_000 + b"}"
 
 
