@@ -5,18 +5,26 @@ in a last chunk when ``stream_options.include_usage``), ``GET /v1/models``, ``GE
 
 Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (named in ``param``), 401 without the bearer token, 404 for another model name, 413 for a body over the
-limit, 429 at the concurrency cap (shared with gRPC), 503 while draining. Extensions: ``top_k`` and
-``ignore_eos``. Only ``n = 1``. A client that disconnects mid-stream has its request cancelled.
+limit, 415 for a body that is not ``application/json``, 429 at the concurrency cap (shared with gRPC),
+503 while draining or re-planning. Extensions: ``top_k`` and ``ignore_eos``. A field this server does
+not implement (``frequency_penalty``, ``logit_bias``, ``tools``, ``echo``, ``n > 1``, ...) is a 400
+naming it rather than silently ignored; so is a ``max_tokens`` past what the context leaves after the
+prompt (the message gives the limit). A client that disconnects, streaming or not, has its request
+cancelled.
+
+Browsers: requests must be ``application/json`` (a cross-site "simple" POST cannot be), the Host header
+must name the bound address or one of ``allowed_hosts`` (DNS rebinding), and CORS headers are sent only
+for ``allowed_origins``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import ipaddress
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request  # module level: route annotations resolve against these globals
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,7 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from distllm_jax.engine import EngineClosed, FinishReason
 from serve.chat_template import ChatTemplate
 from serve.v1 import distllm_pb2 as pb
-from serve.validation import InvalidArgument, prompt_ids, sampling_params
+from serve.server import bearer_error
+from serve.validation import InvalidArgument, Limits, check_text, prompt_ids, sampling_params
 
 
 class HTTPError(Exception):
@@ -38,6 +47,16 @@ class HTTPError(Exception):
 
 
 _NUM = (int, float)
+INT64 = 2**63
+
+# accepted fields; the OpenAI API has more, refused by name below unless their value is a no-op
+COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+          "ignore_eos", "user", "n", "logprobs"}
+FIELDS = {False: COMMON | {"prompt", "best_of", "echo"},
+          True: COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
+NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "suffix": "", "tools": [],
+         "functions": [], "response_format": {"type": "text"}, "parallel_tool_calls": True, "store": False,
+         "metadata": {}}
 
 
 def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
@@ -48,54 +67,142 @@ def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
         raise HTTPError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}", param=name)
     if not isinstance(v, types):
         raise HTTPError(400, f"'{name}' must be {' or '.join(t.__name__ for t in types)}", param=name)
+    if isinstance(v, int) and not isinstance(v, bool) and not -INT64 <= v < INT64:
+        raise HTTPError(400, f"'{name}' is out of range: {str(v)[:20]}... has {len(str(v))} digits", param=name)
+    if isinstance(v, int) and float in types:
+        try:
+            return float(v)
+        except OverflowError:
+            raise HTTPError(400, f"'{name}' is out of range ({len(str(v))} digits)", param=name) from None
     return v
 
 
-def build_request(body: dict, prompt: str | list[int], default_max_tokens: int) -> pb.GenerateRequest:
-    """The OpenAI fields as the gRPC request the engine's validation already understands."""
+def refuse_unimplemented(body: dict, chat: bool) -> None:
+    """A field the server would otherwise ignore changes what the client gets without telling it: refuse
+    it by name (a no-op value such as ``frequency_penalty: 0`` is accepted)."""
     n = _field(body, "n", (int,), 1)
     if n != 1:
         raise HTTPError(400, "only n=1 is supported", param="n")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+    if chat:
+        if _field(body, "logprobs", (bool,), False):
+            raise HTTPError(400, "logprobs are not supported", param="logprobs")
+    elif body.get("logprobs") not in (None, False):
         raise HTTPError(400, "logprobs are not supported", param="logprobs")
+    if body.get("top_logprobs") is not None:
+        raise HTTPError(400, "top_logprobs are not supported", param="top_logprobs")
     if body.get("best_of") not in (None, 1):
         raise HTTPError(400, "only best_of=1 is supported", param="best_of")
+    if body.get("echo") not in (None, False):
+        raise HTTPError(400, "echo is not supported", param="echo")
+    for name in sorted(body):
+        if name in FIELDS[chat] or body[name] is None or (name in NO_OP and body[name] == NO_OP[name]):
+            continue
+        raise HTTPError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: bool) -> pb.GenerateRequest:
+    """The OpenAI fields as the gRPC request the engine's validation already understands (``max_tokens``
+    left unset when absent: the default depends on the prompt's length)."""
+    refuse_unimplemented(body, chat)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise HTTPError(400, "'stop' must be a string or a list of strings", param="stop")
+    try:
+        for s in stop or ():
+            check_text("stop", s, limits)
+        if isinstance(prompt, str):
+            check_text("prompt", prompt, limits)
+    except InvalidArgument as e:
+        raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
     max_tokens = _field(body, "max_tokens", (int,), None)
-    if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", (int,), default_max_tokens)
+    if max_tokens is None and chat:
+        max_tokens = _field(body, "max_completion_tokens", (int,), None)
     req = pb.GenerateRequest(
-        max_tokens=max_tokens,
-        temperature=float(_field(body, "temperature", _NUM, 1.0)),
-        top_p=float(_field(body, "top_p", _NUM, 1.0)),
-        top_k=int(_field(body, "top_k", (int,), 0)),
+        temperature=_field(body, "temperature", _NUM, 1.0),
+        top_p=_field(body, "top_p", _NUM, 1.0),
+        top_k=_field(body, "top_k", (int,), 0),
         stop=stop or [],
         ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
     )
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
     seed = _field(body, "seed", (int,), None)
     if seed is not None:
         req.seed = seed
     if isinstance(prompt, str):
         req.text = prompt
     else:
+        if not all(0 <= t < INT64 for t in prompt):
+            raise HTTPError(400, f"token ids out of the vocabulary [0, {limits.vocab_size})", param="prompt")
         req.token_ids.ids.extend(prompt)
     return req
+
+
+def host_check(bound: str, allowed: Iterable[str]) -> Callable[[str], bool]:
+    """Which Host header values the server answers to: the bound address (for a loopback bind also
+    ``localhost`` and the other loopback address; for a wildcard bind any IP literal), and ``allowed``
+    (``*``: any). A page on another site that rebinds its DNS name to this address still sends its own
+    name, so it is refused."""
+    names = {h.lower() for h in allowed} | {bound.lower()}
+    loopback = {"127.0.0.1", "::1", "localhost"}
+    if names & loopback:
+        names |= loopback
+    wildcard = bound in ("", "0.0.0.0", "::")
+
+    def ok(value: str) -> bool:
+        if "*" in names:
+            return True
+        host = value.strip().lower()
+        if host.startswith("["):
+            host = host[1:host.find("]")]
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        if host in names or (wildcard and host == "localhost"):
+            return True
+        if wildcard:
+            try:
+                ipaddress.ip_address(host)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    return ok
+
+
+class HostCheck:
+    """ASGI middleware refusing requests whose Host header the server does not answer to."""
+
+    def __init__(self, app: Any, ok: Callable[[str], bool]):
+        self.app, self.ok = app, ok
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
+            if len(hosts) != 1 or not self.ok(hosts[0]):
+                shown = ", ".join(hosts) or "(none)"
+                err = HTTPError(400, f"Host {shown} is not an address this server answers to (see --allowed-hosts)",
+                                code="invalid_host")
+                await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class OpenAIFrontend:
     """Routes over the gRPC service's engine, limits and counters (one concurrency cap for both)."""
 
     def __init__(self, service: Any, model_name: str, token: str | None, max_body_bytes: int,
-                 chat: ChatTemplate):
+                 chat: ChatTemplate, bound_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
+                 allowed_origins: Iterable[str] = ()):
         self.s = service
         self.model = model_name or "model"
         self.token = token
         self.max_body = max_body_bytes
         self.chat = chat
+        self.host_ok = host_check(bound_host, allowed_hosts)
+        self.origins = list(allowed_origins)
 
     def app(self):
         from fastapi.responses import Response
@@ -114,6 +221,8 @@ class OpenAIFrontend:
         async def health():
             if self.s.draining:
                 return error(HTTPError(503, "the server is draining", "service_unavailable"))
+            if not self.s.ready.is_set():
+                return error(HTTPError(503, "the server is re-planning", "service_unavailable"))
             return {"status": "ok"}
 
         @app.get("/v1/models")
@@ -129,17 +238,19 @@ class OpenAIFrontend:
             try:
                 self._auth(request)
                 body = await self._body(request)
-                prompt, max_default = self._prompt(body, chat)
-                req = build_request(body, prompt, max_default)
+                prompt = self._prompt(body, chat)
+                req = build_request(body, prompt, self.s.limits, chat)
                 try:
-                    ids = prompt_ids(req, self.s.limits, self.s.tokenizer)
-                    params = sampling_params(req, self.s.limits)
+                    ids = await prompt_ids(req, self.s.limits, self.s.tokenizer)
+                    if chat and not req.HasField("max_tokens"):  # a chat reply may use what the context leaves
+                        req.max_tokens = max(1, min(1024, self.s.limits.max_seq_len - len(ids)))
+                    params = sampling_params(req, self.s.limits, len(ids))
                 except InvalidArgument as e:
                     raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
                 stream = _field(body, "stream", (bool,), False)
                 opts = body.get("stream_options") or {}
                 usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-                return await self._run(ids, params, chat, stream, usage)
+                return await self._run(ids, params, chat, stream, usage, request)
             except HTTPError as e:
                 if e.status in (400, 413):
                     self.s.metrics.requests.labels("invalid").inc()
@@ -153,6 +264,12 @@ class OpenAIFrontend:
         async def chat_completions(request: Request):
             return await handle(request, chat=True)
 
+        if self.origins:
+            from fastapi.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=self.origins, allow_methods=["GET", "POST"],
+                               allow_headers=["authorization", "content-type"])
+        app.add_middleware(HostCheck, ok=self.host_ok)  # added last: runs first
         return app
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -160,11 +277,15 @@ class OpenAIFrontend:
     def _auth(self, request) -> None:
         if self.token is None:
             return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token.encode())):
-            raise HTTPError(401, "missing or wrong bearer token", "authentication_error", code="invalid_api_key")
+        why = bearer_error(request.headers.getlist("authorization"), self.token)
+        if why is not None:
+            raise HTTPError(401, why, "authentication_error", code="invalid_api_key")
 
     async def _body(self, request) -> dict:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise HTTPError(415, f"the body must be application/json, not '{media or 'unspecified'}'",
+                            code="unsupported_media_type")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise HTTPError(413, f"request body over {self.max_body} bytes", code="request_too_large")
@@ -177,6 +298,8 @@ class OpenAIFrontend:
             body = json.loads(raw or b"null")
         except ValueError:
             raise HTTPError(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise HTTPError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -185,8 +308,7 @@ class OpenAIFrontend:
                             param="model", code="model_not_found")
         return body
 
-    def _prompt(self, body: dict, chat: bool) -> tuple[str | list[int], int]:
-        ctx = self.s.limits.max_seq_len
+    def _prompt(self, body: dict, chat: bool) -> str | list[int]:
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(
@@ -197,15 +319,15 @@ class OpenAIFrontend:
                 text = self.chat.render(msgs)
             except Exception as e:  # noqa: BLE001 - a template's own error, e.g. roles out of order
                 raise HTTPError(400, f"chat template: {e}", param="messages") from None
-            return text, max(1, min(1024, ctx - 1 - len(self.s.tokenizer.encode(text).ids) if self.s.tokenizer else 16))
+            return text
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]
         if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
-            return p, 16
+            return p
         raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt: n=1)", param="prompt")
 
-    async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool):
+    async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool, request: Any = None):
         s = self.s
         if s.draining:
             raise HTTPError(503, "the server is draining", "service_unavailable")
@@ -220,7 +342,7 @@ class OpenAIFrontend:
             raise HTTPError(503, "the server is draining", "service_unavailable") from None
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        s.active += 1
+        s.enter()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
@@ -229,6 +351,8 @@ class OpenAIFrontend:
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, reason, n_out = [], None, 0
         done = False
+        # nothing is sent before the end, so only a watch on the connection notices a client that left
+        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, handle.request_id)) if request else None
         try:
             async for out in handle:
                 text.append(out.text)
@@ -239,7 +363,9 @@ class OpenAIFrontend:
                         raise HTTPError(500, out.error or out.finished.value, "server_error")
                     reason, n_out = out.finished.value, out.num_output_tokens
         finally:
-            s.active -= 1
+            if watch is not None:
+                watch.cancel()
+            s.leave()
             if not done:
                 s.engine.cancel(handle.request_id)
         content = "".join(text)
@@ -248,6 +374,13 @@ class OpenAIFrontend:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model, "choices": [choice],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+
+    async def _cancel_on_disconnect(self, request: Any, request_id: str) -> None:
+        """Cancel the request once its client disconnects (its body is read, so the next ASGI message
+        is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.s.engine.cancel(request_id)
 
     def _observe(self, out) -> None:
         t = out.timings
@@ -290,7 +423,7 @@ class OpenAIFrontend:
                                             "total_tokens": n_prompt + n}})
             yield b"data: [DONE]\n\n"
         finally:
-            self.s.active -= 1
+            self.s.leave()
             if not done:  # the client went away mid-stream: free its pages now
                 self.s.engine.cancel(handle.request_id)
                 self.s.metrics.requests.labels("cancelled").inc()

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hmac
 import json
+import os
 import signal
+import socket
+import sys
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import _async as health_async
@@ -21,12 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distllm_jax.engine import Engine, EngineClosed, FinishReason
+from serve.cli import AUTH_ENV  # noqa: F401 - the token's environment variable, re-exported here
 from serve.metrics import Metrics
 from serve.v1 import distllm_pb2 as pb
-from serve.validation import InvalidArgument, Limits, parse, prompt_ids, sampling_params
+from serve.validation import InvalidArgument, Limits, check_text, encode, parse, prompt_ids, sampling_params
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # distllm.v1.Generation
-AUTH_ENV = "DISTLLM_AUTH_TOKEN"
 
 
 @dataclasses.dataclass
@@ -43,6 +47,55 @@ class ServerConfig:
     model_name: str = ""
     http_port: int | None = None  # OpenAI-compatible HTTP; None: off, 0: pick a free port
     chat_template: Any = None  # serve.chat_template.ChatTemplate (default: the plain template)
+    allowed_hosts: tuple[str, ...] = ()  # HTTP Host values accepted beside the bound address
+    allowed_origins: tuple[str, ...] = ()  # origins given CORS headers (none: no CORS headers at all)
+
+
+class PortInUse(OSError):
+    """A port another process holds: reported in one line (``port N is in use``), not a traceback."""
+
+    def __init__(self, port: int):
+        super().__init__(errno.EADDRINUSE, f"port {port} is in use")
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"port {self.port} is in use"
+
+
+def check_ports(host: str, ports: Iterable[int | None]) -> None:
+    """Bind each fixed port once, the way the servers will (SO_REUSEADDR, never SO_REUSEPORT), so a
+    port taken by another process is reported before minutes of loading and compiling, and two servers
+    never split one port's traffic. Port 0 and None need no check."""
+    for port in ports:
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise OSError(f"cannot resolve --host {host}: {e}") from None
+        for family, kind, proto, _, addr in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as e:
+                    if e.errno == errno.EADDRINUSE:
+                        raise PortInUse(port) from None
+                    raise
+
+
+def bearer_error(values: list[str], token: str) -> str | None:
+    """Why the ``authorization`` values do not carry the token (None when they do). The scheme is
+    case-insensitive (RFC 7235); two values are refused, since proxies and frameworks disagree on
+    which one counts."""
+    if not values:
+        return "missing bearer token"
+    if len(values) > 1:
+        return "more than one authorization value"
+    scheme, _, given = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return "missing or wrong bearer token"
+    return None
 
 
 class GenerationService:
@@ -51,11 +104,24 @@ class GenerationService:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
-        self.limits = Limits(max_seq_len=engine.max_len, vocab_size=engine.model.vocab_size)
+        self.limits = Limits.for_engine(engine, tokenizer)
         self.active = 0
+        self.idle = asyncio.Event()  # set while no request holds a slot (re-plan and drain wait on it)
+        self.idle.set()
         self.draining = False
         self.ready = asyncio.Event()  # cleared while a new plan is being placed
         self.ready.set()
+
+    def enter(self) -> None:
+        """A request takes one of the ``max_concurrent`` slots (gRPC and HTTP share them)."""
+        self.active += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        """The request's slot is free again; the last one out wakes a waiting re-plan or drain."""
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -76,8 +142,8 @@ class GenerationService:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
         try:
             req = parse(raw, pb.GenerateRequest)
-            ids = prompt_ids(req, self.limits, self.tokenizer)
-            params = sampling_params(req, self.limits)
+            ids = await prompt_ids(req, self.limits, self.tokenizer)
+            params = sampling_params(req, self.limits, len(ids))
         except InvalidArgument as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
         if self.active >= self.cfg.max_concurrent:
@@ -92,7 +158,7 @@ class GenerationService:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
         except ValueError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
-        self.active += 1
+        self.enter()
         done = False
         try:
             async for out in stream:
@@ -118,19 +184,20 @@ class GenerationService:
                     ),
                 ))
         finally:
-            self.active -= 1
+            self.leave()
             if not done:  # the client went away or its deadline passed: free the pages now
                 self.engine.cancel(stream.request_id)
                 self.metrics.requests.labels("cancelled").inc()
 
     async def Tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        try:
-            req = parse(raw, pb.TokenizeRequest)
-        except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no tokenizer")
-        enc = self.tokenizer.encode(req.text)
+        try:
+            req = parse(raw, pb.TokenizeRequest)
+            check_text("text", req.text, self.limits)  # the reply for a longer text could pass no limit
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        enc = await encode(self.tokenizer, req.text)
         return pb.TokenizeResponse(ids=enc.ids, tokens=enc.tokens)
 
     async def ModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
@@ -160,17 +227,18 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     reflection stay open (load balancers and generic clients use them)."""
 
     def __init__(self, token: str):
-        self.token = token.encode()
+        self.token = token
 
     async def intercept_service(self, continuation, details):
         if not details.method.startswith(f"/{SERVICE}/"):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token):
+        values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        why = bearer_error([v.decode(errors="replace") if isinstance(v, bytes) else v for v in values], self.token)
+        if why is None:
             return await continuation(details)
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
         if details.method.endswith("/Generate"):
             async def deny_stream(request, context):
@@ -179,6 +247,19 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(deny_stream)
         return grpc.unary_unary_rpc_method_handler(deny)
+
+
+@dataclasses.dataclass
+class Replan:
+    """How SIGHUP re-places the engine: ``prepare()`` reads and validates the new plan, raising with the
+    reason, before anything drains (a bad plan costs no waiting); ``build(plan)`` places and compiles it."""
+
+    prepare: Callable[[], Any]
+    build: Callable[[Any], Any]
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class RunningServer:
@@ -190,43 +271,77 @@ class RunningServer:
         self.port, self.metrics_port = port, metrics_port
         self.http, self.http_task, self.http_port = http, http_task, http_port
         self.stopped = asyncio.Event()
+        self.replanning = False
 
-    async def replan(self, build: Any, announce=print) -> bool:
-        """Drain, re-place, resume: new requests wait while running ones finish on the old engine, the old
-        engine is shut down (its devices freed), ``build()`` places and compiles the new one, and serving
-        resumes. If the new plan cannot be built, the old one is rebuilt. True when the new plan serves."""
+    async def set_health(self, status: int) -> None:
+        """The status both health services report (the server's and the Generation service's)."""
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def replan(self, plan: Replan, announce: Callable[[str], None] = print, wait_s: float = 300.0) -> bool:
+        """Validate, drain, re-place, resume. A plan that fails ``prepare()`` leaves serving untouched.
+        Otherwise health says NOT_SERVING, new requests wait while running ones finish on the old engine
+        (at most ``wait_s``: past it the re-plan is abandoned and the old engine serves on, so no request
+        is cut off), the old engine is shut down (its devices freed), ``build`` places and compiles the
+        new one, and serving resumes. If the new plan cannot be built, the old one is rebuilt. True when
+        the new plan serves."""
         s = self.service
-        if s.draining or not s.ready.is_set():
+        if s.draining or self.replanning:
+            announce("distllm serve: SIGHUP ignored: a re-plan or drain is already under way")
             return False
+        self.replanning = True
+        try:
+            return await self._replan(plan, announce, wait_s)
+        finally:
+            self.replanning = False
+
+    async def _replan(self, plan: Replan, announce: Callable[[str], None], wait_s: float) -> bool:
+        s = self.service
         loop = asyncio.get_running_loop()
+        try:
+            new_plan = await loop.run_in_executor(None, plan.prepare)
+        except Exception as e:  # noqa: BLE001 - any reason the plan is unusable; keep serving
+            announce(f"distllm serve: re-plan refused, serving on the current layout: {type(e).__name__}: {e}")
+            return False
+        announce("distllm serve: re-planning (drain, re-place, resume)")
         s.ready.clear()
+        await self.set_health(NOT_SERVING)
         old = s.engine
         try:
-            while s.active > 0:
-                await asyncio.sleep(0.02)
+            try:
+                await asyncio.wait_for(s.idle.wait(), wait_s)
+            except asyncio.TimeoutError:
+                announce(f"distllm serve: re-plan abandoned: {s.active} request(s) still running after "
+                         f"{wait_s:g} s; serving on the current layout")
+                return False
             await loop.run_in_executor(None, old.shutdown, True, 60.0)
             try:
-                s.engine = await loop.run_in_executor(None, build)
+                s.engine = await loop.run_in_executor(None, plan.build, new_plan)
                 ok = True
             except Exception as e:  # noqa: BLE001 - keep serving on the previous layout
                 announce(f"distllm serve: re-plan failed ({type(e).__name__}: {e}); restoring the previous layout")
                 s.engine = await loop.run_in_executor(None, old.rebuild)
                 ok = False
-            s.limits = Limits(max_seq_len=s.engine.max_len, vocab_size=s.engine.model.vocab_size)
+            s.limits = Limits.for_engine(s.engine, s.tokenizer)
             return ok
         finally:
             s.ready.set()
+            if not s.draining:
+                await self.set_health(SERVING)
 
     async def drain(self, timeout: float) -> None:
-        """No new requests; running ones finish (up to ``timeout``); then stop."""
+        """No new requests; running ones finish (up to ``timeout``); then stop. The listeners stay open
+        until then, so health checks read NOT_SERVING (and requests get UNAVAILABLE/503) while draining."""
         if self.service.draining:
             return
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace=timeout)
         end = time.monotonic() + timeout
-        while self.service.active > 0 and time.monotonic() < end:  # HTTP streams still running
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.service.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        await self.server.stop(grace=max(1.0, end - time.monotonic()))
         if self.http is not None:
             self.http.should_exit = True
             await self.http_task
@@ -250,18 +365,26 @@ async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningSer
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    check_ports(cfg.host, (cfg.port, cfg.http_port, cfg.metrics_port))
     addr = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert or cfg.tls_key:
         if not (cfg.tls_cert and cfg.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
             creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-        port = server.add_secure_port(addr, creds)
+        bind = lambda: server.add_secure_port(addr, creds)  # noqa: E731
     else:
-        port = server.add_insecure_port(addr)
+        bind = lambda: server.add_insecure_port(addr)  # noqa: E731
+    try:
+        port = bind()
+    except RuntimeError:  # newer grpc raises where older ones return 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {addr}")
-    metrics_port = metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
+        raise PortInUse(cfg.port) if cfg.port else OSError(f"could not bind {addr}")
+    try:
+        metrics_port = metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
+    except OSError as e:
+        raise PortInUse(cfg.metrics_port) if e.errno == errno.EADDRINUSE else e from None
     await server.start()
     http = http_task = http_port = None
     if cfg.http_port is not None:
@@ -269,7 +392,8 @@ async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningSer
         from serve.openai_http import OpenAIFrontend, make_uvicorn_server
 
         front = OpenAIFrontend(service, cfg.model_name, cfg.auth_token, cfg.max_message_bytes,
-                               cfg.chat_template or ChatTemplate())
+                               cfg.chat_template or ChatTemplate(), bound_host=cfg.host,
+                               allowed_hosts=cfg.allowed_hosts, allowed_origins=cfg.allowed_origins)
         http = make_uvicorn_server(front.app(), cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key)
         http_task = asyncio.create_task(http.serve())
         while not http.started:
@@ -277,15 +401,16 @@ async def start(engine: Engine, tokenizer: Any, cfg: ServerConfig) -> RunningSer
                 raise OSError(f"the HTTP server could not start on {cfg.host}:{cfg.http_port}: {http_task.exception()}")
             await asyncio.sleep(0.01)
         http_port = http.servers[0].sockets[0].getsockname()[1]
-    for name in ("", SERVICE):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, service, health, metrics, port, metrics_port, http, http_task, http_port)
+    running = RunningServer(server, service, health, metrics, port, metrics_port, http, http_task, http_port)
+    await running.set_health(SERVING)
+    return running
 
 
-async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce=print,
-                        replan: Any = None) -> None:
-    """Start, announce, and run until SIGTERM/SIGINT, then drain. SIGHUP re-places the engine with
-    ``replan()`` (a function returning the new engine; the CLI re-reads ``--plan``)."""
+async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, announce: Callable[[str], None] = print,
+                        replan: Replan | None = None) -> None:
+    """Start, announce, and run until SIGTERM/SIGINT, then drain; a second one during the drain exits at
+    once (code 1). SIGHUP re-places the engine with ``replan`` (the CLI re-reads ``--plan``); without
+    one it only logs that there is nothing to re-read (its default action would kill the server)."""
     running = await start(engine, tokenizer, cfg)
     scheme = "grpcs" if cfg.tls_cert else "grpc"
     announce(f"distllm serve: listening on {scheme}://{cfg.host}:{running.port}")
@@ -295,17 +420,31 @@ async def serve_forever(engine: Engine, tokenizer: Any, cfg: ServerConfig, annou
         announce(f"distllm serve: OpenAI-compatible HTTP on {'https' if cfg.tls_cert else 'http'}://{cfg.host}:"
                  f"{running.http_port}/v1")
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(running.drain(cfg.drain_timeout_s)))
-    if replan is not None:
-        async def do_replan():
-            announce("distllm serve: re-planning (drain, re-place, resume)")
-            if await running.replan(replan, announce):
-                e = running.service.engine
-                announce(f"distllm serve: re-planned: {e.config.mode} "
-                         f"[{', '.join(i.name + ':' + i.spec.label() for i in e.instances)}]; ready")
 
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(do_replan()))
+    def on_stop() -> None:
+        if running.service.draining:
+            print("distllm serve: second signal during the drain: exiting now", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        announce(f"distllm serve: draining ({running.service.active} request(s) running; "
+                 "a second signal exits at once)")
+        asyncio.ensure_future(running.drain(cfg.drain_timeout_s))
+
+    async def do_replan() -> None:
+        if await running.replan(replan, announce, cfg.drain_timeout_s):
+            e = running.service.engine
+            announce(f"distllm serve: re-planned: {e.config.mode} "
+                     f"[{', '.join(i.name + ':' + i.spec.label() for i in e.instances)}]; ready")
+
+    def on_hup() -> None:
+        if replan is None:
+            announce("distllm serve: SIGHUP ignored: the server was started without --plan, nothing to re-read")
+        else:
+            asyncio.ensure_future(do_replan())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     announce("distllm serve: ready")
     await running.stopped.wait()
     announce("distllm serve: drained, exiting")

@@ -6,8 +6,10 @@ naming its field instead of an engine error.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
+from typing import Any
 
 from distllm_jax.engine import SamplingParams
 from serve.v1 import distllm_pb2 as pb
@@ -27,6 +29,40 @@ class Limits:
     max_seq_len: int
     vocab_size: int
     max_tokens_default: int = 16
+    max_prompt_chars: int | None = None  # None: no tokenizer, text is refused anyway
+
+    @classmethod
+    def for_engine(cls, engine: Any, tokenizer: Any) -> "Limits":
+        return cls(max_seq_len=engine.max_len, vocab_size=engine.model.vocab_size,
+                   max_prompt_chars=max_text_chars(tokenizer, engine.max_len))
+
+
+def max_text_chars(tokenizer: Any, max_seq_len: int) -> int | None:
+    """The longest text that could still fit the context: every token spells at most as many
+    characters as the longest entry of the vocabulary, so a longer text needs more tokens than the
+    context holds. Checking this before tokenising keeps a megabyte prompt from costing seconds of
+    tokenizer time only to be refused."""
+    if tokenizer is None:
+        return None
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    return max_seq_len * max(1, longest)
+
+
+def check_text(field: str, text: str, limits: Limits) -> None:
+    """Cheap checks on text before it reaches the tokenizer (length, valid UTF-8)."""
+    if limits.max_prompt_chars is not None and len(text) > limits.max_prompt_chars:
+        raise InvalidArgument(field, f"text of {len(text)} characters cannot fit the context of "
+                                     f"{limits.max_seq_len} tokens (at most {limits.max_prompt_chars} characters)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(field, f"not valid Unicode text ({e.reason} at character {e.start})") from None
+
+
+async def encode(tokenizer: Any, text: str) -> Any:
+    """Tokenise on a worker thread: ``encode_batch`` releases the GIL (``encode`` holds it), so
+    running streams keep their pace while a long prompt is tokenised."""
+    return (await asyncio.get_running_loop().run_in_executor(None, tokenizer.encode_batch, [text]))[0]
 
 
 def unknown_fields(msg) -> list[int]:
@@ -57,10 +93,18 @@ def parse(raw: bytes, cls):
     return msg
 
 
-def sampling_params(req: pb.GenerateRequest, limits: Limits) -> SamplingParams:
-    max_tokens = req.max_tokens if req.HasField("max_tokens") else limits.max_tokens_default
-    if not 1 <= max_tokens < limits.max_seq_len:
-        raise InvalidArgument("max_tokens", f"must be in [1, {limits.max_seq_len - 1}], got {max_tokens}")
+def sampling_params(req: pb.GenerateRequest, limits: Limits, prompt_len: int) -> SamplingParams:
+    """``max_tokens`` must fit what the context leaves after the prompt (a 400/INVALID_ARGUMENT
+    saying the limit, rather than output cut short without a word); left unset it defaults to
+    ``limits.max_tokens_default``, shortened to what is left."""
+    room = limits.max_seq_len - prompt_len
+    if req.HasField("max_tokens"):
+        max_tokens = req.max_tokens
+        if not 1 <= max_tokens <= room:
+            raise InvalidArgument("max_tokens", f"must be in [1, {room}] (the context of {limits.max_seq_len} "
+                                                f"tokens less the prompt's {prompt_len}), got {max_tokens}")
+    else:
+        max_tokens = min(limits.max_tokens_default, room)
     temperature = req.temperature if req.HasField("temperature") else 0.0
     if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
         raise InvalidArgument("temperature", f"must be in [0, 100], got {temperature}")
@@ -75,6 +119,8 @@ def sampling_params(req: pb.GenerateRequest, limits: Limits) -> SamplingParams:
         raise InvalidArgument("seed", f"must be in [0, 2**32), got {seed}")
     if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in req.stop):
         raise InvalidArgument("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_LEN} characters")
+    for s in req.stop:
+        check_text("stop", s, limits)
     bad = [t for t in req.stop_token_ids if not 0 <= t < limits.vocab_size]
     if bad:
         raise InvalidArgument("stop_token_ids", f"ids out of range [0, {limits.vocab_size}): {bad[:5]}")
@@ -85,7 +131,9 @@ def sampling_params(req: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     )
 
 
-def prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenizer) -> list[int]:
+async def prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenizer) -> list[int]:
+    """The prompt's token ids, checked against the vocabulary and the context (text is tokenised
+    off the event loop, after :func:`check_text`)."""
     which = req.WhichOneof("prompt")
     if which is None:
         raise InvalidArgument("prompt", "give text or token_ids")
@@ -94,7 +142,8 @@ def prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenizer) -> list[int]:
             raise InvalidArgument("text", "the prompt is empty")
         if tokenizer is None:
             raise InvalidArgument("text", "this server has no tokenizer; send token_ids")
-        ids = list(tokenizer.encode(req.text).ids)
+        check_text("text", req.text, limits)
+        ids = list((await encode(tokenizer, req.text)).ids)
         field = "text"
     else:
         ids = list(req.token_ids.ids)

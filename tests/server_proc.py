@@ -70,10 +70,16 @@ class ServerProc:
         return total
 
     def stop(self, sig: int | None = None, timeout: float = 60) -> int:
+        """Signal the server (SIGTERM by default) and wait for it to exit; its exit code."""
         import signal
 
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the server to exit on its own (a second SIGTERM during a drain exits at once with 1,
+        so a test that already sent one waits here); its exit code."""
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -4,6 +4,8 @@ with a byte-level tokenizer: streaming, health, reflection, metrics, validation,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import signal
+import threading
 import time
 
 import grpc
@@ -139,6 +141,9 @@ def _raw_generate(server, payload: bytes):
 @pytest.mark.parametrize("payload,why", [
     (b"\xff\xff\xff", "not a valid"),
     (make_request([1, 2], max_tokens=3).SerializeToString() + b"\xa0\x06\x01", "unknown field"),
+    (b"\x0a\x02\xed\xa0", "not a valid"),  # text: a lone surrogate's bytes, not UTF-8
+    (make_request([1, 2]).SerializeToString() + b"\x42\x03\xed\xa0\x80", "not a valid"),  # stop: the same
+    (make_request([1, 2]).SerializeToString() + b"\x38" + b"\xff" * 9 + b"\x01", "seed"),  # 2**64 - 1
 ])
 def test_malformed_messages(server, client, payload, why):
     with pytest.raises(grpc.RpcError) as e:
@@ -210,3 +215,63 @@ def test_random_requests_end_with_tokens_or_a_clear_status(client, req):
     fin = responses[-1].finished
     assert fin.finish_reason in ("stop", "length")
     assert fin.output_tokens == sum(len(r.chunk.token_ids) for r in responses[:-1])
+
+
+def test_max_tokens_past_the_context_is_refused_with_the_limit(client):
+    prompt = [7] * 100
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate(prompt, max_tokens=MAX_LEN - 99))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("max_tokens: must be in [1, 28]"), e.value.details()
+    g = client.complete(prompt, max_tokens=MAX_LEN - 100, ignore_eos=True)
+    assert g.finished.finish_reason == "length" and len(g.token_ids) == 28
+    assert len(client.complete([7] * 120).token_ids) <= 8  # the default (16) shortened to what is left
+
+
+def test_huge_text_is_refused_without_stalling_streams(server, client):
+    """D1: a prompt of megabytes is refused by its length before the tokenizer sees it, and a prompt at
+    the limit is tokenised off the event loop, so a running stream keeps its pace. Gaps are measured on
+    the client; the bound is generous (100 ms beyond the worst gap before the attack), where tokenising
+    3.9 MB on the event loop stalled every stream for seconds."""
+    arrivals: list[float] = []
+    streaming = threading.Event()
+
+    def stream():
+        for _ in client.generate([4, 5, 6], max_tokens=MAX_LEN - 3, ignore_eos=True):
+            arrivals.append(time.perf_counter())
+            if len(arrivals) == 20:  # a baseline long enough to hold this machine's own hiccups
+                streaming.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert streaming.wait(120)
+    start = time.perf_counter()
+    refusals = []
+    for text in ("x" * 3_900_000, "x" * MAX_LEN):  # over the character limit; at it (then too many tokens)
+        with pytest.raises(grpc.RpcError) as e:
+            client.complete(text, max_tokens=1)
+        refusals.append((e.value.code(), e.value.details().split(" ")[:3]))
+    with pytest.raises(grpc.RpcError) as tok:
+        client.tokenize("x" * 3_900_000)
+    end = time.perf_counter()
+    t.join(120)
+    assert arrivals[-1] > end, "the stream ended before the attack did: nothing measured"
+    gaps = [(a, b - a) for a, b in zip(arrivals, arrivals[1:])]
+    before = [g for a, g in gaps[1:] if a + g < start]
+    during = [g for a, g in gaps if a < end and a + g > start]
+    assert during and max(during) < 0.1 + max(before), (max(during), max(before))
+    assert refusals == [(grpc.StatusCode.INVALID_ARGUMENT, ["text:", "text", "of"]),
+                        (grpc.StatusCode.INVALID_ARGUMENT, ["text:", "prompt", "of"])]
+    assert tok.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot fit" in tok.value.details()
+    assert client.tokenize("x" * MAX_LEN) == [ord("x")] * MAX_LEN
+
+
+def test_sighup_without_a_plan_only_logs(server, client):
+    compiled = server.metric("distllm_compilations_total")
+    server.proc.send_signal(signal.SIGHUP)
+    while "SIGHUP" not in (line := server.proc.stdout.readline()) and "re-plan" not in line:
+        assert line, "server exited"
+        server.log.append(line)
+    assert "SIGHUP ignored: the server was started without --plan" in line, line
+    assert client.complete([1, 2], max_tokens=2).finished.finish_reason in ("length", "stop")
+    assert server.metric("distllm_compilations_total") == compiled  # nothing was rebuilt

@@ -101,6 +101,8 @@ def test_32_concurrent_streams(oai):
 
 def _post(server, path, body=None, token=TOKEN, raw=None):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if raw is not None:
+        headers["Content-Type"] = "application/json"
     return httpx.post(f"{server.http}{path}", headers=headers, timeout=60,
                       **({"content": raw} if raw is not None else {"json": body}))
 
@@ -167,6 +169,176 @@ def test_bench_openai_backend_matches_grpc(server, ckpt, tmp_path):
     assert all(r["error"] is None and r["ttft"] is not None for r in oai_run["requests"])
 
 
+def _error(r, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["message"] and set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_the_body_must_be_json(server, content_type):
+    """A page on another site can POST text/plain or a form without a CORS preflight; JSON it cannot."""
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    r = httpx.post(f"{server.http}/completions", content=b'{"prompt": "x", "max_tokens": 1}', headers=headers,
+                   timeout=60)
+    assert _error(r, 415)["code"] == "unsupported_media_type"
+    ok = httpx.post(f"{server.http}/completions", content=b'{"prompt": "x", "max_tokens": 1}', timeout=60,
+                    headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/completions", "/models", "/health"])
+def test_the_host_header_must_name_this_server(server, path):
+    """DNS rebinding: a page's own name pointed at 127.0.0.1 still sends that name as Host."""
+    url = server.http.replace("/v1", "") + ("/health" if path == "/health" else "/v1" + path)
+    send = (lambda **kw: httpx.post(url, json={"prompt": "x", "max_tokens": 1}, timeout=60, **kw)) \
+        if path == "/completions" else (lambda **kw: httpx.get(url, timeout=60, **kw))
+    assert _error(send(headers={**AUTH, "Host": "evil.example"}), 400)["code"] == "invalid_host"
+    port = url.split(":")[2].split("/")[0]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):
+        assert send(headers={**AUTH, "Host": host}).status_code == 200, host
+
+
+def test_no_cors_headers_by_default(server):
+    pre = httpx.options(f"{server.http}/completions", timeout=60, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    post = httpx.post(f"{server.http}/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60,
+                      headers={**AUTH, "Origin": "http://evil.example"})
+    assert post.status_code == 200
+    for r in (pre, post):
+        assert not [h for h in r.headers if h.lower().startswith("access-control-")], dict(r.headers)
+
+
+def test_cors_only_for_allowed_origins():
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from serve.chat_template import ChatTemplate
+    from serve.openai_http import OpenAIFrontend
+
+    service = SimpleNamespace(draining=False, ready=asyncio.Event(), limits=SimpleNamespace(max_seq_len=8))
+    front = OpenAIFrontend(service, "m", None, 1000, ChatTemplate(), allowed_hosts=["testserver"],
+                           allowed_origins=["https://app.example"])
+    client = TestClient(front.app())
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    ok = client.options("/v1/completions", headers={"Origin": "https://app.example", **ask})
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    other = client.options("/v1/completions", headers={"Origin": "http://evil.example", **ask})
+    assert "access-control-allow-origin" not in other.headers
+    assert client.get("/v1/models", headers={"Origin": "https://app.example"}).headers[
+        "access-control-allow-origin"] == "https://app.example"
+
+
+def test_health_is_503_while_re_planning():
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from serve.chat_template import ChatTemplate
+    from serve.openai_http import OpenAIFrontend
+
+    service = SimpleNamespace(draining=False, ready=asyncio.Event())  # cleared: a re-plan is under way
+    client = TestClient(OpenAIFrontend(service, "m", None, 1000, ChatTemplate(), allowed_hosts=["testserver"]).app())
+    r = client.get("/health")
+    assert r.status_code == 503 and "re-planning" in r.json()["error"]["message"]
+    service.ready.set()
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+NESTED = b'{"prompt": "x", "deep": ' + b"[" * 45_000 + b"]" * 45_000 + b"}"
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"prompt": "x", "max_tokens": 9223372036854775808}', "max_tokens"),
+    (b'{"prompt": "x", "top_k": 18446744073709551616}', "top_k"),
+    (b'{"prompt": "x", "seed": 1' + b"0" * 30 + b"}", "seed"),
+    (b'{"prompt": [1, 100000000000000000000]}', "prompt"),
+    (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+    (b'{"prompt": "\\ud800"}', "prompt"),
+    (b'{"prompt": "x", "stop": ["\\ud800"]}', "stop"),
+    (NESTED, None),
+], ids=["max_tokens", "top_k", "seed", "prompt_id", "temperature", "surrogate_prompt", "surrogate_stop", "nested"])
+def test_hostile_values_are_400_not_500(server, oai, raw, param):
+    err = _error(_post(server, "/completions", raw=raw), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert oai.completions.create(model="tiny-http", prompt="ok", **GREEDY).choices  # still serving
+
+
+def test_hostile_chat_content_is_400(server):
+    r = _post(server, "/chat/completions", raw=b'{"messages": [{"role": "user", "content": "\\udfff"}]}')
+    assert _error(r, 400)["param"] == "messages"
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/completions", "frequency_penalty", 0.5),
+    ("/completions", "presence_penalty", 1),
+    ("/completions", "logit_bias", {"5": 10}),
+    ("/completions", "suffix", "end"),
+    ("/completions", "echo", True),
+    ("/completions", "best_of", 2),
+    ("/completions", "logprobs", 1),
+    ("/chat/completions", "response_format", {"type": "json_object"}),
+    ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/chat/completions", "top_logprobs", 2),
+    ("/chat/completions", "logprobs", True),
+    ("/chat/completions", "n", 3),
+    ("/chat/completions", "no_such_field", 1),
+])
+def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    err = _error(_post(server, path, {**base, "max_tokens": 2, field: value}), 400)
+    assert err["param"] == field and field in err["message"]
+
+
+def test_no_op_values_of_unimplemented_fields_are_accepted(server):
+    body = {"prompt": "hi", "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
+            "echo": False, "n": 1, "best_of": 1, "suffix": None, "user": "me"}
+    assert _post(server, "/completions", body).status_code == 200
+
+
+def test_lower_case_bearer_and_two_authorization_headers(server):
+    body = {"prompt": "hi", "max_tokens": 1}
+    ok = httpx.post(f"{server.http}/completions", json=body, timeout=60, headers={"Authorization": f"bearer {TOKEN}"})
+    assert ok.status_code == 200, ok.text
+    two = httpx.post(f"{server.http}/completions", json=body, timeout=60,
+                     headers=[("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer other")])
+    assert "more than one" in _error(two, 401)["message"]
+
+
+def test_max_tokens_past_the_context_is_400_with_the_limit(server):
+    err = _error(_post(server, "/completions", {"prompt": [7] * 100, "max_tokens": 29}), 400)
+    assert err["param"] == "max_tokens" and "[1, 28]" in err["message"]
+    r = _post(server, "/completions", {"prompt": [7] * 100, "max_tokens": 28, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 28
+
+
+def test_disconnect_cancels_a_non_streaming_request(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    cancelled = server.metric("distllm_requests_total", outcome="cancelled") if "cancelled" in server.metrics() else 0
+    body = json.dumps({"prompt": [4, 5, 6], "max_tokens": 125, "ignore_eos": True}).encode()
+    u = urlsplit(server.http)
+    sock = socket.create_connection((u.hostname, u.port), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    end = time.monotonic() + 60
+    while server.metric("distllm_active_requests") == 0:  # the request is in the engine
+        assert time.monotonic() < end, "the request never started"
+    sock.close()
+    while server.metric("distllm_active_requests") or _pages_used(server):
+        assert time.monotonic() < end + 60, "the request was not cancelled"
+    assert server.metric("distllm_requests_total", outcome="cancelled") == cancelled + 1
+
+
 def test_sigterm_drains_http(server):
     """Last: streams in flight complete, new requests get 503 meanwhile, the process exits 0."""
     results, started = {}, threading.Barrier(7)
@@ -194,7 +366,7 @@ def test_sigterm_drains_http(server):
         t.join(timeout=120)
     assert got_503, "no 503 while the server drained"
     assert sorted(results) == list(range(6)) and all(v[-1] == "data: [DONE]" for v in results.values())
-    assert server.stop() == 0
+    assert server.wait() == 0
 
 
 def test_cap_and_drain_statuses_on_the_frontend():

@@ -108,3 +108,15 @@ def test_http_frontend_follows_the_same_tls_and_token_rules(server, tls_files):
     with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
         httpx.post(server.http.replace("https://", "http://") + "/completions", json=body, timeout=10)
 
+
+
+def test_bearer_scheme_is_case_insensitive_and_one_value_only(server, tls_files):
+    """RFC 7235: the scheme is case-insensitive. Two authorization values are refused: servers and
+    proxies disagree on which one counts."""
+    with Client(server.address, token=None, tls_ca=tls_files[0].read_bytes(), timeout=60) as c:
+        c.metadata = (("authorization", f"bearer {TOKEN}"),)
+        assert c.model_info().vocab_size == 256
+        c.metadata = (("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer other"))
+        with pytest.raises(grpc.RpcError) as e:
+            c.model_info()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "more than one" in e.value.details()

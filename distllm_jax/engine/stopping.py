@@ -69,15 +69,32 @@ class StopChecker:
         self.ids.append(token)
         start = max(0, len(self.text) - self._hold)
         self.text += self._decode_step()
-        for s in self.params.stop:
-            at = self.text.find(s, start)
-            if at >= 0:
-                self.text = self.text[:at]
-                return self._finish(token, FinishReason.STOP)
+        if self._cut_at_stop(start):
+            return self._finish(token, FinishReason.STOP, flush=False)
         if len(self.ids) >= self.params.max_tokens:
             return self._finish(token, FinishReason.LENGTH)
         safe = len(self.text) - self._hold if self.params.stop else len(self.text)
         return Delta(token, self._emit(safe))
+
+    def _cut_at_stop(self, start: int) -> bool:
+        """Cut the text at the first stop string found from ``start``; True if one was."""
+        for s in self.params.stop:
+            at = self.text.find(s, start)
+            if at >= 0:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def _pending(self) -> str:
+        """The complete characters that :meth:`_decode_step` holds back while a UTF-8 character is
+        incomplete. At the end no later token can complete it, so they are final; only the incomplete
+        character itself is dropped."""
+        if self.detok is None or self._read >= len(self.ids):
+            return ""
+        new = self.detok(self.ids[self._prefix :])
+        prev = self.detok(self.ids[self._prefix : self._read])
+        self._prefix = self._read = len(self.ids)
+        return new[len(prev) :].rstrip("\ufffd")
 
     def end(self, reason: FinishReason) -> Delta:
         """End from outside (cancellation, deadline, error, context limit): flush what is final."""
@@ -89,6 +106,11 @@ class StopChecker:
         self.emitted = upto
         return out
 
-    def _finish(self, token: int | None, reason: FinishReason) -> Delta:
+    def _finish(self, token: int | None, reason: FinishReason, flush: bool = True) -> Delta:
+        if flush:
+            start = max(0, len(self.text) - self._hold)
+            self.text += self._pending()
+            if self._cut_at_stop(start):
+                reason = FinishReason.STOP
         self.finished = reason
         return Delta(token, self._emit(len(self.text)), reason)
