@@ -161,6 +161,6 @@ def add_bench_commands(bsub) -> None:
     mg.set_defaults(fn=multi_gpu.main)
 
     sv = bsub.add_parser("sim-vs-real", help="replay real A100 runs (DistServe's traces) through the simulator",
-                         description=sim_vs_real.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=sim_vs_real.__doc__)
     sim_vs_real.add_arguments(sv)
     sv.set_defaults(fn=sim_vs_real.main)
