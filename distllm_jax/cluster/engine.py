@@ -22,9 +22,8 @@ from distllm_jax.cluster.remote import RemoteInstance
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.decode import DecodeWorker
-from distllm_jax.engine.engine import Engine, EngineClosed
+from distllm_jax.engine.engine import Engine, EngineClosed, disaggregated_worker
 from distllm_jax.engine.params_source import ParamSource
-from distllm_jax.engine.prefill import PrefillWorker
 from distllm_jax.kv_cache import pages_for
 
 _REMOTE_ACTOR: Any = None
@@ -172,26 +171,29 @@ class ClusterEngine(Engine):
         """Controller hook (lock held): start a replacement in the background."""
         if not self.cluster.auto_replace or self._closed or inst.name in self._replacing:
             return
-        t = threading.Thread(target=self._replace_in_background, args=(inst.name,), daemon=True,
+        t = threading.Thread(target=self._replace_in_background, args=(inst,), daemon=True,
                              name=f"distllm-replace-{inst.name}")
         self._replacing[inst.name] = t
         t.start()
 
-    def _replace_in_background(self, name: str) -> None:
+    def _replace_in_background(self, lost: RemoteInstance) -> None:
         try:
-            self.replace_instance(name)
+            self.replace_instance(lost.name, lost=lost)
         except Exception as e:  # noqa: BLE001 - reported in stats; the other instances serve on
             with self.ctrl.cv:
-                self.ctrl.errors.append(f"replacing {name} failed: {type(e).__name__}: {e}")
+                self.ctrl.errors.append(f"replacing {lost.name} failed: {type(e).__name__}: {e}")
         finally:
             with self.ctrl.cv:
-                self._replacing.pop(name, None)
+                self._replacing.pop(lost.name, None)
                 self.ctrl.cv.notify_all()
 
-    def replace_instance(self, name: str) -> RemoteInstance:
+    def replace_instance(self, name: str, lost: RemoteInstance | None = None) -> RemoteInstance:
         """Start a fresh actor for instance ``name``, compile its programs and KV paths, and route to it.
         A live instance is first killed and settled like a lost one (its prefill work is re-queued,
-        its decoding requests fail), so this also restarts a wedged actor."""
+        its decoding requests fail), so this also restarts a wedged actor. ``lost``: replace only that
+        instance (the background replacement of a lost actor), and do nothing if a replacement came
+        meanwhile; otherwise settling a live instance here, which starts that background replacement,
+        would have it kill the fresh one as soon as this call returned."""
         import ray
 
         with self._replace_lock:
@@ -202,6 +204,8 @@ class ClusterEngine(Engine):
                 if idx is None:
                     raise ValueError(f"no instance {name!r} (instances: {[i.name for i in self.instances]})")
                 old = self.instances[idx]
+                if lost is not None and old is not lost:
+                    return old
                 if old not in self.ctrl.lost:
                     self.ctrl.lose_instance(old, RuntimeError("replaced on request"))
             _kill(old.actor)
@@ -214,11 +218,9 @@ class ClusterEngine(Engine):
                     if self._closed:
                         raise EngineClosed("the engine is shutting down")
                     gone = self.workers[idx]
-                    if old.role == "prefill":
-                        worker: Any = PrefillWorker(self.ctrl, new, self.config.prefill_token_budget)
-                    else:
-                        worker = DecodeWorker(self.ctrl, new, self.puller, gone.peers, self.config.check_transfers)
-                        gone.peers[gone.peers.index(gone)] = worker
+                    worker = disaggregated_worker(self.ctrl, new, self.config, self.puller, self.decoders)
+                    if isinstance(worker, DecodeWorker):
+                        self.decoders[self.decoders.index(gone)] = worker
                     self.instances[idx], self.workers[idx] = new, worker
                     self.replacements += 1
                     self.ctrl.cv.notify_all()
