@@ -18,7 +18,7 @@ from distllm_jax.cluster.actor import InstanceActor
 from distllm_jax.cluster.bootstrap import actor_options, cluster_platform, connect, resolve_node
 from distllm_jax.cluster.config import ClusterConfig
 from distllm_jax.cluster.kv_paths import RemoteKVPuller
-from distllm_jax.cluster.remote import RemoteInstance
+from distllm_jax.cluster.remote import PING_TIMEOUT_S, RemoteInstance
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.decode import DecodeWorker
@@ -49,6 +49,7 @@ class ClusterEngine(Engine):
         self.platform = cluster_platform(self.cluster)
         self.kv_path_note: str | None = None
         self.replacements = 0
+        self.warmup_seconds = 0.0  # measured by warmup(); read while the actors start
         self._replacing: dict[str, threading.Thread] = {}
         self._replace_lock = threading.Lock()
         self._actors: list[Any] = []
@@ -81,7 +82,14 @@ class ClusterEngine(Engine):
             info = ray.get(actor.info.remote())
         except Exception as e:
             raise RuntimeError(f"the actor for {name} ({spec.label()}) did not start: {e}") from e
-        return RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name})
+        inst = RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name})
+        inst.ping_timeout = self._ping_timeout()
+        return inst
+
+    def _ping_timeout(self) -> float:
+        """How long an actor may leave a ping unanswered: at least as long as the warm-up took
+        (before the first warm-up, the fixed minimum)."""
+        return max(PING_TIMEOUT_S, self.warmup_seconds)
 
     def _build_instances(self, devices: Sequence[Any] | None) -> list[Any]:
         """One actor per instance, all started at once (prefill first, so that with ``same_node``
@@ -118,6 +126,8 @@ class ClusterEngine(Engine):
             raise RuntimeError(f"an instance actor failed to compile its programs: {e}") from e
         self._warm_paths(self._transfer_pairs())
         self.warmup_seconds = time.perf_counter() - t0
+        for inst in self.instances:
+            inst.ping_timeout = self._ping_timeout()
 
     def _warm_paths(self, pairs: Sequence[tuple[Any, Any]]) -> None:
         puller: RemoteKVPuller = self.puller  # type: ignore[assignment]
@@ -153,14 +163,17 @@ class ClusterEngine(Engine):
                 with self.ctrl.cv:
                     live = [i for i in self.instances if i not in self.ctrl.lost]
                 pings = {i.actor.ping.remote(): i for i in live}
-                ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cluster.pull_timeout_s)
-                for ref in ready:
+                pending, end = list(pings), time.monotonic() + self.cluster.pull_timeout_s
+                while pending and not self._closed:  # each answer as it comes: a busy actor delays no other
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, end - time.monotonic()))
+                    if not ready:
+                        break
                     try:
-                        ray.get(ref)
+                        ray.get(ready[0])
                     except Exception as e:  # noqa: BLE001
                         if actor_gone(e):
                             with self.ctrl.cv:
-                                self.ctrl.lose_instance(pings[ref], InstanceLost(pings[ref], e))
+                                self.ctrl.lose_instance(pings[ready[0]], InstanceLost(pings[ready[0]], e))
             except Exception:  # noqa: BLE001 - Ray going down under a closing engine
                 if self._closed:
                     return
