@@ -75,8 +75,16 @@ def test_paged_decode_equals_dense(lengths, page_size, kvh, seed):
         v_pages = np.array(write_kv_slots(jnp.asarray(v_pages), jnp.asarray(slots), jnp.asarray(cv)))
         ctx_k.append(ck)
         ctx_v.append(cv)
-    # garbage in unused slots must not leak into the result
-    k_pages[0] = 1e3
+    # Garbage in every slot no context wrote, including the tail of each sequence's last page and
+    # the pages its table lists past its length (both are read and must be masked): a position the
+    # kernel fails to mask then dominates the softmax (K) or the sum (V).
+    written = np.zeros((num_pages, page_size), bool)
+    for b, n in enumerate(lengths):
+        for j in range(n):
+            written[tables[b, j // page_size], j % page_size] = True
+    assert (~written[tables]).any() or all(n == per_seq * page_size for n in lengths)
+    k_pages[~written] = 1e3
+    v_pages[~written] = 1e3
     out = np.asarray(
         paged_decode_attention(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
                                jnp.asarray(np.array(lengths, np.int32)), 0.25)

@@ -41,21 +41,32 @@ def test_leak_check_fires():
 @given(ops=st.lists(st.tuples(st.sampled_from(["ensure", "free"]), st.integers(0, 5), st.integers(1, 40)),
                     max_size=60))
 def test_random_operations_keep_invariants(ops):
+    """Against a model of its own (pages held per request): every ``ensure`` that raises OutOfPages
+    asked for more pages than were free, every other one succeeds, and a failure changes nothing."""
     a = PageAllocator(num_pages=17, page_size=4)
+    held_model: dict[int, int] = {}
     for op, rid, n in ops:
         if op == "ensure":
+            have = held_model.get(rid, 0)
+            extra = max(0, pages_for(n, 4) - have)
+            free_before, table_before = a.num_free, list(a.table(rid))
             try:
                 a.ensure(rid, n)
             except OutOfPages:
-                pass
+                assert extra > a.capacity - sum(held_model.values()), (rid, n, held_model)
+                assert (a.num_free, list(a.table(rid))) == (free_before, table_before)
             else:
-                assert len(a.table(rid)) >= pages_for(n, 4)
+                assert extra <= a.capacity - sum(held_model.values()), (rid, n, held_model)
+                assert len(a.table(rid)) == have + extra and a.table(rid)[:have] == table_before
+                held_model[rid] = have + extra
         else:
             a.free(rid)
+            held_model.pop(rid, None)
         held = [p for r in a.requests() for p in a.table(r)]
         assert len(held) == len(set(held)), "a page is in two tables"
         assert NULL_PAGE not in held
         assert len(held) + a.num_free == a.capacity
+        assert {r: len(a.table(r)) for r in a.requests() if a.table(r)} == {r: k for r, k in held_model.items() if k}
     for r in a.requests():
         a.free(r)
     a.assert_no_leaks()

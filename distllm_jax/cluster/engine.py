@@ -18,13 +18,12 @@ from distllm_jax.cluster.actor import InstanceActor
 from distllm_jax.cluster.bootstrap import actor_options, cluster_platform, connect, resolve_node
 from distllm_jax.cluster.config import ClusterConfig
 from distllm_jax.cluster.kv_paths import RemoteKVPuller
-from distllm_jax.cluster.remote import RemoteInstance
+from distllm_jax.cluster.remote import PING_TIMEOUT_S, RemoteInstance
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.decode import DecodeWorker
-from distllm_jax.engine.engine import Engine, EngineClosed
+from distllm_jax.engine.engine import Engine, EngineClosed, disaggregated_worker
 from distllm_jax.engine.params_source import ParamSource
-from distllm_jax.engine.prefill import PrefillWorker
 from distllm_jax.kv_cache import pages_for
 
 _REMOTE_ACTOR: Any = None
@@ -50,6 +49,7 @@ class ClusterEngine(Engine):
         self.platform = cluster_platform(self.cluster)
         self.kv_path_note: str | None = None
         self.replacements = 0
+        self.warmup_seconds = 0.0  # measured by warmup(); read while the actors start
         self._replacing: dict[str, threading.Thread] = {}
         self._replace_lock = threading.Lock()
         self._actors: list[Any] = []
@@ -82,7 +82,14 @@ class ClusterEngine(Engine):
             info = ray.get(actor.info.remote())
         except Exception as e:
             raise RuntimeError(f"the actor for {name} ({spec.label()}) did not start: {e}") from e
-        return RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name})
+        inst = RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name})
+        inst.ping_timeout = self._ping_timeout()
+        return inst
+
+    def _ping_timeout(self) -> float:
+        """How long an actor may leave a ping unanswered: at least as long as the warm-up took
+        (before the first warm-up, the fixed minimum)."""
+        return max(PING_TIMEOUT_S, self.warmup_seconds)
 
     def _build_instances(self, devices: Sequence[Any] | None) -> list[Any]:
         """One actor per instance, all started at once (prefill first, so that with ``same_node``
@@ -119,6 +126,8 @@ class ClusterEngine(Engine):
             raise RuntimeError(f"an instance actor failed to compile its programs: {e}") from e
         self._warm_paths(self._transfer_pairs())
         self.warmup_seconds = time.perf_counter() - t0
+        for inst in self.instances:
+            inst.ping_timeout = self._ping_timeout()
 
     def _warm_paths(self, pairs: Sequence[tuple[Any, Any]]) -> None:
         puller: RemoteKVPuller = self.puller  # type: ignore[assignment]
@@ -154,14 +163,17 @@ class ClusterEngine(Engine):
                 with self.ctrl.cv:
                     live = [i for i in self.instances if i not in self.ctrl.lost]
                 pings = {i.actor.ping.remote(): i for i in live}
-                ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cluster.pull_timeout_s)
-                for ref in ready:
+                pending, end = list(pings), time.monotonic() + self.cluster.pull_timeout_s
+                while pending and not self._closed:  # each answer as it comes: a busy actor delays no other
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, end - time.monotonic()))
+                    if not ready:
+                        break
                     try:
-                        ray.get(ref)
+                        ray.get(ready[0])
                     except Exception as e:  # noqa: BLE001
                         if actor_gone(e):
                             with self.ctrl.cv:
-                                self.ctrl.lose_instance(pings[ref], InstanceLost(pings[ref], e))
+                                self.ctrl.lose_instance(pings[ready[0]], InstanceLost(pings[ready[0]], e))
             except Exception:  # noqa: BLE001 - Ray going down under a closing engine
                 if self._closed:
                     return
@@ -172,26 +184,29 @@ class ClusterEngine(Engine):
         """Controller hook (lock held): start a replacement in the background."""
         if not self.cluster.auto_replace or self._closed or inst.name in self._replacing:
             return
-        t = threading.Thread(target=self._replace_in_background, args=(inst.name,), daemon=True,
+        t = threading.Thread(target=self._replace_in_background, args=(inst,), daemon=True,
                              name=f"distllm-replace-{inst.name}")
         self._replacing[inst.name] = t
         t.start()
 
-    def _replace_in_background(self, name: str) -> None:
+    def _replace_in_background(self, lost: RemoteInstance) -> None:
         try:
-            self.replace_instance(name)
+            self.replace_instance(lost.name, lost=lost)
         except Exception as e:  # noqa: BLE001 - reported in stats; the other instances serve on
             with self.ctrl.cv:
-                self.ctrl.errors.append(f"replacing {name} failed: {type(e).__name__}: {e}")
+                self.ctrl.errors.append(f"replacing {lost.name} failed: {type(e).__name__}: {e}")
         finally:
             with self.ctrl.cv:
-                self._replacing.pop(name, None)
+                self._replacing.pop(lost.name, None)
                 self.ctrl.cv.notify_all()
 
-    def replace_instance(self, name: str) -> RemoteInstance:
+    def replace_instance(self, name: str, lost: RemoteInstance | None = None) -> RemoteInstance:
         """Start a fresh actor for instance ``name``, compile its programs and KV paths, and route to it.
         A live instance is first killed and settled like a lost one (its prefill work is re-queued,
-        its decoding requests fail), so this also restarts a wedged actor."""
+        its decoding requests fail), so this also restarts a wedged actor. ``lost``: replace only that
+        instance (the background replacement of a lost actor), and do nothing if a replacement came
+        meanwhile; otherwise settling a live instance here, which starts that background replacement,
+        would have it kill the fresh one as soon as this call returned."""
         import ray
 
         with self._replace_lock:
@@ -202,6 +217,8 @@ class ClusterEngine(Engine):
                 if idx is None:
                     raise ValueError(f"no instance {name!r} (instances: {[i.name for i in self.instances]})")
                 old = self.instances[idx]
+                if lost is not None and old is not lost:
+                    return old
                 if old not in self.ctrl.lost:
                     self.ctrl.lose_instance(old, RuntimeError("replaced on request"))
             _kill(old.actor)
@@ -214,11 +231,9 @@ class ClusterEngine(Engine):
                     if self._closed:
                         raise EngineClosed("the engine is shutting down")
                     gone = self.workers[idx]
-                    if old.role == "prefill":
-                        worker: Any = PrefillWorker(self.ctrl, new, self.config.prefill_token_budget)
-                    else:
-                        worker = DecodeWorker(self.ctrl, new, self.puller, gone.peers, self.config.check_transfers)
-                        gone.peers[gone.peers.index(gone)] = worker
+                    worker = disaggregated_worker(self.ctrl, new, self.config, self.puller, self.decoders)
+                    if isinstance(worker, DecodeWorker):
+                        self.decoders[self.decoders.index(gone)] = worker
                     self.instances[idx], self.workers[idx] = new, worker
                     self.replacements += 1
                     self.ctrl.cv.notify_all()

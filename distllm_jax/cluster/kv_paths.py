@@ -43,14 +43,15 @@ class RemoteKVPuller:
         on the staged path: the pages are still in the source."""
         if len(src_pages) != len(dst_pages):
             raise ValueError(f"page counts differ: {len(src_pages)} source, {len(dst_pages)} destination")
+        kind = self.kind  # read once: a replacement's warm-up may switch the engine to staged meanwhile
         try:
-            self._move(self.kind, src, list(src_pages), dst, list(dst_pages))
-            return self.kind
+            self._move(kind, src, list(src_pages), dst, list(dst_pages))
+            return kind
         except Exception as e:
             for side in (src, dst):
                 if not side.alive():
                     raise InstanceLost(side, e) from e
-            if self.kind != "transfer-server":
+            if kind != "transfer-server":
                 raise
             self.fallbacks += 1
         self._move("staged", src, list(src_pages), dst, list(dst_pages))

@@ -19,7 +19,7 @@ from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.programs import Segment
 from distllm_jax.kv_cache import PageAllocator
 
-PING_TIMEOUT_S = 10.0
+PING_TIMEOUT_S = 10.0  # the least an actor is given to answer a ping before it counts as wedged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,10 @@ class RemoteInstance:
         self.stage_ranges: list[tuple[int, int]] = [tuple(r) for r in info["stage_ranges"]]
         self.impl = RemoteImpl(info["attention"])
         self.steps = 0
+        # A ping competes for the host with whatever the actor runs, so a fixed bound declares a busy
+        # actor on a loaded host dead; the engine raises this to the measured warm-up (an actor that
+        # answers nothing for as long as compiling all programs took is wedged, not slow).
+        self.ping_timeout = PING_TIMEOUT_S
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         """One actor method, waited for; a dead actor raises :class:`InstanceLost`."""
@@ -68,12 +72,13 @@ class RemoteInstance:
                 raise InstanceLost(self, e) from e
             raise
 
-    def alive(self, timeout: float = PING_TIMEOUT_S) -> bool:
-        """Answers a ping within ``timeout`` (retried while Ray calls it only unavailable)."""
+    def alive(self, timeout: float | None = None) -> bool:
+        """Answers a ping within ``timeout`` (default :attr:`ping_timeout`; retried while Ray calls it
+        only unavailable)."""
         import ray
         from ray.exceptions import ActorUnavailableError, GetTimeoutError
 
-        end = time.monotonic() + timeout
+        end = time.monotonic() + (self.ping_timeout if timeout is None else timeout)
         while True:
             try:
                 ray.get(self.actor.ping.remote(), timeout=max(0.1, end - time.monotonic()))

@@ -60,6 +60,22 @@ def make_puller(kind: str, max_pages: int) -> KVPuller:
     return LocalKVPuller(max_pages)
 
 
+def disaggregated_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller,
+                         decoders: list[DecodeWorker]) -> PrefillWorker | DecodeWorker:
+    """The worker of one disaggregated instance, made here for the engine's start and for an instance
+    that replaces a lost one (cluster mode) alike, so a replacement is wired as the original was: a
+    prefill worker offers each finished batch to ``decoders`` (the engine's shared list of decode
+    workers), and a decode worker balances its pulls across them. The caller puts a new decode worker
+    into ``decoders``."""
+    w: PrefillWorker | DecodeWorker
+    if inst.role == "prefill":
+        w = PrefillWorker(ctrl, inst, cfg.prefill_token_budget, decoders)
+    else:
+        w = DecodeWorker(ctrl, inst, puller, decoders, cfg.check_transfers)
+    w.lookahead = w.lookahead and cfg.async_decode
+    return w
+
+
 class EngineClosed(RuntimeError):
     pass
 
@@ -85,17 +101,15 @@ class Engine:
         self.instances = self._build_instances(devices)
         self.workers: list[Worker] = []
         self.puller: KVPuller | None = None
+        self.decoders: list[DecodeWorker] = []  # shared by every disaggregated worker
         budget = cfg.prefill_token_budget
         if cfg.mode == "disaggregated":
             self.puller = puller or self._make_puller()
-            peers: list[DecodeWorker] = []
             for inst in self.instances:
-                if inst.role == "prefill":
-                    self.workers.append(PrefillWorker(self.ctrl, inst, budget, peers))
-                else:
-                    w = DecodeWorker(self.ctrl, inst, self.puller, peers, cfg.check_transfers)
-                    peers.append(w)
-                    self.workers.append(w)
+                w = disaggregated_worker(self.ctrl, inst, cfg, self.puller, self.decoders)
+                if isinstance(w, DecodeWorker):
+                    self.decoders.append(w)
+                self.workers.append(w)
         else:
             kind = ColocatedWorker if cfg.mode == "colocated" else ChunkedWorker
             self.workers = [kind(self.ctrl, inst, budget) for inst in self.instances]
