@@ -4,6 +4,7 @@ with a byte-level tokenizer: streaming, health, reflection, metrics, validation,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import signal
 import threading
 import time
@@ -165,14 +166,19 @@ def test_cancel_mid_stream_frees_pages(server, client):
 
 
 def test_deadline_exceeded_frees_pages(server, client):
-    # a deadline at a third of what the same request takes uncapped (a fixed one went stale once the
-    # engine's steps got faster)
-    t0 = time.perf_counter()
-    client.complete([4, 5, 6], max_tokens=120, ignore_eos=True)
-    whole = time.perf_counter() - t0
-    with Client(server.address, timeout=whole / 3) as c:
-        with pytest.raises(grpc.RpcError) as e:
-            list(c.generate([4, 5, 6], max_tokens=120, ignore_eos=True))
+    """A request whose deadline passes mid-generation ends DEADLINE_EXCEEDED and its pages are freed.
+    The server is stopped (SIGSTOP) once the first token is out and resumed only after the client's
+    deadline fired, so the deadline always passes mid-generation, however fast the steps are."""
+    with Client(server.address, timeout=2.0) as c:
+        stream = c.generate([4, 5, 6], max_tokens=MAX_LEN - 3, ignore_eos=True)
+        first = next(stream)
+        assert first.HasField("chunk")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stream)  # returns when the client's deadline fires
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_pages_free(server)
 
@@ -200,17 +206,45 @@ requests = st.fixed_dictionaries({
 })
 
 
+def _invalid_field(req: dict) -> str | None:
+    """The field the README's API refuses in ``req``, or None when the request is valid: a prompt of
+    1 to MAX_LEN - 1 tokens inside the vocabulary (text through the byte-level tokenizer),
+    max_tokens in [1, what the context leaves], temperature in [0, 100], top_p in (0, 1], top_k in
+    [0, vocabulary], seed in [0, 2**32), at most 16 non-empty stop strings, stop ids in the vocabulary."""
+    from distllm_jax.tokenizer import byte_level
+
+    prompt, vocab = req["prompt"], 256
+    field = "text" if isinstance(prompt, str) else "token_ids"
+    ids = byte_level().encode(prompt).ids if isinstance(prompt, str) else prompt
+    if not ids or any(not 0 <= t < vocab for t in ids) or len(ids) >= MAX_LEN:
+        return field
+    checks = {
+        "max_tokens": req["max_tokens"] is None or 1 <= req["max_tokens"] <= MAX_LEN - len(ids),
+        "temperature": req["temperature"] is None or 0 <= req["temperature"] <= 100,
+        "top_p": req["top_p"] is None or 0 < req["top_p"] <= 1,
+        "top_k": req["top_k"] is None or 0 <= req["top_k"] <= vocab,
+        "seed": req["seed"] is None or 0 <= req["seed"] < 2**32,
+        "stop": req["stop"] is None or (len(req["stop"]) <= 16 and all(req["stop"])),
+        "stop_token_ids": req["stop_token_ids"] is None or all(0 <= t < vocab for t in req["stop_token_ids"]),
+    }
+    return next((name for name, ok in checks.items() if not ok), None)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(req=requests)
 def test_random_requests_end_with_tokens_or_a_clear_status(client, req):
+    """A valid request ends with its tokens; an invalid one with INVALID_ARGUMENT naming a bad field."""
     req = dict(req)
+    bad = _invalid_field(req)
     prompt = req.pop("prompt")
     try:
         responses = list(client.generate(prompt, **req))
     except grpc.RpcError as e:
+        assert bad is not None, f"a valid request was refused: {e.code()} {e.details()}"
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
         assert e.details() and ":" in e.details()
         return
+    assert bad is None, f"{bad} was accepted"
     assert responses and responses[-1].HasField("finished")
     fin = responses[-1].finished
     assert fin.finish_reason in ("stop", "length")
