@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distllm_jax.compile_cache import default_dir as compile_cache_dir
+
 AUTH_ENV = "DISTLLM_AUTH_TOKEN"  # also serve.server.AUTH_ENV; here so --help needs no grpc import
 
 
@@ -45,6 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--preset", default="tiny-opt", help="built-in config served with random weights")
     m.add_argument("--dtype", help="params and KV dtype (none: the checkpoint's; bfloat16 on GPU, float32 on CPU for presets)")
     m.add_argument("--seed", type=int, default=0, help="random-weight seed")
+    m.add_argument("--compile-cache", default=str(compile_cache_dir()),
+                   help="jax's persistent compilation cache: a second start of the same model and layout loads "
+                        "its programs instead of compiling them ('off': compile everything)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--mode", choices=["disaggregated", "colocated", "chunked"],
                      help="none: disaggregated with two or more devices (or --cluster), else colocated")
@@ -192,8 +197,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import jax
 
+    from distllm_jax import compile_cache
     from distllm_jax.engine import Engine
     from serve.chat_template import load_chat_template
+
+    compile_cache.enable(None if args.compile_cache == "off" else args.compile_cache)
 
     source, tok = model_source(args)
     owns_ray = False

@@ -279,6 +279,7 @@ class Engine:
                 "requeued": c.requeued,
                 "lost_instances": [i.name for i in self.instances if i in c.lost],
                 "compilations": compile_counter.compilations(),
+                "compile_cache_hits": compile_counter.cache_hits(),
                 "warmup_seconds": self.warmup_seconds,
                 "instances": per,
                 "recent_errors": [e.splitlines()[0] for e in c.errors],
