@@ -53,11 +53,13 @@ PICKS = ("goodput", "artifact")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """One prefill + one decode instance (disaggregated) or one colocated instance."""
+    """One prefill + one decode instance (disaggregated) or one colocated instance; ``chunked``: the
+    colocated instance mixes prompt chunks into decode steps (SplitFuse, DeepSpeed-MII's way)."""
 
     prefill: Par | None = None
     decode: Par | None = None
     colocated: Par | None = None
+    chunked: bool = False
 
     @property
     def disaggregated(self) -> bool:
@@ -73,13 +75,17 @@ class Layout:
     def name(self) -> str:
         if self.disaggregated:
             return f"P-tp{self.prefill.tp}pp{self.prefill.pp}/D-tp{self.decode.tp}pp{self.decode.pp}"
-        return f"tp{self.colocated.tp}pp{self.colocated.pp}"
+        return f"tp{self.colocated.tp}pp{self.colocated.pp}" + ("-chunked" if self.chunked else "")
+
+    @property
+    def mode(self) -> str:
+        return "disaggregated" if self.disaggregated else "chunked" if self.chunked else "colocated"
 
     def config(self, **sim: object) -> SimConfig:
         if self.disaggregated:
             return SimConfig("disaggregated", (self.prefill,), (self.decode,), **sim)
         sim = {k: v for k, v in sim.items() if k != "transfer_gbps"}
-        return SimConfig("colocated", colocated=(self.colocated,), **sim)
+        return SimConfig(self.mode, colocated=(self.colocated,), **sim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,12 @@ class AblationSpec:
     nodes: int = 4  # max_machine in the artifact's low-affinity check
     gpus_per_node: int = 8  # max_gpu_per_node there
     rate_tol: float = 1 / 32  # bisection stops when the bracket is this narrow (req/s per GPU)
+    # ... or this narrow relative to its top (goodputs spanning 0.05-5 req/s per GPU need both)
+    rate_rel_tol: float = 0.0
+    min_requests: int = 0  # at least this many requests a simulation (a 1-GPU layout's 100 is noisy)
+    # ... and enough that the arrivals span this many TTFT targets: a backlog that fits in the TTFT
+    # target never shows as misses, so a short run overstates the goodput of a loose target (15 s)
+    min_span_ttft: float = 0.0
     max_per_gpu_rate: float = 64.0  # where the upward search gives up (goodput reported as this)
     pick: str = "goodput"
     seed: int = 0
@@ -155,9 +167,11 @@ class Runner:
         """(n, 2) array of TTFT and TPOT in seconds (inf where a request never finished)."""
         key = (layout, float(per_gpu_rate))
         if key not in self._cache:
-            n = self.spec.requests_per_gpu * layout.gpus
+            rate = per_gpu_rate * layout.gpus
+            n = max(self.spec.min_requests, self.spec.requests_per_gpu * layout.gpus,
+                    math.ceil(self.spec.min_span_ttft * self.spec.slo[0] * rate))
             lens = [self.lengths[i % len(self.lengths)] for i in range(n)]
-            arr = self._arrivals(n, per_gpu_rate * layout.gpus, seed=self.spec.seed)
+            arr = self._arrivals(n, rate, seed=self.spec.seed)
             reqs = simulate(self.profile, layout.config(**self.sim), lens, arr)
             self._cache[key] = np.array([(r.ttft, r.tpot) for r in reqs], dtype=float).reshape(-1, 2)
             self.simulations += 1
@@ -199,12 +213,13 @@ def grid_bracket(attain: Callable[[float], float], grid: Sequence[float], target
 
 
 def refine(attain: Callable[[float], float], lo: float, hi: float, target: float, tol: float,
-           floor: float = -1.0) -> tuple[float, float]:
-    """Bisection of a (lo, hi) bracket down to ``tol`` wide; stops early once hi <= floor (it cannot
-    beat that goodput). Narrowing a bracket twice costs nothing more than narrowing it once."""
+           floor: float = -1.0, rel_tol: float = 0.0) -> tuple[float, float]:
+    """Bisection of a (lo, hi) bracket down to ``tol`` wide (or ``rel_tol`` of hi); stops early once
+    hi <= floor (it cannot beat that goodput). Narrowing a bracket twice costs nothing more than
+    narrowing it once."""
     if math.isinf(hi):
         return lo, hi
-    while hi - lo > tol and hi > floor:
+    while hi - lo > max(tol, rel_tol * hi) and hi > floor:
         mid = (lo + hi) / 2
         if attain(mid) >= target:
             lo = mid
@@ -231,12 +246,22 @@ def pick(runner: Runner, candidates: Sequence[Layout], brackets: dict[Layout, tu
                                        spec.max_per_gpu_rate)
     best = -1.0
     for l in sorted(candidates, key=lambda l: -brackets[l][0]):
-        lo, hi = brackets[l]
-        if hi > best:
-            brackets[l] = refine(lambda r: runner.attainment(l, r), lo, hi, spec.target, spec.rate_tol, best)
+        if brackets[l][1] > best:
+            goodput_bracket(runner, l, brackets, best)
         best = max(best, brackets[l][0])
     tied = [l for l in candidates if brackets[l][0] == best]
     return max(tied, key=lambda l: runner.attainment(l, top))
+
+
+def goodput_bracket(runner: Runner, layout: Layout, brackets: dict[Layout, tuple[float, float]],
+                    floor: float = -1.0) -> tuple[float, float]:
+    """The layout's per-GPU goodput bracket (grid, then bisection to the spec's tolerance; pruned at
+    ``floor``), kept in ``brackets`` so a layout already narrowed is not simulated again."""
+    spec = runner.spec
+    attain = lambda r: runner.attainment(layout, r)  # noqa: E731
+    lo, hi = brackets.get(layout) or grid_bracket(attain, spec.per_gpu_rates, spec.target, spec.max_per_gpu_rate)
+    brackets[layout] = refine(attain, lo, hi, spec.target, spec.rate_tol, floor, spec.rate_rel_tol)
+    return brackets[layout]
 
 
 def run(profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec,
@@ -268,9 +293,7 @@ def run(profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec
     for name in SYSTEMS:
         runner = runners["disaggregated" if name.startswith("DistServe") else "colocated"]
         best = pick(runner, candidates[name], brackets)
-        lo, hi = brackets.get(best) or grid_bracket(lambda r: runner.attainment(best, r), spec.per_gpu_rates,
-                                                    spec.target, spec.max_per_gpu_rate)
-        brackets[best] = refine(lambda r: runner.attainment(best, r), lo, hi, spec.target, spec.rate_tol)
+        goodput_bracket(runner, best, brackets)
         rates = {r: 100 * runner.attainment(best, r) for r in spec.per_gpu_rates}
         systems[name] = {
             "layout": best.name, "mode": "disaggregated" if best.disaggregated else "colocated", "gpus": best.gpus,
@@ -293,6 +316,29 @@ def run(profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec
             "seconds": round(time.time() - t0, 1)}
 
 
+def draw_panels(a1, a2, systems: dict[str, dict], target: float, slo_scale_rate: float,
+                styles: dict[str, dict] | None = None) -> None:
+    """Attainment vs per-GPU rate on ``a1`` (x: each system's goodput at the target) and vs SLO scale
+    on ``a2`` (tightest on the right), one curve a system; Figures 8, 9 and 11 draw the same panels."""
+    for name, s in systems.items():
+        style = (styles or {}).get(name, dict(marker="o"))
+        label = f"{name} ({s['layout']}): {s['per_gpu_goodput']:.3g} req/s/GPU"
+        rates = [float(r) for r in s["attainment_by_per_gpu_rate"]]
+        line, = a1.plot(rates, list(s["attainment_by_per_gpu_rate"].values()), label=label, **style)
+        if rates and 0 < s["per_gpu_goodput"] <= max(rates):
+            a1.plot([s["per_gpu_goodput"]], [100 * target], marker="x", ms=9, color=line.get_color())
+        a2.plot([float(x) for x in s["attainment_by_slo_scale"]], list(s["attainment_by_slo_scale"].values()),
+                label=name, **style)
+    for ax in (a1, a2):
+        ax.axhline(100 * target, color="grey", ls="--", lw=1)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("SLO attainment (%)")
+        ax.legend(fontsize=7)
+    a1.set_xlabel("per-GPU rate (req/s)")
+    a2.set_xlabel(f"SLO scale (at {slo_scale_rate:.3g} req/s per GPU)")
+    a2.invert_xaxis()
+
+
 def plot(result: dict, path: Path, title: str) -> None:
     """Figure 11's two panels: attainment vs per-GPU rate, and vs SLO scale (tightest on the right)."""
     import matplotlib
@@ -303,27 +349,19 @@ def plot(result: dict, path: Path, title: str) -> None:
     spec = result["spec"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     # High and Low often pick the same layout (always, within 4 GPUs): Low dashed, so both show
-    styles = {"DistServe-Low": dict(ls="--", marker="s", mfc="none")}
-    for name, s in result["systems"].items():
-        style = styles.get(name, dict(marker="o"))
-        label = f"{name} ({s['layout']}): {s['per_gpu_goodput']:.2f} req/s/GPU"
-        line, = a1.plot(list(s["attainment_by_per_gpu_rate"]), list(s["attainment_by_per_gpu_rate"].values()),
-                        label=label, **style)
-        if 0 < s["per_gpu_goodput"] <= max(spec["per_gpu_rates"]):
-            a1.plot([s["per_gpu_goodput"]], [100 * spec["target"]], marker="x", ms=9, color=line.get_color())
-        a2.plot(list(s["attainment_by_slo_scale"]), list(s["attainment_by_slo_scale"].values()), label=name, **style)
-    for ax in (a1, a2):
-        ax.axhline(100 * spec["target"], color="grey", ls="--", lw=1)
-        ax.set_ylim(0, 105)
-        ax.set_ylabel("SLO attainment (%)")
-        ax.legend(fontsize=7)
-    a1.set_xlabel("per-GPU rate (req/s)")
-    a2.set_xlabel(f"SLO scale (at {spec['slo_scale_rate']:g} req/s per GPU)")
-    a2.invert_xaxis()
+    draw_panels(a1, a2, result["systems"], spec["target"], spec["slo_scale_rate"],
+                {"DistServe-Low": dict(ls="--", marker="s", mfc="none")})
+    save_figure(fig, path, title, 110)
+
+
+def save_figure(fig, path: Path, title: str, dpi: int) -> None:
+    """Title, lay out, write the PNG (making its folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

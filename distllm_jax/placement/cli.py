@@ -1,4 +1,5 @@
-"""``distllm profile | simulate | place`` and the paper's Figure 11 ablation (``distllm simulate --ablation``)."""
+"""``distllm profile | simulate | place``, the paper's Figure 11 ablation (``distllm simulate --ablation``)
+and its end-to-end Figures 8 and 9 in simulation (``distllm simulate --figure 8|9``)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def cmd_simulate(args) -> int:
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import sim_attainment, workload_from
 
+    if args.figure is not None:
+        from distllm_jax.placement.figures import run_figure
+
+        args.out_dir = args.out_dir or f"bench/results/figure{args.figure}"
+        return run_figure(args)  # each entry's own dataset unless --dataset is given
+    args.out_dir = args.out_dir or "bench/results/figure11"
     if args.dataset is None:
         args.dataset = "sharegpt-artifact" if args.ablation else "sharegpt"
     if args.ablation:
@@ -173,6 +180,7 @@ def cmd_profile(args) -> int:
 
 def add_commands(sub) -> None:
     from distllm_jax.placement.ablation import add_arguments as add_ablation_arguments
+    from distllm_jax.placement.figures import add_arguments as add_figure_arguments
     from distllm_jax.placement.systems import SYSTEMS
 
     s = sub.add_parser("simulate", help="simulate a configuration over a workload at several rates, or replay a trace")
@@ -196,8 +204,11 @@ def add_commands(sub) -> None:
                    help="the same for decode steps (default: --host-contention)")
     s.add_argument("--ablation", action="store_true",
                    help="the paper's Figure 11 (OPT-13B, ShareGPT) as DistServe's artifact runs it, instead")
-    s.add_argument("--out-dir", default="bench/results/figure11", help="where --ablation writes its PNG and JSON")
+    s.add_argument("--out-dir", default=None,
+                   help="where --ablation / --figure write their PNG and JSON (default bench/results/figure11, "
+                        "bench/results/figure8 or figure9)")
     add_ablation_arguments(s)
+    add_figure_arguments(s)
     s.set_defaults(dataset=None)  # sharegpt, or sharegpt-artifact with --ablation (cmd_simulate)
     s.set_defaults(fn=cmd_simulate)
 

@@ -119,25 +119,33 @@ def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
                  "decode": f"tp{best_d[0].tp}pp{best_d[0].pp}"})
 
 
-def algorithm2(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
-               **sim: object) -> Plan:
-    M = cluster.gpus_per_node
-    best = None
-    tried = {}
+def low_affinity_units(profile: Profile, cluster: Cluster) -> list[tuple[Par, Par]]:
+    """Algorithm 2's candidates: (prefill, decode) pairs of one pipeline degree pp (segments across
+    up to ``nodes`` nodes) whose tensor groups share a node (tp_p + tp_d <= GPUs per node), so each
+    layer segment's KV moves over NVLink; the degrees the profile can time and the memory holds."""
+    units = []
     for pp in range(1, cluster.nodes + 1):
         if profile.num_layers % pp:
             continue
         for tp_p in sorted(profile.fits):
             for tp_d in sorted(profile.fits):
-                if tp_p + tp_d > M or not (profile.fits_memory(tp_p, pp) and profile.fits_memory(tp_d, pp)):
-                    continue
-                cfg = SimConfig("disaggregated", (Par(tp_p, pp),), (Par(tp_d, pp),),
-                                transfer_gbps=cluster.intra_node_gbps, **sim)
-                g = config_goodput(profile, cfg, wl, slo)
-                gpus = (tp_p + tp_d) * pp
-                tried[f"P-tp{tp_p}/D-tp{tp_d}/pp{pp}"] = g
-                if best is None or g / gpus > best[0] / best[1]:
-                    best = (g, gpus, Par(tp_p, pp), Par(tp_d, pp))
+                if tp_p + tp_d <= cluster.gpus_per_node and profile.fits_memory(tp_p, pp) \
+                        and profile.fits_memory(tp_d, pp):
+                    units.append((Par(tp_p, pp), Par(tp_d, pp)))
+    return units
+
+
+def algorithm2(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
+               **sim: object) -> Plan:
+    best = None
+    tried = {}
+    for p, d in low_affinity_units(profile, cluster):
+        cfg = SimConfig("disaggregated", (p,), (d,), transfer_gbps=cluster.intra_node_gbps, **sim)
+        g = config_goodput(profile, cfg, wl, slo)
+        gpus = p.gpus + d.gpus
+        tried[f"P-tp{p.tp}/D-tp{d.tp}/pp{p.pp}"] = g
+        if best is None or g / gpus > best[0] / best[1]:
+            best = (g, gpus, p, d)
     if best is None or best[0] <= 0:
         raise ValueError("no configuration meets the SLO at any rate (Algorithm 2)")
     g, gpus, p, d = best

@@ -122,7 +122,35 @@ class DistServe(System):
     decode_admission: str = "on-demand"
 
 
-SYSTEMS: dict[str, type[System]] = {s.name: s for s in (DistLLM, VLLM, VLLMDefaults, DistServe)}
+@dataclasses.dataclass(frozen=True)
+class MII(System):
+    """DeepSpeed-MII (DeepSpeed-FastGen), the paper's chunked-prefill baseline: one colocated
+    instance whose every forward pass mixes one token of each running sequence with chunks of waiting
+    prompts up to a fixed token count (Dynamic SplitFuse): the simulator's ``chunked`` mode, whose
+    mixed steps are timed from the prefill and decode fits (``SimConfig.mixed_s``: the chunks cost a
+    prefill batch, the decode rows and every cached prefix they read what the decode fit charges).
+
+    Sources: microsoft/DeepSpeed ``deepspeed/inference/v2/ragged/manager_configs.py``
+    ``DSStateManagerConfig``: ``max_ragged_batch_size = 768`` ("the maximum number of tokens that can
+    be contained in a single ragged batch": the SplitFuse budget), ``max_ragged_sequence_count = 512``
+    (sequences a forward pass may hold: every running sequence has a row in each step, so it bounds
+    the decode batch), ``max_tracked_sequences = 2048``. The paper does not give MII's flags; these
+    are its defaults (DeepSpeed-MII's FastGen benchmark client also passes 768).
+    ``memory_utilization``: MII's ``MemoryConfig`` reserves 1 GB after the KV cache rather than a
+    share; 0.95 keeps the KV capacity DistServe's profiler measured for the same A100s (the
+    profiles' ``kv_tokens_measured``), as for the other two systems.
+    Not modelled: MII's KV blocks of 128 tokens allocated as sequences grow (this reserves each
+    request's whole length when its first chunk is admitted, as this engine does)."""
+
+    name: ClassVar[str] = "mii"
+    mode: ClassVar[str | None] = "chunked"
+    prefill_token_budget: int = 768
+    max_prefill_seqs: int = 512
+    max_decode_batch: int = 512
+    memory_utilization: float = 0.95
+
+
+SYSTEMS: dict[str, type[System]] = {s.name: s for s in (DistLLM, VLLM, VLLMDefaults, DistServe, MII)}
 
 
 def system_overrides(name: str, mode: str | None = None) -> dict[str, Any]:
