@@ -65,9 +65,22 @@ class Target:
             self.decode = lambda ids: tok.decode(list(ids))
             self.tokenizer_id = f"local:{p.resolve()}"
         else:
-            self.encode = self.client.tokenize
+            self.encode = self._server_encode
             self.decode = lambda ids: ""
             self.tokenizer_id = f"server:{self.model}:{info.vocab_size}"
+
+    def _server_encode(self, text: str) -> list[int]:
+        """The server's Tokenize. It refuses text too long to fit its context (so a huge text costs no
+        tokenizer time): such a text stands as one token longer than the context, which the dataset's
+        length filter drops, as it would drop the real ids."""
+        import grpc
+
+        try:
+            return self.client.tokenize(text)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot fit the context" in (e.details() or ""):
+                return [0] * (self.max_len + 1)
+            raise
 
     def _openai(self, base_url: str | None, model: str | None, tokenizer_path: str | None, devices: int) -> None:
         """Any OpenAI-compatible server: the model and context from /v1/models, a local tokenizer."""
