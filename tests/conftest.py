@@ -1,4 +1,6 @@
-"""Test setup: 8 virtual CPU devices (set before jax is imported anywhere), shared checkpoints."""
+"""Test setup: 8 virtual CPU devices (set before jax is imported anywhere), the persistent compilation
+cache the servers use (many tests build the same small engines: they load each other's programs
+instead of compiling them again), shared checkpoints."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from distllm_jax import compile_cache  # noqa: E402
+
+compile_cache.enable(compile_cache.default_dir())
 
 from hf_models import HF_VARIANTS, make_hf_checkpoint  # noqa: E402
 
