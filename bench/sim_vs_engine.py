@@ -116,14 +116,19 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
             return lambda: d.run(dkind, [dseg[:n]])
         return lambda: run_decode_steps(d, dseg[:n], DECODE_STEPS)
 
-    steps, admissions = [], []
+    steps, admissions, restarts = [], [], []
     try:
         for _ in range(probes):
             o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
             prefill = _median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
-            step = o.timings.tpot - _median_ms(decode_loop(1), 1) / 1e3 / per_call
+            t, dstep = o.timings, _median_ms(decode_loop(1), 1) / 1e3 / per_call
+            tt = t.token_times
+            step = (tt[-1] - tt[1]) / (len(tt) - 2) - dstep
             steps.append(step)
-            admissions.append(o.timings.ttft - prefill - max(0.0, step))
+            admissions.append(t.ttft - prefill - max(0.0, step))
+            # the first decode step after the prefill (or the pull) starts with nothing in flight
+            joined = t.migration_end if t.migration_end is not None else tt[0]
+            restarts.append(tt[1] - joined - dstep - max(0.0, step))
         contention = (1.0, 1.0)
         if engine.config.mode == "disaggregated":
             # the decode side as serving runs it (with the lookahead), at the batch sizes of the
@@ -137,7 +142,8 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
             d.alloc.free(rid)
     return dataclasses.replace(scfg, admission_s=max(0.0, statistics.median(admissions)),
                                step_overhead_s=max(0.0, statistics.median(steps)), host_contention=contention[0],
-                               host_contention_decode=contention[1])
+                               host_contention_decode=contention[1],
+                               decode_restart_s=max(0.0, statistics.median(restarts)) if dkind == "decode" else 0.0)
 
 
 def _beside_another(r, steps) -> bool:
@@ -277,6 +283,9 @@ def main(args) -> int:
     from distllm_jax.placement.profiler import Profiler, make_profile
     from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
 
+    from distllm_jax import compile_cache
+
+    compile_cache.enable(None if args.compile_cache == "off" else args.compile_cache)
     source, model_name = weights(args)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
     profiler = Profiler(source, 1, args.prompt_lens, args.prompts_per_batch, args.batches, args.contexts, page_size=ps,
@@ -318,7 +327,7 @@ def main(args) -> int:
                                        decode_lookahead=ecfg.async_decode)
             scfg = calibrate_host(engine, scfg, items[0][0])
             print(f"{name}: admission {1e3 * scfg.admission_s:.2f} ms, step overhead "
-                  f"{1e3 * scfg.step_overhead_s:.2f} ms, host contention x{scfg.host_contention:.2f} prefill, x{scfg.host_contention_decode:.2f} decode")
+                  f"{1e3 * scfg.step_overhead_s:.2f} ms, decode restart {1e3 * scfg.decode_restart_s:.2f} ms, host contention x{scfg.host_contention:.2f} prefill, x{scfg.host_contention_decode:.2f} decode")
             for rate in args.rates:
                 # each repeat another draw of the arrival times; requests and steps are pooled (the
                 # engine's own spread between runs is several percent on a shared host)
@@ -353,7 +362,7 @@ def main(args) -> int:
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
                 row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
-                       "step_overhead_s": scfg.step_overhead_s, "host_contention": scfg.host_contention,
+                       "step_overhead_s": scfg.step_overhead_s, "decode_restart_s": scfg.decode_restart_s, "host_contention": scfg.host_contention,
                        "host_contention_decode": scfg.host_contention_decode,
                        "steps_logged_over_predicted": step_ratios(parts, scfg),
                        "host_speed": {"during_runs": drift, "against_first_profile": level},
@@ -363,6 +372,7 @@ def main(args) -> int:
                     row["engine_spread"] = {k: [x[k] for x in again]
                                             for k in ("ttft_rel_diff", "tpot_rel_diff", "attainment_diff_points")}
                 out["runs"].append(row)
+                _write(args.out, out)  # after every run: a run cut short keeps what it measured
                 ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
                 print(f"{name:<14} rate {rate:>5g}: TTFT p50 engine {1e3 * row['engine_p50_ttft']:7.1f} ms "
                       f"sim {1e3 * row['sim_p50_ttft']:7.1f} ({100 * row['ttft_rel_diff']:+.0f}%), TPOT p50 engine "
@@ -393,10 +403,14 @@ def main(args) -> int:
     print(summary(out["runs"]))
     print("the grid timed again after all runs, against before them (median over its points): "
           + ", ".join(f"{k} x{v:.3f}" for k, v in out["profile_drift"].items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    _write(args.out, out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _write(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
 
 
 def _ints(text: str) -> list[int]:
@@ -404,6 +418,8 @@ def _ints(text: str) -> list[int]:
 
 
 if __name__ == "__main__":
+    from distllm_jax.compile_cache import default_dir
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a converted checkpoint directory")
@@ -435,4 +451,6 @@ if __name__ == "__main__":
     p.add_argument("--min-output", type=int, default=4)
     p.add_argument("--max-output", type=int, default=48)
     p.add_argument("--out", default="bench/results/sim-vs-engine-cpu.json")
+    p.add_argument("--compile-cache", default=str(default_dir()),
+                   help="jax's persistent compilation cache directory, or 'off' (default: %(default)s)")
     raise SystemExit(main(p.parse_args()))

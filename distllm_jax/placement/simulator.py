@@ -79,6 +79,10 @@ class SimConfig:
     # when that step starts, so a colocated instance's waiting prompt runs after the step in flight
     # *and* the one queued behind it, and a decode step's batch is fixed one step early
     decode_lookahead: bool = False
+    # with the lookahead, a decode step dispatched when none is in flight (after a prefill step, or on
+    # an idle instance) cannot hide its host packing and dispatch behind the step before: it takes
+    # this much longer than the profile's steady decode step (measured on the idle engine)
+    decode_restart_s: float = 0.0
     page_size: int = 16  # KV pages as the engine allocates them
 
     def prefill_s(self, fit, lengths, pp: int) -> float:
@@ -88,6 +92,11 @@ class SimConfig:
             t += fit.prefill[1] * (_bucket(self.token_buckets, total) - total) / pp
         return t / 1e3
 
+    def restart_s(self, chained: bool) -> float:
+        """What a decode step adds for starting the lookahead anew (``chained``: it follows a decode
+        step of the same instance at once, whose time hid its dispatch)."""
+        return self.decode_restart_s if self.decode_lookahead and not chained else 0.0
+
     def decode_s(self, fit, n: int, ctx: int, pp: int) -> float:
         nb = _bucket(self.batch_buckets, n) if self.batch_buckets else n
         return fit.decode_ms(nb, ctx, pp) / 1e3
@@ -95,12 +104,17 @@ class SimConfig:
     def mixed_s(self, fit, chunks: Sequence[tuple[int, int]], decode_starts: Sequence[int], pp: int) -> float:
         """A chunked-prefill step: prompt chunks (start, length) and decode rows at these positions.
         The chunks cost a prefill batch, plus what the decode fit charges for context reads (the
-        decode tokens' and the chunks' cached prefixes) and for the decode rows."""
+        decode tokens' and the chunks' cached prefixes) and for the decode rows. An engine that pads
+        the step's tokens (chunks and decode rows together) to a compiled count pays the padding at
+        the prefill fit's per-token rate, as a padded prefill does."""
         n_dec, dec_ctx = len(decode_starts), sum(decode_starts) + len(decode_starts)
         if not chunks:
             return fit.decode_ms(n_dec, dec_ctx, pp) / 1e3
         _, b, c = fit.decode_small if n_dec < fit.threshold else fit.decode_large
         t = fit.prefill_ms([n for _, n in chunks], pp)
+        if self.token_buckets:
+            total = sum(n for _, n in chunks) + n_dec
+            t += fit.prefill[1] * (_bucket(self.token_buckets, total) - total) / pp
         return (t + (b * (dec_ctx + sum(s for s, _ in chunks)) + c * n_dec) / pp) / 1e3
 
     def capacity(self, profile: Profile, par: Par) -> int:
@@ -345,6 +359,7 @@ class _Disaggregated:
         self.d_busy = [False] * n_d
         self.d_start = [0.0] * n_d  # when each decode instance's current (or last) step started
         self.d_steps = [0] * n_d  # decode steps done
+        self.d_end: dict[int, float] = {}  # when each decode instance's last step ended
         self.d_batch: list[list[SimRequest]] = [[] for _ in range(n_d)]
         self.landed: dict[str, float] = {}  # when each pulled request's pages were in place
         self.pull_q: list[collections.deque] = [collections.deque() for _ in range(n_d)]  # (plan, staged)
@@ -425,7 +440,8 @@ class _Disaggregated:
         self.d_start[j] = now
         self.d_busy[j] = True
         self.d_batch[j] = batch
-        step = cfg.decode_s(self.prof.fit(par.tp), len(batch), ctx, par.pp) + cfg.step_overhead_s
+        step = (cfg.decode_s(self.prof.fit(par.tp), len(batch), ctx, par.pp) + cfg.step_overhead_s
+                + cfg.restart_s(self.d_end.get(j) == now))
         self.started[("d_step", j)] = (now, (1,) * len(batch), ctx, tuple(r.rid for r in batch))
         self.schedule(self.host.start(("d_step", j), step, now))
 
@@ -457,6 +473,7 @@ class _Disaggregated:
 
     def decoded(self, j: int, now: float) -> None:
         self.d_steps[j] += 1
+        self.d_end[j] = now
         sched = self.d_sched[j]
         _decoded(self.q, sched.running, self.d_batch[j], now)
         # scatters due after this step land now (all of them once the batch has drained)
@@ -544,6 +561,7 @@ class _Colocated:
         self.busy = [False] * n
         self.ends = [0.0] * n  # when each instance's current step ends (host contention)
         self.pending: dict[int, object] = {}
+        self.pending_kind: dict[int, object] = {}  # the plan each instance ran last
         self.follow: dict[int, object] = {}  # lookahead: the plan decided to run after the step in flight
         self.clock = _Clock()
 
@@ -564,6 +582,7 @@ class _Colocated:
             self.sim.steps.append(SimStep(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx,
                                           tuple(r.rid for r in reqs)))
         self.pending[i] = plan
+        self.pending_kind[i] = plan  # kept after the step ends: what ran last here
         self.busy[i] = True
         self.ends[i] = now + seconds
         self.clock.push(now + seconds, "done", i)
@@ -571,7 +590,9 @@ class _Colocated:
     def decode(self, i: int, now: float, plan: DecodePlan) -> None:
         cfg, par = self.cfg, self.cfg.colocated[i]
         ctx = sum(r.num_computed + 1 for r in plan.batch)
-        self.launch(i, now, cfg.decode_s(self.prof.fit(par.tp), len(plan.batch), ctx, par.pp), plan)
+        chained = isinstance(self.pending_kind.get(i), DecodePlan) and self.ends[i] == now
+        self.launch(i, now, cfg.decode_s(self.prof.fit(par.tp), len(plan.batch), ctx, par.pp)
+                    + cfg.restart_s(chained), plan)
         if cfg.decode_lookahead:  # the engine decides what follows this step as it starts
             self.follow[i] = self.sched[i].plan(now)
 
