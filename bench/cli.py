@@ -38,7 +38,7 @@ def _target(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from bench.runs import parse_pairs, print_table, run_once
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     target = _target(args)
     slo = resolve(args.slo)
@@ -72,9 +72,9 @@ def _run_trace(args: argparse.Namespace, target, slo) -> int:
 
 
 def _goodput(args: argparse.Namespace) -> int:
-    from bench.metrics import goodput
+    from distllm_jax.workload.goodput import goodput
     from bench.runs import print_table, run_once
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     target = _target(args)
     slo = resolve(args.slo)
@@ -106,7 +106,7 @@ def _goodput(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from bench.plot import plot
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     table = plot([Path(p) for p in args.runs], resolve(args.slo), Path(args.out), args.scale_rate)
     for mode, t in table.items():

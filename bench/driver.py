@@ -13,7 +13,7 @@ from typing import Sequence
 
 import grpc
 
-from bench.datasets import Item
+from distllm_jax.workload.datasets import Item
 from bench.metrics import RequestRecord
 
 

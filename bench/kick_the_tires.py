@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.slo import SLO
+from distllm_jax.workload.slo import SLO
 
 MODES = ("disaggregated", "colocated", "chunked")
 
@@ -71,7 +71,7 @@ def serve_arguments(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     from bench.plot import plot
     from bench.runs import Target, run_once
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     slo = resolve(args.slo)
     serve_args = serve_arguments(args)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from bench.slo import SLO
+from distllm_jax.workload.slo import SLO
 
 
 @dataclasses.dataclass
@@ -106,32 +106,6 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> dict:
         out["ttft_attainment"] = sum(r.ttft <= slo.ttft for r in records) / max(1, len(records))
         out["tpot_attainment"] = sum(r.tpot <= slo.tpot for r in records) / max(1, len(records))
     return out
-
-
-def goodput(attain_at: Callable[[float], float], lo: float, hi: float, target: float = 0.9,
-            tol: float = 0.05, max_iters: int = 12) -> tuple[float, list[tuple[float, float]]]:
-    """Highest rate whose attainment is >= target, by bisection between ``lo`` and ``hi`` (assumes
-    attainment falls with rate). Returns (rate, [(rate, attainment) tried]); 0 if even ``lo`` fails."""
-    tried: list[tuple[float, float]] = []
-
-    def ok(rate: float) -> bool:
-        a = attain_at(rate)
-        tried.append((rate, a))
-        return a >= target
-
-    if not ok(lo):
-        return 0.0, tried
-    if ok(hi):
-        return hi, tried
-    for _ in range(max_iters):
-        if hi - lo <= tol * lo:
-            break
-        mid = (lo + hi) / 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, tried
 
 
 def tightest_scale(records: Sequence[RequestRecord], slo: SLO, target: float = 0.9,

@@ -243,7 +243,7 @@ def _max_len(args: argparse.Namespace) -> int:
 
 def _lengths(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(prompt, output) lengths of the workload, tokenised as the served preset does (GPT-2 BPE)."""
-    from bench.datasets import load
+    from distllm_jax.workload.datasets import load
     from distllm_jax.tokenizer import bundled_gpt2
 
     tok = bundled_gpt2()
@@ -413,7 +413,7 @@ def _idle_ttft(target, n: int = 8, prompt_len: int = 16) -> float:
 
 
 def part_sweep(state: State) -> None:
-    from bench.slo import SLO
+    from distllm_jax.workload.slo import SLO
 
     args = state.args
     plans = state.data.get("plan", {}).get("plans")
@@ -683,7 +683,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--modes {args.modes}: choose from {MODES}")
     if isinstance(args.rates, str):
         args.rates = [float(r) for r in args.rates.split(",")]
-    from bench.slo import PRESETS, resolve
+    from distllm_jax.workload.slo import PRESETS, resolve
 
     args.slo = args.slo or (f"{args.model}-sharegpt" if f"{args.model}-sharegpt" in PRESETS else "opt-13b-sharegpt")
     s = resolve(args.slo)

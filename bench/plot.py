@@ -9,7 +9,7 @@ from typing import Sequence
 
 from bench.metrics import RequestRecord, attainment
 from bench.runs import load_run
-from bench.slo import SLO
+from distllm_jax.workload.slo import SLO
 
 
 def collect(paths: Sequence[Path]) -> dict[str, list[tuple[dict, list[RequestRecord]]]]:

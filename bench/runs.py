@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench.arrivals import arrival_times
-from bench.datasets import Item, Workload, load
+from distllm_jax.workload.arrivals import arrival_times
+from distllm_jax.workload.datasets import Item, Workload, load
 from bench.driver import run_workload
 from bench.metrics import RequestRecord, summarize, tightest_scale
-from bench.slo import SLO
+from distllm_jax.workload.slo import SLO
 from distllm_jax.placement.trace import Trace
 
 

@@ -278,7 +278,7 @@ def weights(args):
 def main(args) -> int:
     import jax
 
-    from bench.arrivals import arrival_times
+    from distllm_jax.workload.arrivals import arrival_times
     from distllm_jax.engine import Engine, EngineConfig, InstanceSpec
     from distllm_jax.placement.profiler import Profiler, make_profile
     from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator

@@ -129,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     slo = resolve(args.slo)
     res = compare_dir(Path(args.traces), (slo.ttft, slo.tpot), args.vllm_system, args.distserve_system)

@@ -1,69 +1,11 @@
 """Pallas kernels for the engine's attention: paged decode attention and packed causal prefill
-attention (one file a kernel). :func:`pallas_attention` bundles them as the engine's
-:class:`~distllm_jax.models.attention.AttentionImpl`; on a CPU they run in interpret mode (tests)."""
+attention (one file a kernel, each beside a pure-jnp reference in its tests). They import nothing of
+the project: ``distllm_jax.models.pallas_attention`` bundles them as the engine's attention backend;
+on a CPU they run in interpret mode (tests)."""
 
 from __future__ import annotations
-
-import functools
-
-import jax
 
 from pallas_kernels.packed_prefill_attention import packed_prefill_attention
 from pallas_kernels.paged_decode_attention import paged_decode_attention
 
-__all__ = ["packed_prefill_attention", "paged_decode_attention", "pallas_attention"]
-
-
-@functools.lru_cache(maxsize=None)
-def pallas_attention(interpret: bool | None = None):
-    """The engine's attention with the Pallas kernels (KV writes stay on XLA). One object per
-    flavour, so it hashes the same in every jit cache key."""
-    from distllm_jax.models.attention import AttentionImpl
-
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return AttentionImpl(
-        "pallas-interpret" if interpret else "pallas",
-        prefill=functools.partial(_prefill, interpret=interpret),
-        decode=functools.partial(_decode, interpret=interpret),
-        mixed=functools.partial(_mixed, interpret=interpret),
-    )
-
-
-def _triton_ok(head_dim: int, interpret: bool) -> bool:
-    """Pallas' Triton lowering takes power-of-two shapes only: other head sizes (e.g. 80) use XLA."""
-    return interpret or head_dim & (head_dim - 1) == 0
-
-
-def _prefill(q, k, v, segment_ids, positions, scale, *, interpret):
-    if not _triton_ok(q.shape[-1], interpret):
-        from distllm_jax.models.attention import packed_causal_attention
-
-        return packed_causal_attention(q, k, v, segment_ids, positions, scale)
-    return packed_prefill_attention(q, k, v, segment_ids, positions, scale, interpret=interpret)
-
-
-def _decode(q, k_pages, v_pages, page_tables, lengths, scale, *, interpret):
-    if not _triton_ok(q.shape[-1], interpret):
-        from distllm_jax.models.attention import paged_decode_attention as xla_decode
-
-        return xla_decode(q, k_pages, v_pages, page_tables, lengths, scale)
-    return paged_decode_attention(q, k_pages, v_pages, page_tables, lengths, scale, interpret=interpret)
-
-
-def _mixed(q, k_pages, v_pages, page_tables, segment_ids, positions, scale, *, interpret):
-    """A chunked-prefill step (prompt chunks and decode tokens packed together): every token is one
-    row of the paged decode kernel, reading its own sequence's pages up to its own position, which is
-    causal attention over the cached prefix and the chunk itself (the step's K/V are already in the
-    pool). Work follows each token's real prefix; the XLA reference gathers the table's whole width for
-    every token, which at a 2048-token budget and context is tens of GB a layer. Padding tokens get
-    length 1 (finite reads of a real row); their outputs are ignored."""
-    import jax.numpy as jnp
-
-    if not _triton_ok(q.shape[-1], interpret):
-        from distllm_jax.models.attention import paged_prefix_attention
-
-        return paged_prefix_attention(q, k_pages, v_pages, page_tables, segment_ids, positions, scale)
-    rows = page_tables[jnp.maximum(segment_ids, 0)]
-    lengths = jnp.where(segment_ids >= 0, positions + 1, 1).astype(jnp.int32)
-    return paged_decode_attention(q, k_pages, v_pages, rows, lengths, scale, interpret=interpret)
+__all__ = ["packed_prefill_attention", "paged_decode_attention"]

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from distllm_jax.kv_cache import NULL_PAGE
 
 _NEG = -1e30
 _MIN_ROWS = 16
@@ -85,6 +84,11 @@ def _choose(width: int, pages_per_block: int, splits: int) -> tuple[int, int]:
     return ppb, s
 
 
+# what pads a table to a power of two: any page id the pool has (page 0 always is); the kernel
+# stops at each sequence's length, so what it holds is never attended to
+_PAD_PAGE = 0
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "num_warps", "num_stages",
                                              "interpret", "poison"))
 def paged_decode_attention(
@@ -120,7 +124,7 @@ def paged_decode_attention(
     if W != page_tables.shape[1]:
         # Triton blocks must be powers of two: pad the table with the null page; the kernel stops at
         # each sequence's length, so the padding is never attended to.
-        page_tables = jnp.pad(page_tables, ((0, 0), (0, W - page_tables.shape[1])), constant_values=NULL_PAGE)
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, W - page_tables.shape[1])), constant_values=_PAD_PAGE)
     ppb, S = _choose(W, pages_per_block, splits)
     rows = max(_MIN_ROWS, G)
     qg = q.reshape(B, KVH, G, Dh)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.datasets import (from_file, humaneval, iter_json_array, load, longbench_like, sharegpt, sharegpt_artifact,
+from distllm_jax.workload.datasets import (from_file, humaneval, iter_json_array, load, longbench_like, sharegpt, sharegpt_artifact,
                             sharegpt_path)
 from distllm_jax.tokenizer import bundled_gpt2
 

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from bench.arrivals import arrival_times
-from bench.metrics import RequestRecord, attainment, goodput, summarize, tightest_scale
+from distllm_jax.workload.arrivals import arrival_times
+from bench.metrics import RequestRecord, attainment, summarize, tightest_scale
+from distllm_jax.workload.goodput import goodput
 from bench.runs import parse_pairs
-from bench.slo import PRESETS, SLO, resolve
+from distllm_jax.workload.slo import PRESETS, SLO, resolve
 
 
 def rec(i, arrival, first, finish, n, error=None):

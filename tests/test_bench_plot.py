@@ -9,7 +9,7 @@ from pathlib import Path
 from bench.kick_the_tires import print_results
 from bench.metrics import RequestRecord, summarize
 from bench.plot import dodge, plot
-from bench.slo import SLO
+from distllm_jax.workload.slo import SLO
 
 SLO_ = SLO(0.25, 0.1)
 

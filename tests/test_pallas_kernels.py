@@ -165,7 +165,7 @@ def test_mixed_step_matches_reference(chunks):
     packed into one step, with padding, against float64 math; the XLA path (which gathers every page)
     is held to the same reference, so the two cannot agree on a shared mistake."""
     from distllm_jax.models.attention import paged_prefix_attention
-    from pallas_kernels import pallas_attention
+    from distllm_jax.models.pallas_attention import pallas_attention
 
     rng = np.random.default_rng(len(chunks))
     H, KVH, Dh, ps, W = 8, 2, 64, 16, 8

@@ -46,7 +46,7 @@ def attention_impl(name: str) -> AttentionImpl:
     if name == "reference":
         return REFERENCE
     if name == "pallas":
-        from pallas_kernels import pallas_attention
+        from distllm_jax.models.pallas_attention import pallas_attention
 
         return pallas_attention()
     raise ValueError(f"unknown attention implementation {name!r} (known: auto, pallas, reference)")

@@ -105,12 +105,14 @@ class LocalKVPuller:
 
     def put(self, staged: list, dst: Any, dst_pages: Sequence[int]) -> None:
         """The second half: move the staged buffers onto ``dst``'s mesh and scatter them into
-        ``dst_pages``; returns when they are in place."""
+        ``dst_pages``; returns when they are in place. Each buffer is waited for before its scatter
+        is dispatched: a gather that failed (its source pool lost) raises here instead of leaving
+        its error in the destination's whole donated pool."""
         done = []
         for d, lo, k, v, n in staged:
             if n != len(dst_pages):
                 raise ValueError(f"page counts differ: {n} source, {len(dst_pages)} destination")
-            k, v = jax.device_put((k, v), d.buffer_sharding)
+            k, v = jax.block_until_ready(jax.device_put((k, v), d.buffer_sharding))
             with dst.lock:
                 d.pool, written = _SCATTER(d.pool, page_index(dst_pages, k.shape[1], d.mesh), k, v, lo=lo - d.lo)
             done.append(written)

@@ -107,7 +107,12 @@ class TransferKVReceiver:
         return self._conns[address]
 
     def fetch(self, offer: KVOffer, dst: Any, dst_pages: Sequence[int]) -> None:
-        """Pull every part of ``offer`` and scatter it into ``dst_pages`` of ``dst`` (in place)."""
+        """Pull every part of ``offer`` and scatter it into ``dst_pages`` of ``dst`` (in place).
+
+        A pull returns at once with buffers that fill as the bytes arrive; if the sender dies
+        meanwhile they hold an error, and a scatter of them would leave that error in the whole
+        (donated) pool, failing every request decoding there. So each part is waited for before
+        it is scattered: a broken transfer raises here with the pool untouched."""
         if len(dst_pages) != offer.num_pages:
             raise ValueError(f"offer has {offer.num_pages} pages, {len(dst_pages)} destination pages given")
         conn = self._conn(offer.address)
@@ -117,7 +122,7 @@ class TransferKVReceiver:
             layout = _layout(list(d.mesh.devices.flat), offer.shards)
             want = jax.ShapeDtypeStruct(part.shape, np.dtype(part.dtype) if part.dtype != "bfloat16"
                                         else jax.numpy.bfloat16, sharding=layout)
-            k, v = conn.pull(part.uuid, [want, want])
+            k, v = jax.block_until_ready(conn.pull(part.uuid, [want, want]))
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool, written = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v,

@@ -154,7 +154,7 @@ class Runner:
 
     def __init__(self, profile: Profile, lengths: Sequence[tuple[int, int]], spec: AblationSpec,
                  sim: dict[str, object]):
-        from bench.arrivals import arrival_times
+        from distllm_jax.workload.arrivals import arrival_times
 
         if not lengths:
             raise ValueError("the ablation needs at least one (prompt, output) length")
@@ -385,7 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_ablation(args: argparse.Namespace) -> int:
     """``distllm simulate --ablation``: prints the table, writes figure11[-32gpu].{png,json}."""
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
     from distllm_jax.placement.cli import _workload
     from distllm_jax.placement.latency import load_profile
 
@@ -402,7 +402,7 @@ def run_ablation(args: argparse.Namespace) -> int:
     except ValueError as e:
         if args.dataset == "sharegpt-artifact":
             raise SystemExit(f"{e}\n(sharegpt-artifact is DistServe's own ShareGPT preparation; until "
-                             "bench/datasets.py has it, pass --dataset sharegpt or --dataset file:PATH)")
+                             "distllm_jax/workload/datasets.py has it, pass --dataset sharegpt or --dataset file:PATH)")
         raise
     given = {k: v for k, v in (("prefill_token_budget", args.prefill_token_budget),
                                ("max_decode_batch", args.max_decode_batch)) if v is not None}

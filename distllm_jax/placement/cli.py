@@ -14,7 +14,7 @@ def _ints(s: str) -> list[int]:
 
 def _workload(args) -> list[tuple[int, int]]:
     """(prompt, output) lengths of a bench dataset, tokenised with GPT-2's BPE (OPT's tokenizer)."""
-    from bench.datasets import load
+    from distllm_jax.workload.datasets import load
     from distllm_jax.tokenizer import bundled_gpt2
 
     tok = bundled_gpt2()
@@ -69,7 +69,7 @@ def _sim_config(args):
 
 
 def cmd_simulate(args) -> int:
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import sim_attainment, workload_from
 
@@ -123,7 +123,7 @@ def _simulate_trace(args, prof, cfg, slo: tuple[float, float]) -> int:
 
 
 def cmd_place(args) -> int:
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
 

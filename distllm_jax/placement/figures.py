@@ -28,7 +28,7 @@ Extrapolated, and said so in the output: OPT-175B has only DistServe's TP-8 fit 
 66B, ``a100-opt-175b``); its TP-2/3/4 fits, which Algorithm 2 needs (two tensor groups share a node),
 scale that fit term by term by OPT-66B's TP-k / TP-8 ratio of the same term (:func:`scaled_profile`);
 vLLM at 175B (no vLLM fit) scales it by OPT-66B's vLLM / DistServe ratio at TP 8. LongBench is
-LongBench-like (``bench/datasets.py``).
+LongBench-like (``distllm_jax/workload/datasets.py``).
 
 Measured per system: per-GPU goodput at 90 % attainment (bracket by halving or doubling a rate,
 then bisection to 4 %; the search prunes a unit that misses 90 % at the best goodput so far), the
@@ -83,7 +83,7 @@ class Entry:
     model: str  # opt-13b | opt-66b | opt-175b
     workload: str  # chatbot | code | summarisation
     dataset: str
-    slo: str  # preset of bench/slo.py
+    slo: str  # preset of distllm_jax/workload/slo.py
     vllm_tp: int
     mii: bool  # whether the paper ran DeepSpeed-MII here
     paper: dict[str, float | list[float] | None]
@@ -270,7 +270,7 @@ def run_entry(entry: Entry, lengths: Sequence[tuple[int, int]], requests: int = 
     requests, or more so that its arrivals span ``span_ttft`` TTFT targets (AblationSpec.min_span_ttft:
     with LongBench's 15 s a 300-request burst drains inside the target and hides an overload).
     ``profiles``: (DistServe's, vLLM's) instead of the A100 ones (tests)."""
-    from bench.slo import resolve
+    from distllm_jax.workload.slo import resolve
 
     t0 = time.time()
     if profiles is None:

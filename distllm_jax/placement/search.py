@@ -19,8 +19,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-from bench.arrivals import arrival_times
-from bench.metrics import goodput
+from distllm_jax.workload.arrivals import arrival_times
+from distllm_jax.workload.goodput import goodput
 from distllm_jax.placement.latency import Profile
 from distllm_jax.placement.simulator import Par, SimConfig, Simulator, SimRequest
 
