@@ -33,31 +33,15 @@ On this machine (8 virtual CPU devices, tiny random model; the committed CPU res
     python -m bench.multi_gpu --part all --model tiny-opt --devices 8 --profile-now --rates 1,2,4,8 \\
         --num-prompts 40 --slo 0.1,0.01 --max-seq-len 256 --quiet --out bench/results/multi-gpu-cpu
 
-On a lent multi-GPU node, each part in its own device call (<= 10 minutes each); ``$OUT`` is empty on
-each call, so every call first copies the previous calls' results (brought back and put under
-``bench/results/multi-gpu-h200x8/``, which travels with the working tree) into ``$OUT``. 8 x H200,
-OPT-13B-shaped random weights (bf16, drawn on the GPUs), the paper's chatbot SLO (0.25 s, 0.1 s)::
+On a node of 8 GPUs, OPT-13B-shaped random weights (bf16, drawn on the GPUs), the paper's chatbot SLO
+(0.25 s, 0.1 s); the parts can also run one at a time against the same ``--out``::
 
-    R=bench/results/multi-gpu-h200x8
-    A="--model opt-13b --devices 8 --rates 0.5,1,1.5,2,3 --num-prompts 200 --max-seq-len 2048 \\
-       --num-pages 2048 --max-decode-batch 64 --server-timeout 480 --out $OUT"
-    # 1. probe + profile (tp 1,2,4) + placement (estimated 5-8 min: the profile compiles 17 shapes per degree)
-    python3 -m bench.multi_gpu --part plan --profile-now $A
-    # 2.-4. one mode per call: server start (compiles every instance's programs) + 5 rates (~3 min of traffic)
-    cp -r $R/. $OUT/; python3 -m bench.multi_gpu --part sweep --modes disaggregated $A
-    cp -r $R/. $OUT/; python3 -m bench.multi_gpu --part sweep --modes colocated $A
-    cp -r $R/. $OUT/; python3 -m bench.multi_gpu --part sweep --modes chunked $A
-    # 5. breakdown + simulator check + PNGs: arithmetic on the saved runs (a minute, most of it the probe)
-    cp -r $R/. $OUT/; python3 -m bench.multi_gpu --part breakdown,simcheck $A
+    python3 -m bench.multi_gpu --part all --profile-now --model opt-13b --devices 8 --rates 0.5,1,1.5,2,3 \\
+        --num-prompts 200 --max-seq-len 2048 --num-pages 2048 --max-decode-batch 64 --server-timeout 480 \\
+        --out bench/results/multi-gpu-h200x8
 
-(copy the returned files into ``$R`` after each call; 2048 pages of 16 tokens is 27 GB of OPT-13B KV per
-instance, which fits next to the 26 GB of weights at tp1 on an 80 GB H100 as well). LLaMA-3-8B-shaped:
-``--model llama-3-8b`` with ``R=bench/results/multi-gpu-h200x8-llama`` (the SLO defaults to OPT-13B's).
-On 2 GPUs (``nvidia-h200-x2``), everything in one call (estimated 8-10 minutes; split it as above if
-the profile or the server starts are slower)::
-
-    python3 -m bench.multi_gpu --part all --profile-now --model opt-13b --devices 2 --rates 0.5,1,1.5,2 \\
-        --num-prompts 100 --max-seq-len 2048 --num-pages 2048 --max-decode-batch 64 --out $OUT
+(2048 pages of 16 tokens is 27 GB of OPT-13B KV per instance, which fits next to the 26 GB of weights at
+tp1 on an 80 GB card.) ``--model llama-3-8b`` for LLaMA-3-8B's shapes (the SLO defaults to OPT-13B's).
 """
 
 from __future__ import annotations

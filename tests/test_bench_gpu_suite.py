@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import gpu_suite
 
 
@@ -27,7 +29,11 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
     # tiny-opt has 512 positions: a context of 600 is measured at the last position, 511
     assert sorted({r["context"] for r in decode}) == [32, 511]
     for r in decode:
-        assert 0 < r["floor_ms"] and 0 < r["device_ms"] and 0 < r["engine_ms"] and 0 <= r["host_share"] < 1
+        assert 0 < r["device_ms"] and 0 < r["engine_ms"] and 0 <= r["host_share"] < 1
+        # the floor: what the step reads over the read-only rate; the copy rate's floor beside it
+        assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / ceil["read_tb_per_s"] / 1e9)
+        assert r["copy_floor_ms"] == pytest.approx(r["floor_bytes"] / ceil["copy_tb_per_s"] / 1e9)
+        assert r["x_floor"] == pytest.approx(r["engine_ms"] / r["floor_ms"])
     prefill = json.loads((out / "gpu-suite-prefill-cpu-tiny-opt.json").read_text())["rows"]
     assert [r["tokens"] for r in prefill] == [64, 256] and all(r["tflop"] > 0 and r["mfu"] > 0 for r in prefill)
     (trace,) = json.loads((out / "gpu-suite-trace-cpu-tiny-opt.json").read_text())["rows"]

@@ -32,13 +32,14 @@ def test_links_stay_inside_the_repository():
 
 
 def test_table_rows_are_whole():
-    rows = [line for line in README.splitlines() if line.startswith("|")]
-    assert rows
+    tables = [t.splitlines() for t in re.findall(r"^(?:\|.*\n?)+", README, re.M)]  # runs of "|" lines
+    assert tables
     cells = lambda row: len(re.findall(r"(?<!\\)\|", row))  # noqa: E731
-    for row in rows:
-        assert row.rstrip().endswith("|"), f"row not closed: {row[:80]}..."
-        assert cells(row) == cells(rows[0]), f"row with another cell count: {row[:80]}..."
-        assert len(row) < 1000, f"a paragraph in a table cell: {row[:80]}..."
+    for rows in tables:
+        for row in rows:
+            assert row.rstrip().endswith("|"), f"row not closed: {row[:80]}..."
+            assert cells(row) == cells(rows[0]), f"row with another cell count than its header: {row[:80]}..."
+            assert len(row) < 1000, f"a paragraph in a table cell: {row[:80]}..."
 
 
 def test_python_snippets_compile_and_the_openai_one_is_bounded():
