@@ -90,7 +90,22 @@ def packed_prefill_attention(
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """``poison`` (tests): the kernel writes into a NaN-filled buffer, so an element it skipped shows."""
+    """Causal attention of every packed token over the earlier tokens of its own prompt.
+
+    Args:
+        q: ``[T, H, Dh]`` queries, T a multiple of both blocks (the engine buckets T).
+        k, v: ``[T, KVH, Dh]``, H a multiple of KVH (grouped-query attention).
+        segment_ids: ``[T]`` int32, the prompt each token belongs to; -1 marks padding.
+        positions: ``[T]`` int32, each token's position inside its own prompt.
+        scale: the logits' scale (1 / sqrt(Dh) for these models).
+        block_q, block_k: rows of queries and of keys a program holds at once (powers of two).
+        num_warps, num_stages: Triton's launch parameters for each program.
+        interpret: run the kernel in Pallas' interpreter (CPU, tests).
+        poison: write into a NaN-filled buffer, so that an element the kernel skipped shows (tests).
+
+    Returns:
+        ``[T, H, Dh]`` in q's dtype; padding rows are zeros.
+    """
     T, H, Dh = q.shape
     KVH = k.shape[1]
     G = H // KVH

@@ -106,15 +106,26 @@ def paged_decode_attention(
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
-    """The defaults are the fastest of 32 configurations swept on an H200 (bench/kernels.py
-    ``--decode-configs wide``, OPT-13B's 40 heads, batch 32/64, context 512/2048): 4 pages a block
-    and no software pipelining (``num_stages=1``) beat the former 8 pages and 2 stages by 23-27% in
-    all four shapes (``bench/results/kernels-h200-sweep.json``); each program's loop is only a few
-    blocks long, and without a second stage's buffers more programs fit on a multiprocessor.
-    ``splits=None`` picks split-K from the grid: enough programs to fill the GPU twice over, no more.
-    Every split writes float32 partials for 16 padded rows that the merge reads back; at batch 32 of
-    an MHA model (40 KV heads) four splits wrote and re-read about 1.7 GB a step for nothing.
-    ``poison`` (tests): the kernel writes into NaN-filled buffers, so an element it skipped shows."""
+    """Attention of each sequence's one new query token over its cached K/V, read through its page table.
+
+    Args:
+        q: ``[B, H, Dh]``, one token per sequence; H a multiple of KVH (grouped-query attention).
+        k_pages, v_pages: one layer of the pool, ``[P, page_size, KVH, Dh]``.
+        page_tables: ``[B, W]`` int32 page ids of each sequence, in order; entries past a sequence's
+            length are never read.
+        lengths: ``[B]`` int32 cached tokens of each sequence, the new one included (at least 1).
+        scale: the logits' scale (1 / sqrt(Dh) for these models).
+        pages_per_block: pages a program loads per loop step (4 was fastest for OPT-13B's heads on an
+            H200; ``bench/results/README.md`` has the sweep).
+        splits: programs per (sequence, KV head) over the table (split-K); None picks enough to fill
+            the GPU about twice, since each split also writes float32 partials the merge reads back.
+        num_warps, num_stages: Triton's launch parameters for each program.
+        interpret: run the kernel in Pallas' interpreter (CPU, tests).
+        poison: write into NaN-filled buffers, so that an element the kernel skipped shows (tests).
+
+    Returns:
+        ``[B, H, Dh]`` in q's dtype.
+    """
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
     if splits is None:
