@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from distllm_jax.engine.transfer import LocalKVPuller
     from distllm_jax.kv_cache import pages_for
     from distllm_jax.engine.engine import attention_impl
+    from distllm_jax.models.params import param_count
 
     source = _source(args)
     cfg = source.cfg
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {
         "device": str(devs[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-        "model": args.checkpoint or args.preset, "params": cfg.param_count(), "dtype": source.dtype,
+        "model": args.checkpoint or args.preset, "params": param_count(cfg), "dtype": source.dtype,
         "attention": impl.name, "prefill_instance": p_spec.label(), "decode_instance": d_spec.label(), "shared_devices": shared,
         "load_seconds": load_s, "pool_pages": {"prefill": prefill_pages, "decode": decode_pages}, "prefill": [], "decode": [], "migration": [],
     }

@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.engine_micro import _back_to_back_ms, _median_ms  # noqa: E402
+from distllm_jax.models.params import param_count  # noqa: E402
 from distllm_jax.placement.profiler import decode_step_ms, run_decode_steps  # noqa: E402
 
 TABLES: list[str] = []  # every part's table, printed again at the end
@@ -115,7 +116,7 @@ class Model:
         return jnp.dtype(self.dtype).itemsize
 
     def weight_bytes(self) -> int:
-        return self.cfg.param_count() * self.itemsize
+        return param_count(self.cfg) * self.itemsize
 
     def kv_bytes_per_token(self) -> int:
         c = self.cfg

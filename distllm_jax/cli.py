@@ -16,6 +16,7 @@ from distllm_jax.models.config import ConfigError, ModelConfig
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from distllm_jax.checkpoint.convert import convert, write_random
+    from distllm_jax.models.params import param_count
     from distllm_jax.models.presets import DEFAULT_PRESET, preset
 
     if args.hf and args.preset:
@@ -30,7 +31,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     gb = rep.bytes_written / 1e9
     print(
-        f"wrote {rep.out_dir}: {rep.config.family} {_si(rep.config.param_count())} params, "
+        f"wrote {rep.out_dir}: {rep.config.family} {_si(param_count(rep.config))} params, "
         f"{rep.tensors} tensors, {gb:.3f} GB {rep.dtype} in {rep.seconds:.1f}s"
     )
     if rep.unused:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from distllm_jax.models.params import param_count
 from distllm_jax.placement.latency import Fit, Profile, fit_decode_split, fit_prefill
 
 
@@ -157,7 +158,7 @@ def make_profile(source: Any, fits: dict[int, Fit], name: str) -> Profile:
     item = jax.numpy.dtype(source.dtype).itemsize
     return Profile(
         model=name, device=f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})",
-        fits=fits, params_bytes=cfg.param_count() * item,
+        fits=fits, params_bytes=param_count(cfg) * item,
         kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item,
         gpu_memory_bytes=_device_memory(), num_layers=cfg.num_layers,
         source=f"distllm profile on {jax.devices()[0].device_kind}",
