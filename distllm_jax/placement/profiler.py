@@ -15,7 +15,9 @@ from distllm_jax.models.params import param_count
 from distllm_jax.placement.latency import Fit, Profile, fit_decode_split, fit_prefill
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up run; ``fn`` waits for
+    its own results (as :func:`run_decode_steps` does by reading the ids back)."""
     fn()
     ts = []
     for _ in range(repeats):
@@ -47,7 +49,7 @@ DECODE_STEPS = 8  # decode steps timed together (the lookahead needs a run of th
 
 def decode_step_ms(inst: Any, segs: Sequence[Any], repeats: int, steps: int = DECODE_STEPS) -> float:
     """One decode step of :func:`run_decode_steps`, median over ``repeats`` runs of ``steps``."""
-    return _median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
+    return median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
 
 
 def _device_memory() -> float:
