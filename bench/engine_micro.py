@@ -22,7 +22,9 @@ import jax
 import numpy as np
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up run, each waited for
+    with ``jax.block_until_ready`` on what it returns."""
     jax.block_until_ready(fn())  # warm-up (and compilation, if any)
     times = []
     for _ in range(repeats):
@@ -32,12 +34,12 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _back_to_back_ms(fn: Callable[[int], Any], passes: int, repeats: int) -> float:
+def back_to_back_ms(fn: Callable[[int], Any], passes: int, repeats: int) -> float:
     """One pass of ``fn(i)``, timed as ``passes`` dispatched back to back and waited for once: a
     pass of a millisecond or less is shorter than a dispatch plus a host sync, and timing each alone
     (as the GPU suite and the kernel benchmark first did) put that overhead into the rate (1.9 TB/s
     and 660 TFLOP/s on an H200 that copies at about 3.3 TB/s and multiplies at about 690)."""
-    return _median_ms(lambda: [fn(i) for i in range(passes)][-1], repeats) / passes
+    return median_ms(lambda: [fn(i) for i in range(passes)][-1], repeats) / passes
 
 
 def _source(args: argparse.Namespace):
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from distllm_jax.engine.transfer import LocalKVPuller
     from distllm_jax.kv_cache import pages_for
     from distllm_jax.engine.engine import attention_impl
+    from distllm_jax.models.params import param_count
 
     source = _source(args)
     cfg = source.cfg
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {
         "device": str(devs[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-        "model": args.checkpoint or args.preset, "params": cfg.param_count(), "dtype": source.dtype,
+        "model": args.checkpoint or args.preset, "params": param_count(cfg), "dtype": source.dtype,
         "attention": impl.name, "prefill_instance": p_spec.label(), "decode_instance": d_spec.label(), "shared_devices": shared,
         "load_seconds": load_s, "pool_pages": {"prefill": prefill_pages, "decode": decode_pages}, "prefill": [], "decode": [], "migration": [],
     }
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n):
             L = min(args.prompt_len, T - i * args.prompt_len) if i < n - 1 else T - (n - 1) * args.prompt_len
             segs.append(Segment(list(rng.integers(3, cfg.vocab_size, L)), 0, p.alloc.ensure(("pf", i), L), sp, 0))
-        ms = _median_ms(lambda: p.dispatch("prefill", [segs]), args.repeats)
+        ms = median_ms(lambda: p.dispatch("prefill", [segs]), args.repeats)
         out["prefill"].append({"tokens": T, "prompts": n, "ms": ms, "tokens_per_s": T / ms * 1e3})
         for i in range(n):
             p.alloc.free(("pf", i))
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for C in args.contexts:
         for B in args.batches:
             segs = [Segment([1], C, d.alloc.ensure(("dc", i), C + 1), sp, 0) for i in range(B)]
-            ms = _median_ms(lambda: d.dispatch("decode", [segs]), args.repeats)
+            ms = median_ms(lambda: d.dispatch("decode", [segs]), args.repeats)
             out["decode"].append({"batch": B, "context": C, "ms": ms, "tokens_per_s": B / ms * 1e3})
             for i in range(B):
                 d.alloc.free(("dc", i))
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             puller.pull(p, src, d, dst)
             return [st.pool for st in d.stages]
 
-        ms = _median_ms(pull, args.repeats)
+        ms = median_ms(pull, args.repeats)
         kv_bytes = 2 * cfg.num_layers * n * args.page_size * cfg.num_kv_heads * cfg.head_dim * p.dtype.itemsize
         out["migration"].append({"prompt_len": L, "pages": n, "ms": ms, "MB": kv_bytes / 1e6,
                                  "GB_per_s": kv_bytes / ms / 1e6})

@@ -45,7 +45,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.engine_micro import _back_to_back_ms, _median_ms  # noqa: E402
+from bench.engine_micro import back_to_back_ms, median_ms  # noqa: E402
+from distllm_jax.models.params import param_count  # noqa: E402
 from distllm_jax.placement.profiler import decode_step_ms, run_decode_steps  # noqa: E402
 
 TABLES: list[str] = []  # every part's table, printed again at the end
@@ -84,15 +85,15 @@ def ceilings(repeats: int = 10, passes: int = 20) -> dict[str, Any]:
     n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22  # 1 GiB of bf16 on a GPU
     bufs = [jax.random.normal(jax.random.fold_in(key, i), (n,), jnp.bfloat16) for i in range(3)]
     step = jax.jit(lambda x: x * 1.0009765625 + 1)
-    copy_ms = _back_to_back_ms(lambda i: step(bufs[i % 3]), passes, repeats)
+    copy_ms = back_to_back_ms(lambda i: step(bufs[i % 3]), passes, repeats)
     copy_tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
     total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    read_ms = _back_to_back_ms(lambda i: total(bufs[i % 3]), passes, repeats)
+    read_ms = back_to_back_ms(lambda i: total(bufs[i % 3]), passes, repeats)
     read_tbps = n * 2 / (read_ms * 1e-3) / 1e12
     m = 8192 if jax.default_backend() == "gpu" else 512
     a = [jax.random.normal(jax.random.fold_in(key, 10 + i), (m, m), jnp.bfloat16) for i in range(3)]
     mm = jax.jit(lambda x, y: x @ y)
-    mm_ms = _back_to_back_ms(lambda i: mm(a[i % 3], a[(i + 1) % 3]), passes, repeats)
+    mm_ms = back_to_back_ms(lambda i: mm(a[i % 3], a[(i + 1) % 3]), passes, repeats)
     tflops = 2 * m**3 / (mm_ms * 1e-3) / 1e12
     del bufs, a
     out = {"copy_tb_per_s": copy_tbps, "copy_bytes": 2 * n * 2, "read_tb_per_s": read_tbps,
@@ -116,7 +117,7 @@ class Model:
         return jnp.dtype(self.dtype).itemsize
 
     def weight_bytes(self) -> int:
-        return self.cfg.param_count() * self.itemsize
+        return param_count(self.cfg) * self.itemsize
 
     def kv_bytes_per_token(self) -> int:
         c = self.cfg
@@ -269,7 +270,7 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], read_tbps
                 rows.append({**row, "skipped": f"needs {gib:.0f} GiB for weights + KV"})
                 continue
             segs = _segments(inst, B, ctx, rng, "decode")
-            sync_ms = _median_ms(lambda: inst.run("decode", [segs]), repeats)
+            sync_ms = median_ms(lambda: inst.run("decode", [segs]), repeats)
             engine_ms = decode_step_ms(inst, segs, repeats)
             device_ms = _device_loop_ms(inst, "decode", segs)
             floor_bytes = model.weight_bytes() + B * (ctx + 1) * model.kv_bytes_per_token()
@@ -314,7 +315,7 @@ def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *,
         L = min(T, max_len)
         n = T // L
         segs = _segments(inst, n, L, rng, "prefill")
-        ms = _median_ms(lambda: inst.run("prefill", [segs]), repeats)
+        ms = median_ms(lambda: inst.run("prefill", [segs]), repeats)
         device_ms = _device_loop_ms(inst, "prefill", segs, steps=5)
         flops = model.prefill_flops([L] * n)
         rows.append({"model": model.name, "tokens": n * L, "prompts": n, "prompt_len": L, "engine_ms": ms,

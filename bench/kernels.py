@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.engine_micro import _back_to_back_ms
+from bench.engine_micro import back_to_back_ms
 
 
 def _time_ms(fn, *args, reps: int = 30) -> float:
     """Per call, from ``reps`` calls dispatched back to back (median of 5 such runs)."""
-    return _back_to_back_ms(lambda _: fn(*args), reps, 5)
+    return back_to_back_ms(lambda _: fn(*args), reps, 5)
 
 
 # (pages per block, warps, pipeline stages) tried for this project's decode kernel; "wide" sweeps

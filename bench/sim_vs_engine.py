@@ -93,7 +93,7 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
     """
     from distllm_jax.engine import SamplingParams
     from distllm_jax.engine.programs import Segment
-    from distllm_jax.placement.profiler import DECODE_STEPS, _median_ms, host_contention, run_decode_steps
+    from distllm_jax.placement.profiler import DECODE_STEPS, host_contention, median_ms, run_decode_steps
 
     n_out = 33
     p, d = engine.instances[0], engine.instances[-1]
@@ -120,8 +120,8 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
     try:
         for _ in range(probes):
             o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
-            prefill = _median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
-            t, dstep = o.timings, _median_ms(decode_loop(1), 1) / 1e3 / per_call
+            prefill = median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
+            t, dstep = o.timings, median_ms(decode_loop(1), 1) / 1e3 / per_call
             tt = t.token_times
             step = (tt[-1] - tt[1]) / (len(tt) - 2) - dstep
             steps.append(step)
@@ -168,7 +168,7 @@ def step_ratios(parts, scfg) -> dict:
             elif kind == "decode":
                 pred = [scfg.decode_s(fit, len(r.lengths), r.context, 1) for r in rs]
             else:
-                pred = [_mixed_s(scfg, fit, r) for r in rs]
+                pred = [predicted_mixed_s(scfg, fit, r) for r in rs]
             ratio += [r.seconds / max(p, 1e-9) for r, p in zip(rs, pred)]
             shared += [len({r.instance for r in steps}) > 1 and _beside_another(r, steps) for r in rs]
         if not ratio:
@@ -183,7 +183,7 @@ def step_ratios(parts, scfg) -> dict:
     return out
 
 
-def _mixed_s(scfg, fit, r) -> float:
+def predicted_mixed_s(scfg, fit, r) -> float:
     """A logged mixed step's time as the latency model predicts it. The log holds each row's tokens
     and the step's whole context (Σ start + length), not which rows were chunks: rows of one token
     count as decode rows (a one-token chunk is taken for one). The model charges the context through

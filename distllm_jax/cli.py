@@ -16,6 +16,7 @@ from distllm_jax.models.config import ConfigError, ModelConfig
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from distllm_jax.checkpoint.convert import convert, write_random
+    from distllm_jax.models.params import param_count
     from distllm_jax.models.presets import DEFAULT_PRESET, preset
 
     if args.hf and args.preset:
@@ -30,7 +31,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     gb = rep.bytes_written / 1e9
     print(
-        f"wrote {rep.out_dir}: {rep.config.family} {_si(rep.config.param_count())} params, "
+        f"wrote {rep.out_dir}: {rep.config.family} {si_count(param_count(rep.config))} params, "
         f"{rep.tensors} tensors, {gb:.3f} GB {rep.dtype} in {rep.seconds:.1f}s"
     )
     if rep.unused:
@@ -54,7 +55,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint   {Path(args.ckpt).resolve()}")
     print(f"source       {meta.get('source')}")
-    print(f"parameters   {n_params:,} ({_si(n_params)}) in {len(meta['tensors'])} tensors")
+    print(f"parameters   {n_params:,} ({si_count(n_params)}) in {len(meta['tensors'])} tensors")
     for dt, b in sorted(per_dtype.items()):
         print(f"bytes        {dt}: {b:,} ({b / 2**30:.3f} GiB)")
     print("config")
@@ -63,7 +64,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _si(n: int) -> str:
+def si_count(n: int) -> str:
     """A count with three significant digits and a K/M/B suffix: 262,272 reads as 262K, not 0.000 B."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:

@@ -120,10 +120,10 @@ def packed_prefill_attention(
         params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     extra, aliases = (), {}
     if poison:
-        from pallas_kernels.paged_decode_attention import _ignore_poison
+        from pallas_kernels.paged_decode_attention import ignore_poison
 
         extra, aliases = (jnp.full((T, H, Dh), jnp.nan, q.dtype),), {7: 0}
-        kernel = _ignore_poison(kernel, 1)
+        kernel = ignore_poison(kernel, 1)
     return pl.pallas_call(
         kernel,
         grid=(T // bq, H),

@@ -63,7 +63,7 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
     l_ref[...] = l
 
 
-def _ignore_poison(kernel, n: int):
+def ignore_poison(kernel, n: int):
     """The aliased poison inputs are only there to pre-fill the outputs; the kernel never reads them."""
 
     def wrapped(*refs):
@@ -156,7 +156,7 @@ def paged_decode_attention(
     if poison:
         extra = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)
         aliases = {5 + i: i for i in range(3)}
-        kernel = _ignore_poison(kernel, 3)
+        kernel = ignore_poison(kernel, 3)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, KVH, S),

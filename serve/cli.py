@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from distllm_jax.compile_cache import default_dir as compile_cache_dir
-
-AUTH_ENV = "DISTLLM_AUTH_TOKEN"  # also serve.server.AUTH_ENV; here so --help needs no grpc import
+from serve.auth import AUTH_ENV
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,10 +14,9 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from serve.auth import AUTH_ENV
 from serve.v1 import distllm_pb2 as pb
 from serve.v1 import distllm_pb2_grpc as pb_grpc
-
-AUTH_ENV = "DISTLLM_AUTH_TOKEN"
 
 
 @dataclasses.dataclass

@@ -30,9 +30,9 @@ from fastapi import FastAPI, Request  # module level: route annotations resolve 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from distllm_jax.engine import EngineClosed, FinishReason
+from serve.auth import bearer_error
 from serve.chat_template import ChatTemplate
 from serve.v1 import distllm_pb2 as pb
-from serve.server import bearer_error
 from serve.validation import InvalidArgument, Limits, check_text, prompt_ids, sampling_params
 
 

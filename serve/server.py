@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import hmac
 import json
 import os
 import signal
@@ -25,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distllm_jax.engine import Engine, EngineClosed, FinishReason
-from serve.cli import AUTH_ENV  # noqa: F401 - the token's environment variable, re-exported here
+from serve.auth import bearer_error
 from serve.metrics import Metrics
 from serve.v1 import distllm_pb2 as pb
 from serve.validation import InvalidArgument, Limits, check_text, encode, parse, prompt_ids, sampling_params
@@ -82,20 +81,6 @@ def check_ports(host: str, ports: Iterable[int | None]) -> None:
                     if e.errno == errno.EADDRINUSE:
                         raise PortInUse(port) from None
                     raise
-
-
-def bearer_error(values: list[str], token: str) -> str | None:
-    """Why the ``authorization`` values do not carry the token (None when they do). The scheme is
-    case-insensitive (RFC 7235); two values are refused, since proxies and frameworks disagree on
-    which one counts."""
-    if not values:
-        return "missing bearer token"
-    if len(values) > 1:
-        return "more than one authorization value"
-    scheme, _, given = values[0].strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        return "missing or wrong bearer token"
-    return None
 
 
 class GenerationService:

@@ -69,11 +69,11 @@ def test_speed_ratio_per_kind_over_the_grid():
 def test_mixed_step_prediction_from_the_log_is_exact():
     """The log keeps rows' tokens and the whole context, not which rows were chunks; the model charges
     the context only through the sum of starts, so the prediction matches the true rows'."""
-    from bench.sim_vs_engine import _mixed_s
+    from bench.sim_vs_engine import predicted_mixed_s
 
     fit = Fit((10.0, 0.1, 1e-4), (5.0, 0.01, 0.5), (5.0, 0.01, 0.5))
     cfg = SimConfig("chunked")
     decode_starts, chunks = [40, 17], [(0, 24), (8, 6)]  # two decode rows, a new prompt and a later chunk
     ctx = sum(s + 1 for s in decode_starts) + sum(s + n for s, n in chunks)
     logged = SimStep("c", "mixed", 0.0, 0.1, (1, 1, 24, 6), ctx)
-    assert _mixed_s(cfg, fit, logged) == pytest.approx(cfg.mixed_s(fit, chunks, decode_starts, 1))
+    assert predicted_mixed_s(cfg, fit, logged) == pytest.approx(cfg.mixed_s(fit, chunks, decode_starts, 1))

@@ -18,7 +18,7 @@ import pytest
 
 import distllm_jax
 from distllm_jax.checkpoint import CheckpointError, read_meta, restore_params
-from distllm_jax.cli import _si, build_parser, main
+from distllm_jax.cli import build_parser, main, si_count
 from distllm_jax.tokenizer import load_tokenizer
 from model_runner import greedy_generate
 
@@ -143,7 +143,7 @@ def test_info_parameter_count_and_opt_biases(default_ckpt, capsys):
     assert re.search(r"attention_bias\s+True", text) and re.search(r"mlp_bias\s+True", text)
     assert main(["info", str(default_ckpt), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["attention_bias"] is True
-    assert [_si(n) for n in (262_272, 999, 1_300_000_000, 6_765_824)] == ["262K", "999", "1.3B", "6.77M"]
+    assert [si_count(n) for n in (262_272, 999, 1_300_000_000, 6_765_824)] == ["262K", "999", "1.3B", "6.77M"]
 
 
 def test_tokenizer_fallback_is_named(tmp_path, caplog):

@@ -9,6 +9,7 @@ import pytest
 
 from distllm_jax.models.config import ConfigError, ModelConfig, RopeConfig
 from distllm_jax.models.layers import rope_inv_freq
+from distllm_jax.models.params import param_count
 from distllm_jax.models.presets import PRESETS, preset
 from hf_models import HF_VARIANTS, hf_config
 
@@ -79,7 +80,7 @@ def test_gqa_divisibility():
                                            ("llama-3-8b", 8.03), ("llama-3.2-1b", 1.236)])
 def test_real_shapes_param_counts(name, billions):
     """Published sizes of the real models, from our layout alone."""
-    assert ModelConfig.from_hf_dict(preset(name)).param_count() / 1e9 == pytest.approx(billions, abs=0.01)
+    assert param_count(ModelConfig.from_hf_dict(preset(name))) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
@@ -89,7 +90,7 @@ def test_tiny_presets_match_hf_param_count(name):
     d = preset(name)
     hc = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
     model = AutoModelForCausalLM.from_config(hc)
-    assert ModelConfig.from_hf_dict(preset(name)).param_count() == sum(p.numel() for p in model.parameters())
+    assert param_count(ModelConfig.from_hf_dict(preset(name))) == sum(p.numel() for p in model.parameters())
     assert all(PRESETS[n]["architectures"] for n in PRESETS)
 
 

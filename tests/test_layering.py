@@ -1,10 +1,13 @@
 """The layering the code promises: the library never imports ``bench`` or ``serve`` (only its console
-entry point, ``distllm_jax/cli.py``, mounts their commands), and ``pallas_kernels`` imports nothing of
-the project. Read from the source, so an import inside a function counts too."""
+entry point, ``distllm_jax/cli.py``, mounts their commands), ``pallas_kernels`` imports nothing of
+the project, no two modules import each other (directly or round a longer loop), and no module (nor a
+test) imports another module's private names. Read from the source, so an import inside a function,
+or under ``if TYPE_CHECKING:``, counts too."""
 
 from __future__ import annotations
 
 import ast
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,204 @@ def test_the_check_sees_imports_anywhere(tmp_path, source, expect):
     f = tmp_path / "m.py"
     f.write_text(source)
     assert imported(f) & {"bench", "serve"} == expect
+
+
+# ---- the module graph ---------------------------------------------------------------------------
+
+
+def dotted(root: Path, path: Path) -> str:
+    """``root/a/b/c.py`` -> ``a.b.c``; a package is its ``__init__.py`` (``a/b/__init__.py`` -> ``a.b``)."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules(root: Path, packages=PROJECT) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of ``packages`` under ``root``."""
+    return {dotted(root, path): path for package in packages for path in sorted((root / package).rglob("*.py"))}
+
+
+def _known(name: str, mods: dict[str, Path]) -> str | None:
+    """The longest prefix of ``name`` that is a project module (``a.b.attr`` -> ``a.b``)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in mods:
+            return ".".join(parts[:n])
+    return None
+
+
+def _imports(root: Path, path: Path, mods: dict[str, Path]):
+    """(tree, [(node, module, name)]) for each import in ``path`` of a project module: ``name`` is
+    what ``from module import name`` takes (None for ``import module``); a relative import is
+    resolved against ``path``'s package."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = dotted(root, path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node, a.name, None) for a in node.names if _known(a.name, mods)]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            # ``module.name`` known: a namespace package's modules count too
+            out += [(node, module, a.name) for a in node.names if _known(f"{module}.{a.name}", mods)]
+    return tree, out
+
+
+def module_imports(root: Path, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports: ``from pkg import name`` is ``pkg.name`` when that is a
+    module, else ``pkg``."""
+    return {_known(f"{module}.{name}" if name else module, mods) for _, module, name in _imports(root, path, mods)[1]}
+
+
+def graph(root: Path, packages=PROJECT) -> dict[str, set[str]]:
+    """Module -> the project modules it names in an import. Only what an import names: that Python
+    runs ``a/__init__.py`` before ``a.b`` is not an edge, so a package re-exporting its submodules'
+    names is no loop with them; a submodule importing the package (``from a import X``) is."""
+    mods = modules(root, packages)
+    return {m: module_imports(root, p, mods) - {m} for m, p in mods.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[str]:
+    """One loop, as ``a -> b -> a``, for each group of modules that reach each other (Tarjan's
+    strongly connected components): a shortest loop through the group's first module, and the
+    group's other modules, if any, after it."""
+    index, low, stack, on, groups = {}, {}, [], set(), []
+
+    def visit(v):  # recursion is fine: the graph is a few hundred modules
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    out = []
+    for group in groups:
+        start = min(group)
+        prev, todo = {start: None}, deque([start])
+        while todo:  # breadth first inside the group, back to ``start``
+            v = todo.popleft()
+            if start in g[v]:
+                loop = [v]
+                while prev[loop[-1]] is not None:
+                    loop.append(prev[loop[-1]])
+                rest = sorted(group - set(loop))
+                out.append(" -> ".join([*reversed(loop), start]) + (f" (with {', '.join(rest)})" if rest else ""))
+                break
+            for w in sorted(g[v] & group):
+                if w not in prev:
+                    prev[w] = v
+                    todo.append(w)
+    return sorted(out)
+
+
+def test_no_module_import_cycles():
+    found = cycles(graph(ROOT))
+    assert not found, "import cycles:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("files,expect", [
+    ({"a.py": "import p.b\n", "b.py": "def f():\n    from p.a import x\n"}, ["p.a -> p.b -> p.a"]),
+    ({"a.py": "from p import b\n", "b.py": "from p import c\n", "c.py": "import p.a as a\n"},
+     ["p.a -> p.b -> p.c -> p.a"]),
+    ({"__init__.py": "", "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p.b import B\n",
+      "b.py": "from p.a import A\n"}, ["p.a -> p.b -> p.a"]),
+    # ``from p import name``: the package when ``name`` is not a module
+    ({"__init__.py": "from p.a import A\n", "a.py": "from p import b\n", "b.py": "from p import A\n"},
+     ["p -> p.a -> p.b -> p"]),
+    ({"__init__.py": "from p.a import A\n", "a.py": "from p.b import B\n", "b.py": "import os\n"}, []),
+    ({"a.py": "from . import b\n", "b.py": "from .a import A\n"}, ["p.a -> p.b -> p.a"]),  # relative
+    ({"a.py": "import p.b\n", "b.py": "import p.a, p.c\n", "c.py": "import p.a\n"}, ["p.a -> p.b -> p.a (with p.c)"]),
+])
+def test_the_cycle_check_finds_loops(tmp_path, files, expect):
+    (tmp_path / "p").mkdir()
+    for name, text in files.items():
+        (tmp_path / "p" / name).write_text(text)
+    assert cycles(graph(tmp_path, ("p",))) == expect
+
+
+# ---- private names ------------------------------------------------------------------------------
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(root: Path, path: Path, mods: dict[str, Path]) -> list[str]:
+    """Where ``path`` takes a private name (``_x``, not a dunder) of a project module: ``from m import
+    _x``, ``import m._x``, or ``m._x`` on a module it imported."""
+    tree, imports = _imports(root, path, mods)
+    out, bound = [], {}  # local name -> the project module it is
+    for node, module, name in imports:
+        if name is None:
+            if any(_private(p) for p in module.split(".")):
+                out.append(f"{node.lineno}: import {module}")
+            top = module.split(".")[0]
+            for a in node.names:
+                if a.name == module:
+                    bound[a.asname or top] = module if a.asname else top
+        elif _private(name):
+            out.append(f"{node.lineno}: from {module} import {name}")
+        elif f"{module}.{name}" in mods:
+            asname = next(a.asname for a in node.names if a.name == name)
+            bound[asname or name] = f"{module}.{name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            parts, base = [], node.value
+            while isinstance(base, ast.Attribute):
+                parts.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                target = ".".join([bound[base.id], *reversed(parts)])
+                if target in mods:
+                    out.append(f"{node.lineno}: {target}.{node.attr}")
+    return out
+
+
+def private_offenders(root: Path, packages=PROJECT, also=("tests",)) -> list[str]:
+    mods = modules(root, packages)
+    return [f"{p.relative_to(root).as_posix()}:{use}"
+            for package in (*packages, *also) for p in sorted((root / package).rglob("*.py"))
+            for use in private_uses(root, p, mods)]
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = private_offenders(ROOT)
+    assert not found, "private names imported across modules:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("source,expect", [
+    ("from p.a import _x, y\n", ["1: from p.a import _x"]),
+    ("def f():\n    from p.a import _x as x\n", ["2: from p.a import _x"]),
+    ("from p import _hidden\n", ["1: from p import _hidden"]),
+    ("import p._hidden\n", ["1: import p._hidden"]),
+    ("import p.a\np.a._x()\n", ["2: p.a._x"]),
+    ("import p.a as m\nm._x\n", ["2: p.a._x"]),
+    ("from p import a\na._x\n", ["2: p.a._x"]),
+    ("from p.a import __version__, y\nimport os\nos._exit\n", []),
+    ("from p.a import y\ny._z\n", []),  # ``y`` is not a module: its attributes are its own business
+])
+def test_the_private_check_sees_every_spelling(tmp_path, source, expect):
+    (tmp_path / "p").mkdir()
+    for name in ("__init__.py", "a.py", "_hidden.py"):
+        (tmp_path / "p" / name).write_text("")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "m.py").write_text(source)
+    assert private_offenders(tmp_path, ("p",), ("user",)) == [f"user/m.py:{e}" for e in expect]

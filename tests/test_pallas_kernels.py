@@ -10,7 +10,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import packed_prefill_attention, paged_decode_attention
-from pallas_kernels.paged_decode_attention import _ignore_poison
+from pallas_kernels.paged_decode_attention import ignore_poison
 
 TOL = 2e-5  # float32 kernels vs float64 math (relative to the output's scale)
 
@@ -151,7 +151,7 @@ def test_poisoning_catches_unwritten_elements():
 
     x = jnp.ones(8, jnp.float32)
     out = pl.pallas_call(
-        _ignore_poison(half, 1), out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+        ignore_poison(half, 1), out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
         in_specs=[pl.BlockSpec((8,), lambda: (0,)), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((8,), lambda: (0,)),
         input_output_aliases={1: 0}, interpret=True,

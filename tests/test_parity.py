@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distllm_jax.checkpoint import restore_params
+from distllm_jax.models.params import param_count
 from engine_workload import hf_greedy
 from hf_models import HF_VARIANTS
 from model_runner import greedy_generate
@@ -58,7 +59,7 @@ def test_config_matches_hf(converted):
         model, ckpt = converted(variant)
         cfg, _ = restore_params(ckpt)
         hf_count = sum(p.numel() for p in model.parameters())  # tied weights counted once by torch
-        assert cfg.param_count() == hf_count, variant
+        assert param_count(cfg) == hf_count, variant
 
 
 # ---- bfloat16 (the GPU default) -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from distllm_jax.engine.engine import attention_impl
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import ParamSource
 from distllm_jax.engine.programs import Segment, bucket
-from distllm_jax.engine.transfer import _GATHER, _SCATTER, host_pages, page_buckets, page_index, wait_pools
+from distllm_jax.engine.transfer import gather_pages_jit, host_pages, page_buckets, page_index, scatter_pages_jit, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
 
 
@@ -106,7 +106,7 @@ class InstanceActor:
         ks, vs = [], []
         for st in self.inst.stages:
             with self.inst.lock:
-                k, v = _GATHER(st.pool, page_index(pages, size, st.mesh), lo=0, hi=st.hi - st.lo)
+                k, v = gather_pages_jit(st.pool, page_index(pages, size, st.mesh), lo=0, hi=st.hi - st.lo)
             ks.append(np.asarray(k)[:, :n])
             vs.append(np.asarray(v)[:, :n])
         return np.concatenate(ks), np.concatenate(vs)
@@ -121,5 +121,5 @@ class InstanceActor:
         for st in self.inst.stages:
             buf = jax.device_put((np.pad(k[st.lo : st.hi], pad), np.pad(v[st.lo : st.hi], pad)), st.buffer_sharding)
             with self.inst.lock:
-                st.pool, _ = _SCATTER(st.pool, page_index(pages, size, st.mesh), *buf, lo=0)
+                st.pool, _ = scatter_pages_jit(st.pool, page_index(pages, size, st.mesh), *buf, lo=0)
         wait_pools(self.inst)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 from distllm_jax.engine.sampling import SamplingParams
 from distllm_jax.engine.stopping import FinishReason, StopChecker
-from distllm_jax.scheduling.state import RequestState  # noqa: F401 - the engine's request states
+from distllm_jax.scheduling.protocols import RequestState  # noqa: F401 - the engine's request states
 
 if TYPE_CHECKING:
     from distllm_jax.engine.instance import Instance

@@ -43,8 +43,9 @@ def scatter_pages(pool: KVPool, pages: jax.Array, k: jax.Array, v: jax.Array, lo
     return new, done
 
 
-_GATHER = jax.jit(gather_pages, static_argnames=("lo", "hi"))
-_SCATTER = jax.jit(scatter_pages, static_argnames=("lo",), donate_argnums=(0,))
+# compiled once for every puller: in-process, the transfer server's, the cluster actors'
+gather_pages_jit = jax.jit(gather_pages, static_argnames=("lo", "hi"))
+scatter_pages_jit = jax.jit(scatter_pages, static_argnames=("lo",), donate_argnums=(0,))
 
 
 def page_buckets(max_pages: int) -> list[int]:
@@ -99,7 +100,7 @@ class LocalKVPuller:
         staged = []
         for s, d, lo, hi in _overlaps(src, dst):
             with src.lock:
-                k, v = _GATHER(s.pool, page_index(src_pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
+                k, v = gather_pages_jit(s.pool, page_index(src_pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
             staged.append((d, lo, k, v, len(src_pages)))
         return staged
 
@@ -114,7 +115,7 @@ class LocalKVPuller:
                 raise ValueError(f"page counts differ: {n} source, {len(dst_pages)} destination")
             k, v = jax.block_until_ready(jax.device_put((k, v), d.buffer_sharding))
             with dst.lock:
-                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, k.shape[1], d.mesh), k, v, lo=lo - d.lo)
+                d.pool, written = scatter_pages_jit(d.pool, page_index(dst_pages, k.shape[1], d.mesh), k, v, lo=lo - d.lo)
             done.append(written)
         jax.block_until_ready(done)
 

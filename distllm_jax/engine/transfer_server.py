@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distllm_jax.engine.programs import bucket
-from distllm_jax.engine.transfer import _GATHER, _SCATTER, page_buckets, page_index, warm_pulls
+from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, warm_pulls
 from distllm_jax.parallel import TP
 
 
@@ -88,7 +88,7 @@ class TransferKVSender:
                 if lo >= hi:
                     continue
                 with src.lock:
-                    k, v = _GATHER(s.pool, page_index(pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
+                    k, v = gather_pages_jit(s.pool, page_index(pages, size, s.mesh), lo=lo - s.lo, hi=hi - s.lo)
                 k, v = jax.device_put((k, v), layout)
                 uid = next(_uuids)
                 self.server.await_pull(uid, [k, v])
@@ -125,7 +125,7 @@ class TransferKVReceiver:
             k, v = jax.block_until_ready(conn.pull(part.uuid, [want, want]))
             k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
-                d.pool, written = _SCATTER(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v,
+                d.pool, written = scatter_pages_jit(d.pool, page_index(dst_pages, part.shape[1], d.mesh), k, v,
                                            lo=part.lo - d.lo)
             done.append(written)
         jax.block_until_ready(done)

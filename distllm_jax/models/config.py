@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,12 +132,6 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(hf, source=str(path))
-
-    def param_count(self) -> int:
-        """Number of parameters, counted from the parameter spec so it can never drift from it."""
-        from distllm_jax.models.params import param_shapes
-
-        return sum(math.prod(s) for s in param_shapes(self).values())
 
 
 def _detect_family(hf: dict[str, Any], source: str) -> Family:

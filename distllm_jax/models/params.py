@@ -148,6 +148,11 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {s.name: s.shape for s in tensor_specs(cfg)}
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters, counted from the parameter spec so it can never drift from it."""
+    return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+
 # ---- flat -> nested ---------------------------------------------------------------------------------
 # Flat names ("layers.3.attn.wq") are the checkpoint/converter view; the nested pytree (layers as a
 # list, so pipeline stages can slice it) is what the model functions take.

@@ -385,8 +385,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_ablation(args: argparse.Namespace) -> int:
     """``distllm simulate --ablation``: prints the table, writes figure11[-32gpu].{png,json}."""
+    from distllm_jax.workload.datasets import opt_lengths
     from distllm_jax.workload.slo import resolve
-    from distllm_jax.placement.cli import _workload
     from distllm_jax.placement.latency import load_profile
 
     prof = load_profile(args.profile)
@@ -398,7 +398,7 @@ def run_ablation(args: argparse.Namespace) -> int:
                         pick=args.pick, seed=args.seed)
     t0 = time.time()
     try:
-        lengths = _workload(argparse.Namespace(**{**vars(args), "num_prompts": spec.requests_per_gpu * spec.total_gpus}))
+        lengths = opt_lengths(args.dataset, spec.requests_per_gpu * spec.total_gpus, args.max_len, args.seed)
     except ValueError as e:
         if args.dataset == "sharegpt-artifact":
             raise SystemExit(f"{e}\n(sharegpt-artifact is DistServe's own ShareGPT preparation; until "

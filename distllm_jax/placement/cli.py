@@ -12,17 +12,6 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",")]
 
 
-def _workload(args) -> list[tuple[int, int]]:
-    """(prompt, output) lengths of a bench dataset, tokenised with GPT-2's BPE (OPT's tokenizer)."""
-    from distllm_jax.workload.datasets import load
-    from distllm_jax.tokenizer import bundled_gpt2
-
-    tok = bundled_gpt2()
-    w = load(args.dataset, lambda s: tok.encode(s).ids, args.num_prompts, args.max_len, args.seed,
-             tokenizer_id="gpt2-bpe")
-    return [(i.prompt_len, i.output_len) for i in w.items]
-
-
 def _common(p: argparse.ArgumentParser, system_limits: bool = False) -> None:
     """Flags of ``simulate`` and ``place``. ``system_limits``: the batch limits default to the chosen
     system's (``simulate --system``; None here) instead of this engine's 512 / 256."""
@@ -69,6 +58,7 @@ def _sim_config(args):
 
 
 def cmd_simulate(args) -> int:
+    from distllm_jax.workload.datasets import opt_lengths
     from distllm_jax.workload.slo import resolve
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import sim_attainment, workload_from
@@ -90,7 +80,7 @@ def cmd_simulate(args) -> int:
     cfg = _sim_config(args)
     if args.trace:
         return _simulate_trace(args, prof, cfg, (slo.ttft, slo.tpot))
-    wl = workload_from(_workload(args), args.num_prompts, args.seed)
+    wl = workload_from(opt_lengths(args.dataset, args.num_prompts, args.max_len, args.seed), args.num_prompts, args.seed)
     print(f"{prof.model} on {prof.device}, {cfg.mode} on {cfg.gpus} GPUs, SLO ({slo.ttft}s, {slo.tpot}s)")
     print(f"{'rate':>8}{'per GPU':>9}{'attain':>9}")
     for r in [float(x) for x in args.rates.split(",")]:
@@ -123,13 +113,14 @@ def _simulate_trace(args, prof, cfg, slo: tuple[float, float]) -> int:
 
 
 def cmd_place(args) -> int:
+    from distllm_jax.workload.datasets import opt_lengths
     from distllm_jax.workload.slo import resolve
     from distllm_jax.placement.latency import load_profile
     from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
 
     prof = load_profile(args.profile)
     slo = resolve(args.slo)
-    wl = workload_from(_workload(args), args.num_prompts, args.seed)
+    wl = workload_from(opt_lengths(args.dataset, args.num_prompts, args.max_len, args.seed), args.num_prompts, args.seed)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.cross_node_gbps, args.intra_node_gbps)
     sim = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch)
     if args.algorithm == "high":

@@ -391,14 +391,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_figure(args: argparse.Namespace) -> int:
     """``distllm simulate --figure 8|9``: prints the ratio table, writes figure{8,9}.{png,json}.
     ``--dataset`` given explicitly replaces every entry's dataset (a quick look, or a test)."""
-    from distllm_jax.placement.cli import _workload
+    from distllm_jax.workload.datasets import opt_lengths
 
     t0 = time.time()
     results, pools = [], {}
     for entry in FIGURES[args.figure]:
         ds = args.dataset or entry.dataset
         if ds not in pools:
-            pools[ds] = _workload(argparse.Namespace(**{**vars(args), "dataset": ds}))
+            pools[ds] = opt_lengths(ds, args.num_prompts, args.max_len, args.seed)
         results.append(run_entry(dataclasses.replace(entry, dataset=ds), pools[ds], args.figure_requests,
                                  args.figure_span_ttft))
         e = results[-1]

@@ -11,10 +11,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from distllm_jax.models.params import param_count
 from distllm_jax.placement.latency import Fit, Profile, fit_decode_split, fit_prefill
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after one warm-up run; ``fn`` waits for
+    its own results (as :func:`run_decode_steps` does by reading the ids back)."""
     fn()
     ts = []
     for _ in range(repeats):
@@ -46,7 +49,7 @@ DECODE_STEPS = 8  # decode steps timed together (the lookahead needs a run of th
 
 def decode_step_ms(inst: Any, segs: Sequence[Any], repeats: int, steps: int = DECODE_STEPS) -> float:
     """One decode step of :func:`run_decode_steps`, median over ``repeats`` runs of ``steps``."""
-    return _median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
+    return median_ms(lambda: run_decode_steps(inst, segs, steps), repeats) / steps
 
 
 def _device_memory() -> float:
@@ -157,7 +160,7 @@ def make_profile(source: Any, fits: dict[int, Fit], name: str) -> Profile:
     item = jax.numpy.dtype(source.dtype).itemsize
     return Profile(
         model=name, device=f"{jax.devices()[0].device_kind} ({jax.default_backend()}, jax {jax.__version__})",
-        fits=fits, params_bytes=cfg.param_count() * item,
+        fits=fits, params_bytes=param_count(cfg) * item,
         kv_bytes_per_token=2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item,
         gpu_memory_bytes=_device_memory(), num_layers=cfg.num_layers,
         source=f"distllm profile on {jax.devices()[0].device_kind}",

@@ -5,9 +5,9 @@ the plans on devices and reports back under the controller's lock; the simulator
 the latency model. Nothing here imports jax, a device or a clock: ``now`` is always passed in.
 """
 
-from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Scheduler, Slot, Stamps
+from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Scheduler, Slot, Stamps
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan, PullPlan, StepKind
-from distllm_jax.scheduling.state import RequestState, Queues, release
+from distllm_jax.scheduling.state import Queues, release
 from distllm_jax.scheduling.prefill import PrefillScheduler, take_prompts
 from distllm_jax.scheduling.decode import Admission, DecodeScheduler
 from distllm_jax.scheduling.colocated import ChunkedScheduler, ColocatedScheduler

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan
 from distllm_jax.scheduling.prefill import take_prompts
-from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Slot
-from distllm_jax.scheduling.state import RequestState
+from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
 class ColocatedScheduler:

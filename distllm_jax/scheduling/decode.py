@@ -23,8 +23,7 @@ from typing import Callable, Iterable
 
 from distllm_jax.scheduling.pages import pages_for
 from distllm_jax.scheduling.plans import DecodePlan, PullPlan
-from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Slot
-from distllm_jax.scheduling.state import RequestState
+from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
 class Admission(enum.Enum):

@@ -8,8 +8,7 @@ it. The pool bounds that buffer: when it is full of held requests, new prompts w
 from __future__ import annotations
 
 from distllm_jax.scheduling.plans import PrefillPlan
-from distllm_jax.scheduling.protocols import QueueState, SchedRequest, Slot
-from distllm_jax.scheduling.state import RequestState
+from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
 def take_prompts(queues: QueueState, inst: Slot, budget: int, max_seqs: int, reserve_all: bool,

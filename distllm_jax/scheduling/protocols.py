@@ -1,14 +1,25 @@
 """What a scheduler reads and writes of instances and requests: the engine's ``Instance`` /
-``RemoteInstance`` and ``Request`` satisfy these, and so do the simulator's timed stand-ins."""
+``RemoteInstance`` and ``Request`` satisfy these, and so do the simulator's timed stand-ins. The
+states a request moves through are written here too (``RequestState``)."""
 
 from __future__ import annotations
 
 import collections
+import enum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from distllm_jax.kv_cache import PageAllocator
-    from distllm_jax.scheduling.state import RequestState
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued for prefill
+    PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
+    HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
+    MIGRATING = "migrating"
+    RUNNING = "running"  # in a decode batch
+    SWAPPED = "swapped"  # taken out of a decode batch that ran out of pages; its KV off the pool
+    DONE = "done"
 
 
 class Slot(Protocol):

@@ -1,22 +1,11 @@
-"""Request states and the shared queues."""
+"""The shared queues, and how a request leaves them."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 
-from distllm_jax.scheduling.protocols import QueueState, SchedRequest
-
-
-class RequestState(enum.Enum):
-    WAITING = "waiting"  # queued for prefill
-    PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
-    HELD = "held"  # prefilled; KV waits in prefill memory for a decode instance to pull it
-    MIGRATING = "migrating"
-    RUNNING = "running"  # in a decode batch
-    SWAPPED = "swapped"  # taken out of a decode batch that ran out of pages; its KV off the pool
-    DONE = "done"
+from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest
 
 
 @dataclasses.dataclass

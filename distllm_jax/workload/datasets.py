@@ -243,3 +243,13 @@ def load(name: str, encode: Encode, n: int, max_len: int, seed: int = 0, cache_d
     cache.write_text(json.dumps({"name": w.name, "source_records": w.source_records,
                                  "items": [dataclasses.asdict(i) for i in w.items]}))
     return w
+
+
+def opt_lengths(name: str, n: int, max_len: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) lengths of dataset ``name``, tokenised with GPT-2's BPE (OPT's tokenizer):
+    what the simulator and the placement search run on."""
+    from distllm_jax.tokenizer import bundled_gpt2
+
+    tok = bundled_gpt2()
+    w = load(name, lambda s: tok.encode(s).ids, n, max_len, seed, tokenizer_id="gpt2-bpe")
+    return [(i.prompt_len, i.output_len) for i in w.items]
