@@ -22,7 +22,6 @@ import numpy as np  # noqa: E402
 from distllm_jax.engine import CheckpointSource, EngineConfig, InstanceSpec, SamplingParams  # noqa: E402
 from distllm_jax.engine.instance import Instance  # noqa: E402
 from distllm_jax.engine.programs import Segment  # noqa: E402
-from distllm_jax.engine.transfer import host_pages  # noqa: E402
 from distllm_jax.engine.transfer_server import TransferKVSender, start_server  # noqa: E402
 from distllm_jax.models.attention import REFERENCE  # noqa: E402
 
@@ -40,7 +39,7 @@ def main() -> None:
     for i in range(len(prompts)):
         pages = p.alloc.table(i)
         offers.append(sender.offer(p, pages, [tuple(r) for r in dst["ranges"]], dst["tp"]))
-        k, v = host_pages(p, pages)
+        k, v = p.host_pages(pages)
         np.savez(os.path.join(out_dir, f"sent-{i}.npz"), k=k, v=v)
     blob = base64.b64encode(pickle.dumps(offers)).decode()
     print(json.dumps({"first": first, "offers": blob, "pid": os.getpid()}), flush=True)

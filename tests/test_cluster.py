@@ -26,7 +26,6 @@ from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.decode import DecodeWorker
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
-from distllm_jax.engine.transfer import host_pages
 from distllm_jax.kv_cache import pages_for
 from cluster_fixtures import local_ray, on_state, wait_for
 from engine_workload import MAX_LEN, greedy, hf_greedy, run_arrivals, small_config, workload
@@ -144,7 +143,7 @@ def prefilled(engine: ClusterEngine, src, dst, rid: str) -> Iterator[tuple[list[
 
 
 def assert_pages_arrived(src, sp: list[int], dst, dp: list[int]) -> None:
-    left, arrived = host_pages(src, sp), host_pages(dst, dp)
+    left, arrived = src.host_pages(sp), dst.host_pages(dp)
     assert left[0].shape[:2] == (src.info["stage_ranges"][-1][1], len(sp))
     assert np.abs(left[0]).sum() > 0  # real KV, not an empty page
     for a, b in zip(left, arrived):

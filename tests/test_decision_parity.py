@@ -130,6 +130,8 @@ class StandIn:
 
 class StandInPuller:
     kind = "stand-in"
+    staged = True
+    buckets: list[int] = []
 
     def stage(self, src, src_pages, dst):
         return ("staged", src)

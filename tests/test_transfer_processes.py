@@ -23,7 +23,6 @@ from distllm_jax.checkpoint import restore_params
 from distllm_jax.engine import CheckpointSource, EngineConfig, InstanceSpec, SamplingParams
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.programs import Segment
-from distllm_jax.engine.transfer import host_pages
 from distllm_jax.engine.transfer_server import TransferKVReceiver, start_server
 from distllm_jax.models.attention import REFERENCE
 from model_runner import greedy_generate
@@ -61,7 +60,7 @@ def test_pull_from_another_process(converted, tmp_path, src, dst):
             table = d.alloc.ensure(i, len(pr) + N_NEW)
             receiver.fetch(offer, d, table[: offer.num_pages])
             sent = np.load(tmp_path / f"sent-{i}.npz")
-            got = host_pages(d, table[: offer.num_pages])
+            got = d.host_pages(table[: offer.num_pages])
             assert got[0].tobytes() == sent["k"].tobytes() and got[1].tobytes() == sent["v"].tobytes()
             tables.append(table)
     finally:
@@ -73,7 +72,7 @@ def test_pull_from_another_process(converted, tmp_path, src, dst):
     assert d.pools_ok()
     for i, (pr, table) in enumerate(zip(PROMPTS, tables)):
         sent = np.load(tmp_path / f"sent-{i}.npz")
-        got = host_pages(d, table[: sent["k"].shape[1]])
+        got = d.host_pages(table[: sent["k"].shape[1]])
         assert got[0].tobytes() == sent["k"].tobytes() and got[1].tobytes() == sent["v"].tobytes()
 
     out = [[t] for t in msg["first"][: len(PROMPTS)]]

@@ -20,7 +20,7 @@ from distllm_jax.engine.engine import attention_impl
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import ParamSource
 from distllm_jax.engine.programs import Segment, bucket
-from distllm_jax.engine.transfer import gather_pages_jit, host_pages, page_buckets, page_index, scatter_pages_jit, wait_pools
+from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
 
 
@@ -83,7 +83,7 @@ class InstanceActor:
         self.inst.reset_pools()
 
     def host_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        return host_pages(self.inst, pages)
+        return self.inst.host_pages(pages)
 
     # ---- KV: jax transfer server -----------------------------------------------------------------
 

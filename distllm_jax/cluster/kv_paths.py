@@ -28,6 +28,8 @@ PATHS = ("transfer-server", "staged")
 
 
 class RemoteKVPuller:
+    staged = False  # both halves are actor calls, issued together
+
     def __init__(self, kind: str, max_pages: int, timeout_s: float = 120.0):
         if kind not in PATHS:
             raise ValueError(f"KV path must be one of {PATHS}, got {kind!r}")

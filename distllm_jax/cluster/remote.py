@@ -92,6 +92,11 @@ class RemoteInstance:
 
     # ---- what workers call -----------------------------------------------------------------------
 
+    @property
+    def lookahead(self) -> bool:
+        """No: a step is one Ray call that returns its ids, so nothing stays in flight to chain."""
+        return False
+
     def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
         self.steps += 1
         return self.call("run", kind, [list(m) for m in micro_batches])

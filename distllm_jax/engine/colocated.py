@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from distllm_jax.engine.controller import Controller
-from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker
@@ -15,7 +15,7 @@ from distllm_jax.scheduling import ChunkedScheduler, ColocatedScheduler, Prefill
 
 
 class ColocatedWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: Instance, budget: int):
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int):
         super().__init__(ctrl, inst, ColocatedScheduler(ctrl, inst, budget))
 
     def step(self) -> bool:
@@ -43,7 +43,7 @@ class ColocatedWorker(Worker):
 
 
 class ChunkedWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: Instance, budget: int):
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int):
         super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget))
         self.lookahead = False  # its steps mix prompt chunks with decode tokens: no plain decode step
 

@@ -16,17 +16,18 @@ import dataclasses
 import queue
 import threading
 import time
+from typing import cast
 
 from distllm_jax.engine.controller import Controller, InstanceLost
-from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.request import RequestState
-from distllm_jax.engine.transfer import KVPuller, can_stage, pages_equal
+from distllm_jax.engine.transfer import KVPuller, StagedKVPuller, pages_equal
 from distllm_jax.engine.worker import Worker, mine
 from distllm_jax.scheduling import DecodeScheduler, PullPlan
 
 
 class DecodeWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: Instance, puller: KVPuller, peers: list["DecodeWorker"],
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, puller: KVPuller, peers: list["DecodeWorker"],
                  check_transfers: bool = False):
         """``peers``: every decode worker (this one included, filled in by the caller): pulls are
         balanced across their schedulers."""
@@ -56,7 +57,7 @@ class DecodeWorker(Worker):
         to start: it stages them (:meth:`stage`) before it dispatches its next step, so their gathers
         do not queue behind that step. A puller that cannot stage gets them queued as they are."""
         jobs = self._choose_pulls(now)
-        if not can_stage(self.puller):
+        if not self.puller.staged:
             for job in jobs:
                 self._pulls.put(job)
             return []
@@ -67,7 +68,7 @@ class DecodeWorker(Worker):
         hand them to this instance's pull thread; a failed gather fails the pull there."""
         for job in jobs:
             try:
-                staged = self.puller.stage(job.src, job.src_pages, self.inst)
+                staged = cast(StagedKVPuller, self.puller).stage(job.src, job.src_pages, self.inst)
             except Exception as e:  # noqa: BLE001 - settled by the pull thread, as a failed pull
                 staged = e
             self._pulls.put(dataclasses.replace(job, staged=staged))
@@ -97,7 +98,7 @@ class DecodeWorker(Worker):
             if isinstance(job.staged, BaseException):
                 raise job.staged
             if job.staged is not None:  # both return when the pages are in place
-                path = self.puller.put(job.staged, self.inst, job.dst_pages)
+                path = cast(StagedKVPuller, self.puller).put(job.staged, self.inst, job.dst_pages)
             else:
                 path = self.puller.pull(src, job.src_pages, self.inst, job.dst_pages)
             if self.check and not pages_equal(src, job.src_pages, self.inst, job.dst_pages):

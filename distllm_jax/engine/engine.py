@@ -158,7 +158,7 @@ class Engine:
 
         t0 = time.perf_counter()
         total = sum(i.num_programs() for i in self.instances)
-        total += len(self._transfer_pairs()) * len(getattr(self.puller, "buckets", []))
+        total += len(self._transfer_pairs()) * (len(self.puller.buckets) if self.puller else 0)
         bar = tqdm(total=total, desc="compiling", unit="program", disable=not self.config.progress)
         tick: Callable[[str], None] = lambda what: (bar.set_postfix_str(what, refresh=False), bar.update())  # noqa: E731
         for inst in self.instances:
@@ -275,7 +275,7 @@ class Engine:
                 "finished": dict(c.finished),
                 "migrations": c.migrations,
                 "migration_seconds": c.migration_seconds,
-                "migration_path": getattr(self.puller, "kind", None),
+                "migration_path": self.puller.kind if self.puller else None,
                 "requeued": c.requeued,
                 "lost_instances": [i.name for i in self.instances if i in c.lost],
                 "compilations": compile_counter.compilations(),

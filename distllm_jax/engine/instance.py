@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from distllm_jax.engine.config import EngineConfig, InstanceSpec, pow2_buckets
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
+from distllm_jax.engine.transfer import read_host_pages
 from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_picks,
                                          pack_prefill, pick_buckets)
 from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
@@ -225,6 +226,9 @@ class Instance:
             for st in self.stages:
                 st.pool = create_pool(_stage_cfg(self.cfg, st.hi - st.lo), self.num_pages, self.page_size,
                                       self.dtype, st.pool_sharding)
+
+    def host_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        return read_host_pages(self, pages)
 
     def describe(self) -> dict[str, Any]:
         return {

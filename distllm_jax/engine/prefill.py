@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from distllm_jax.engine.controller import Controller
-from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker, mine
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class PrefillWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: Instance, budget: int, decoders: Sequence["DecodeWorker"] = ()):
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int, decoders: Sequence["DecodeWorker"] = ()):
         """``decoders``: the decode workers (filled in by the engine, shared), offered each batch as
         it ends so their pulls' gathers go ahead of this instance's next step."""
         super().__init__(ctrl, inst, PrefillScheduler(ctrl, inst, budget))

@@ -62,26 +62,35 @@ def _overlaps(src: Any, dst: Any):
 
 
 class KVPuller(Protocol):
-    """One migration path. ``kind`` names it in stats and request timings. ``pull`` returns when the
-    pages are in place in the destination pool (with the path's name when one puller has several)."""
+    """One migration path. ``kind`` names it in stats and request timings; ``buckets`` are the page
+    counts it compiles a program for. ``pull`` returns when the pages are in place in the
+    destination pool (with the path's name when one puller has several). ``staged``: it is also a
+    :class:`StagedKVPuller`."""
 
     kind: str
+    buckets: list[int]
+    staged: bool
 
     def pull(self, src: Any, src_pages: Sequence[int], dst: Any, dst_pages: Sequence[int]) -> str | None: ...
 
     def warmup(self, src: Any, dst: Any, tick: Callable[[str], None]) -> None: ...
 
 
-def can_stage(puller: Any) -> bool:
-    """The puller splits a pull in two (:meth:`LocalKVPuller.stage`, then ``put``): the prefill side
-    can start it the moment its step ends, before its next step is dispatched."""
-    return hasattr(puller, "stage") and hasattr(puller, "put")
+class StagedKVPuller(KVPuller, Protocol):
+    """A puller that also splits a pull in two, :meth:`stage` (dispatch the gathers, return their
+    buffers) and :meth:`put` (move and scatter them), so the prefill side can start a pull the
+    moment its step ends, before its next step is dispatched."""
+
+    def stage(self, src: Any, src_pages: Sequence[int], dst: Any) -> list: ...
+
+    def put(self, staged: list, dst: Any, dst_pages: Sequence[int]) -> str | None: ...
 
 
 class LocalKVPuller:
     """Both instances live in this process: device-to-device copies between their meshes."""
 
     kind = "local"
+    staged = True
 
     def __init__(self, max_pages: int):
         self.buckets = page_buckets(max_pages)
@@ -144,11 +153,9 @@ def page_index(pages: Sequence[int], size: int, mesh: Any) -> jax.Array:
     return jax.device_put(idx, NamedSharding(mesh, PartitionSpec()))
 
 
-def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """All layers' K and V of the listed pages, on the host (stages concatenated in layer order).
-    An owner in another process (``distllm_jax.cluster``) reads its own pages and ships them."""
-    if hasattr(owner, "host_pages"):
-        return owner.host_pages(pages)
+def read_host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """All layers' K and V of the listed pages of a pool owner in this process, on the host (stages
+    concatenated in layer order): what :meth:`Instance.host_pages` returns."""
     idx = np.asarray(pages, np.int32)
     with owner.lock:
         # whole pools to the host, then index: no eager device op, so no compilation per page count
@@ -159,7 +166,7 @@ def host_pages(owner: Any, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray
 
 def pages_equal(a: Any, a_pages: Sequence[int], b: Any, b_pages: Sequence[int]) -> bool:
     """Bit-for-bit comparison of a request's pages in two pool owners."""
-    for x, y in zip(host_pages(a, a_pages), host_pages(b, b_pages)):
+    for x, y in zip(a.host_pages(a_pages), b.host_pages(b_pages)):
         if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
             return False
     return True

@@ -136,6 +136,7 @@ class TransferServerPuller:
     when told to migrate through the transfer server (one server serves both directions)."""
 
     kind = "transfer-server"
+    staged = False  # a pull is one offer and one fetch
 
     def __init__(self, max_pages: int, server: Any = None):
         self.server = server or start_server()

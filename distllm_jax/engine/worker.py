@@ -13,12 +13,12 @@ from __future__ import annotations
 import abc
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar, cast
 
 import numpy as np
 
 from distllm_jax.engine.controller import Controller, InstanceLost, StepRecord
-from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.instance_api import InstanceAPI, LookaheadInstance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState
 from distllm_jax.scheduling import Scheduler
@@ -52,21 +52,21 @@ def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[lis
     return out
 
 
-def mine(r: Request, inst: Instance, state: RequestState) -> bool:
+def mine(r: Request, inst: InstanceAPI, state: RequestState) -> bool:
     """``r`` is still in ``state`` with pages on ``inst``: no cancellation, failure or lost instance
     took it elsewhere while a step ran without the lock."""
     return r.state is state and inst in r.holders
 
 
 class Worker(abc.ABC):
-    def __init__(self, ctrl: Controller, inst: Instance, sched: Scheduler):
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, sched: Scheduler):
         """``sched``: the instance's policy (:mod:`distllm_jax.scheduling`), which owns its queues'
         share, its batch and its page reservations; this worker executes its plans."""
         self.ctrl = ctrl
         self.inst = inst
         self.sched = sched
         # decode steps overlap the host (see _decode_step_ahead); the engine may switch it off
-        self.lookahead = bool(getattr(inst, "lookahead", False))
+        self.lookahead = inst.lookahead
         self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
         self._last_read = 0.0  # when the last decode step's ids were read
         self._stop = threading.Event()
@@ -228,7 +228,7 @@ class Worker(abc.ABC):
         self.inflight = None
         if batch:
             t = time.perf_counter()
-            ids = self.guarded("decode", batch, lambda: self.inst.dispatch_decode(
+            ids = self.guarded("decode", batch, lambda: cast(LookaheadInstance, self.inst).dispatch_decode(
                 segs, None if prev is None else prev.ids, src))
             if ids is not None:
                 self.inflight = InFlight(batch, ids, t, segs)

@@ -31,7 +31,7 @@ def run_decode_steps(inst: Any, segs: Sequence[Any], steps: int) -> None:
     """``steps`` decode steps as the serving loop runs them: with lookahead (one-stage instances),
     step k+1 is dispatched before step k's ids are read, so host packing overlaps the device;
     otherwise each step is packed, run and read in turn."""
-    if not getattr(inst, "lookahead", False):
+    if not inst.lookahead:
         for _ in range(steps):
             inst.run("decode", [segs])
         return

@@ -1,0 +1,54 @@
+"""What the engine's workers, controller and KV paths need of an instance: the written contract that
+the in-process :class:`~distllm_jax.engine.instance.Instance` and the cluster's
+:class:`~distllm_jax.cluster.remote.RemoteInstance` (a Ray actor's stand-in) both implement, so a
+worker never asks which one it holds."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from distllm_jax.engine.config import InstanceSpec
+from distllm_jax.engine.programs import Segment
+from distllm_jax.scheduling.protocols import Slot
+
+
+class InstanceAPI(Slot, Protocol):
+    """An instance as the workers drive it: the scheduler's view (:class:`Slot`: name, role, pages,
+    limits) plus the steps, health and KV reads. ``lookahead``: it can dispatch decode step k+1
+    before step k's ids are read (``dispatch_decode``; one-stage instances in this process)."""
+
+    spec: InstanceSpec
+    num_pages: int
+    steps: int
+
+    @property
+    def lookahead(self) -> bool: ...
+
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+        """One step over its micro-batches; returns each one's sampled ids."""
+
+    def warmup(self, tick: Callable[[str], None]) -> None:
+        """Compile every program it can run."""
+
+    def num_programs(self) -> int: ...
+
+    def pools_ok(self) -> bool:
+        """False when a failed step left its KV pool unusable."""
+
+    def reset_pools(self) -> None:
+        """Fresh pools after such a failure (its requests are failed by the caller)."""
+
+    def host_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """All layers' K and V of these pages, on the host."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class LookaheadInstance(InstanceAPI, Protocol):
+    """An instance whose ``lookahead`` is True (the worker's decode loop with a step in flight)."""
+
+    def dispatch_decode(self, segs: Sequence[Segment], prev: Any = None, src: Sequence[int] | None = None) -> Any:
+        """Dispatch a decode step whose rows may take their input from ``prev``, the ids of a step
+        not yet read; returns its ids on the device without waiting."""
