@@ -22,7 +22,7 @@ from distllm_jax.cluster.remote import PING_TIMEOUT_S, RemoteInstance
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.decode import DecodeWorker
-from distllm_jax.engine.engine import Engine, EngineClosed, disaggregated_worker
+from distllm_jax.engine.engine import Engine, EngineClosed, make_worker
 from distllm_jax.engine.params_source import ParamSource
 from distllm_jax.kv_cache import pages_for
 
@@ -74,7 +74,7 @@ class ClusterEngine(Engine):
         self._actors.append(actor)
         return actor, opts["name"]
 
-    def _connect(self, name: str, role: str, spec: InstanceSpec, started: tuple[Any, str]) -> RemoteInstance:
+    def _connect(self, name: str, role: str, spec: InstanceSpec, index: int, started: tuple[Any, str]) -> RemoteInstance:
         import ray
 
         actor, actor_name = started
@@ -82,7 +82,7 @@ class ClusterEngine(Engine):
             info = ray.get(actor.info.remote())
         except Exception as e:
             raise RuntimeError(f"the actor for {name} ({spec.label()}) did not start: {e}") from e
-        inst = RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name})
+        inst = RemoteInstance(name, role, spec, actor, {**info, "actor": actor_name}, index=index)
         inst.ping_timeout = self._ping_timeout()
         return inst
 
@@ -101,14 +101,14 @@ class ClusterEngine(Engine):
         named = [(f"{role}{i}", role, spec, i) for role, specs in (("prefill", self.config.prefill),
                                                                    ("decode", self.config.decode))
                  for i, spec in enumerate(specs)]
-        prefill = [(n, r, s, self._start_actor(n, r, s, place.node(r, i))) for n, r, s, i in named if r == "prefill"]
-        out = [self._connect(n, r, s, a) for n, r, s, a in prefill]
+        prefill = [(n, r, s, i, self._start_actor(n, r, s, place.node(r, i))) for n, r, s, i in named if r == "prefill"]
+        out = [self._connect(*started) for started in prefill]
         decode = []
         for n, r, s, i in named:
             if r == "decode":
                 node = place.node(r, i) or (out[i].info["node_id"] if place.same_node else None)
-                decode.append((n, r, s, self._start_actor(n, r, s, node)))
-        return out + [self._connect(n, r, s, a) for n, r, s, a in decode]
+                decode.append((n, r, s, i, self._start_actor(n, r, s, node)))
+        return out + [self._connect(*started) for started in decode]
 
     def _make_puller(self) -> RemoteKVPuller:
         kind = "staged" if self.cluster.kv_path == "staged" else "transfer-server"
@@ -222,7 +222,8 @@ class ClusterEngine(Engine):
                 if old not in self.ctrl.lost:
                     self.ctrl.lose_instance(old, RuntimeError("replaced on request"))
             _kill(old.actor)
-            new = self._connect(name, old.role, old.spec, self._start_actor(name, old.role, old.spec, self._node_for(old)))
+            new = self._connect(name, old.role, old.spec, old.index,
+                                self._start_actor(name, old.role, old.spec, self._node_for(old)))
             try:
                 new.call("warmup")
                 live = [i for i in self.instances if i.role != old.role and i not in self.ctrl.lost]
@@ -231,7 +232,7 @@ class ClusterEngine(Engine):
                     if self._closed:
                         raise EngineClosed("the engine is shutting down")
                     gone = self.workers[idx]
-                    worker = disaggregated_worker(self.ctrl, new, self.config, self.puller, self.decoders)
+                    worker = make_worker(self.ctrl, new, self.config, self.puller, self.decoders)
                     if isinstance(worker, DecodeWorker):
                         self.decoders[self.decoders.index(gone)] = worker
                     self.instances[idx], self.workers[idx] = new, worker
@@ -248,11 +249,11 @@ class ClusterEngine(Engine):
     def _node_for(self, old: RemoteInstance) -> str | None:
         """Where a replacement goes: the plan's pin, or with ``same_node`` its partner's node."""
         place = self.cluster.placement
-        i = int(old.name[len(old.role):])
-        pinned = place.node(old.role, i)
+        pinned = place.node(old.role, old.index)
         if pinned or not place.same_node:
             return pinned
-        partner = next(x for x in self.instances if x.name == ("decode" if old.role == "prefill" else "prefill") + str(i))
+        other = "decode" if old.role == "prefill" else "prefill"
+        partner = next(x for x in self.instances if x.role == other and x.index == old.index)
         return partner.info["node_id"]
 
     def wait_replacements(self, timeout: float | None = None) -> bool:

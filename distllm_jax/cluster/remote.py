@@ -45,8 +45,11 @@ def runtime_failure(e: BaseException) -> bool:
 
 
 class RemoteInstance:
-    def __init__(self, name: str, role: str, spec: InstanceSpec, actor: Any, info: dict[str, Any]):
+    def __init__(self, name: str, role: str, spec: InstanceSpec, actor: Any, info: dict[str, Any], index: int = 0):
+        """``index``: its place among the instances of its role, which the plan's node pins and a
+        same-node partner refer to (a replacement keeps it)."""
         self.name, self.role, self.spec, self.actor, self.info = name, role, spec, actor, info
+        self.index = index
         self.page_size = int(info["page_size"])
         self.num_pages = int(info["num_pages"])
         self.alloc = PageAllocator(self.num_pages, self.page_size)

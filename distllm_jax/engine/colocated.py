@@ -45,7 +45,6 @@ class ColocatedWorker(Worker):
 class ChunkedWorker(Worker):
     def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int):
         super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget))
-        self.lookahead = False  # its steps mix prompt chunks with decode tokens: no plain decode step
 
     def step(self) -> bool:
         with self.ctrl.cv:

@@ -60,19 +60,26 @@ def make_puller(kind: str, max_pages: int) -> KVPuller:
     return LocalKVPuller(max_pages)
 
 
-def disaggregated_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller,
-                         decoders: list[DecodeWorker]) -> PrefillWorker | DecodeWorker:
-    """The worker of one disaggregated instance, made here for the engine's start and for an instance
-    that replaces a lost one (cluster mode) alike, so a replacement is wired as the original was: a
+def make_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller | None,
+                decoders: list[DecodeWorker]) -> Worker:
+    """The worker of one instance, by its role, made here for the engine's start and for an instance
+    that replaces a lost one (cluster mode) alike, so a replacement is wired as the original was. A
     prefill worker offers each finished batch to ``decoders`` (the engine's shared list of decode
-    workers), and a decode worker balances its pulls across them. The caller puts a new decode worker
-    into ``decoders``."""
-    w: PrefillWorker | DecodeWorker
+    workers), and a decode worker balances its pulls across them; the caller puts a new decode
+    worker into ``decoders``. The decode lookahead is switched here, and only here: on for the
+    workers that run plain decode steps, when the instance can chain them and the config asks."""
+    w: Worker
     if inst.role == "prefill":
         w = PrefillWorker(ctrl, inst, cfg.prefill_token_budget, decoders)
-    else:
+    elif inst.role == "decode":
+        if puller is None:
+            raise ValueError(f"{inst.name}: a decode instance needs a KV puller")
         w = DecodeWorker(ctrl, inst, puller, decoders, cfg.check_transfers)
-    w.lookahead = w.lookahead and cfg.async_decode
+    elif inst.role == "colocated":
+        w = ColocatedWorker(ctrl, inst, cfg.prefill_token_budget)
+    else:
+        w = ChunkedWorker(ctrl, inst, cfg.prefill_token_budget)
+    w.lookahead = inst.role in ("decode", "colocated") and inst.lookahead and cfg.async_decode
     return w
 
 
@@ -102,19 +109,13 @@ class Engine:
         self.workers: list[Worker] = []
         self.puller: KVPuller | None = None
         self.decoders: list[DecodeWorker] = []  # shared by every disaggregated worker
-        budget = cfg.prefill_token_budget
         if cfg.mode == "disaggregated":
             self.puller = puller or self._make_puller()
-            for inst in self.instances:
-                w = disaggregated_worker(self.ctrl, inst, cfg, self.puller, self.decoders)
-                if isinstance(w, DecodeWorker):
-                    self.decoders.append(w)
-                self.workers.append(w)
-        else:
-            kind = ColocatedWorker if cfg.mode == "colocated" else ChunkedWorker
-            self.workers = [kind(self.ctrl, inst, budget) for inst in self.instances]
-        for w in self.workers:
-            w.lookahead = w.lookahead and cfg.async_decode
+        for inst in self.instances:
+            w = make_worker(self.ctrl, inst, cfg, self.puller, self.decoders)
+            if isinstance(w, DecodeWorker):
+                self.decoders.append(w)
+            self.workers.append(w)
         self._rng = np.random.default_rng(cfg.seed)
         self._ids = itertools.count()
         self._closed = False

@@ -27,7 +27,6 @@ class PrefillWorker(Worker):
         it ends so their pulls' gathers go ahead of this instance's next step."""
         super().__init__(ctrl, inst, PrefillScheduler(ctrl, inst, budget))
         self.decoders = decoders
-        self.lookahead = False  # never runs decode steps
 
     def has_work(self) -> bool:
         return self.sched.has_work() and not self.lost

@@ -65,8 +65,8 @@ class Worker(abc.ABC):
         self.ctrl = ctrl
         self.inst = inst
         self.sched = sched
-        # decode steps overlap the host (see _decode_step_ahead); the engine may switch it off
-        self.lookahead = inst.lookahead
+        # decode steps overlap the host (see _decode_step_ahead); engine.make_worker switches it on
+        self.lookahead = False
         self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
         self._last_read = 0.0  # when the last decode step's ids were read
         self._stop = threading.Event()
