@@ -29,9 +29,10 @@ from typing import Any, AsyncIterator, Callable, Iterable
 from fastapi import FastAPI, Request  # module level: route annotations resolve against these globals
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from distllm_jax.engine import EngineClosed, FinishReason
+from distllm_jax.engine import FinishReason
 from serve.auth import bearer_error
 from serve.chat_template import ChatTemplate
+from serve.front_door import Admitted, Refusal, Refused
 from serve.v1 import distllm_pb2 as pb
 from serve.validation import InvalidArgument, Limits, check_text, prompt_ids, sampling_params
 
@@ -328,36 +329,25 @@ class OpenAIFrontend:
         raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt: n=1)", param="prompt")
 
     async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool, request: Any = None):
-        s = self.s
-        if s.draining:
-            raise HTTPError(503, "the server is draining", "service_unavailable")
-        if s.active >= s.cfg.max_concurrent:
-            s.metrics.requests.labels("rejected").inc()
-            raise HTTPError(429, f"the server is at its limit of {s.cfg.max_concurrent} concurrent requests",
-                            "rate_limit_error")
-        await s.ready.wait()  # during a re-plan, new requests wait for the new engine
         try:
-            handle = s.engine.submit(ids, params, loop=asyncio.get_running_loop())
-        except EngineClosed:
-            raise HTTPError(503, "the server is draining", "service_unavailable") from None
-        except ValueError as e:
-            raise HTTPError(400, str(e)) from None
-        s.enter()
+            admitted = await self.s.admit(ids, params)
+        except Refused as e:
+            status, kind = _HTTP_STATUS[e.why]
+            raise HTTPError(status, str(e), kind) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
-            return StreamingResponse(self._sse(handle, rid, created, chat, usage, len(ids)),
+            return StreamingResponse(self._sse(admitted, rid, created, chat, usage, len(ids)),
                                            media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, reason, n_out = [], None, 0
-        done = False
         # nothing is sent before the end, so only a watch on the connection notices a client that left
-        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, handle.request_id)) if request else None
+        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, admitted.request_id)) if request else None
         try:
-            async for out in handle:
+            async for out in admitted.stream:
                 text.append(out.text)
                 if out.finished is not None:
-                    done = True
+                    admitted.finished()
                     self._observe(out)
                     if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
                         raise HTTPError(500, out.error or out.finished.value, "server_error")
@@ -365,9 +355,7 @@ class OpenAIFrontend:
         finally:
             if watch is not None:
                 watch.cancel()
-            s.leave()
-            if not done:
-                s.engine.cancel(handle.request_id)
+            admitted.close()
         content = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
                   if chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": reason})
@@ -386,7 +374,8 @@ class OpenAIFrontend:
         t = out.timings
         self.s.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
 
-    async def _sse(self, handle, rid: str, created: int, chat: bool, usage: bool, n_prompt: int) -> AsyncIterator[bytes]:
+    async def _sse(self, admitted: Admitted, rid: str, created: int, chat: bool, usage: bool,
+                   n_prompt: int) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> bytes:
@@ -401,16 +390,15 @@ class OpenAIFrontend:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
             return _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
 
-        done = False
         try:
             if chat:
                 yield chunk("", None, first=True)
-            async for out in handle:
+            async for out in admitted.stream:
                 if out.finished is None:
                     if out.text or out.token_ids:
                         yield chunk(out.text, None)
                     continue
-                done = True
+                admitted.finished()
                 self._observe(out)
                 if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
                     yield _event(HTTPError(500, out.error or out.finished.value, "server_error").body())
@@ -423,10 +411,11 @@ class OpenAIFrontend:
                                             "total_tokens": n_prompt + n}})
             yield b"data: [DONE]\n\n"
         finally:
-            self.s.leave()
-            if not done:  # the client went away mid-stream: free its pages now
-                self.s.engine.cancel(handle.request_id)
-                self.s.metrics.requests.labels("cancelled").inc()
+            admitted.close()  # a client gone mid-stream: its request is cancelled, its pages free now
+
+
+_HTTP_STATUS = {Refusal.DRAINING: (503, "service_unavailable"), Refusal.AT_CAPACITY: (429, "rate_limit_error"),
+                Refusal.INVALID: (400, "invalid_request_error")}
 
 
 def _event(obj: dict) -> bytes:

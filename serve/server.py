@@ -23,8 +23,9 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distllm_jax.engine import Engine, EngineClosed, FinishReason
+from distllm_jax.engine import Engine, FinishReason
 from serve.auth import bearer_error
+from serve.front_door import FrontDoor, Refusal, Refused
 from serve.metrics import Metrics
 from serve.v1 import distllm_pb2 as pb
 from serve.validation import InvalidArgument, Limits, check_text, encode, parse, prompt_ids, sampling_params
@@ -48,6 +49,10 @@ class ServerConfig:
     chat_template: Any = None  # serve.chat_template.ChatTemplate (default: the plain template)
     allowed_hosts: tuple[str, ...] = ()  # HTTP Host values accepted beside the bound address
     allowed_origins: tuple[str, ...] = ()  # origins given CORS headers (none: no CORS headers at all)
+
+
+_GRPC_STATUS = {Refusal.DRAINING: grpc.StatusCode.UNAVAILABLE, Refusal.AT_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT}
 
 
 class PortInUse(OSError):
@@ -83,30 +88,15 @@ def check_ports(host: str, ports: Iterable[int | None]) -> None:
                     raise
 
 
-class GenerationService:
+class GenerationService(FrontDoor):
+    """The gRPC service, which is also the server's front door (:class:`FrontDoor`): the HTTP
+    frontend admits through the same object, so both share its slots, drain and re-plan gates."""
+
     def __init__(self, engine: Engine, tokenizer: Any, cfg: ServerConfig, metrics: Metrics):
-        self.engine = engine
+        super().__init__(engine, cfg.max_concurrent, metrics)
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.metrics = metrics
         self.limits = Limits.for_engine(engine, tokenizer)
-        self.active = 0
-        self.idle = asyncio.Event()  # set while no request holds a slot (re-plan and drain wait on it)
-        self.idle.set()
-        self.draining = False
-        self.ready = asyncio.Event()  # cleared while a new plan is being placed
-        self.ready.set()
-
-    def enter(self) -> None:
-        """A request takes one of the ``max_concurrent`` slots (gRPC and HTTP share them)."""
-        self.active += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        """The request's slot is free again; the last one out wakes a waiting re-plan or drain."""
-        self.active -= 1
-        if self.active == 0:
-            self.idle.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -118,40 +108,26 @@ class GenerationService:
                 self.ModelInfo, response_serializer=pb.ModelInfoResponse.SerializeToString),
         })
 
-    async def _reject(self, context, code: grpc.StatusCode, message: str, outcome: str) -> None:
-        self.metrics.requests.labels(outcome).inc()
-        await context.abort(code, message)
-
     async def Generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        if self.draining:
-            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
         try:
-            req = parse(raw, pb.GenerateRequest)
-            ids = await prompt_ids(req, self.limits, self.tokenizer)
-            params = sampling_params(req, self.limits, len(ids))
-        except InvalidArgument as e:
-            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
-        if self.active >= self.cfg.max_concurrent:
-            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the server is at its limit of {self.cfg.max_concurrent} concurrent requests",
-                               "rejected")
-        await self.ready.wait()  # during a re-plan, new requests wait for the new engine
+            self.check_open()
+            try:
+                req = parse(raw, pb.GenerateRequest)
+                ids = await prompt_ids(req, self.limits, self.tokenizer)
+                params = sampling_params(req, self.limits, len(ids))
+            except InvalidArgument as e:
+                raise self.refuse(Refusal.INVALID, str(e)) from None
+            admitted = await self.admit(ids, params, request_id=req.request_id or None,
+                                        timeout=context.time_remaining())
+        except Refused as e:
+            await context.abort(_GRPC_STATUS[e.why], str(e))
         try:
-            stream = self.engine.submit(ids, params, request_id=req.request_id or None,
-                                        timeout=context.time_remaining(), loop=asyncio.get_running_loop())
-        except EngineClosed:
-            await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the server is draining", "rejected")
-        except ValueError as e:
-            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e), "invalid")
-        self.enter()
-        done = False
-        try:
-            async for out in stream:
+            async for out in admitted.stream:
                 if out.token_ids or out.text:
                     yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=out.token_ids, text=out.text))
                 if out.finished is None:
                     continue
-                done = True
+                admitted.finished()
                 t = out.timings
                 self.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
                 if out.finished is FinishReason.ERROR:
@@ -169,10 +145,7 @@ class GenerationService:
                     ),
                 ))
         finally:
-            self.leave()
-            if not done:  # the client went away or its deadline passed: free the pages now
-                self.engine.cancel(stream.request_id)
-                self.metrics.requests.labels("cancelled").inc()
+            admitted.close()  # an unfinished request (client gone, deadline) is cancelled: its pages free now
 
     async def Tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         if self.tokenizer is None:

@@ -379,13 +379,14 @@ def test_cap_and_drain_statuses_on_the_frontend():
     from serve.chat_template import ChatTemplate
     from serve.openai_http import HTTPError, OpenAIFrontend
 
+    from serve.front_door import FrontDoor
+
     counter = SimpleNamespace(inc=lambda: None)
-    service = SimpleNamespace(draining=False, active=4, cfg=SimpleNamespace(max_concurrent=4),
-                              ready=asyncio.Event(), metrics=SimpleNamespace(requests=SimpleNamespace(labels=lambda _: counter)))
+    service = FrontDoor(engine=None, max_concurrent=4, metrics=SimpleNamespace(requests=SimpleNamespace(labels=lambda _: counter)))
+    service.active = 4  # every slot taken
     front = OpenAIFrontend(service, "m", None, 1000, ChatTemplate())
 
     async def run():
-        service.ready.set()
         try:
             await front._run([1], SamplingParams(), False, False, False)
         except HTTPError as e:
