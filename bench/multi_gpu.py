@@ -266,21 +266,17 @@ def _profile(state: State):
 
 
 def sim_kwargs(args: argparse.Namespace, copy_gbps: float | None, max_len: int) -> dict:
-    """The simulator's view of the engine's limits and of its padded step shapes."""
+    """The simulator's view of the engine's limits and of its padded step shapes (the ones the
+    server's ``Instance`` compiles for these flags)."""
+    from distllm_jax.shapes import compiled_shapes
+
+    shapes = compiled_shapes(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
+                             max_len=max_len)
     kw = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
-              max_prefill_seqs=16, kv_tokens=(args.num_pages - 1) * args.page_size, **buckets(args, max_len))
+              max_prefill_seqs=16, kv_tokens=(args.num_pages - 1) * args.page_size, **shapes.sim_fields())
     if copy_gbps:
         kw["transfer_gbps"] = copy_gbps
     return kw
-
-
-def buckets(args: argparse.Namespace, max_len: int) -> dict:
-    """The engine's compiled shapes (``Instance``): a step is padded up to the next one."""
-    from distllm_jax.engine.config import pow2_buckets
-
-    mb = args.max_decode_batch
-    return {"token_buckets": pow2_buckets(16, max(args.prefill_token_budget, max_len)),
-            "batch_buckets": tuple(b for b in pow2_buckets(1, mb) if b < mb) + (mb,)}
 
 
 # ---- plan -----------------------------------------------------------------------------------------
