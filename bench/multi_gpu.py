@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import breakdown as bd
+from distllm_jax.placement.plan import Plan, PlanInstance
 
 MODES = ("disaggregated", "colocated", "chunked")
 PARTS = ("plan", "sweep", "breakdown", "simcheck")
@@ -250,31 +251,26 @@ def _profile(state: State):
 
 
 def sim_kwargs(args: argparse.Namespace, copy_gbps: float | None, max_len: int) -> dict:
-    """The simulator's view of the engine's limits and of its padded step shapes."""
+    """The simulator's view of the engine's limits and of its padded step shapes (the ones the
+    server's ``Instance`` compiles for these flags)."""
+    from distllm_jax.shapes import compiled_shapes
+
+    shapes = compiled_shapes(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
+                             max_len=max_len)
     kw = dict(prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
-              max_prefill_seqs=16, kv_tokens=(args.num_pages - 1) * args.page_size, **buckets(args, max_len))
+              max_prefill_seqs=16, kv_tokens=(args.num_pages - 1) * args.page_size, **shapes.sim_fields())
     if copy_gbps:
         kw["transfer_gbps"] = copy_gbps
     return kw
-
-
-def buckets(args: argparse.Namespace, max_len: int) -> dict:
-    """The engine's compiled shapes (``Instance``): a step is padded up to the next one."""
-    from distllm_jax.engine.config import pow2_buckets
-
-    mb = args.max_decode_batch
-    return {"token_buckets": pow2_buckets(16, max(args.prefill_token_budget, max_len)),
-            "batch_buckets": tuple(b for b in pow2_buckets(1, mb) if b < mb) + (mb,)}
 
 
 # ---- plan -----------------------------------------------------------------------------------------
 
 
 def _par(label: str):
-    from distllm_jax.placement.simulator import Par
-
+    """The plan instance of one of the search's ``detail`` labels, e.g. ``tp2pp1``."""
     m = re.fullmatch(r"tp(\d+)pp(\d+)", label)
-    return Par(int(m.group(1)), int(m.group(2)))
+    return PlanInstance(int(m.group(1)), int(m.group(2)))
 
 
 def fill_disaggregated(per_config: dict, n_devices: int) -> dict | None:
@@ -314,13 +310,10 @@ def part_plan(state: State) -> None:
     fill = fill_disaggregated(a1.detail["per_config"], args.devices)
     if fill is None:
         raise ValueError("no prefill/decode pair fits the node and meets the SLO in the simulator")
-    disagg = {"mode": "disaggregated", "algorithm": "algorithm1-high-affinity, filled to the node",
-              "prefill": [{"tp": p.tp, "pp": p.pp} for p in fill["prefill"]],
-              "decode": [{"tp": p.tp, "pp": p.pp} for p in fill["decode"]],
-              "expected_goodput": fill["goodput"], "gpus": fill["gpus"],
-              "per_gpu_goodput": fill["goodput"] / fill["gpus"],
-              "detail": {"algorithm1_best_units": {"prefill": a1.detail["prefill"], "decode": a1.detail["decode"]},
-                         "per_config": a1.detail["per_config"]}}
+    disagg = Plan("disaggregated", tuple(fill["prefill"]), tuple(fill["decode"]),
+                  algorithm="algorithm1-high-affinity, filled to the node", expected_goodput=fill["goodput"],
+                  detail={"algorithm1_best_units": {"prefill": a1.detail["prefill"], "decode": a1.detail["decode"]},
+                          "per_config": a1.detail["per_config"]})
     plans = {"disaggregated": disagg}
     for mode in ("colocated", "chunked"):
         try:
@@ -335,22 +328,22 @@ def part_plan(state: State) -> None:
         else:  # nothing meets the SLO in the simulator: tp1 everywhere, still measured
             k, g, par = "tp1pp1", 0.0, _par("tp1pp1")
         count = args.devices // par.gpus
-        plans[mode] = {"mode": mode, "algorithm": f"colocated_search ({mode}), best tp replicated to the node",
-                       "colocated": [{"tp": par.tp, "pp": 1}] * count, "expected_goodput": g * count,
-                       "gpus": par.gpus * count, "per_gpu_goodput": g / par.gpus, "detail": {"per_config": per}}
+        plans[mode] = Plan(mode, colocated=(par,) * count,  # max_pp=1: pp 1
+                           algorithm=f"colocated_search ({mode}), best tp replicated to the node",
+                           expected_goodput=g * count, detail={"per_config": per})
     state.data["plan"] = {"profile": {"model": prof.model, "device": prof.device, "source": prof.source,
                                       "tps": sorted(prof.fits)},
                           "search_seconds": time.perf_counter() - t0, "transfer_gbps": kw.get("transfer_gbps"),
-                          "plans": plans}
+                          "plans": {mode: p.to_dict() for mode, p in plans.items()}}
     plan_file = state.file("plan", "json")
-    plan_file.write_text(json.dumps(disagg, indent=1))
+    disagg.save(plan_file)
     state.data["plan"]["file"] = plan_file.name
     lines = [f"plan: {args.model} on {args.devices} x {state.probe['device_kind']}, SLO {slo}, profile "
              f"{prof.device} (tp {sorted(prof.fits)}), search {state.data['plan']['search_seconds']:.1f}s",
              f"{'mode':<14}{'layout':<34}{'GPUs':>5}{'sim goodput':>13}{'per GPU':>9}"]
     for mode, p in plans.items():
         lay = _layout_label(p)
-        lines.append(f"{mode:<14}{lay:<34}{p['gpus']:>5}{p['expected_goodput']:>13.3g}{p['per_gpu_goodput']:>9.3g}")
+        lines.append(f"{mode:<14}{lay:<34}{p.gpus:>5}{p.expected_goodput:>13.3g}{p.per_gpu_goodput:>9.3g}")
     capped = sorted(k for k, v in a1.detail["per_config"].items() if max(v.values()) >= 64.0)
     if capped:  # search.config_goodput bisects up to 64 req/s: higher goodputs tie at the cap
         state.data["plan"]["capped_at_64"] = capped
@@ -360,15 +353,17 @@ def part_plan(state: State) -> None:
     _emit(lines)
 
 
-def _layout_label(plan: dict) -> str:
+def _layout_label(plan: Plan) -> str:
+    """``P 2x tp1 + D 1x tp2``."""
+
     def grp(xs):
         if not xs:
             return ""
-        return f"{len(xs)}x tp{xs[0]['tp']}" + (f"pp{xs[0]['pp']}" if xs[0].get("pp", 1) > 1 else "")
+        return f"{len(xs)}x tp{xs[0].tp}" + (f"pp{xs[0].pp}" if xs[0].pp > 1 else "")
 
-    if plan["mode"] == "disaggregated":
-        return f"P {grp(plan['prefill'])} + D {grp(plan['decode'])}"
-    return grp(plan["colocated"])
+    if plan.mode == "disaggregated":
+        return f"P {grp(plan.prefill)} + D {grp(plan.decode)}"
+    return grp(plan.colocated)
 
 
 # ---- sweep ----------------------------------------------------------------------------------------
@@ -424,7 +419,7 @@ def _sweep_mode(state: State, mode: str, plan: dict, tmp: Path, serve: list[str]
     args = state.args
     plan_path = state.file("plan", "json") if mode == "disaggregated" else tmp / f"{mode}.json"
     if mode != "disaggregated":
-        plan_path.write_text(json.dumps(plan))
+        Plan.from_dict(plan).save(plan_path)
     t0 = time.perf_counter()
     proc, address = start_server(mode, ["--plan", str(plan_path), *serve], timeout=args.server_timeout)
     ready = time.perf_counter() - t0
@@ -475,7 +470,7 @@ def _goodput_table(state: State) -> None:
         by = {r["per_gpu_rate"]: 100 * r["summary"]["attainment"] for r in e["runs"]}
         g = e["goodput_per_gpu"]
         gs = {"exact": f"{g['goodput']:.3g}", "lower": f">={g['goodput']:.3g}", "upper": f"<{g.get('below', 0):g}"}[g["bound"]]
-        lines.append(f"{mode:<14}{_layout_label(e['plan']):<26}" + "".join(
+        lines.append(f"{mode:<14}{_layout_label(Plan.from_dict(e['plan'])):<26}" + "".join(
             f"{by[r]:>8.0f}" if r in by else f"{'-':>8}" for r in rates) + f"{gs:>14}")
     ratios = {}
     if "disaggregated" in sweep:
@@ -530,17 +525,6 @@ def part_breakdown(state: State) -> None:
 # ---- simulator check ------------------------------------------------------------------------------
 
 
-def sim_config(plan: dict, args: argparse.Namespace, copy_gbps: float | None, max_len: int, admission: float):
-    from distllm_jax.placement.simulator import Par, SimConfig
-
-    kw = sim_kwargs(args, copy_gbps, max_len)
-    par = lambda xs: tuple(Par(int(x["tp"]), int(x.get("pp", 1))) for x in xs)  # noqa: E731
-    if plan["mode"] == "disaggregated":
-        return SimConfig("disaggregated", prefill=par(plan["prefill"]), decode=par(plan["decode"]),
-                         admission_s=admission, **kw)
-    return SimConfig(plan["mode"], colocated=par(plan["colocated"]), admission_s=admission, **kw)
-
-
 def part_simcheck(state: State) -> None:
     from distllm_jax.placement.simulator import simulate
 
@@ -553,12 +537,12 @@ def part_simcheck(state: State) -> None:
              f"{'mode':<14}{'rate/GPU':>9}{'att meas':>9}{'att sim':>9}{'TTFT meas':>11}{'TTFT sim':>10}"
              f"{'TPOT meas':>11}{'TPOT sim':>10}"]
     for mode, e in state.data.get("sweep", {}).items():
-        plan = e["plan"]
-        tp0 = (plan["prefill"] if mode == "disaggregated" else plan["colocated"])[0]["tp"]
+        plan = Plan.from_dict(e["plan"])
+        tp0 = plan.instances()[0][1].tp  # the first prefill (or colocated) instance's
         # the host's admission + gRPC time: an idle request's TTFT minus the modelled prefill of its 16 tokens
         admission = max(0.0, e["idle_ttft_s"] - prof.fit(tp0).prefill_ms([16]) / 1e3)
         copy = e.get("copy") or state.probe.get("copy")  # the bandwidth of the call that measured it
-        cfg = sim_config(plan, args, copy["gbps"] if copy else None, max_len, admission)
+        cfg = plan.to_sim_config(admission_s=admission, **sim_kwargs(args, copy["gbps"] if copy else None, max_len))
         rows = []
         for run in e["runs"]:
             recs = run["requests"]
@@ -601,7 +585,7 @@ def plots(state: State) -> list[Path]:
             e = sweep[mode]
             xs = [r["per_gpu_rate"] for r in e["runs"]]
             line, = ax.plot(xs, [100 * r["summary"]["attainment"] for r in e["runs"]], marker="o",
-                            label=f"{mode} ({_layout_label(e['plan'])})")
+                            label=f"{mode} ({_layout_label(Plan.from_dict(e['plan']))})")
             if mode in sim:
                 ax.plot([r["per_gpu_rate"] for r in sim[mode]["rows"]],
                         [100 * r["sim_attainment"] for r in sim[mode]["rows"]], ls="--", marker="x",

@@ -321,9 +321,8 @@ def main(args) -> int:
                 SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
         with Engine(source, ecfg) as engine:
-            inst = engine.instances[-1]  # the engine pads steps to these compiled shapes; so does the model
-            scfg = dataclasses.replace(scfg, batch_buckets=tuple(inst.batch_buckets),
-                                       token_buckets=tuple(engine.instances[0].token_buckets),
+            # the engine pads steps to these compiled shapes; so does the model
+            scfg = dataclasses.replace(scfg, **engine.instances[0].compiled.sim_fields(),
                                        decode_lookahead=ecfg.async_decode)
             scfg = calibrate_host(engine, scfg, items[0][0])
             print(f"{name}: admission {1e3 * scfg.admission_s:.2f} ms, step overhead "

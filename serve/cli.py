@@ -5,7 +5,7 @@ weights and the bundled GPT-2 byte-level BPE, laid out disaggregated over the av
 prefill and one decode instance on a CPU's virtual devices; half the GPUs each on several GPUs;
 colocated on a single GPU, which cannot hold two disjoint meshes).
 
-A plan file (--plan, as distllm place writes it) is JSON:
+A plan file (--plan, as distllm place writes it) is JSON (every field: distllm_jax.placement.plan):
 
     {"mode": "disaggregated",
      "prefill": [{"tp": 2, "pp": 1}], "decode": [{"tp": 1, "pp": 1}, {"tp": 1, "pp": 1}],
@@ -30,7 +30,6 @@ finish, then the server exits 0; a second signal during the drain exits at once 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,41 +142,33 @@ def model_source(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cpu"):
+    """The engine config of the plan file (whose limits win over the flags), else of the layout flags."""
     from distllm_jax.engine import EngineConfig, InstanceSpec
+    from distllm_jax.placement.plan import Plan
 
-    extra: dict[str, Any] = {}
-    if args.plan:
-        plan = json.loads(Path(args.plan).read_text())
-        mode = plan.get("mode", "disaggregated")
-        spec = lambda d: InstanceSpec(int(d.get("tp", 1)), int(d.get("pp", 1)))  # noqa: E731
-        layout = {k: tuple(spec(d) for d in plan[k]) for k in ("prefill", "decode", "colocated") if plan.get(k)}
-        for k in ("prefill_token_budget", "max_decode_batch"):
-            if k in plan:
-                extra[k] = int(plan[k])
-    else:
-        mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")
-        # CPU virtual devices share the same cores: tensor parallelism buys nothing there
-        half = 1 if backend == "cpu" else max(1, num_devices // 2)
-        p_tp = args.prefill_tp or max(1, half // args.num_prefill)
-        d_tp = args.decode_tp or max(1, (num_devices - half if backend != "cpu" else 1) // args.num_decode)
-        layout = {
-            "prefill": (InstanceSpec(p_tp, args.prefill_pp),) * args.num_prefill,
-            "decode": (InstanceSpec(d_tp, args.decode_pp),) * args.num_decode,
-            "colocated": (InstanceSpec(args.tp or (1 if backend == "cpu" else num_devices), args.pp),),
-        }
     base = dict(page_size=args.page_size, num_pages=args.num_pages, max_seq_len=args.max_seq_len,
                 prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
                 kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet)
-    base.update(extra)
-    return EngineConfig(mode=mode, **layout, **base)
+    if args.plan:
+        return Plan.load(args.plan).to_engine_config(**base)
+    mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")
+    # CPU virtual devices share the same cores: tensor parallelism buys nothing there
+    half = 1 if backend == "cpu" else max(1, num_devices // 2)
+    p_tp = args.prefill_tp or max(1, half // args.num_prefill)
+    d_tp = args.decode_tp or max(1, (num_devices - half if backend != "cpu" else 1) // args.num_decode)
+    return EngineConfig(mode=mode, prefill=(InstanceSpec(p_tp, args.prefill_pp),) * args.num_prefill,
+                        decode=(InstanceSpec(d_tp, args.decode_pp),) * args.num_decode,
+                        colocated=(InstanceSpec(args.tp or (1 if backend == "cpu" else num_devices), args.pp),),
+                        **base)
 
 
 def cluster_config(args: argparse.Namespace):
     """The Ray side of ``--cluster``: address, KV path, and node placement from the plan file."""
     from distllm_jax.cluster import ClusterConfig, Placement
+    from distllm_jax.placement.plan import Plan
 
-    plan = json.loads(Path(args.plan).read_text()) if args.plan else {}
-    return ClusterConfig(address=args.cluster, kv_path=args.cluster_kv_path, placement=Placement.from_plan(plan))
+    placement = Placement.from_plan(Plan.load(args.plan)) if args.plan else Placement()
+    return ClusterConfig(address=args.cluster, kv_path=args.cluster_kv_path, placement=placement)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from distllm_jax.cluster import ClusterConfig, Placement
+from distllm_jax.placement.plan import Plan
 from engine_workload import hf_greedy, workload
 from serve.client import Client
 from server_proc import ServerProc, checkpoint_with_tokenizer
@@ -123,10 +124,14 @@ def test_cluster_config_is_checked():
 
 
 def test_plan_placement_is_checked():
-    assert Placement.from_plan({"algorithm": "algorithm2-low-affinity", "prefill": [{}], "decode": [{}]}).same_node
+    # the checks themselves are the plan's (tests/test_plan.py); the placement carries what it says
+    low = Plan.from_dict({"algorithm": "algorithm2-low-affinity", "prefill": [{}], "decode": [{}]})
+    assert Placement.from_plan(low).same_node
+    pinned = Plan.from_dict({"prefill": [{"node": "a"}, {}], "decode": [{}, {"node": "b"}]})
+    assert Placement.from_plan(pinned) == Placement(("a", None), (None, "b"), False)
     with pytest.raises(ValueError, match="pairs prefill i with decode i"):
-        Placement.from_plan({"same_node": True, "prefill": [{}, {}], "decode": [{}]})
+        Plan.from_dict({"same_node": True, "prefill": [{}, {}], "decode": [{}]})
     with pytest.raises(ValueError, match="pinned to a and decode"):
-        Placement.from_plan({"same_node": True, "prefill": [{"node": "a"}], "decode": [{"node": "b"}]})
+        Plan.from_dict({"same_node": True, "prefill": [{"node": "a"}], "decode": [{"node": "b"}]})
     with pytest.raises(ValueError, match="node id or IP"):
-        Placement.from_plan({"prefill": [{"node": 3}], "decode": [{}]})
+        Plan.from_dict({"prefill": [{"node": 3}], "decode": [{}]})

@@ -166,7 +166,7 @@ def test_algorithm1_picks_the_best_per_gpu_degrees():
     wl = workload_from([(64, 8)] * 50, 300)
     plan = algorithm1(prof, wl, (0.2, 0.1), Cluster(1, 8), rate=20.0, max_decode_batch=4, prefill_token_budget=64)
     assert plan.detail["prefill"] == "tp2pp1" and plan.detail["decode"] == "tp1pp1"
-    assert plan.goodput >= 20.0 * 0.95 and all(p.tp == 2 for p in plan.prefill)
+    assert plan.expected_goodput >= 20.0 * 0.95 and all(p.tp == 2 for p in plan.prefill)
 
 
 def test_algorithm2_and_colocated_search():
@@ -177,7 +177,7 @@ def test_algorithm2_and_colocated_search():
     assert plan.detail["unit"] in {f"P-tp{a}/D-tp{b}/pp1" for a in (1, 2) for b in (1, 2)}
     assert all(p.tp + d.tp <= 4 for p, d in zip(plan.prefill, plan.decode))  # one node holds each pair
     co = colocated_search(prof, wl, (0.2, 0.1), Cluster(1, 4), rate=5.0, max_decode_batch=4)
-    assert co.mode == "colocated" and co.goodput >= 5.0 * 0.95
+    assert co.mode == "colocated" and co.expected_goodput >= 5.0 * 0.95
 
 
 def test_plan_file_feeds_the_server(tmp_path):
@@ -187,7 +187,7 @@ def test_plan_file_feeds_the_server(tmp_path):
     plan = algorithm1(const_profile(fits=fits), workload_from([(64, 8)] * 50, 200), (0.2, 0.1), Cluster(1, 8),
                       rate=10.0, max_decode_batch=4)
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan.to_json()))
+    plan.save(path)
     ns = argparse.Namespace(plan=str(path), page_size=16, num_pages=64, max_seq_len=None, prefill_token_budget=512,
                             max_decode_batch=32, kv_transfer="local", dtype=None, quiet=True)
     ecfg = engine_config(ns, 8)

@@ -19,9 +19,10 @@ from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.engine import attention_impl
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import ParamSource
-from distllm_jax.engine.programs import Segment, bucket
+from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
+from distllm_jax.shapes import bucket
 
 
 class InstanceActor:

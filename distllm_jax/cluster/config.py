@@ -1,19 +1,24 @@
 """What cluster mode starts and where: the Ray address, the KV path, and node placement from a plan.
 
-A plan file (``distllm place``) may pin instances to nodes and ask for the paper's low node affinity::
+A plan (:mod:`distllm_jax.placement.plan`, the file ``distllm place`` writes) may pin instances to
+nodes and ask for the paper's low node affinity::
 
     {"mode": "disaggregated", "prefill": [{"tp": 2, "node": "10.0.0.5"}, {"tp": 2}],
      "decode": [{"tp": 2}, {"tp": 2}], "same_node": true}
 
 ``node`` is a Ray node id or a node's IP address. ``same_node`` (implied by Algorithm 2's
 ``"algorithm": "algorithm2-low-affinity"``) places decode instance *i* on the node of prefill
-instance *i*, so the KV never crosses nodes.
+instance *i*, so the KV never crosses nodes. The plan checks both when it is read; this module only
+carries them to the actors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distllm_jax.placement.plan import Plan
 
 KV_PATHS = ("auto", "transfer-server", "staged")
 
@@ -27,27 +32,9 @@ class Placement:
     same_node: bool = False
 
     @classmethod
-    def from_plan(cls, plan: dict[str, Any]) -> "Placement":
-        def nodes(key: str) -> tuple[str | None, ...]:
-            out = []
-            for i, d in enumerate(plan.get(key) or ()):
-                node = d.get("node")
-                if node is not None and (not isinstance(node, str) or not node):
-                    raise ValueError(f"plan: {key}[{i}].node must be a node id or IP address, got {node!r}")
-                out.append(node)
-            return tuple(out)
-
-        same = plan.get("same_node", str(plan.get("algorithm", "")).endswith("low-affinity"))
-        if not isinstance(same, bool):
-            raise ValueError(f"plan: same_node must be true or false, got {same!r}")
-        p = cls(nodes("prefill"), nodes("decode"), same)
-        if same and len(p.prefill) != len(p.decode):
-            raise ValueError(f"plan: same_node pairs prefill i with decode i, but there are {len(p.prefill)} "
-                             f"prefill and {len(p.decode)} decode instances")
-        for i, (a, b) in enumerate(zip(p.prefill, p.decode)):
-            if same and a is not None and b is not None and a != b:
-                raise ValueError(f"plan: same_node, but prefill[{i}] is pinned to {a} and decode[{i}] to {b}")
-        return p
+    def from_plan(cls, plan: "Plan") -> "Placement":
+        """The nodes a (checked) plan pins its prefill and decode instances to, and its pairing."""
+        return cls(tuple(i.node for i in plan.prefill), tuple(i.node for i in plan.decode), plan.pairs_on_same_node)
 
     def node(self, role: str, index: int) -> str | None:
         nodes = self.prefill if role == "prefill" else self.decode

@@ -1,7 +1,8 @@
 """Engine configuration: which mode, how many instances of which parallelism, pool and batch limits.
 
 Every limit that shapes a compiled program (token buckets, batch buckets, pages per sequence) is
-derived from here, so the set of programs compiled at start-up is known before serving begins.
+derived from here (the shapes themselves by :func:`distllm_jax.shapes.compiled_shapes`), so the set of
+programs compiled at start-up is known before serving begins.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from distllm_jax.models.config import ModelConfig
+from distllm_jax.shapes import MIN_TOKEN_BUCKET
 
 Mode = Literal["disaggregated", "colocated", "chunked"]
 MODES: tuple[str, ...] = ("disaggregated", "colocated", "chunked")
@@ -57,7 +59,7 @@ class EngineConfig:
     prefill_token_budget: int = 512
     max_prefill_seqs: int = 16
     max_decode_batch: int = 32
-    min_token_bucket: int = 16
+    min_token_bucket: int = MIN_TOKEN_BUCKET
     dtype: str | None = None  # params and KV dtype; None: the checkpoint's own
     attention: str = "auto"  # auto (Pallas on GPU, reference on CPU) | pallas | reference
     kv_transfer: str = "local"  # local (device_put between meshes) | transfer-server
@@ -104,13 +106,3 @@ class EngineConfig:
     @property
     def num_devices(self) -> int:
         return sum(s.num_devices for _, s in self.instances())
-
-
-def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
-    """lo, 2lo, 4lo, ... up to the first value >= hi."""
-    out, b = [], max(1, lo)
-    while b < hi:
-        out.append(b)
-        b *= 2
-    out.append(b)
-    return tuple(out)

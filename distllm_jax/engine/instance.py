@@ -17,14 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from distllm_jax.engine.config import EngineConfig, InstanceSpec, pow2_buckets
+from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
 from distllm_jax.engine.transfer import read_host_pages
-from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, bucket, pack_decode, pack_mixed, pack_picks,
+from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, pack_decode, pack_mixed, pack_picks,
                                          pack_prefill, pick_buckets)
 from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
+from distllm_jax.shapes import bucket, compiled_shapes
 
 
 @dataclasses.dataclass
@@ -93,14 +94,12 @@ class Instance:
             pool = create_pool(_stage_cfg(cfg, hi - lo), self.num_pages, self.page_size, self.dtype, sh)
             self.stages.append(Stage(mesh, lo, hi, params, pool, sh, kv_buffer_sharding(cfg, mesh), first, last))
 
-        top = max(ecfg.prefill_token_budget, self.max_len)
-        self.token_buckets = pow2_buckets(ecfg.min_token_bucket, top)
         self.max_prefill_seqs = ecfg.max_prefill_seqs
         self.max_batch = ecfg.max_decode_batch
-        self.batch_buckets = tuple(b for b in pow2_buckets(1, self.max_batch) if b < self.max_batch) + (
-            self.max_batch,
-        )
-        self.mixed_buckets = pow2_buckets(ecfg.min_token_bucket, ecfg.prefill_token_budget)
+        # the step shapes compiled below; the simulator pads to the same ones (CompiledShapes.sim_fields)
+        self.compiled = compiled_shapes(prefill_token_budget=ecfg.prefill_token_budget,
+                                        max_decode_batch=ecfg.max_decode_batch, max_len=self.max_len,
+                                        min_token_bucket=ecfg.min_token_bucket)
         self.steps = 0
         self._zero_ids: jax.Array | None = None  # the feed of a decode step that follows none
 
@@ -111,8 +110,7 @@ class Instance:
                 "chunked": ("mixed",)}[self.role]
 
     def shapes(self, kind: str) -> list[int]:
-        return list({"prefill": self.token_buckets, "decode": self.batch_buckets,
-                     "mixed": self.mixed_buckets}[kind])
+        return list(self.compiled.for_kind(kind))
 
     def pack(self, kind: str, segs: Sequence[Segment], size: int):
         if kind == "prefill":

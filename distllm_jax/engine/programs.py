@@ -10,7 +10,6 @@ ignored by the host.
 
 from __future__ import annotations
 
-import bisect
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -23,6 +22,7 @@ from distllm_jax.models import decoder
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch
+from distllm_jax.shapes import bucket
 
 def stage_step(
     params: dict,
@@ -105,13 +105,6 @@ STAGE_STEP = jax.jit(
     stage_step, static_argnames=("kind", "cfg", "impl", "first", "last"), donate_argnames=("kv",)
 )
 SAMPLE = jax.jit(sample_rows)
-
-
-def bucket(buckets: Sequence[int], n: int) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
 
 
 class Segment(NamedTuple):

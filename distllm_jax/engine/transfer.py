@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from distllm_jax.engine.config import pow2_buckets
-from distllm_jax.engine.programs import bucket
 from distllm_jax.kv_cache import NULL_PAGE, KVPool
+from distllm_jax.shapes import bucket, pow2_buckets
 
 
 def gather_pages(pool: KVPool, pages: jax.Array, lo: int, hi: int) -> tuple[jax.Array, jax.Array]:

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distllm_jax.engine.programs import bucket
 from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, warm_pulls
 from distllm_jax.parallel import TP
+from distllm_jax.shapes import bucket
 
 
 def start_server(devices: Sequence[jax.Device] | None = None, host: str = "127.0.0.1") -> Any:

@@ -29,7 +29,8 @@ def _common(p: argparse.ArgumentParser, system_limits: bool = False) -> None:
 
 
 def _par(spec: str):
-    from distllm_jax.placement.simulator import Par
+    """The plan instances of a layout flag, e.g. ``2xtp2p1,tp4``."""
+    from distllm_jax.placement.plan import PlanInstance
 
     import re
 
@@ -38,13 +39,15 @@ def _par(spec: str):
         m = re.fullmatch(r"(?:(\d+)x)?tp(\d+)(?:pp?(\d+))?", part.strip())
         if not m:
             raise ValueError(f"instance spec {part!r}: expected COUNTxtpTpPP, e.g. 2xtp2p1 or tp4")
-        out += [Par(int(m.group(2)), int(m.group(3) or 1))] * int(m.group(1) or 1)
+        out += [PlanInstance(int(m.group(2)), int(m.group(3) or 1))] * int(m.group(1) or 1)
     return tuple(out)
 
 
 def _sim_config(args):
-    """The SimConfig of ``--system`` on the layout flags; flags given explicitly win over the preset."""
-    from distllm_jax.placement.systems import SYSTEMS, system_config
+    """The SimConfig of ``--system`` on the layout flags (a plan of them); flags given explicitly win
+    over the preset."""
+    from distllm_jax.placement.plan import Plan
+    from distllm_jax.placement.systems import SYSTEMS
 
     system = SYSTEMS[args.system]
     mode = args.mode or system.mode or "disaggregated"
@@ -54,7 +57,7 @@ def _sim_config(args):
              "transfer_gbps": args.transfer_gbps, "admission_s": None if args.admission_ms is None else args.admission_ms / 1e3,
              "step_overhead_s": None if args.step_overhead_ms is None else args.step_overhead_ms / 1e3,
              "host_contention": args.host_contention, "host_contention_decode": args.host_contention_decode}
-    return system_config(args.system, mode, **layout, **{k: v for k, v in given.items() if v is not None})
+    return Plan(mode, **layout).to_sim_config(args.system, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_simulate(args) -> int:
@@ -137,10 +140,10 @@ def cmd_place(args) -> int:
         insts = getattr(plan, k)
         if insts:
             print(f"  {k:<10}{len(insts)} x tp{insts[0].tp} pp{insts[0].pp}")
-    print(f"  expected goodput {plan.goodput:.2f} req/s on {plan.gpus} GPUs ({plan.per_gpu_goodput:.3f} per GPU)")
+    print(f"  expected goodput {plan.expected_goodput:.2f} req/s on {plan.gpus} GPUs ({plan.per_gpu_goodput:.3f} per GPU)")
     if plan.gpus > limit:
         print(f"  warning: the plan needs {plan.gpus} GPUs, the cluster has {limit}")
-    Path(args.out).write_text(json.dumps(plan.to_json(), indent=1))
+    plan.save(args.out)
     print(f"wrote {args.out} (distllm serve --plan {args.out})")
     return 0
 

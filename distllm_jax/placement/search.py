@@ -22,6 +22,7 @@ from typing import Sequence
 from distllm_jax.workload.arrivals import arrival_times
 from distllm_jax.workload.goodput import goodput
 from distllm_jax.placement.latency import Profile
+from distllm_jax.placement.plan import Plan, PlanInstance
 from distllm_jax.placement.simulator import Par, SimConfig, Simulator, SimRequest
 
 
@@ -72,31 +73,6 @@ def _degrees(profile: Profile, max_tp: int, max_pp: int) -> list[Par]:
     return out
 
 
-@dataclasses.dataclass
-class Plan:
-    algorithm: str
-    mode: str
-    prefill: list[Par]
-    decode: list[Par]
-    colocated: list[Par]
-    goodput: float  # req/s of the whole plan
-    gpus: int
-    detail: dict
-
-    @property
-    def per_gpu_goodput(self) -> float:
-        return self.goodput / max(1, self.gpus)
-
-    def to_json(self) -> dict:
-        """The plan file ``distllm serve --plan`` reads (plus what the search found)."""
-        d = {"mode": self.mode, "algorithm": self.algorithm, "expected_goodput": self.goodput,
-             "per_gpu_goodput": self.per_gpu_goodput, "gpus": self.gpus, "detail": self.detail}
-        for k in ("prefill", "decode", "colocated"):
-            if getattr(self, k):
-                d[k] = [{"tp": p.tp, "pp": p.pp} for p in getattr(self, k)]
-        return d
-
-
 def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
                **sim: object) -> Plan:
     tried = {}
@@ -112,11 +88,10 @@ def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
     if not best_p or best_p[1] <= 0 or best_d[1] <= 0:
         raise ValueError("no configuration meets the SLO at any rate (Algorithm 1)")
     n, m = math.ceil(rate / best_p[1]), math.ceil(rate / best_d[1])
-    gpus = n * best_p[0].gpus + m * best_d[0].gpus
     good = min(n * best_p[1], m * best_d[1])
-    return Plan("algorithm1-high-affinity", "disaggregated", [best_p[0]] * n, [best_d[0]] * m, [], good, gpus,
-                {"per_config": tried, "prefill": f"tp{best_p[0].tp}pp{best_p[0].pp}",
-                 "decode": f"tp{best_d[0].tp}pp{best_d[0].pp}"})
+    return Plan("disaggregated", _insts(best_p[0], n), _insts(best_d[0], m), algorithm="algorithm1-high-affinity",
+                expected_goodput=good, detail={"per_config": tried, "prefill": f"tp{best_p[0].tp}pp{best_p[0].pp}",
+                                               "decode": f"tp{best_d[0].tp}pp{best_d[0].pp}"})
 
 
 def low_affinity_units(profile: Profile, cluster: Cluster) -> list[tuple[Par, Par]]:
@@ -148,10 +123,10 @@ def algorithm2(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
             best = (g, gpus, p, d)
     if best is None or best[0] <= 0:
         raise ValueError("no configuration meets the SLO at any rate (Algorithm 2)")
-    g, gpus, p, d = best
+    g, _, p, d = best
     k = math.ceil(rate / g)
-    return Plan("algorithm2-low-affinity", "disaggregated", [p] * k, [d] * k, [], k * g, k * gpus,
-                {"per_config": tried, "unit": f"P-tp{p.tp}/D-tp{d.tp}/pp{p.pp}"})
+    return Plan("disaggregated", _insts(p, k), _insts(d, k), algorithm="algorithm2-low-affinity",
+                expected_goodput=k * g, detail={"per_config": tried, "unit": f"P-tp{p.tp}/D-tp{d.tp}/pp{p.pp}"})
 
 
 def colocated_search(profile: Profile, wl: Workload, slo: tuple[float, float], cluster: Cluster, rate: float,
@@ -166,7 +141,13 @@ def colocated_search(profile: Profile, wl: Workload, slo: tuple[float, float], c
         raise ValueError(f"no {mode} configuration meets the SLO at any rate")
     k = math.ceil(rate / best[1])
     name = "vllm" if max_pp == 1 else "vllm++"
-    return Plan(name, mode, [], [], [best[0]] * k, k * best[1], k * best[0].gpus, {"per_config": tried})
+    return Plan(mode, colocated=_insts(best[0], k), algorithm=name, expected_goodput=k * best[1],
+                detail={"per_config": tried})
+
+
+def _insts(par: Par, count: int) -> tuple[PlanInstance, ...]:
+    """``count`` plan instances of the simulated degrees ``par``."""
+    return (PlanInstance(par.tp, par.pp),) * count
 
 
 def workload_from(lengths: Sequence[tuple[int, int]], n: int = 400, seed: int = 0) -> Workload:

@@ -28,12 +28,9 @@ from distllm_jax.placement.latency import Profile
 from distllm_jax.scheduling import (Admission, ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
                                     PrefillPlan, PrefillScheduler, Queues, RequestState, release)
 from distllm_jax.scheduling.pages import PageAllocator
+from distllm_jax.shapes import bucket
 
 INF = float("inf")
-
-
-def _bucket(buckets, n: int) -> int:
-    return next((b for b in buckets if b >= n), buckets[-1] if n <= buckets[-1] else n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,8 @@ class SimConfig:
     host_contention: float = 1.0
     host_contention_decode: float | None = None
     # the engine pads a step to a compiled shape: decode batches to these sizes, prefill tokens to these
-    # counts (None: no padding, as on GPU systems that run exact shapes)
+    # counts (None: no padding, as on GPU systems that run exact shapes); an engine's are
+    # CompiledShapes.sim_fields() (distllm_jax.shapes), and a step above the top one runs unpadded
     batch_buckets: tuple[int, ...] | None = None
     token_buckets: tuple[int, ...] | None = None
     # the engine's decode lookahead (EngineConfig.async_decode): what follows a decode step is decided
@@ -89,7 +87,7 @@ class SimConfig:
         t = fit.prefill_ms(lengths, pp)
         if self.token_buckets:
             total = sum(lengths)
-            t += fit.prefill[1] * (_bucket(self.token_buckets, total) - total) / pp
+            t += fit.prefill[1] * (bucket(self.token_buckets, total, above="exact") - total) / pp
         return t / 1e3
 
     def restart_s(self, chained: bool) -> float:
@@ -98,7 +96,7 @@ class SimConfig:
         return self.decode_restart_s if self.decode_lookahead and not chained else 0.0
 
     def decode_s(self, fit, n: int, ctx: int, pp: int) -> float:
-        nb = _bucket(self.batch_buckets, n) if self.batch_buckets else n
+        nb = bucket(self.batch_buckets, n, above="exact") if self.batch_buckets else n
         return fit.decode_ms(nb, ctx, pp) / 1e3
 
     def mixed_s(self, fit, chunks: Sequence[tuple[int, int]], decode_starts: Sequence[int], pp: int) -> float:
@@ -114,7 +112,7 @@ class SimConfig:
         t = fit.prefill_ms([n for _, n in chunks], pp)
         if self.token_buckets:
             total = sum(n for _, n in chunks) + n_dec
-            t += fit.prefill[1] * (_bucket(self.token_buckets, total) - total) / pp
+            t += fit.prefill[1] * (bucket(self.token_buckets, total, above="exact") - total) / pp
         return (t + (b * (dec_ctx + sum(s for s, _ in chunks)) + c * n_dec) / pp) / 1e3
 
     def capacity(self, profile: Profile, par: Par) -> int:
