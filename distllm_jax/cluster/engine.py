@@ -25,6 +25,7 @@ from distllm_jax.engine.decode import DecodeWorker
 from distllm_jax.engine.engine import Engine, EngineClosed, make_worker
 from distllm_jax.engine.params_source import ParamSource
 from distllm_jax.kv_cache import pages_for
+from distllm_jax.scheduling import Role
 
 _REMOTE_ACTOR: Any = None
 
@@ -98,14 +99,14 @@ class ClusterEngine(Engine):
             raise ValueError("cluster mode places instances on their actors' devices; pass no devices")
         self.ctrl.on_lost = self._on_lost
         place = self.cluster.placement
-        named = [(f"{role}{i}", role, spec, i) for role, specs in (("prefill", self.config.prefill),
-                                                                   ("decode", self.config.decode))
+        named = [(f"{role}{i}", role, spec, i) for role, specs in ((Role.PREFILL, self.config.prefill),
+                                                                   (Role.DECODE, self.config.decode))
                  for i, spec in enumerate(specs)]
-        prefill = [(n, r, s, i, self._start_actor(n, r, s, place.node(r, i))) for n, r, s, i in named if r == "prefill"]
+        prefill = [(n, r, s, i, self._start_actor(n, r, s, place.node(r, i))) for n, r, s, i in named if r is Role.PREFILL]
         out = [self._connect(*started) for started in prefill]
         decode = []
         for n, r, s, i in named:
-            if r == "decode":
+            if r is Role.DECODE:
                 node = place.node(r, i) or (out[i].info["node_id"] if place.same_node else None)
                 decode.append((n, r, s, i, self._start_actor(n, r, s, node)))
         return out + [self._connect(*started) for started in decode]
@@ -227,7 +228,7 @@ class ClusterEngine(Engine):
             try:
                 new.call("warmup")
                 live = [i for i in self.instances if i.role != old.role and i not in self.ctrl.lost]
-                self._warm_paths([(new, d) for d in live] if old.role == "prefill" else [(p, new) for p in live])
+                self._warm_paths([(new, d) for d in live] if old.role is Role.PREFILL else [(p, new) for p in live])
                 with self.ctrl.cv:
                     if self._closed:
                         raise EngineClosed("the engine is shutting down")
@@ -252,7 +253,7 @@ class ClusterEngine(Engine):
         pinned = place.node(old.role, old.index)
         if pinned or not place.same_node:
             return pinned
-        other = "decode" if old.role == "prefill" else "prefill"
+        other = Role.DECODE if old.role is Role.PREFILL else Role.PREFILL
         partner = next(x for x in self.instances if x.role == other and x.index == old.index)
         return partner.info["node_id"]
 

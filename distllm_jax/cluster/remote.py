@@ -18,6 +18,7 @@ from distllm_jax.engine.config import InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.programs import Segment
 from distllm_jax.kv_cache import PageAllocator
+from distllm_jax.scheduling.protocols import Role
 
 PING_TIMEOUT_S = 10.0  # the least an actor is given to answer a ping before it counts as wedged
 
@@ -48,7 +49,7 @@ class RemoteInstance:
     def __init__(self, name: str, role: str, spec: InstanceSpec, actor: Any, info: dict[str, Any], index: int = 0):
         """``index``: its place among the instances of its role, which the plan's node pins and a
         same-node partner refer to (a replacement keeps it)."""
-        self.name, self.role, self.spec, self.actor, self.info = name, role, spec, actor, info
+        self.name, self.role, self.spec, self.actor, self.info = name, Role(role), spec, actor, info
         self.index = index
         self.page_size = int(info["page_size"])
         self.num_pages = int(info["num_pages"])

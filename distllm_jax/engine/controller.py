@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
-from distllm_jax.scheduling import release
+from distllm_jax.scheduling import Role, release
 
 
 class InstanceLost(RuntimeError):
@@ -182,7 +182,7 @@ class Controller:
         msg = str(exc) if isinstance(exc, InstanceLost) else f"instance {inst.name} was lost: {exc}"
         self.errors.append(msg)
         for r in self.holding(inst):
-            if inst.role == "prefill":
+            if inst.role is Role.PREFILL:
                 self.requeue(r)
             elif r.state is RequestState.MIGRATING and r.holders[0] is not inst:
                 inst.alloc.free(r.rid)

@@ -8,6 +8,19 @@
 
 Construction places each instance on its own devices (prefill instances first, then decode), loads its
 params, and compiles every program it can run (with a progress bar), so serving compiles nothing.
+
+A request's states (:class:`~distllm_jax.scheduling.RequestState`), each change made under the
+controller's lock by the scheduler named beside it::
+
+    submit ──> WAITING ──(PrefillScheduler / ColocatedScheduler / ChunkedScheduler takes it)──> PREFILLING
+    PREFILLING ──(disaggregated: the prefill step ends)──> HELD     (KV stays in prefill memory)
+    HELD ──(a DecodeScheduler with room chooses to pull it)──> MIGRATING ──(pages in place)──> RUNNING
+    PREFILLING ──(colocated / chunked: the last prompt token is computed)──> RUNNING
+    RUNNING ──(on-demand admission out of pages; the simulator only)──> SWAPPED ──(room)──> RUNNING
+    any state ──(a stop, max_tokens, cancel, deadline, a failure)──> DONE   (its pages are freed)
+
+A lost prefill instance sends its PREFILLING and HELD requests back to WAITING (their streamed tokens
+are kept); a lost decode instance ends its MIGRATING and RUNNING ones with an error.
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ from distllm_jax.engine.transfer import LocalKVPuller, KVPuller
 from distllm_jax.engine.worker import Worker
 from distllm_jax.kv_cache import pages_for
 from distllm_jax.models.attention import REFERENCE, AttentionImpl
+from distllm_jax.parallel import split_devices
+from distllm_jax.scheduling import Role
 
 
 def attention_impl(name: str) -> AttentionImpl:
@@ -69,17 +84,17 @@ def make_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller
     worker into ``decoders``. The decode lookahead is switched here, and only here: on for the
     workers that run plain decode steps, when the instance can chain them and the config asks."""
     w: Worker
-    if inst.role == "prefill":
+    if inst.role is Role.PREFILL:
         w = PrefillWorker(ctrl, inst, cfg.prefill_token_budget, decoders)
-    elif inst.role == "decode":
+    elif inst.role is Role.DECODE:
         if puller is None:
             raise ValueError(f"{inst.name}: a decode instance needs a KV puller")
         w = DecodeWorker(ctrl, inst, puller, decoders, cfg.check_transfers)
-    elif inst.role == "colocated":
+    elif inst.role is Role.COLOCATED:
         w = ColocatedWorker(ctrl, inst, cfg.prefill_token_budget)
     else:
         w = ChunkedWorker(ctrl, inst, cfg.prefill_token_budget)
-    w.lookahead = inst.role in ("decode", "colocated") and inst.lookahead and cfg.async_decode
+    w.lookahead = inst.role in (Role.DECODE, Role.COLOCATED) and inst.lookahead and cfg.async_decode
     return w
 
 
@@ -135,13 +150,11 @@ class Engine:
         if cfg.num_devices > len(devices):
             raise ValueError(f"{cfg.mode} layout needs {cfg.num_devices} devices, {len(devices)} available")
         impl = attention_impl(cfg.attention)
+        layout = cfg.instances()
         out: list[Instance] = []
-        offset = 0
         counters: dict[str, int] = {}
-        for role, spec in cfg.instances():
+        for (role, spec), devs in zip(layout, split_devices([s.num_devices for _, s in layout], devices)):
             i = counters[role] = counters.get(role, -1) + 1
-            devs = devices[offset : offset + spec.num_devices]
-            offset += spec.num_devices
             out.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl))
         return out
 
@@ -149,8 +162,8 @@ class Engine:
         return make_puller(self.config.kv_transfer, pages_for(self.max_len, self.config.page_size))
 
     def _transfer_pairs(self) -> list[tuple[Instance, Instance]]:
-        p = [i for i in self.instances if i.role == "prefill"]
-        d = [i for i in self.instances if i.role == "decode"]
+        p = [i for i in self.instances if i.role is Role.PREFILL]
+        d = [i for i in self.instances if i.role is Role.DECODE]
         return [(a, b) for a in p for b in d]
 
     def warmup(self) -> None:
@@ -193,7 +206,7 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens; the limit is {self.max_len - 1} (max_seq_len {self.max_len})")
         for inst in self.instances:
-            need = len(prompt) if inst.role == "prefill" else max_cached
+            need = len(prompt) if inst.role is Role.PREFILL else max_cached
             if pages_for(need, inst.page_size) > inst.alloc.capacity:
                 raise ValueError(
                     f"request needs {pages_for(need, inst.page_size)} KV pages on {inst.name}, "

@@ -25,6 +25,7 @@ from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, pack_decod
 from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
+from distllm_jax.scheduling.protocols import Role
 from distllm_jax.shapes import bucket, compiled_shapes
 
 
@@ -73,7 +74,7 @@ class Instance:
     ):
         if len(devices) != spec.num_devices:
             raise ValueError(f"{name}: {spec.label()} needs {spec.num_devices} devices, got {len(devices)}")
-        self.name, self.role, self.spec, self.impl = name, role, spec, impl
+        self.name, self.role, self.spec, self.impl = name, Role(role), spec, impl
         self.cfg = cfg = source.cfg
         self.devices = list(devices)
         self.page_size = ecfg.page_size
@@ -106,8 +107,8 @@ class Instance:
     # ---- the programs ---------------------------------------------------------------------------
 
     def kinds(self) -> tuple[str, ...]:
-        return {"prefill": ("prefill",), "decode": ("decode",), "colocated": ("prefill", "decode"),
-                "chunked": ("mixed",)}[self.role]
+        return {Role.PREFILL: ("prefill",), Role.DECODE: ("decode",), Role.COLOCATED: ("prefill", "decode"),
+                Role.CHUNKED: ("mixed",)}[self.role]
 
     def shapes(self, kind: str) -> list[int]:
         return list(self.compiled.for_kind(kind))

@@ -5,7 +5,7 @@ the plans on devices and reports back under the controller's lock; the simulator
 the latency model. Nothing here imports jax, a device or a clock: ``now`` is always passed in.
 """
 
-from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Scheduler, Slot, Stamps
+from distllm_jax.scheduling.protocols import QueueState, RequestState, Role, SchedRequest, Scheduler, Slot, Stamps
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan, PullPlan, StepKind
 from distllm_jax.scheduling.state import Queues, release
 from distllm_jax.scheduling.prefill import PrefillScheduler, take_prompts
@@ -14,6 +14,6 @@ from distllm_jax.scheduling.colocated import ChunkedScheduler, ColocatedSchedule
 
 __all__ = [
     "Admission", "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "MixedPlan", "MixedRow",
-    "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues", "RequestState", "SchedRequest",
+    "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues", "RequestState", "Role", "SchedRequest",
     "Scheduler", "Slot", "Stamps", "StepKind", "release", "take_prompts",
 ]

@@ -30,7 +30,8 @@ class ColocatedScheduler:
 
     def plan(self, now: float) -> PrefillPlan | DecodePlan | None:
         room = self.inst.max_batch - len(self.running)
-        batch = take_prompts(self.queues, self.inst, self.budget, self.inst.max_prefill_seqs, True, now, room)
+        batch = take_prompts(self.queues, self.inst, budget=self.budget, max_seqs=self.inst.max_prefill_seqs,
+                             reserve_all=True, now=now, room=room)
         if batch:
             return PrefillPlan(batch)
         return DecodePlan(list(self.running)) if self.running else None
@@ -64,7 +65,8 @@ class ChunkedScheduler:
             if i == len(self.prefilling):
                 if not self.queues.waiting or self.load >= self.inst.max_batch:
                     break
-                admitted = take_prompts(self.queues, self.inst, 0, 1, True, now)
+                # one prompt at a time, its pages reserved whole: its chunks run over several steps
+                admitted = take_prompts(self.queues, self.inst, budget=0, max_seqs=1, reserve_all=True, now=now)
                 if not admitted:
                     break
                 self.prefilling += admitted

@@ -11,7 +11,7 @@ from distllm_jax.scheduling.plans import PrefillPlan
 from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
-def take_prompts(queues: QueueState, inst: Slot, budget: int, max_seqs: int, reserve_all: bool,
+def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int, reserve_all: bool,
                  now: float, room: int | None = None) -> list[SchedRequest]:
     """Pop waiting requests FCFS while they fit the token budget, the sequence limit and the pool.
 
@@ -52,7 +52,8 @@ class PrefillScheduler:
         return bool(self.queues.waiting) and self.inst.alloc.num_free > 0
 
     def plan(self, now: float) -> PrefillPlan | None:
-        batch = take_prompts(self.queues, self.inst, self.budget, self.inst.max_prefill_seqs, False, now)
+        batch = take_prompts(self.queues, self.inst, budget=self.budget, max_seqs=self.inst.max_prefill_seqs,
+                             reserve_all=False, now=now)
         return PrefillPlan(batch) if batch else None
 
     def prefilled(self, r: SchedRequest) -> None:

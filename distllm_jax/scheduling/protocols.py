@@ -12,6 +12,17 @@ if TYPE_CHECKING:
     from distllm_jax.kv_cache import PageAllocator
 
 
+class Role(enum.StrEnum):
+    """What an instance runs: prompts only, decode steps only (pulling KV from prefill instances),
+    both on one instance (vLLM-style), or mixed steps of prompt chunks and decode tokens
+    (SplitFuse-style). A ``StrEnum``: it equals, prints and serialises as its value."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+    CHUNKED = "chunked"
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"  # queued for prefill
     PREFILLING = "prefilling"  # in a prefill batch (or, chunked, part of its prompt done)
@@ -26,7 +37,7 @@ class Slot(Protocol):
     """An instance as the policy sees it: its pages and its limits."""
 
     name: str
-    role: str
+    role: Role
     alloc: PageAllocator
     max_batch: int
     max_prefill_seqs: int
