@@ -81,13 +81,13 @@ def main() -> int:
         for kind in ("transfer-server", "staged"):
             puller = RemoteKVPuller(kind, max_pages)
             puller.warmup(src, dst)
-            results[kind] = measure(src, dst, puller, eng.ctrl.cv)
+            results[kind] = measure(src, dst, puller, eng.ctrl.lock)
         eng.shutdown(drain=False)
     finally:
         ray.shutdown()
     local = Engine(src_cfg, cfg, start=False)
     puller = LocalKVPuller(max_pages)
-    results["local (one process)"] = measure(*local.instances, puller, local.ctrl.cv)
+    results["local (one process)"] = measure(*local.instances, puller, local.ctrl.lock)
     local.shutdown(drain=False)
 
     report = {

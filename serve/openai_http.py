@@ -197,7 +197,7 @@ class OpenAIFrontend:
     def __init__(self, service: Any, model_name: str, token: str | None, max_body_bytes: int,
                  chat: ChatTemplate, bound_host: str = "127.0.0.1", allowed_hosts: Iterable[str] = (),
                  allowed_origins: Iterable[str] = ()):
-        self.s = service
+        self.service = service
         self.model = model_name or "model"
         self.token = token
         self.max_body = max_body_bytes
@@ -213,16 +213,16 @@ class OpenAIFrontend:
 
         @app.get("/metrics")
         async def metrics():
-            return Response(generate_latest(self.s.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+            return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         def error(e: HTTPError) -> JSONResponse:
             return JSONResponse(e.body(), status_code=e.status)
 
         @app.get("/health")
         async def health():
-            if self.s.draining:
+            if self.service.draining:
                 return error(HTTPError(503, "the server is draining", "service_unavailable"))
-            if not self.s.ready.is_set():
+            if not self.service.ready.is_set():
                 return error(HTTPError(503, "the server is re-planning", "service_unavailable"))
             return {"status": "ok"}
 
@@ -233,19 +233,19 @@ class OpenAIFrontend:
             except HTTPError as e:
                 return error(e)
             return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
-                                                "owned_by": "distllm", "max_model_len": self.s.limits.max_seq_len}]}
+                                                "owned_by": "distllm", "max_model_len": self.service.limits.max_seq_len}]}
 
         async def handle(request: Request, chat: bool):
             try:
                 self._auth(request)
                 body = await self._body(request)
                 prompt = self._prompt(body, chat)
-                req = build_request(body, prompt, self.s.limits, chat)
+                req = build_request(body, prompt, self.service.limits, chat)
                 try:
-                    ids = await prompt_ids(req, self.s.limits, self.s.tokenizer)
+                    ids = await prompt_ids(req, self.service.limits, self.service.tokenizer)
                     if chat and not req.HasField("max_tokens"):  # a chat reply may use what the context leaves
-                        req.max_tokens = max(1, min(1024, self.s.limits.max_seq_len - len(ids)))
-                    params = sampling_params(req, self.s.limits, len(ids))
+                        req.max_tokens = max(1, min(1024, self.service.limits.max_seq_len - len(ids)))
+                    params = sampling_params(req, self.service.limits, len(ids))
                 except InvalidArgument as e:
                     raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
                 stream = _field(body, "stream", (bool,), False)
@@ -254,7 +254,7 @@ class OpenAIFrontend:
                 return await self._run(ids, params, chat, stream, usage, request)
             except HTTPError as e:
                 if e.status in (400, 413):
-                    self.s.metrics.requests.labels("invalid").inc()
+                    self.service.metrics.requests.labels("invalid").inc()
                 return error(e)
 
         @app.post("/v1/completions")
@@ -330,7 +330,7 @@ class OpenAIFrontend:
 
     async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool, request: Any = None):
         try:
-            admitted = await self.s.admit(ids, params)
+            admitted = await self.service.admit(ids, params)
         except Refused as e:
             status, kind = _HTTP_STATUS[e.why]
             raise HTTPError(status, str(e), kind) from None
@@ -368,11 +368,11 @@ class OpenAIFrontend:
         is the disconnect)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.s.engine.cancel(request_id)
+        self.service.engine.cancel(request_id)
 
     def _observe(self, out) -> None:
         t = out.timings
-        self.s.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
+        self.service.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
 
     async def _sse(self, admitted: Admitted, rid: str, created: int, chat: bool, usage: bool,
                    n_prompt: int) -> AsyncIterator[bytes]:

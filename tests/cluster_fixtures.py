@@ -49,5 +49,5 @@ def on_state(monkeypatch: pytest.MonkeyPatch, state: RequestState, when: Callabl
 def wait_for(engine: Any, cond: Callable[[], bool], timeout: float) -> bool:
     """Wait until ``cond()`` (evaluated under the controller's lock) holds; False on timeout. The
     engine notifies the lock's condition at every change a test waits for (a loss, a finish)."""
-    with engine.ctrl.cv:
-        return engine.ctrl.cv.wait_for(cond, timeout)
+    with engine.ctrl.lock:
+        return engine.ctrl.lock.wait_for(cond, timeout)

@@ -130,14 +130,14 @@ def prefilled(engine: ClusterEngine, src, dst, rid: str) -> Iterator[tuple[list[
     """A request's prompt prefilled in ``src`` outside the scheduler, with pages for it reserved in
     ``dst``: (source pages, destination pages), freed on both sides afterwards."""
     prompt = WORK[5][0]
-    with engine.ctrl.cv:
+    with engine.ctrl.lock:
         sp = list(src.alloc.ensure(rid, len(prompt)))
         dp = list(dst.alloc.ensure(rid, len(prompt)))
     try:
         src.run("prefill", [[Segment(prompt, 0, sp, SamplingParams(), 0)]])
         yield sp, dp
     finally:
-        with engine.ctrl.cv:
+        with engine.ctrl.lock:
             src.alloc.free(rid)
             dst.alloc.free(rid)
 
@@ -270,7 +270,7 @@ def test_prefill_lost_between_choosing_and_pulling(idle, expected, monkeypatch):
     decoder = next(w for w in idle.workers if w.inst.role == "decode")
 
     def lose_then_pull(src, src_pages, dst, dst_pages):
-        with idle.ctrl.cv:  # chosen (the request is MIGRATING), the pull not begun
+        with idle.ctrl.lock:  # chosen (the request is MIGRATING), the pull not begun
             if not fired and len(decoder.running) >= 2:
                 fired.append(src.name)
                 lose(src)

@@ -227,7 +227,7 @@ def engine_steps(cfg: SimConfig, prof, work, monkeypatch):
             params = SamplingParams(max_tokens=o, ignore_eos=True)
             req = Request(rid, [5] * p, params, StopChecker(params, (2,), None), 0, RequestStream(rid), 1 << 20, None)
             requests[rid] = req
-            with ctrl.cv:
+            with ctrl.lock:
                 ctrl.admit(req)
         elif kind == "step":
             turns.pop(id(what)).resume()

@@ -161,7 +161,7 @@ class ClusterEngine(Engine):
 
         while not self._closed:
             try:
-                with self.ctrl.cv:
+                with self.ctrl.lock:
                     live = [i for i in self.instances if i not in self.ctrl.lost]
                 pings = {i.actor.ping.remote(): i for i in live}
                 pending, end = list(pings), time.monotonic() + self.cluster.pull_timeout_s
@@ -173,7 +173,7 @@ class ClusterEngine(Engine):
                         ray.get(ready[0])
                     except Exception as e:  # noqa: BLE001
                         if actor_gone(e):
-                            with self.ctrl.cv:
+                            with self.ctrl.lock:
                                 self.ctrl.lose_instance(pings[ready[0]], InstanceLost(pings[ready[0]], e))
             except Exception:  # noqa: BLE001 - Ray going down under a closing engine
                 if self._closed:
@@ -194,12 +194,12 @@ class ClusterEngine(Engine):
         try:
             self.replace_instance(lost.name, lost=lost)
         except Exception as e:  # noqa: BLE001 - reported in stats; the other instances serve on
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.ctrl.errors.append(f"replacing {lost.name} failed: {type(e).__name__}: {e}")
         finally:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self._replacing.pop(lost.name, None)
-                self.ctrl.cv.notify_all()
+                self.ctrl.lock.notify_all()
 
     def replace_instance(self, name: str, lost: RemoteInstance | None = None) -> RemoteInstance:
         """Start a fresh actor for instance ``name``, compile its programs and KV paths, and route to it.
@@ -211,7 +211,7 @@ class ClusterEngine(Engine):
         import ray
 
         with self._replace_lock:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 if self._closed:
                     raise EngineClosed("the engine is shutting down")
                 idx = next((k for k, i in enumerate(self.instances) if i.name == name), None)
@@ -229,7 +229,7 @@ class ClusterEngine(Engine):
                 new.call("warmup")
                 live = [i for i in self.instances if i.role != old.role and i not in self.ctrl.lost]
                 self._warm_paths([(new, d) for d in live] if old.role is Role.PREFILL else [(p, new) for p in live])
-                with self.ctrl.cv:
+                with self.ctrl.lock:
                     if self._closed:
                         raise EngineClosed("the engine is shutting down")
                     gone = self.workers[idx]
@@ -238,7 +238,7 @@ class ClusterEngine(Engine):
                         self.decoders[self.decoders.index(gone)] = worker
                     self.instances[idx], self.workers[idx] = new, worker
                     self.replacements += 1
-                    self.ctrl.cv.notify_all()
+                    self.ctrl.lock.notify_all()
             except BaseException:
                 _kill(new.actor)
                 raise
@@ -260,12 +260,12 @@ class ClusterEngine(Engine):
     def wait_replacements(self, timeout: float | None = None) -> bool:
         """Wait until no replacement is in flight; False on timeout."""
         end = None if timeout is None else time.perf_counter() + timeout
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             while self._replacing:
                 left = None if end is None else end - time.perf_counter()
                 if left is not None and left <= 0:
                     return False
-                self.ctrl.cv.wait(0.05 if left is None else min(left, 0.05))
+                self.ctrl.lock.wait(0.05 if left is None else min(left, 0.05))
         return True
 
     # ---- state ------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class ClusterEngine(Engine):
         """The layout: actors (node, process, devices), the KV path in use, losses and replacements."""
         import ray
 
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             actors = [{**i.describe(), "alive": i not in self.ctrl.lost} for i in self.instances]
             lost = [i.name for i in self.instances if i in self.ctrl.lost]  # not yet replaced
             replacing = sorted(self._replacing)
@@ -291,7 +291,7 @@ class ClusterEngine(Engine):
         import ray
 
         s = super().stats()
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             live = [i for i in self.instances if i not in self.ctrl.lost]
         try:  # compilations happen in the actors; a dying actor must not break a metrics scrape
             s["compilations"] += sum(ray.get([i.actor.compilations.remote() for i in live], timeout=5))

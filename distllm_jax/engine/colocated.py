@@ -19,7 +19,7 @@ class ColocatedWorker(Worker):
         super().__init__(ctrl, inst, ColocatedScheduler(ctrl, inst, budget))
 
     def step(self) -> bool:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             now = time.perf_counter()
             self.ctrl.expire_queued(now)
             self.drop_finished(now)
@@ -34,7 +34,7 @@ class ColocatedWorker(Worker):
         self.flush()  # the decode step in flight streams its tokens before the prefill runs
         tokens = self.run("prefill", batch, segs)
         if tokens is not None:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 now = time.perf_counter()
                 for r, tok in zip(batch, tokens):
                     if r.state is not RequestState.DONE and self.first_token(r, tok, now):
@@ -47,7 +47,7 @@ class ChunkedWorker(Worker):
         super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget))
 
     def step(self) -> bool:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             now = time.perf_counter()
             self.ctrl.expire_queued(now)
             self.drop_finished(now)
@@ -66,7 +66,7 @@ class ChunkedWorker(Worker):
         if tokens is None:
             self.sched.prefilling = [r for r in self.sched.prefilling if r.state is not RequestState.DONE]
             return True
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             now = time.perf_counter()
             decoded = [(row.req, t) for row, t in zip(plan.rows, tokens) if not row.chunk]
             self.after_decode([r for r, _ in decoded], [t for _, t in decoded], now)

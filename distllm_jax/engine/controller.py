@@ -1,7 +1,7 @@
 """The request lifecycle, in one place: admit -> prefill -> (hold -> migrate) -> decode -> stream -> free.
 
 All shared scheduling state (the FCFS queues, every request, every instance's allocator) is touched
-only under :attr:`Controller.cv`. Workers (one thread per instance) take work from here, run their
+only under :attr:`Controller.lock`. Workers (one thread per instance) take work from here, run their
 programs outside the lock, and report back; every way a request can end goes through :meth:`finish`,
 which returns its pages to every instance that holds some and sends the final event.
 
@@ -55,7 +55,9 @@ class StepRecord(NamedTuple):
 
 class Controller:
     def __init__(self) -> None:
-        self.cv = threading.Condition()
+        # held to read or change any scheduling state (queues, request states, page tables); waited on
+        # for a change (every change a worker or a waiting caller cares about notifies it)
+        self.lock = threading.Condition()
         self.waiting: collections.deque[Request] = collections.deque()  # FCFS, not yet prefilled
         self.held: collections.deque[Request] = collections.deque()  # prefilled, KV in prefill memory
         self.requests: dict[str, Request] = {}
@@ -68,12 +70,12 @@ class Controller:
         self.on_lost: Callable[[Any], None] | None = None  # called (lock held) once per lost instance
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)  # appended lock-free
 
-    # everything below runs with self.cv held -----------------------------------------------------
+    # everything below runs with self.lock held -----------------------------------------------------
 
     def admit(self, req: Request) -> None:
         self.requests[req.rid] = req
         self.waiting.append(req)
-        self.cv.notify_all()
+        self.lock.notify_all()
 
     def emit(self, req: Request, token: int, now: float) -> bool:
         """Hand one sampled token to its request; False when the request ended with it."""
@@ -130,7 +132,7 @@ class Controller:
                 timings=req.timings,
             ),
         )
-        self.cv.notify_all()
+        self.lock.notify_all()
 
     def _release(self, req: Request) -> None:
         release(self, req)
@@ -195,7 +197,7 @@ class Controller:
                             error=f"{msg} (the request had streamed {r.num_sampled} token(s))")
         if self.on_lost is not None:
             self.on_lost(inst)
-        self.cv.notify_all()
+        self.lock.notify_all()
 
     def holding(self, inst: object) -> list[Request]:
         return [r for r in self.requests.values() if inst in r.holders]
@@ -208,5 +210,5 @@ class Controller:
         if req.state in (RequestState.WAITING, RequestState.HELD):
             self.finish(req, FinishReason.CANCELLED)  # not in any worker's hands: free now
         else:
-            self.cv.notify_all()  # its worker frees it at the next step boundary
+            self.lock.notify_all()  # its worker frees it at the next step boundary
         return True

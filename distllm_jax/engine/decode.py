@@ -22,7 +22,7 @@ from distllm_jax.engine.controller import Controller, InstanceLost
 from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.transfer import KVPuller, StagedKVPuller, pages_equal
-from distllm_jax.engine.worker import Worker, mine
+from distllm_jax.engine.worker import Worker, still_here
 from distllm_jax.scheduling import DecodeScheduler, PullPlan
 
 
@@ -78,8 +78,8 @@ class DecodeWorker(Worker):
             try:
                 self._pull(job)
             except Exception as e:  # noqa: BLE001 - a bug in one pull must not stop the others
-                with self.ctrl.cv:
-                    if mine(job.req, self.inst, RequestState.MIGRATING):
+                with self.ctrl.lock:
+                    if still_here(job.req, self.inst, RequestState.MIGRATING):
                         self.sched.pull_ended()
                         self.ctrl.fail([job.req], e, f"{self.inst.name} pull")
 
@@ -104,17 +104,17 @@ class DecodeWorker(Worker):
             if self.check and not pages_equal(src, job.src_pages, self.inst, job.dst_pages):
                 raise AssertionError(f"KV of {r.rid} changed in transit")
         except InstanceLost as e:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.sched.pull_ended()
                 self.ctrl.lose_instance(e.inst, e)
             return
         except Exception as e:  # noqa: BLE001
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.sched.pull_ended()
-                if mine(r, self.inst, RequestState.MIGRATING):
+                if still_here(r, self.inst, RequestState.MIGRATING):
                     self.ctrl.fail([r], e, f"KV pull {src.name}->{self.inst.name}")
             return
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             now = time.perf_counter()
             if not self.sched.pulled(r, src):
                 return
@@ -122,10 +122,10 @@ class DecodeWorker(Worker):
             r.timings.migration_path = path or self.puller.kind  # a puller may say which path it took
             self.ctrl.migrations += 1
             self.ctrl.migration_seconds += now - r.timings.migration_start
-            self.ctrl.cv.notify_all()  # prefill memory was freed
+            self.ctrl.lock.notify_all()  # prefill memory was freed
 
     def step(self) -> bool:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             pulls = self._choose_pulls(time.perf_counter())
         for job in pulls:
             self._pulls.put(job)

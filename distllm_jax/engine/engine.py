@@ -235,7 +235,7 @@ class Engine:
         deadline = None if timeout is None else time.perf_counter() + timeout
         req = Request(rid, ids, params, checker, seed, stream, self.max_len, deadline)
         self._check_fits(ids, req.max_cached)
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             if rid in self.ctrl.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             self.ctrl.admit(req)
@@ -265,13 +265,13 @@ class Engine:
 
     def cancel(self, request_id: str) -> bool:
         """End a request with finish reason ``cancelled``; its pages are freed. False if unknown."""
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             return self.ctrl.cancel(request_id)
 
     # ---- state ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             per = []
             for inst, w in zip(self.instances, self.workers):
                 per.append({
@@ -305,22 +305,22 @@ class Engine:
         return [r for r in list(self.ctrl.step_log) if r.end > since]
 
     def idle(self) -> bool:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             return not self.ctrl.requests
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         end = None if timeout is None else time.perf_counter() + timeout
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             while self.ctrl.requests:
                 left = None if end is None else end - time.perf_counter()
                 if left is not None and left <= 0:
                     return False
-                self.ctrl.cv.wait(0.05 if left is None else min(left, 0.05))
+                self.ctrl.lock.wait(0.05 if left is None else min(left, 0.05))
         return True
 
     def assert_no_leaks(self) -> None:
         """Every page of every instance is free (call when idle)."""
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             for inst in self.instances:
                 try:
                     inst.alloc.assert_no_leaks()
@@ -332,7 +332,7 @@ class Engine:
         self._closed = True
         if drain:
             self.wait_idle(timeout)
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             for rid in list(self.ctrl.requests):
                 self.ctrl.cancel(rid)
         if not drain or timeout is not None:

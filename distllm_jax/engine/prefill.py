@@ -14,7 +14,7 @@ from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
-from distllm_jax.engine.worker import Worker, mine
+from distllm_jax.engine.worker import Worker, still_here
 from distllm_jax.scheduling import PrefillScheduler
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class PrefillWorker(Worker):
         return self.sched.has_work() and not self.lost
 
     def step(self) -> bool:
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             if self.lost:
                 return False
             now = time.perf_counter()
@@ -45,14 +45,14 @@ class PrefillWorker(Worker):
         tokens = self.run("prefill", batch, segs)
         if tokens is None:
             return True
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             now = time.perf_counter()
             for r, tok in zip(batch, tokens):
-                if mine(r, self.inst, RequestState.PREFILLING) and self.first_token(r, tok, now):
+                if still_here(r, self.inst, RequestState.PREFILLING) and self.first_token(r, tok, now):
                     self.sched.prefilled(r)  # KV stays here until a decode instance pulls it
             # decode instances with room choose now, least loaded first (their own policy)
             offers = [(w, w.offer(now)) for w in sorted(self.decoders, key=lambda w: w.load)]
-            self.ctrl.cv.notify_all()
+            self.ctrl.lock.notify_all()
         for w, jobs in offers:
             w.stage(jobs)  # dispatched before this instance's next step
         return True

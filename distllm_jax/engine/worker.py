@@ -52,7 +52,7 @@ def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[lis
     return out
 
 
-def mine(r: Request, inst: InstanceAPI, state: RequestState) -> bool:
+def still_here(r: Request, inst: InstanceAPI, state: RequestState) -> bool:
     """``r`` is still in ``state`` with pages on ``inst``: no cancellation, failure or lost instance
     took it elsewhere while a step ran without the lock."""
     return r.state is state and inst in r.holders
@@ -79,8 +79,8 @@ class Worker(abc.ABC):
 
     def stop(self) -> None:
         self._stop.set()
-        with self.ctrl.cv:
-            self.ctrl.cv.notify_all()
+        with self.ctrl.lock:
+            self.ctrl.lock.notify_all()
 
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
@@ -95,15 +95,15 @@ class Worker(abc.ABC):
             try:
                 busy = self.step()
             except Exception as e:  # noqa: BLE001 - a scheduling bug must not kill the instance
-                with self.ctrl.cv:
+                with self.ctrl.lock:
                     self.ctrl.fail(list(self.running), e, f"{self.inst.name} scheduler")
                     self.running.clear()
                     self.inflight = None
                 busy = False
             if not busy:
-                with self.ctrl.cv:
+                with self.ctrl.lock:
                     if not self._stop.is_set() and not self.has_work() and self.inflight is None:
-                        self.ctrl.cv.wait(IDLE_WAIT_S)
+                        self.ctrl.lock.wait(IDLE_WAIT_S)
 
     @abc.abstractmethod
     def step(self) -> bool:
@@ -146,12 +146,12 @@ class Worker(abc.ABC):
         try:
             return fn()
         except InstanceLost as e:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.ctrl.lose_instance(e.inst, e)
                 self.running = [r for r in self.running if r.state is not RequestState.DONE]
             return None
         except Exception as e:  # noqa: BLE001
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.ctrl.fail(reqs, e, f"{self.inst.name} {kind} step")
                 if not self.inst.pools_ok():
                     self.ctrl.fail(self.ctrl.holding(self.inst), e, f"{self.inst.name} pool lost in {kind} step")
@@ -186,7 +186,7 @@ class Worker(abc.ABC):
         """One continuous-batching step over ``self.running``."""
         if self.lookahead:
             return self._decode_step_ahead()
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             self.drop_finished(time.perf_counter())
             if not self.running:
                 return False
@@ -194,7 +194,7 @@ class Worker(abc.ABC):
             segs = [self.decode_segment(r) for r in batch]
         tokens = self.run("decode", batch, segs)
         if tokens is not None:
-            with self.ctrl.cv:
+            with self.ctrl.lock:
                 self.after_decode(batch, tokens, time.perf_counter())
         return True
 
@@ -208,7 +208,7 @@ class Worker(abc.ABC):
         freed and reused meanwhile: every later use of them is dispatched after step k+1 on the
         same donated pool, so the device runs them in order.
         """
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             self.drop_finished(time.perf_counter())
             prev = self.inflight
             rows = {} if prev is None else {r.rid: j for j, r in enumerate(prev.batch)}
@@ -244,7 +244,7 @@ class Worker(abc.ABC):
         now = time.perf_counter()
         self.log_step("decode", max(prev.dispatched, self._last_read), now, prev.segs)
         self._last_read = now
-        with self.ctrl.cv:
+        with self.ctrl.lock:
             self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], now)
 
     def flush(self) -> None:
