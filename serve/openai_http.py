@@ -20,6 +20,7 @@ for ``allowed_origins``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import time
@@ -33,8 +34,7 @@ from distllm_jax.engine import FinishReason
 from serve.auth import bearer_error
 from serve.chat_template import ChatTemplate
 from serve.front_door import Admitted, Refusal, Refused
-from serve.v1 import distllm_pb2 as pb
-from serve.validation import InvalidArgument, Limits, check_text, prompt_ids, sampling_params
+from serve.validation import GenerationRequest, InvalidArgument, Limits, check_text, prompt_ids, sampling_params
 
 
 class HTTPError(Exception):
@@ -101,9 +101,9 @@ def refuse_unimplemented(body: dict, chat: bool) -> None:
         raise HTTPError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
 
 
-def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: bool) -> pb.GenerateRequest:
-    """The OpenAI fields as the gRPC request the engine's validation already understands (``max_tokens``
-    left unset when absent: the default depends on the prompt's length)."""
+def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: bool) -> GenerationRequest:
+    """The OpenAI fields as the neutral request validation reads (``max_tokens`` left unset when
+    absent: the default depends on the prompt's length)."""
     refuse_unimplemented(body, chat)
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -120,25 +120,17 @@ def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: boo
     max_tokens = _field(body, "max_tokens", (int,), None)
     if max_tokens is None and chat:
         max_tokens = _field(body, "max_completion_tokens", (int,), None)
-    req = pb.GenerateRequest(
-        temperature=_field(body, "temperature", _NUM, 1.0),
-        top_p=_field(body, "top_p", _NUM, 1.0),
+    if not isinstance(prompt, str) and not all(0 <= t < INT64 for t in prompt):
+        raise HTTPError(400, f"token ids out of the vocabulary [0, {limits.vocab_size})", param="prompt")
+    return GenerationRequest(
+        prompt=prompt, max_tokens=max_tokens,
+        temperature=float(_field(body, "temperature", _NUM, 1.0)),
+        top_p=float(_field(body, "top_p", _NUM, 1.0)),
         top_k=_field(body, "top_k", (int,), 0),
-        stop=stop or [],
+        seed=_field(body, "seed", (int,), None),
+        stop=tuple(stop or ()),
         ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
     )
-    if max_tokens is not None:
-        req.max_tokens = max_tokens
-    seed = _field(body, "seed", (int,), None)
-    if seed is not None:
-        req.seed = seed
-    if isinstance(prompt, str):
-        req.text = prompt
-    else:
-        if not all(0 <= t < INT64 for t in prompt):
-            raise HTTPError(400, f"token ids out of the vocabulary [0, {limits.vocab_size})", param="prompt")
-        req.token_ids.ids.extend(prompt)
-    return req
 
 
 def host_check(bound: str, allowed: Iterable[str]) -> Callable[[str], bool]:
@@ -243,8 +235,9 @@ class OpenAIFrontend:
                 req = build_request(body, prompt, self.service.limits, chat)
                 try:
                     ids = await prompt_ids(req, self.service.limits, self.service.tokenizer)
-                    if chat and not req.HasField("max_tokens"):  # a chat reply may use what the context leaves
-                        req.max_tokens = max(1, min(1024, self.service.limits.max_seq_len - len(ids)))
+                    if chat and req.max_tokens is None:  # a chat reply may use what the context leaves
+                        req = dataclasses.replace(
+                            req, max_tokens=max(1, min(1024, self.service.limits.max_seq_len - len(ids))))
                     params = sampling_params(req, self.service.limits, len(ids))
                 except InvalidArgument as e:
                     raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None

@@ -28,7 +28,8 @@ from serve.auth import bearer_error
 from serve.front_door import FrontDoor, Refusal, Refused
 from serve.metrics import Metrics
 from serve.v1 import distllm_pb2 as pb
-from serve.validation import InvalidArgument, Limits, check_text, encode, parse, prompt_ids, sampling_params
+from serve.validation import (GenerationRequest, InvalidArgument, Limits, check_text, encode, parse, prompt_ids,
+                              sampling_params)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # distllm.v1.Generation
 
@@ -112,12 +113,12 @@ class GenerationService(FrontDoor):
         try:
             self.check_open()
             try:
-                req = parse(raw, pb.GenerateRequest)
+                req = GenerationRequest.from_proto(parse(raw, pb.GenerateRequest))
                 ids = await prompt_ids(req, self.limits, self.tokenizer)
                 params = sampling_params(req, self.limits, len(ids))
             except InvalidArgument as e:
                 raise self.refuse(Refusal.INVALID, str(e)) from None
-            admitted = await self.admit(ids, params, request_id=req.request_id or None,
+            admitted = await self.admit(ids, params, request_id=req.request_id,
                                         timeout=context.time_remaining())
         except Refused as e:
             await context.abort(_GRPC_STATUS[e.why], str(e))

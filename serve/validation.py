@@ -1,7 +1,9 @@
-"""Turns a wire request into engine inputs, or says exactly which field is wrong and why.
+"""Turns a request into engine inputs, or says exactly which field is wrong and why.
 
-Every check the engine would make is made here first, so a bad request ends with INVALID_ARGUMENT
-naming its field instead of an engine error.
+Both frontends hand over a :class:`GenerationRequest`, the request in neutral terms (the gRPC
+handler from its protobuf message, the OpenAI handlers from their JSON), so every check is written
+once. Every check the engine would make is made here first, so a bad request ends with a 400 /
+INVALID_ARGUMENT naming its field instead of an engine error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,33 @@ from typing import Any
 
 from distllm_jax.engine import SamplingParams
 from serve.v1 import distllm_pb2 as pb
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One generation request as either frontend received it. ``prompt``: text, token ids, or None
+    when none was given; a field left None was not set (its default may depend on the prompt)."""
+
+    prompt: str | list[int] | None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+    @classmethod
+    def from_proto(cls, req: pb.GenerateRequest) -> "GenerationRequest":
+        which = req.WhichOneof("prompt")
+        opt = lambda name: getattr(req, name) if req.HasField(name) else None  # noqa: E731
+        return cls(prompt=None if which is None else req.text if which == "text" else list(req.token_ids.ids),
+                   max_tokens=opt("max_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
+                   top_k=opt("top_k"), seed=opt("seed"), stop=tuple(req.stop),
+                   stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+                   request_id=req.request_id or None)
+
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
@@ -93,28 +122,28 @@ def parse(raw: bytes, cls):
     return msg
 
 
-def sampling_params(req: pb.GenerateRequest, limits: Limits, prompt_len: int) -> SamplingParams:
+def sampling_params(req: GenerationRequest, limits: Limits, prompt_len: int) -> SamplingParams:
     """``max_tokens`` must fit what the context leaves after the prompt (a 400/INVALID_ARGUMENT
     saying the limit, rather than output cut short without a word); left unset it defaults to
     ``limits.max_tokens_default``, shortened to what is left."""
     room = limits.max_seq_len - prompt_len
-    if req.HasField("max_tokens"):
+    if req.max_tokens is not None:
         max_tokens = req.max_tokens
         if not 1 <= max_tokens <= room:
             raise InvalidArgument("max_tokens", f"must be in [1, {room}] (the context of {limits.max_seq_len} "
                                                 f"tokens less the prompt's {prompt_len}), got {max_tokens}")
     else:
         max_tokens = min(limits.max_tokens_default, room)
-    temperature = req.temperature if req.HasField("temperature") else 0.0
+    temperature = req.temperature if req.temperature is not None else 0.0
     if not (math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
         raise InvalidArgument("temperature", f"must be in [0, 100], got {temperature}")
-    top_p = req.top_p if req.HasField("top_p") else 1.0
+    top_p = req.top_p if req.top_p is not None else 1.0
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
-    top_k = req.top_k if req.HasField("top_k") else 0
+    top_k = req.top_k if req.top_k is not None else 0
     if not 0 <= top_k <= limits.vocab_size:
         raise InvalidArgument("top_k", f"must be in [0, {limits.vocab_size}], got {top_k}")
-    seed = req.seed if req.HasField("seed") else None
+    seed = req.seed
     if seed is not None and not 0 <= seed < 2**32:
         raise InvalidArgument("seed", f"must be in [0, 2**32), got {seed}")
     if len(req.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in req.stop):
@@ -131,22 +160,21 @@ def sampling_params(req: pb.GenerateRequest, limits: Limits, prompt_len: int) ->
     )
 
 
-async def prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenizer) -> list[int]:
+async def prompt_ids(req: GenerationRequest, limits: Limits, tokenizer) -> list[int]:
     """The prompt's token ids, checked against the vocabulary and the context (text is tokenised
     off the event loop, after :func:`check_text`)."""
-    which = req.WhichOneof("prompt")
-    if which is None:
+    if req.prompt is None:
         raise InvalidArgument("prompt", "give text or token_ids")
-    if which == "text":
-        if not req.text:
+    if isinstance(req.prompt, str):
+        if not req.prompt:
             raise InvalidArgument("text", "the prompt is empty")
         if tokenizer is None:
             raise InvalidArgument("text", "this server has no tokenizer; send token_ids")
-        check_text("text", req.text, limits)
-        ids = list((await encode(tokenizer, req.text)).ids)
+        check_text("text", req.prompt, limits)
+        ids = list((await encode(tokenizer, req.prompt)).ids)
         field = "text"
     else:
-        ids = list(req.token_ids.ids)
+        ids = list(req.prompt)
         field = "token_ids"
     if not ids:
         raise InvalidArgument(field, "the prompt is empty")
