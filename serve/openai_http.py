@@ -241,7 +241,8 @@ class OpenAIFrontend:
                 prompt = self._prompt(body, chat)
                 req = build_request(body, prompt, self.s.limits, chat)
                 try:
-                    ids = await prompt_ids(req, self.s.limits, self.s.tokenizer)
+                    special = not chat or self.chat.add_special_tokens
+                    ids = await prompt_ids(req, self.s.limits, self.s.tokenizer, special)
                     if chat and not req.HasField("max_tokens"):  # a chat reply may use what the context leaves
                         req.max_tokens = max(1, min(1024, self.s.limits.max_seq_len - len(ids)))
                     params = sampling_params(req, self.s.limits, len(ids))
