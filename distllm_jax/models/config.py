@@ -283,9 +283,9 @@ def _check_sliding_window(hf: dict[str, Any], source: str, model_type: str, laye
     window = hf.get("sliding_window", _LLAMA_LAYOUT_DEFAULTS[model_type].get("sliding_window"))
     if model_type in ("qwen2", "qwen3"):
         types = hf.get("layer_types")
-        first_full = int(hf.get("max_window_layers", 28))
+        full_layers = int(hf.get("max_window_layers", _LLAMA_LAYOUT_DEFAULTS[model_type]["max_window_layers"]))
         used = bool(hf.get("use_sliding_window", False)) and (
-            "sliding_attention" in types if types is not None else first_full < layers)
+            "sliding_attention" in types if types is not None else full_layers < layers)
     else:
         used = model_type == "mistral"
     if used and window is not None and int(window) < max_pos:
