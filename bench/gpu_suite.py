@@ -124,11 +124,12 @@ class Model:
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.itemsize
 
     def linear_params(self) -> int:
-        """Weights that multiply every token (the layers' matrices)."""
+        """Weights that multiply every token (the layers' matrices; not their biases, whose per-head
+        layout is 2-D too, nor the norms)."""
         from distllm_jax.models.params import tensor_specs
 
         return sum(math.prod(s.shape) for s in tensor_specs(self.cfg)
-                   if s.name.startswith("layers.") and len(s.shape) >= 2)
+                   if s.name.startswith("layers.") and s.transpose)
 
     def prefill_flops(self, prompt_lens: list[int]) -> float:
         c = self.cfg
@@ -288,13 +289,13 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], read_tbps
 
 
 def decode_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'model':<11}{'batch':>6}{'ctx':>6}{'sync ms':>9}{'engine ms':>11}{'device ms':>11}{'floor ms':>10}"
+    out = [f"{'model':<16}{'batch':>6}{'ctx':>6}{'sync ms':>9}{'engine ms':>11}{'device ms':>11}{'floor ms':>10}"
            f"{'x floor':>9}{'x copy':>8}{'host %':>8}{'tok/s':>9}"]
     for r in rows:
         if "skipped" in r:
-            out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}  {r['skipped']}")
+            out.append(f"{r['model']:<16}{r['batch']:>6}{r['context']:>6}  {r['skipped']}")
             continue
-        out.append(f"{r['model']:<11}{r['batch']:>6}{r['context']:>6}{r.get('sync_ms', float('nan')):>9.2f}"
+        out.append(f"{r['model']:<16}{r['batch']:>6}{r['context']:>6}{r.get('sync_ms', float('nan')):>9.2f}"
                    f"{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
                    f"{r['floor_ms']:>10.2f}{r['x_floor']:>9.2f}{r['x_copy_floor']:>8.2f}{100 * r['host_share']:>8.1f}"
                    f"{r['tokens_per_s']:>9.0f}")
@@ -329,10 +330,10 @@ def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *,
 
 
 def prefill_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'model':<11}{'tokens':>7}{'prompts':>8}{'engine ms':>11}{'device ms':>11}{'tokens/s':>10}"
+    out = [f"{'model':<16}{'tokens':>7}{'prompts':>8}{'engine ms':>11}{'device ms':>11}{'tokens/s':>10}"
            f"{'TFLOP/s':>9}{'MFU %':>7}"]
     for r in rows:
-        out.append(f"{r['model']:<11}{r['tokens']:>7}{r['prompts']:>8}{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
+        out.append(f"{r['model']:<16}{r['tokens']:>7}{r['prompts']:>8}{r['engine_ms']:>11.2f}{r['device_ms']:>11.2f}"
                    f"{r['tokens_per_s']:>10.0f}{r['tflop_per_s']:>9.0f}{100 * r['mfu']:>7.1f}")
     return out
 
@@ -505,14 +506,14 @@ def hf_generate(model: Model, batch: int, prompt_len: int, new_tokens: int, cach
 
 
 def e2e_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'system':<44}{'model':<10}{'batch':>6}{'in':>6}{'out':>6}{'seconds':>9}{'tok/s':>9}  notes"]
+    out = [f"{'system':<44}{'model':<16}{'batch':>6}{'in':>6}{'out':>6}{'seconds':>9}{'tok/s':>9}  notes"]
     for r in rows:
         if "error" in r:
-            out.append(f"{r['system']:<44}{r['model']:<10}  error: {r['error'].splitlines()[-1][:80] if r['error'] else ''}")
+            out.append(f"{r['system']:<44}{r['model']:<16}  error: {r['error'].splitlines()[-1][:80] if r['error'] else ''}")
             continue
         note = (f"compiles after warm-up {r['compilations_after_warmup']}, median TPOT {r['median_tpot_ms']:.1f} ms"
                 if "compilations_after_warmup" in r else "")
-        out.append(f"{r['system']:<44}{r['model']:<10}{r['batch']:>6}{r['prompt_len']:>6}{r['new_tokens']:>6}"
+        out.append(f"{r['system']:<44}{r['model']:<16}{r['batch']:>6}{r['prompt_len']:>6}{r['new_tokens']:>6}"
                    f"{r['seconds']:>9.2f}{r['tokens_per_s']:>9.0f}  {note}")
     return out
 

@@ -31,7 +31,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     gb = rep.bytes_written / 1e9
     print(
-        f"wrote {rep.out_dir}: {rep.config.family} {si_count(param_count(rep.config))} params, "
+        f"wrote {rep.out_dir}: {rep.config.name} {si_count(param_count(rep.config))} params, "
         f"{rep.tensors} tensors, {gb:.3f} GB {rep.dtype} in {rep.seconds:.1f}s"
     )
     if rep.unused:
@@ -74,11 +74,12 @@ def si_count(n: int) -> str:
 
 def _shown_config(cfg: ModelConfig, tensors: dict) -> dict:
     """The config as ``info`` shows it, with the bias flags read from the tensors actually stored: the
-    config's ``attention_bias``/``mlp_bias`` describe LLaMA's optional biases, while OPT (whose HF config
-    says ``enable_bias``) always has them."""
+    config's ``attention_bias``/``qkv_bias``/``mlp_bias`` describe the llama layout's optional biases,
+    while OPT (whose HF config says ``enable_bias``) always has them."""
     layer = [n for n in tensors if n.startswith("layers.")]
     return {**cfg.to_dict(),
-            "attention_bias": any(".attn.b" in n for n in layer),
+            "attention_bias": any(n.endswith(".attn.bo") for n in layer),
+            "qkv_bias": any(n.endswith(".attn.bq") for n in layer),
             "mlp_bias": any(".mlp.b_" in n for n in layer)}
 
 

@@ -234,7 +234,8 @@ class OpenAIFrontend:
                 prompt = self._prompt(body, chat)
                 req = build_request(body, prompt, self.service.limits, chat)
                 try:
-                    ids = await prompt_ids(req, self.service.limits, self.service.tokenizer)
+                    special = not chat or self.chat.add_special_tokens
+                    ids = await prompt_ids(req, self.service.limits, self.service.tokenizer, special)
                     if chat and req.max_tokens is None:  # a chat reply may use what the context leaves
                         req = dataclasses.replace(
                             req, max_tokens=max(1, min(1024, self.service.limits.max_seq_len - len(ids))))

@@ -88,10 +88,11 @@ def check_text(field: str, text: str, limits: Limits) -> None:
         raise InvalidArgument(field, f"not valid Unicode text ({e.reason} at character {e.start})") from None
 
 
-async def encode(tokenizer: Any, text: str) -> Any:
+async def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> Any:
     """Tokenise on a worker thread: ``encode_batch`` releases the GIL (``encode`` holds it), so
     running streams keep their pace while a long prompt is tokenised."""
-    return (await asyncio.get_running_loop().run_in_executor(None, tokenizer.encode_batch, [text]))[0]
+    loop = asyncio.get_running_loop()
+    return (await loop.run_in_executor(None, tokenizer.encode_batch, [text], False, add_special_tokens))[0]
 
 
 def unknown_fields(msg) -> list[int]:
@@ -160,9 +161,10 @@ def sampling_params(req: GenerationRequest, limits: Limits, prompt_len: int) -> 
     )
 
 
-async def prompt_ids(req: GenerationRequest, limits: Limits, tokenizer) -> list[int]:
+async def prompt_ids(req: GenerationRequest, limits: Limits, tokenizer, add_special_tokens: bool = True) -> list[int]:
     """The prompt's token ids, checked against the vocabulary and the context (text is tokenised
-    off the event loop, after :func:`check_text`)."""
+    off the event loop, after :func:`check_text`; without the tokenizer's special tokens for a chat
+    template's text, which writes its own)."""
     if req.prompt is None:
         raise InvalidArgument("prompt", "give text or token_ids")
     if isinstance(req.prompt, str):
@@ -171,7 +173,7 @@ async def prompt_ids(req: GenerationRequest, limits: Limits, tokenizer) -> list[
         if tokenizer is None:
             raise InvalidArgument("text", "this server has no tokenizer; send token_ids")
         check_text("text", req.prompt, limits)
-        ids = list((await encode(tokenizer, req.prompt)).ids)
+        ids = list((await encode(tokenizer, req.prompt, add_special_tokens)).ids)
         field = "text"
     else:
         ids = list(req.prompt)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HF_VARIANTS = ("opt-pre-ln", "opt-post-ln-proj", "llama-gqa-llama3", "llama-tied")
+# one of each family beyond OPT and LLaMA: Qwen2 (q/k/v bias, tied head), Qwen3 (q/k norm, head_dim
+# apart from hidden / heads), Mistral (LLaMA's layout, no sliding window)
+NEW_FAMILIES = ("qwen2-bias-tied", "qwen3-qknorm-headdim", "mistral")
+HF_VARIANTS = ("opt-pre-ln", "opt-post-ln-proj", "llama-gqa-llama3", "llama-tied", *NEW_FAMILIES)
+
+_CLASSES = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
 
 # Larger-than-default init so logits spread over several units: parity at 1e-4 and identical greedy
 # tokens then mean something (HF's default 0.02 gives near-uniform logits).
@@ -12,7 +18,7 @@ _STD = 0.15
 
 
 def hf_config(variant: str):
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     if variant == "opt-pre-ln":
         return OPTConfig(
@@ -42,17 +48,50 @@ def hf_config(variant: str):
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
             rope_theta=500000.0, initializer_range=_STD, tie_word_embeddings=True,
         )
+    if variant == "qwen2-bias-tied":
+        return Qwen2Config(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=1000000.0, initializer_range=_STD, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        )
+    if variant == "qwen3-qknorm-headdim":
+        return Qwen3Config(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+            rope_theta=1000000.0, initializer_range=_STD, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        )
+    if variant == "mistral":
+        return MistralConfig(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rope_theta=1000000.0, initializer_range=_STD, sliding_window=None,
+        )
     raise ValueError(variant)
+
+
+def _randomise_norms(model, seed: int) -> None:
+    """Norm scales and biases start at one and zero: draw them around that instead, so a scale or bias
+    read into the wrong place (or not at all) changes the logits."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("_proj.bias"):
+                p.copy_(_STD * torch.randn(p.shape, generator=g))
 
 
 def make_hf_checkpoint(variant: str, out: Path, seed: int = 0):
     """Build, save and return (directory, eval-mode torch model)."""
     import torch
-    from transformers import LlamaForCausalLM, OPTForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
     cfg = hf_config(variant)
-    cls = OPTForCausalLM if variant.startswith("opt") else LlamaForCausalLM
-    model = cls(cfg).eval()
+    model = getattr(transformers, _CLASSES[cfg.model_type])(cfg).eval()
+    if variant in NEW_FAMILIES:
+        _randomise_norms(model, seed)
     model.save_pretrained(out)
     return out, model

@@ -46,3 +46,34 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
         assert r["sync_ms"] > 0
     (e2e,) = json.loads((out / "gpu-suite-e2e-cpu-tiny-opt.json").read_text())["rows"]
     assert e2e["output_tokens"] == 3 * 6 and e2e["compilations_after_warmup"] == 0
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"])
+def test_byte_and_flop_counts_of_the_new_families(name):
+    """What a decode step reads and a prefill multiplies, counted by hand from the published shapes:
+    Qwen2's q/k/v biases and Qwen3's q/k norms are weights read but not multiplied, and Qwen3's K/V
+    rows are its explicit head_dim wide."""
+    m = gpu_suite.load_model(name)
+    D, L, H, K, Dh, F, V = {"qwen2.5-7b": (3584, 28, 28, 4, 128, 18944, 152064),
+                            "qwen3-8b": (4096, 36, 32, 8, 128, 12288, 151936),
+                            "mistral-7b-v0.3": (4096, 32, 32, 8, 128, 14336, 32768)}[name]
+    matrices = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
+    extras = 2 * D + {"qwen2.5-7b": H * Dh + 2 * K * Dh, "qwen3-8b": 2 * Dh, "mistral-7b-v0.3": 0}[name]
+    assert m.weight_bytes() == 2 * (L * (matrices + extras) + 2 * V * D + D)  # bf16; untied head
+    assert m.linear_params() == L * matrices
+    assert m.kv_bytes_per_token() == 2 * L * K * Dh * 2
+
+
+def test_decode_part_runs_on_tiny_qwen3(tmp_path, capsys):
+    """The GPU run's decode part for Qwen3 (q/k norm, head_dim apart from hidden / heads), on the CPU."""
+    out = tmp_path / "suite"
+    out.mkdir()  # rates given, not measured: the part reads them from here
+    (out / "ceilings-cpu.json").write_text(json.dumps({"read_tb_per_s": 0.02, "copy_tb_per_s": 0.01}))
+    assert gpu_suite.main(["--parts", "decode", "--models", "tiny-qwen3", "--batches", "1", "--contexts", "32",
+                           "--repeats", "1", "--out", str(out)]) == 0
+    assert "FAILED" not in capsys.readouterr().out
+    rows = json.loads((out / "gpu-suite-decode-cpu-tiny-qwen3.json").read_text())["rows"]
+    m = gpu_suite.load_model("tiny-qwen3")
+    (r,) = rows  # batch 1 at context 32: the weights and 33 tokens' K/V
+    assert r["floor_bytes"] == m.weight_bytes() + 33 * m.kv_bytes_per_token() and r["engine_ms"] > 0
+    assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / 0.02e9)

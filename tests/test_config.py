@@ -11,7 +11,7 @@ from distllm_jax.models.config import ConfigError, ModelConfig, RopeConfig
 from distllm_jax.models.layers import rope_inv_freq
 from distllm_jax.models.params import param_count
 from distllm_jax.models.presets import PRESETS, preset
-from hf_models import HF_VARIANTS, hf_config
+from hf_models import HF_VARIANTS, NEW_FAMILIES, hf_config
 
 
 @pytest.mark.parametrize("variant", HF_VARIANTS)
@@ -28,6 +28,14 @@ def test_from_hf_variants(variant):
         assert not cfg.tie_word_embeddings
     if variant == "llama-tied":
         assert cfg.tie_word_embeddings and cfg.rope.theta == 500000.0
+    if variant == "qwen2-bias-tied":  # Qwen2 biases q/k/v (never o) whatever the config says
+        assert cfg.qkv_bias and not cfg.attention_bias and not cfg.qk_norm and cfg.tie_word_embeddings
+    if variant == "qwen3-qknorm-headdim":
+        assert cfg.qk_norm and not cfg.has_qkv_bias and cfg.head_dim == 16 != cfg.hidden_size // cfg.num_heads
+    if variant == "mistral":
+        assert not (cfg.has_qkv_bias or cfg.qk_norm or cfg.attention_bias) and cfg.num_kv_heads == 2
+    if variant in NEW_FAMILIES:
+        assert cfg.family == "llama" and cfg.name == hc.model_type and cfg.rope.theta == 1e6
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     hash(cfg)  # static jit argument
 
@@ -52,8 +60,57 @@ def test_rope_frequencies_match_transformers(variant):
 
 
 def test_unknown_architecture():
-    with pytest.raises(ConfigError, match=r"unknown architecture \['GPT2LMHeadModel'\]"):
+    with pytest.raises(ConfigError, match=r"unknown architecture \['GPT2LMHeadModel'\]") as e:
         ModelConfig.from_hf_dict({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    for arch in ("OPTForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"):
+        assert f"'{arch}'" in str(e.value)
+
+
+@pytest.mark.parametrize("name,edit,refused", [
+    ("tiny-mistral", {"sliding_window": 4096, "max_position_embeddings": 32768}, True),
+    ("tiny-mistral", {"sliding_window": 512}, False),  # the whole context: full attention
+    ("tiny-mistral", {"sliding_window": None}, False),
+    ("tiny-mistral", {"sliding_window": "absent", "max_position_embeddings": 32768}, True),  # default 4096
+    ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 128, "max_window_layers": 1}, True),
+    ("tiny-qwen2", {"use_sliding_window": False, "sliding_window": 128, "max_window_layers": 1}, False),  # off
+    ("tiny-qwen2", {"use_sliding_window": True, "sliding_window": 128}, False),  # from layer 2 of 2: none
+    ("tiny-qwen3", {"use_sliding_window": True, "sliding_window": 128,
+                    "layer_types": ["full_attention", "sliding_attention"]}, True),
+    ("tiny-qwen3", {"use_sliding_window": True, "sliding_window": 128,
+                    "layer_types": ["full_attention", "full_attention"]}, False),
+    ("qwen2.5-7b", {}, False),  # sliding_window 131072 in its config.json, but off
+])
+def test_sliding_window_is_refused_where_it_would_slide(name, edit, refused):
+    """No sliding-window attention here: a config whose window would cut the context is refused,
+    naming the field; one whose window never binds (off, null, or the whole context) serves as LLaMA."""
+    from transformers import AutoConfig
+
+    d = preset(name)
+    d.update(edit)
+    if d["sliding_window"] == "absent":
+        del d["sliding_window"]
+    hc = AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    slides = hc.sliding_window is not None and hc.sliding_window < hc.max_position_embeddings and (
+        "sliding_attention" in hc.layer_types if hc.model_type != "mistral" else True)
+    assert slides == refused, "transformers reads this config otherwise"
+    if refused:
+        with pytest.raises(ConfigError, match=r"sliding_window=\d+ is shorter than the context"):
+            ModelConfig.from_hf_dict(d)
+    else:
+        assert ModelConfig.from_hf_dict(d).family == "llama"
+
+
+def test_family_switches_follow_transformers_not_the_config():
+    """transformers' Qwen2 always biases q/k/v (and never o) and Mistral never biases: a stray
+    ``attention_bias`` in their config.json changes nothing, as it changes nothing there."""
+    for name in ("tiny-qwen2", "tiny-mistral"):
+        d = {**preset(name), "attention_bias": True, "mlp_bias": True}
+        cfg = ModelConfig.from_hf_dict(d)
+        assert not cfg.attention_bias and not cfg.mlp_bias and cfg.qkv_bias == (name == "tiny-qwen2")
+    cfg = ModelConfig.from_hf_dict({**preset("tiny-qwen3"), "attention_bias": True})
+    assert cfg.attention_bias and cfg.has_qkv_bias and cfg.qk_norm
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                  if k not in ("qkv_bias", "qk_norm", "model_type")}).name == "llama"
 
 
 def test_unsupported_rope_and_missing_key():
@@ -77,19 +134,25 @@ def test_gqa_divisibility():
 
 
 @pytest.mark.parametrize("name,billions", [("opt-13b", 12.85), ("opt-66b", 65.72), ("opt-350m", 0.331),
-                                           ("llama-3-8b", 8.03), ("llama-3.2-1b", 1.236)])
+                                           ("llama-3-8b", 8.03), ("llama-3.2-1b", 1.236),
+                                           ("qwen2.5-7b", 7.616), ("qwen3-8b", 8.191), ("mistral-7b-v0.3", 7.248)])
 def test_real_shapes_param_counts(name, billions):
     """Published sizes of the real models, from our layout alone."""
     assert param_count(ModelConfig.from_hf_dict(preset(name))) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
-@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
-def test_tiny_presets_match_hf_param_count(name):
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral",
+                                  "qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"])
+def test_presets_match_hf_param_count(name):
+    """The preset built by transformers (on the meta device: no memory) has our layout's count."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = preset(name)
     hc = AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
-    model = AutoModelForCausalLM.from_config(hc)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hc)
+    assert type(model).__name__ == PRESETS[name]["architectures"][0]
     assert param_count(ModelConfig.from_hf_dict(preset(name))) == sum(p.numel() for p in model.parameters())
     assert all(PRESETS[n]["architectures"] for n in PRESETS)
 

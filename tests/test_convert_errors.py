@@ -59,13 +59,46 @@ def test_wrong_shape(hf_copy, tmp_path):
         _convert(hf_copy, tmp_path)
 
 
-def test_unknown_architecture(hf_copy, tmp_path):
+def test_unknown_architecture(hf_copy, tmp_path, capsys):
     cfg = json.loads((hf_copy / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     cfg["model_type"] = "gpt2"
     (hf_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config\.json: unknown architecture \['GPT2LMHeadModel'\]"):
         _convert(hf_copy, tmp_path)
+    assert cli_main(["convert", "--hf", str(hf_copy), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err  # `distllm convert` lists what it can convert
+    assert all(a in err for a in ("'LlamaForCausalLM'", "'MistralForCausalLM'", "'OPTForCausalLM'",
+                                  "'Qwen2ForCausalLM'", "'Qwen3ForCausalLM'"))
+
+
+@pytest.mark.parametrize("variant,edit,pattern", [
+    ("qwen3-qknorm-headdim", lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"),
+     r"missing tensor 'model\.layers\.1\.self_attn\.k_norm\.weight' \(needed for layers\.1\.attn\.k_norm"),
+    ("qwen3-qknorm-headdim", lambda t: t.__setitem__("model.layers.0.self_attn.q_norm.weight", np.ones(8, np.float32)),
+     r"tensor 'model\.layers\.0\.self_attn\.q_norm\.weight' has shape \(8,\), config\.json implies \(16,\)"),
+    ("qwen2-bias-tied", lambda t: t.pop("model.layers.0.self_attn.v_proj.bias"),
+     r"missing tensor 'model\.layers\.0\.self_attn\.v_proj\.bias' \(needed for layers\.0\.attn\.bv"),
+    ("mistral", lambda t: t.pop("lm_head.weight"), r"missing tensor 'lm_head\.weight'"),
+])
+def test_new_families_name_the_bad_tensor(hf_checkpoints, tmp_path, variant, edit, pattern):
+    src, _ = hf_checkpoints(variant)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(src, hf_dir)
+    _rewrite(hf_dir, edit)
+    with pytest.raises(CheckpointError, match=pattern):
+        _convert(hf_dir, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sliding_window_checkpoint_is_refused_naming_the_field(hf_checkpoints, tmp_path):
+    src, _ = hf_checkpoints("mistral")
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(src, hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "sliding_window": 64}))
+    with pytest.raises(CheckpointError, match=r"config\.json: sliding_window=64 is shorter than the context"):
+        _convert(hf_dir, tmp_path)
 
 
 @pytest.mark.parametrize(

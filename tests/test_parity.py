@@ -70,7 +70,8 @@ def test_config_matches_hf(converted):
 BF16_SLACK = 2.0
 
 
-@pytest.fixture(scope="module", params=HF_VARIANTS)
+# Mistral's math is LLaMA's to the letter: its bf16 run would repeat llama-gqa-llama3's
+@pytest.fixture(scope="module", params=[v for v in HF_VARIANTS if v != "mistral"])
 def bf16_run(request, hf_checkpoints, tmp_path_factory):
     import copy
 

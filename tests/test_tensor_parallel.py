@@ -8,23 +8,29 @@ import pytest
 
 from distllm_jax.checkpoint import restore_params
 from distllm_jax.parallel import kv_pool_sharding, make_mesh, split_devices
+from hf_models import NEW_FAMILIES
 from model_runner import greedy_generate
 
+VARIANTS = ("opt-pre-ln", "llama-gqa-llama3", *NEW_FAMILIES)
 PROMPTS = [[5, 9, 23, 7, 1, 100, 42], [3, 4, 8], [77, 12, 15, 19, 21, 2, 8, 9, 11, 200, 201]]
 
 
 @pytest.fixture(scope="module")
 def baseline(converted):
     out = {}
-    for variant in ("opt-pre-ln", "llama-gqa-llama3"):
-        _, ckpt = converted(variant)
-        cfg, params = restore_params(ckpt)
-        out[variant] = greedy_generate(params, cfg, PROMPTS, 8, return_prefill_logits=True)
-    return out
+
+    def get(variant):
+        if variant not in out:
+            _, ckpt = converted(variant)
+            cfg, params = restore_params(ckpt)
+            out[variant] = greedy_generate(params, cfg, PROMPTS, 8, return_prefill_logits=True)
+        return out[variant]
+
+    return get
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("variant", ["opt-pre-ln", "llama-gqa-llama3"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_tp_restore_same_logits(converted, baseline, variant, tp):
     assert jax.device_count() == 8
     _, ckpt = converted(variant)
@@ -36,10 +42,16 @@ def test_tp_restore_same_logits(converted, baseline, variant, tp):
     assert set(wq.sharding.device_set) == set(mesh.devices.flat)
     # heads really are split: each device holds 1/tp of the heads
     assert wq.addressable_shards[0].data.shape[1] == cfg.num_heads // tp
+    attn = params["layers"][0]["attn"]
+    if cfg.has_qkv_bias:  # biases split like their weights
+        assert attn["bq"].addressable_shards[0].data.shape[0] == cfg.num_heads // tp
+        assert attn["bk"].sharding.is_fully_replicated == (cfg.num_kv_heads % tp != 0)
+    if cfg.qk_norm:  # one scale per head dimension: replicated
+        assert attn["q_norm"].sharding.is_fully_replicated and attn["k_norm"].sharding.is_fully_replicated
     tokens, logits = greedy_generate(
         params, cfg, PROMPTS, 8, kv_sharding=kv_pool_sharding(cfg, mesh), return_prefill_logits=True
     )
-    ref_tokens, ref_logits = baseline[variant]
+    ref_tokens, ref_logits = baseline(variant)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
     assert tokens == ref_tokens
 

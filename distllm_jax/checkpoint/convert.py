@@ -40,6 +40,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "chat_template.jinja",
     "generation_config.json",
 )
 GPT2_VOCAB = 50257  # random models this large get the bundled GPT-2 BPE as their tokenizer

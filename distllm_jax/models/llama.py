@@ -1,5 +1,7 @@
-"""LLaMA as pure functions: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query
-attention, SwiGLU MLP, tied or untied LM head."""
+"""The LLaMA layout as pure functions: RMSNorm, RoPE (default / linear / llama3 scaling), grouped-query
+attention, SwiGLU MLP, tied or untied LM head; with the switches the other families of this layout
+need (``ModelConfig``): q/k/v bias (Qwen2), RMSNorm on each head of q and k before RoPE (Qwen3), a
+``head_dim`` apart from ``hidden_size / heads`` (Qwen3). Mistral is LLaMA's layout as it is."""
 
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
     q = jnp.einsum("td,dhk->thk", h, a["wq"])
     k = jnp.einsum("td,dhk->thk", h, a["wk"])
     v = jnp.einsum("td,dhk->thk", h, a["wv"])
-    if cfg.attention_bias:
+    if cfg.has_qkv_bias:
         q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
+    if cfg.qk_norm:  # per head, over head_dim
+        q, k = rms_norm(q, a["q_norm"], cfg.norm_eps), rms_norm(k, a["k_norm"], cfg.norm_eps)
     q = apply_rope(q, positions, cfg.head_dim, cfg.rope)
     k = apply_rope(k, positions, cfg.head_dim, cfg.rope)
     o = jnp.einsum("thk,hkd->td", attend(q, k, v), a["wo"])

@@ -94,12 +94,18 @@ def _layer_specs(cfg: ModelConfig, i: int) -> list[TensorSpec]:
         _linear(p + "attn.wv", (D, K, Dh), 1, 1, hp + "self_attn.v_proj.weight"),
         _linear(p + "attn.wo", (H, Dh, D), 2, 0, hp + "self_attn.o_proj.weight"),
     ]
-    if cfg.attention_bias:
+    if cfg.has_qkv_bias:  # split over heads like their weights
         specs += [
             _vec(p + "attn.bq", (H, Dh), 0, hp + "self_attn.q_proj.bias", "zeros", flat_in_hf=True),
             _vec(p + "attn.bk", (K, Dh), 0, hp + "self_attn.k_proj.bias", "zeros", flat_in_hf=True),
             _vec(p + "attn.bv", (K, Dh), 0, hp + "self_attn.v_proj.bias", "zeros", flat_in_hf=True),
-            _vec(p + "attn.bo", (D,), None, hp + "self_attn.o_proj.bias", "zeros"),
+        ]
+    if cfg.attention_bias:
+        specs.append(_vec(p + "attn.bo", (D,), None, hp + "self_attn.o_proj.bias", "zeros"))
+    if cfg.qk_norm:  # one scale per head dimension, shared by every head: replicated
+        specs += [
+            _vec(p + "attn.q_norm", (Dh,), None, hp + "self_attn.q_norm.weight", "ones"),
+            _vec(p + "attn.k_norm", (Dh,), None, hp + "self_attn.k_norm.weight", "ones"),
         ]
     specs += [
         _vec(p + "ln2.scale", (D,), None, hp + "post_attention_layernorm.weight", "ones"),
