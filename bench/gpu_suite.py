@@ -169,66 +169,42 @@ def _filler(shape: tuple[int, ...], dtype: Any, sharding: Any):
 
 
 def fill_pools(inst, seed: int = 1) -> None:
-    """Random K/V everywhere (never time attention over zeros), one layer array at a time, drawn in
-    the pool's own dtype in place of the donated array: no second copy of the pool."""
-    from distllm_jax.kv_cache import KVPool
-
+    """Random K/V everywhere (never time attention over zeros), drawn in the pool's own dtype in place
+    of each donated layer array."""
     key = jax.random.PRNGKey(seed)
-    for st in inst.stages:
-        k, v = list(st.pool.k), list(st.pool.v)
-        st.pool = None
-        for arrs, off in ((k, 0), (v, len(k))):
-            for i, a in enumerate(arrs):
-                arrs[i] = _filler(a.shape, a.dtype, a.sharding)(a, jax.random.fold_in(key, off + i))
-        st.pool = KVPool(tuple(k), tuple(v))
-    jax.block_until_ready([st.pool for st in inst.stages])
+    inst.fill_pools(lambda a, i: _filler(a.shape, a.dtype, a.sharding)(a, jax.random.fold_in(key, i)))
 
 
 def _segments(inst, batch: int, ctx: int, rng: np.random.Generator, kind: str):
+    """``batch`` segments with pages of their own: decode tokens at position ``ctx``, or prompts of
+    ``ctx`` tokens; returns them with the request ids that hold their pages."""
     from distllm_jax.engine import SamplingParams
     from distllm_jax.engine.programs import Segment
 
     sp = SamplingParams(max_tokens=1)
-    segs = []
+    segs, rids = [], []
     for i in range(batch):
         rid = f"{kind}-{batch}-{ctx}-{i}"
+        rids.append(rid)
         if kind == "decode":
             inst.alloc.ensure(rid, ctx + 1)
             segs.append(Segment([int(rng.integers(0, 1000))], ctx, list(inst.alloc.table(rid)), sp, i))
         else:
             inst.alloc.ensure(rid, ctx)
             segs.append(Segment(rng.integers(3, 1000, ctx).tolist(), 0, list(inst.alloc.table(rid)), sp, i))
-    return segs
+    return segs, rids
 
 
-def _release(inst, segs, kind: str) -> None:
-    """Free the pages :func:`_segments` took (a segment's seed is its index there; its context is
-    where a decode token sits, or a prompt's length)."""
-    ctx = segs[0].start if kind == "decode" else len(segs[0].tokens)
-    for s in segs:
-        if not inst.alloc.free(f"{kind}-{len(segs)}-{ctx}-{s.seed}"):
-            raise AssertionError(f"no pages for {kind} segment {s.seed} of {len(segs)} at {ctx}")
+def _release(inst, rids) -> None:
+    """Free the pages :func:`_segments` took."""
+    for rid in rids:
+        if not inst.alloc.free(rid):
+            raise AssertionError(f"no pages for {rid}")
 
 
 def _device_loop_ms(inst, kind: str, segs, steps: int = 20) -> float:
     """The step's program replayed back to back with its inputs already on the device (one stage)."""
-    from distllm_jax.engine.programs import STAGE_STEP
-
-    (st,) = inst.stages
-    size = inst.bucket_for(kind, segs)
-    batch, _ = inst.pack(kind, segs, size)
-    b = jax.device_put(batch, st.repl)
-    ahead = kind == "decode" and inst.lookahead  # the serving program: ids fed from the last step
-    src = jax.device_put(inst.decode_feed(size, src=range(size))[1], st.repl)
-
-    def run_steps(n: int) -> None:
-        x = None
-        for _ in range(n):
-            feed = (inst.decode_feed(size)[0] if x is None else x[0], src) if ahead else None
-            x, st.pool = STAGE_STEP(st.params, None, b, st.pool, kind=kind, cfg=inst.cfg, impl=inst.impl,
-                                    first=True, last=True, feed=feed)
-        jax.block_until_ready(x)
-
+    run_steps = inst.device_replay(kind, segs)
     run_steps(2)
     reps = []
     for _ in range(3):
@@ -270,7 +246,7 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], read_tbps
                 gib = (need * 16 * model.kv_bytes_per_token() + model.weight_bytes()) / 2**30
                 rows.append({**row, "skipped": f"needs {gib:.0f} GiB for weights + KV"})
                 continue
-            segs = _segments(inst, B, ctx, rng, "decode")
+            segs, rids = _segments(inst, B, ctx, rng, "decode")
             sync_ms = median_ms(lambda: inst.run("decode", [segs]), repeats)
             engine_ms = decode_step_ms(inst, segs, repeats)
             device_ms = _device_loop_ms(inst, "decode", segs)
@@ -282,7 +258,7 @@ def decode_grid(model: Model, batches: list[int], contexts: list[int], read_tbps
                          "copy_floor_ms": copy_floor_ms, "x_copy_floor": engine_ms / copy_floor_ms,
                          "host_share": max(0.0, 1 - device_ms / engine_ms),
                          "tokens_per_s": B / engine_ms * 1e3})
-            _release(inst, segs, "decode")
+            _release(inst, rids)
     del inst
     gc.collect()
     return rows
@@ -315,7 +291,7 @@ def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *,
     for T in token_counts:
         L = min(T, max_len)
         n = T // L
-        segs = _segments(inst, n, L, rng, "prefill")
+        segs, rids = _segments(inst, n, L, rng, "prefill")
         ms = median_ms(lambda: inst.run("prefill", [segs]), repeats)
         device_ms = _device_loop_ms(inst, "prefill", segs, steps=5)
         flops = model.prefill_flops([L] * n)
@@ -323,7 +299,7 @@ def prefill_grid(model: Model, token_counts: list[int], matmul_tflops: float, *,
                      "device_ms": device_ms, "tokens_per_s": n * L / ms * 1e3, "tflop": flops / 1e12,
                      "tflop_per_s": flops / (ms * 1e-3) / 1e12,
                      "mfu": flops / (ms * 1e-3) / (matmul_tflops * 1e12)})
-        _release(inst, segs, "prefill")
+        _release(inst, rids)
     del inst
     gc.collect()
     return rows
@@ -382,7 +358,7 @@ def trace_decode(model: Model, B: int, ctx: int, trace_dir: Path, steps: int = 1
     inst = make_instance(model, "decode", B * math.ceil((ctx + 1) / 16) + 2,
                          min(model.cfg.max_position_embeddings, ctx + 16), batch=max(B, 1), attention=attention)
     fill_pools(inst)
-    segs = _segments(inst, B, ctx, np.random.default_rng(0), "decode")
+    segs, _ = _segments(inst, B, ctx, np.random.default_rng(0), "decode")
     for _ in range(3):
         inst.run("decode", [segs])
     log_dir = trace_dir / f"trace-{model.name}-b{B}-c{ctx}-{time.strftime('%H%M%S')}"
@@ -401,14 +377,7 @@ def trace_decode(model: Model, B: int, ctx: int, trace_dir: Path, steps: int = 1
 def _hlo_counts(inst, segs) -> dict[str, int]:
     """What the compiled decode program launches: fusions, custom calls (Pallas, cuBLAS), copies,
     conditionals, and whether XLA wrapped kernels into command buffers (CUDA graphs)."""
-    from distllm_jax.engine.programs import STAGE_STEP
-
-    (st,) = inst.stages
-    size = inst.bucket_for("decode", segs)
-    batch, _ = inst.pack("decode", segs, size)
-    feed = inst.decode_feed(size) if inst.lookahead else None
-    text = STAGE_STEP.lower(st.params, None, batch, st.pool, kind="decode", cfg=inst.cfg, impl=inst.impl,
-                            first=True, last=True, feed=feed).compile().as_text()
+    text = inst.compiled_text("decode", segs)
     entry = text[text.find("ENTRY"):]
     count = lambda needle, s=entry: s.count(needle)  # noqa: E731
     return {"entry_fusions": count(" fusion("), "entry_custom_calls": count(" custom-call("),

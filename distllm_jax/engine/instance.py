@@ -206,6 +206,54 @@ class Instance:
     def num_programs(self) -> int:
         return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages)
 
+    # ---- for benchmarks: one stage's program, its inputs already on the device ---------------------
+
+    def device_replay(self, kind: str, segs: Sequence[Segment]) -> Callable[[int], None]:
+        """``run(n)`` runs this step's program ``n`` times back to back with its inputs already on the
+        device and waits for the last: the device's time for the step, without the host's packing,
+        copies and sync (a decode step fed from the step before, as serving's lookahead runs it).
+        One-stage instances; the pool is donated and replaced at each run, as serving does."""
+        if len(self.stages) != 1:
+            raise ValueError(f"{self.name}: device replay times one stage, this instance has {len(self.stages)}")
+        (st,) = self.stages
+        size = self.bucket_for(kind, segs)
+        batch = jax.device_put(self.pack(kind, segs, size)[0], st.repl)
+        ahead = kind == "decode" and self.lookahead
+        src = jax.device_put(self.decode_feed(size, src=range(size))[1], st.repl)
+
+        def run(n: int) -> None:
+            x = None
+            with self.lock:
+                for _ in range(n):
+                    feed = (self.decode_feed(size)[0] if x is None else x[0], src) if ahead else None
+                    x, st.pool = STAGE_STEP(st.params, None, batch, st.pool, kind=kind, cfg=self.cfg,
+                                            impl=self.impl, first=True, last=True, feed=feed)
+            jax.block_until_ready(x)
+
+        return run
+
+    def compiled_text(self, kind: str, segs: Sequence[Segment]) -> str:
+        """The optimised HLO of this step's program (one stage), for counting what it launches."""
+        (st,) = self.stages
+        size = self.bucket_for(kind, segs)
+        batch = self.pack(kind, segs, size)[0]
+        feed = self.decode_feed(size) if kind == "decode" and self.lookahead else None
+        return STAGE_STEP.lower(st.params, None, batch, st.pool, kind=kind, cfg=self.cfg, impl=self.impl,
+                                first=True, last=True, feed=feed).compile().as_text()
+
+    def fill_pools(self, fill: Callable[[jax.Array, int], jax.Array]) -> None:
+        """Replace every layer array of the pools by ``fill(array, index)`` (which may donate it), one
+        array at a time, so a benchmark's random K/V never needs a second copy of the pool."""
+        with self.lock:
+            for st in self.stages:
+                k, v = list(st.pool.k), list(st.pool.v)
+                st.pool = None
+                for arrs, off in ((k, 0), (v, len(k))):
+                    for i, a in enumerate(arrs):
+                        arrs[i] = fill(a, off + i)
+                st.pool = KVPool(tuple(k), tuple(v))
+        jax.block_until_ready([st.pool for st in self.stages])
+
     # ---- health ---------------------------------------------------------------------------------
 
     def pools_ok(self) -> bool:
