@@ -8,7 +8,8 @@ import pytest
 
 from bench.sim_vs_engine import phases, speed_ratio, step_ratios, step_stats, summary
 from distllm_jax.placement.latency import Fit, Profile
-from distllm_jax.placement.simulator import SimConfig, SimRequest, SimStep, Simulator
+from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
+from distllm_jax.scheduling.plans import StepRecord
 
 
 def toy_profile() -> Profile:
@@ -27,10 +28,10 @@ def test_recorded_steps_and_phases_of_a_pulled_request():
 
 
 def test_step_stats_count_steps_beside_another_instance():
-    steps = [SimStep("p", "prefill", 0.0, 0.010, (8,), 8),
-             SimStep("d", "decode", 0.002, 0.008, (1, 1), 20),  # all of it beside the prefill
-             SimStep("d", "decode", 0.008, 0.014, (1,), 10),  # a third of it
-             SimStep("d", "decode", 0.020, 0.025, (1,), 11)]  # alone
+    steps = [StepRecord("p", "prefill", 0.0, 0.010, (8,), 8),
+             StepRecord("d", "decode", 0.002, 0.008, (1, 1), 20),  # all of it beside the prefill
+             StepRecord("d", "decode", 0.008, 0.014, (1,), 10),  # a third of it
+             StepRecord("d", "decode", 0.020, 0.025, (1,), 11)]  # alone
     st = step_stats(steps)
     assert st["decode"]["steps"] == 3 and st["decode"]["overlapped_share"] == pytest.approx(1 / 3)
     assert st["decode"]["mean_rows"] == pytest.approx(4 / 3) and st["prefill"]["overlapped_share"] == 1.0
@@ -49,12 +50,12 @@ def test_summary_marks_runs_outside_the_bar():
 
 def test_step_ratios_pool_runs_each_against_its_own_fit():
     slow = Fit((20.0, 0, 0), (10.0, 0, 0), (10.0, 0, 0))  # the host ran at half speed around run 2
-    run1 = [SimStep("d", "decode", 0.0, 0.005, (1,), 5), SimStep("d", "decode", 0.005, 0.011, (1,), 6)]
-    run2 = [SimStep("d", "decode", 0.0, 0.010, (1,), 5), SimStep("d", "decode", 0.010, 0.022, (1,), 6)]
+    run1 = [StepRecord("d", "decode", 0.0, 0.005, (1,), 5), StepRecord("d", "decode", 0.005, 0.011, (1,), 6)]
+    run2 = [StepRecord("d", "decode", 0.0, 0.010, (1,), 5), StepRecord("d", "decode", 0.010, 0.022, (1,), 6)]
     out = step_ratios([(run1, toy_profile().fit(1)), (run2, slow)], SimConfig())
     assert out == {"decode": pytest.approx(1.1)}  # ratios 1.0, 1.2, 1.0, 1.2: no overlap split, one instance
-    both = [SimStep("p", "prefill", 0.0, 0.020, (8,), 8), SimStep("d", "decode", 0.0, 0.010, (1,), 5),
-            SimStep("d", "decode", 0.030, 0.035, (1,), 6)]
+    both = [StepRecord("p", "prefill", 0.0, 0.020, (8,), 8), StepRecord("d", "decode", 0.0, 0.010, (1,), 5),
+            StepRecord("d", "decode", 0.030, 0.035, (1,), 6)]
     out = step_ratios([(both, toy_profile().fit(1))], SimConfig())
     assert out["prefill"] == pytest.approx(2.0) and out["prefill_overlapped_share"] == 1.0
     assert out["decode_alone"] == pytest.approx(1.0) and out["decode_overlapped"] == pytest.approx(2.0)
@@ -75,5 +76,5 @@ def test_mixed_step_prediction_from_the_log_is_exact():
     cfg = SimConfig("chunked")
     decode_starts, chunks = [40, 17], [(0, 24), (8, 6)]  # two decode rows, a new prompt and a later chunk
     ctx = sum(s + 1 for s in decode_starts) + sum(s + n for s, n in chunks)
-    logged = SimStep("c", "mixed", 0.0, 0.1, (1, 1, 24, 6), ctx)
+    logged = StepRecord("c", "mixed", 0.0, 0.1, (1, 1, 24, 6), ctx)
     assert predicted_mixed_s(cfg, fit, logged) == pytest.approx(cfg.mixed_s(fit, chunks, decode_starts, 1))

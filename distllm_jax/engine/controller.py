@@ -17,11 +17,12 @@ import collections
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
 from distllm_jax.scheduling import Role, release
+from distllm_jax.scheduling.plans import StepRecord
 
 
 class InstanceLost(RuntimeError):
@@ -32,25 +33,6 @@ class InstanceLost(RuntimeError):
         why = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
         super().__init__(f"instance {inst.name} was lost ({(why.splitlines() or ['no reason'])[0]})")
         self.inst = inst
-
-
-class StepRecord(NamedTuple):
-    """One step as serving ran it: wall-clock start and end (a lookahead decode step ends when its
-    ids are read, and starts when the previous step's were, if it was dispatched before that), its
-    tokens per segment (a prompt, a chunk or one decode token) and the context its attention read
-    (Σ positions + tokens). What the placement's latency model is checked and fitted against
-    (``bench/sim_vs_engine.py``)."""
-
-    instance: str
-    kind: str
-    start: float
-    end: float
-    lengths: tuple[int, ...]
-    context: int
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
 
 
 class Controller:

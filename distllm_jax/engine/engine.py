@@ -37,7 +37,7 @@ import numpy as np
 from distllm_jax.engine import compile_counter
 from distllm_jax.engine.colocated import ChunkedWorker, ColocatedWorker
 from distllm_jax.engine.config import EngineConfig
-from distllm_jax.engine.controller import Controller, StepRecord
+from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.decode import DecodeWorker
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import CheckpointSource, ParamSource
@@ -51,6 +51,7 @@ from distllm_jax.kv_cache import pages_for
 from distllm_jax.models.attention import REFERENCE, AttentionImpl
 from distllm_jax.parallel import split_devices
 from distllm_jax.scheduling import Role
+from distllm_jax.scheduling.plans import StepRecord
 
 
 def attention_impl(name: str) -> AttentionImpl:

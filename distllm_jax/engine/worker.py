@@ -17,7 +17,8 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar, cast
 
 import numpy as np
 
-from distllm_jax.engine.controller import Controller, InstanceLost, StepRecord
+from distllm_jax.engine.controller import Controller, InstanceLost
+from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.engine.instance_api import InstanceAPI, LookaheadInstance
 from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import Request, RequestState

@@ -22,12 +22,13 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from distllm_jax.placement.latency import Profile
 from distllm_jax.scheduling import (Admission, ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
                                     PrefillPlan, PrefillScheduler, Queues, RequestState, release)
 from distllm_jax.scheduling.pages import PageAllocator
+from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.shapes import bucket
 
 INF = float("inf")
@@ -168,23 +169,6 @@ class _SharedHost:
         return {k: now + max(0.0, w) / self._speed(k) for k, w in self.work.items()}
 
 
-class SimStep(NamedTuple):
-    """A simulated step, in the fields of the engine's step log (``Engine.step_log``), so the two
-    can be compared with the same code."""
-
-    instance: str
-    kind: str  # prefill | decode | mixed
-    start: float
-    end: float
-    lengths: tuple[int, ...]  # tokens per segment (1 per decode row)
-    context: int  # Σ positions + tokens its attention read
-    rids: tuple[str, ...] = ()  # the requests in it, row by row (the scheduler's decision)
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
-
-
 @dataclasses.dataclass(eq=False)
 class SimRequest:
     """A request as the simulator replays it; it is also what the schedulers read and write
@@ -254,7 +238,7 @@ class Simulator:
     def __init__(self, profile: Profile, cfg: SimConfig, record: bool = False):
         """``record``: keep every step in ``self.steps`` (a diagnostic; it costs memory per step)."""
         self.profile, self.cfg = profile, cfg
-        self.steps: list[SimStep] | None = [] if record else None
+        self.steps: list[StepRecord] | None = [] if record else None
         if cfg.mode == "disaggregated":
             used = cfg.prefill if cfg.phase == "prefill" else cfg.decode if cfg.phase == "decode" else cfg.prefill + cfg.decode
         else:
@@ -498,7 +482,7 @@ class _Disaggregated:
                 if self.sim.steps is not None:
                     t0, lengths, ctx, rids = self.started[(kind, i)]
                     step_kind = "prefill" if kind == "p_free" else "decode"
-                    self.sim.steps.append(SimStep(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx, rids))
+                    self.sim.steps.append(StepRecord(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx, rids))
             if kind == "arrive":
                 self.arrive(what, now)
             elif kind == "p_free":
@@ -577,7 +561,7 @@ class _Colocated:
             else:
                 lengths = tuple(row.length for row in plan.rows)
                 ctx, reqs = sum(row.start + row.length for row in plan.rows), [row.req for row in plan.rows]
-            self.sim.steps.append(SimStep(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx,
+            self.sim.steps.append(StepRecord(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx,
                                           tuple(r.rid for r in reqs)))
         self.pending[i] = plan
         self.pending_kind[i] = plan  # kept after the step ends: what ran last here

@@ -1,10 +1,11 @@
-"""What a scheduler asks its instance to run: typed plans instead of tuples crossing modules."""
+"""What a scheduler asks its instance to run, and what a step that ran looks like: typed plans and
+records instead of tuples crossing modules."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from distllm_jax.scheduling.protocols import SchedRequest, Slot
 
@@ -13,6 +14,26 @@ class StepKind(str, enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
     MIXED = "mixed"
+
+
+class StepRecord(NamedTuple):
+    """One step as it ran: the engine's step log (``Engine.step_log``) and the simulator's recorded
+    steps alike, so the two are compared with the same code. Wall-clock start and end (a lookahead
+    decode step ends when its ids are read, and starts when the previous step's were, if it was
+    dispatched before that), its tokens per segment (a prompt, a chunk or one decode token), the
+    context its attention read (Σ positions + tokens) and, where known, its requests row by row."""
+
+    instance: str
+    kind: str  # prefill | decode | mixed
+    start: float
+    end: float
+    lengths: tuple[int, ...]
+    context: int
+    rids: tuple[str, ...] = ()
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
 
 
 @dataclasses.dataclass
