@@ -114,14 +114,15 @@ class LocalKVPuller:
 
     def put(self, staged: list, dst: Any, dst_pages: Sequence[int]) -> None:
         """The second half: move the staged buffers onto ``dst``'s mesh and scatter them into
-        ``dst_pages``; returns when they are in place. Each buffer is waited for before its scatter
-        is dispatched: a gather that failed (its source pool lost) raises here instead of leaving
-        its error in the destination's whole donated pool."""
+        ``dst_pages``; returns when they are in place. The scatters are dispatched without waiting
+        for the buffers: in one process a gather fails only with its source's pool, whose own step
+        fails with it (a buffer arriving from another process is waited for first:
+        ``TransferKVReceiver.fetch``)."""
         done = []
         for d, lo, k, v, n in staged:
             if n != len(dst_pages):
                 raise ValueError(f"page counts differ: {n} source, {len(dst_pages)} destination")
-            k, v = jax.block_until_ready(jax.device_put((k, v), d.buffer_sharding))
+            k, v = jax.device_put((k, v), d.buffer_sharding)
             with dst.lock:
                 d.pool, written = scatter_pages_jit(d.pool, page_index(dst_pages, k.shape[1], d.mesh), k, v, lo=lo - d.lo)
             done.append(written)
