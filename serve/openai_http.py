@@ -39,9 +39,11 @@ from serve.validation import GenerationRequest, InvalidArgument, Limits, check_t
 
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, counted: bool = False):
+        """``counted``: the front door already counted this refusal in the request metrics."""
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type_, param, code
+        self.counted = counted
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
@@ -247,7 +249,7 @@ class OpenAIFrontend:
                 usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
                 return await self._run(ids, params, chat, stream, usage, request)
             except HTTPError as e:
-                if e.status in (400, 413):
+                if e.status in (400, 413) and not e.counted:
                     self.service.metrics.requests.labels("invalid").inc()
                 return error(e)
 
@@ -327,7 +329,7 @@ class OpenAIFrontend:
             admitted = await self.service.admit(ids, params)
         except Refused as e:
             status, kind = _HTTP_STATUS[e.why]
-            raise HTTPError(status, str(e), kind) from None
+            raise HTTPError(status, str(e), kind, counted=True) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
