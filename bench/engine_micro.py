@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(n):
             L = min(args.prompt_len, T - i * args.prompt_len) if i < n - 1 else T - (n - 1) * args.prompt_len
             segs.append(Segment(list(rng.integers(3, cfg.vocab_size, L)), 0, p.alloc.ensure(("pf", i), L), sp, 0))
-        ms = median_ms(lambda: p.dispatch("prefill", [segs]), args.repeats)
+        ms = median_ms(lambda: [o.ids for o in p.dispatch("prefill", [segs])], args.repeats)
         out["prefill"].append({"tokens": T, "prompts": n, "ms": ms, "tokens_per_s": T / ms * 1e3})
         for i in range(n):
             p.alloc.free(("pf", i))
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for C in args.contexts:
         for B in args.batches:
             segs = [Segment([1], C, d.alloc.ensure(("dc", i), C + 1), sp, 0) for i in range(B)]
-            ms = median_ms(lambda: d.dispatch("decode", [segs]), args.repeats)
+            ms = median_ms(lambda: [o.ids for o in d.dispatch("decode", [segs])], args.repeats)
             out["decode"].append({"batch": B, "context": C, "ms": ms, "tokens_per_s": B / ms * 1e3})
             for i in range(B):
                 d.alloc.free(("dc", i))

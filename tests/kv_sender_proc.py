@@ -33,7 +33,7 @@ def main() -> None:
     p = Instance("p", "prefill", InstanceSpec(tp, pp), jax.devices()[: tp * pp], CheckpointSource(ckpt), ecfg,
                  REFERENCE)
     segs = [Segment(pr, 0, p.alloc.ensure(i, len(pr)), SamplingParams(), 0) for i, pr in enumerate(prompts)]
-    first = [int(t) for t in p.run("prefill", [segs])[0][: len(prompts)]]
+    first = [int(t) for t in p.run("prefill", [segs])[0].ids[: len(prompts)]]
     sender = TransferKVSender(start_server(), max_pages=16)
     offers = []
     for i in range(len(prompts)):

@@ -26,6 +26,7 @@ from distllm_jax.engine import controller as controller_mod
 from distllm_jax.engine import decode as decode_mod
 from distllm_jax.engine import prefill as prefill_mod
 from distllm_jax.engine import request as request_mod
+from distllm_jax.engine.programs import HostStep
 from distllm_jax.engine import worker as worker_mod
 from distllm_jax.engine.colocated import ChunkedWorker, ColocatedWorker
 from distllm_jax.engine.controller import Controller
@@ -122,7 +123,7 @@ class StandIn:
         self.busy_until = start + seconds
         self.log.append((self.name, kind, start, tuple(rids)))
         _local.turn.block_until(start + seconds)
-        return [np.full(len(g), 7, np.int32) for g in groups]
+        return [HostStep(np.full(len(g), 7, np.int32), [None] * len(g), [[] for _ in g]) for g in groups]
 
     def pools_ok(self) -> bool:
         return True

@@ -210,6 +210,9 @@ def test_steady_state_compiles_nothing(engine):
         lambda n: SamplingParams(max_tokens=n, temperature=0.8, top_k=20, ignore_eos=True),
         lambda n: SamplingParams(max_tokens=n, temperature=1.2, top_p=0.8, seed=5),
         lambda n: SamplingParams(max_tokens=1),
+        lambda n: SamplingParams(max_tokens=n, logprobs=5, prompt_logprobs=2),
+        lambda n: SamplingParams(max_tokens=n, temperature=0.9, n=3, logprobs=0),
+        lambda n: SamplingParams(max_tokens=0, prompt_logprobs=0),
     ]
     before = compile_counter.compilations()
     streams = []
@@ -217,7 +220,7 @@ def test_steady_state_compiles_nothing(engine):
         streams.append(engine.submit(p, flavours[i % len(flavours)](n)))
         if i % 10 == 9:
             time.sleep(0.01)
-    outs = [s.result() for s in streams]
+    outs = [o for s in streams for o in s.results()]
     assert all(o.error is None for o in outs)
     assert compile_counter.compilations() == before, "serving compiled a new program"
 

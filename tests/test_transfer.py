@@ -39,7 +39,7 @@ def test_pull_across_meshes(converted, variant, src, dst):
     d.alloc.ensure("someone-else", 13)  # page ids on the two sides differ
 
     segs = [Segment(pr, 0, p.alloc.ensure(i, len(pr)), GREEDY, 0) for i, pr in enumerate(PROMPTS)]
-    first = p.run("prefill", [segs])[0][: len(PROMPTS)]
+    first = p.run("prefill", [segs])[0].ids[: len(PROMPTS)]
 
     puller = LocalKVPuller(max_pages=16)
     shardings = [st.pool.k[0].sharding for st in d.stages]
@@ -55,7 +55,7 @@ def test_pull_across_meshes(converted, variant, src, dst):
     for step in range(N_NEW - 1):
         segs = [Segment([o[-1]], len(pr) + step, d.alloc.table(i), GREEDY, 0)
                 for i, (pr, o) in enumerate(zip(PROMPTS, out))]
-        for o, t in zip(out, d.run("decode", [segs])[0]):
+        for o, t in zip(out, d.run("decode", [segs])[0].ids):
             o.append(int(t))
     cfg, ref_params = restore_params(ckpt)
     assert out == greedy_generate(ref_params, cfg, PROMPTS, N_NEW)

@@ -79,7 +79,7 @@ def test_pull_from_another_process(converted, tmp_path, src, dst):
     for step in range(N_NEW - 1):
         segs = [Segment([o[-1]], len(pr) + step, tables[i], SamplingParams(), 0)
                 for i, (pr, o) in enumerate(zip(PROMPTS, out))]
-        for o, t in zip(out, d.run("decode", [segs])[0]):
+        for o, t in zip(out, d.run("decode", [segs])[0].ids):
             o.append(int(t))
     cfg, ref = restore_params(ckpt)
     assert out == greedy_generate(ref, cfg, PROMPTS, N_NEW)

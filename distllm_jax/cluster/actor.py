@@ -19,7 +19,7 @@ from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.engine import attention_impl
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import ParamSource
-from distllm_jax.engine.programs import Segment
+from distllm_jax.engine.programs import HostStep, Segment
 from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
 from distllm_jax.shapes import bucket
@@ -74,8 +74,11 @@ class InstanceActor:
     def compilations(self) -> int:
         return compile_counter.compilations()
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         return self.inst.run(kind, micro_batches)
+
+    def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        self.inst.copy_pages(src, dst)
 
     def pools_ok(self) -> bool:
         return self.inst.pools_ok()

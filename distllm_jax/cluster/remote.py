@@ -16,7 +16,7 @@ import numpy as np
 
 from distllm_jax.engine.config import InstanceSpec
 from distllm_jax.engine.controller import InstanceLost
-from distllm_jax.engine.programs import Segment
+from distllm_jax.engine.programs import HostStep, Segment
 from distllm_jax.kv_cache import PageAllocator
 from distllm_jax.scheduling.protocols import Role
 
@@ -101,9 +101,12 @@ class RemoteInstance:
         """No: a step is one Ray call that returns its ids, so nothing stays in flight to chain."""
         return False
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         self.steps += 1
         return self.call("run", kind, [list(m) for m in micro_batches])
+
+    def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        self.call("copy_pages", list(src), list(dst))
 
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         n = self.call("warmup")

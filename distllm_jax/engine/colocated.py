@@ -8,7 +8,6 @@ import time
 
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance_api import InstanceAPI
-from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker
 from distllm_jax.scheduling import ChunkedScheduler, ColocatedScheduler, PrefillPlan
@@ -28,17 +27,18 @@ class ColocatedWorker(Worker):
                 batch = None
             else:
                 batch = plan.batch
-                segs = [Segment(r.prompt, 0, list(self.inst.alloc.table(r.rid)), r.params, r.seed) for r in batch]
+                segs = [self.prompt_segment(r) for r in batch]
         if batch is None:
             return self.decode_step()
         self.flush()  # the decode step in flight streams its tokens before the prefill runs
-        tokens = self.run("prefill", batch, segs)
-        if tokens is not None:
+        out = self.run("prefill", batch, segs)
+        if out is not None:
             with self.ctrl.lock:
                 now = time.perf_counter()
-                for r, tok in zip(batch, tokens):
-                    if r.state is not RequestState.DONE and self.first_token(r, tok, now):
-                        self.sched.prefilled(r)
+                for r, rows, lps in zip(batch, out.rows, out.prompt_logprobs):
+                    if r.state is not RequestState.DONE:
+                        for q in self.prompt_done(r, rows, lps, now):
+                            self.sched.prefilled(q)
         return True
 
 
@@ -58,25 +58,26 @@ class ChunkedWorker(Worker):
             if plan is None:
                 return False
             reqs = [row.req for row in plan.rows]
-            segs = [self.decode_segment(row.req) if not row.chunk else
-                    Segment(row.req.prompt[row.start : row.start + row.length], row.start,
-                            list(self.inst.alloc.table(row.req.rid)), row.req.params, row.req.seed)
+            segs = [self.prompt_segment(row.req, row.start, row.length) if row.chunk else self.decode_segment(row.req)
                     for row in plan.rows]
-        tokens = self.run("mixed", reqs, segs)
-        if tokens is None:
+        out = self.run("mixed", reqs, segs)
+        if out is None:
             self.sched.prefilling = [r for r in self.sched.prefilling if r.state is not RequestState.DONE]
             return True
         with self.ctrl.lock:
             now = time.perf_counter()
-            decoded = [(row.req, t) for row, t in zip(plan.rows, tokens) if not row.chunk]
-            self.after_decode([r for r, _ in decoded], [t for _, t in decoded], now)
-            for row, tok in zip(plan.rows, tokens):
+            decoded = [(row.req, rows) for row, rows in zip(plan.rows, out.rows) if not row.chunk]
+            self.after_decode([r for r, _ in decoded], [rows for _, rows in decoded], now)
+            for row, rows, lps in zip(plan.rows, out.rows, out.prompt_logprobs):
                 r = row.req
                 if not row.chunk or r not in self.sched.prefilling:
                     continue
                 if r.state is RequestState.DONE:
                     self.sched.prefilling.remove(r)
                     continue
-                if self.sched.chunk_done(r, row.length) and self.first_token(r, tok, now):
-                    self.sched.prefilled(r)
+                if not self.sched.chunk_done(r, row.length):
+                    r.prompt_logprobs += lps
+                    continue
+                for q in self.prompt_done(r, rows, lps, now):
+                    self.sched.prefilled(q)
         return True

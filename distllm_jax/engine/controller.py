@@ -19,6 +19,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
+from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
 from distllm_jax.scheduling import Role, release
@@ -55,13 +56,18 @@ class Controller:
     # everything below runs with self.lock held -----------------------------------------------------
 
     def admit(self, req: Request) -> None:
-        self.requests[req.rid] = req
+        """Queue a request; its other samples (``req.siblings``) ride on its prefill."""
+        for q in req.group:
+            self.requests[q.rid] = q
         self.waiting.append(req)
         self.lock.notify_all()
 
-    def emit(self, req: Request, token: int, now: float) -> bool:
-        """Hand one sampled token to its request; False when the request ended with it."""
+    def emit(self, req: Request, token: int, now: float, logprob: TokenLogprob | None = None) -> bool:
+        """Hand one sampled token (and its log-probability, when asked for) to its request; False
+        when the request ended with it."""
         req.num_sampled += 1
+        if logprob is not None:
+            req.cumulative_logprob += logprob.logprob
         t = req.timings
         if t.first_token is None:
             t.first_token = now
@@ -77,11 +83,22 @@ class Controller:
         ids = [delta.token] if delta.token is not None else []
         if ids:
             t.token_times.append(now)
+        lps = [logprob] if ids and logprob is not None else []
         if reason is not None:
-            self.finish(req, reason, token_ids=ids, text=text, now=now)
+            self.finish(req, reason, token_ids=ids, text=text, now=now, logprobs=lps)
             return False
-        self._push(req, RequestOutput(req.rid, ids, text))
+        self._push(req, self._output(req, ids, text, lps))
         return True
+
+    def _output(self, req: Request, ids: list[int], text: str, lps: list[TokenLogprob], **final: Any) -> RequestOutput:
+        """An event of ``req``'s stream: its sample's index, the log-probabilities it asked for, and
+        the prompt's on the sample's first event."""
+        p = req.params
+        prompt = None
+        if p.prompt_logprobs is not None and not req.prompt_logprobs_sent and len(req.prompt_logprobs) == req.num_prompt:
+            prompt, req.prompt_logprobs_sent = list(req.prompt_logprobs), True
+        return RequestOutput(req.stream.request_id, ids, text, index=req.sample,
+                             logprobs=lps if p.logprobs is not None else None, prompt_logprobs=prompt, **final)
 
     def finish(
         self,
@@ -92,10 +109,15 @@ class Controller:
         token_ids: Iterable[int] = (),
         text: str = "",
         now: float | None = None,
+        logprobs: list[TokenLogprob] = (),  # type: ignore[assignment]
     ) -> None:
-        """End a request, wherever it is: free its pages everywhere, then send the final event."""
+        """End a request, wherever it is: free its pages everywhere, then send the final event. Its
+        other samples still waiting on its prefill end with it."""
         if req.state is RequestState.DONE:
             return
+        for sib in req.siblings:
+            self.finish(sib, reason, error=error, now=now)
+        req.siblings = []
         self._release(req)
         req.state = RequestState.DONE
         req.timings.finish = now or time.perf_counter()
@@ -106,14 +128,10 @@ class Controller:
                 pass
         self.requests.pop(req.rid, None)
         self.finished[reason.value] += 1
-        self._push(
-            req,
-            RequestOutput(
-                req.rid, list(token_ids), text, finished=reason, error=error,
-                num_prompt_tokens=req.num_prompt, num_output_tokens=len(req.checker.ids),
-                timings=req.timings,
-            ),
-        )
+        cumulative = req.cumulative_logprob if req.params.logprobs is not None else None
+        self._push(req, self._output(req, list(token_ids), text, list(logprobs), finished=reason, error=error,
+                                     num_prompt_tokens=req.num_prompt, num_output_tokens=len(req.checker.ids),
+                                     timings=req.timings, cumulative_logprob=cumulative))
         self.lock.notify_all()
 
     def _release(self, req: Request) -> None:
@@ -147,10 +165,19 @@ class Controller:
 
     def requeue(self, req: Request) -> None:
         """Back to the prefill queue, in arrival order, with its pages freed everywhere. A token already
-        streamed stays streamed: the prefill is redone (same prompt, same KV) without emitting again."""
+        streamed stays streamed: the prefill is redone (same prompt, same KV) without emitting again.
+        Samples that wait on its prefill go back with it; such a sample alone just lets its pages go."""
+        for sib in req.siblings:
+            self._release(sib)
+            sib.state = RequestState.WAITING
         self._release(req)
+        if req.leader is not None:  # waits on its leader, which is requeued (or redone) too
+            req.state = RequestState.WAITING
+            return
         req.state = RequestState.WAITING
         req.num_computed = 0
+        if not req.prompt_logprobs_sent:
+            req.prompt_logprobs = [None]
         req.timings.migration_start = req.timings.decode_instance = None
         at = next((i for i, w in enumerate(self.waiting) if w.timings.arrival > req.timings.arrival), len(self.waiting))
         self.waiting.insert(at, req)
@@ -188,9 +215,9 @@ class Controller:
         req = self.requests.get(rid)
         if req is None:
             return False
-        req.cancelled = True
-        if req.state in (RequestState.WAITING, RequestState.HELD):
-            self.finish(req, FinishReason.CANCELLED)  # not in any worker's hands: free now
-        else:
-            self.lock.notify_all()  # its worker frees it at the next step boundary
+        for q in req.group:  # every sample of the request
+            q.cancelled = True
+            if q.state in (RequestState.WAITING, RequestState.HELD) and q.leader is None:
+                self.finish(q, FinishReason.CANCELLED)  # not in any worker's hands: free now
+        self.lock.notify_all()  # workers free the others at the next step boundary
         return True

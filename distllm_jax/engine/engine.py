@@ -201,18 +201,22 @@ class Engine:
             return None
         return lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _check_fits(self, prompt: list[int], max_cached: int) -> None:
+    def _check_fits(self, prompt: list[int], max_cached: int, n: int = 1) -> None:
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens; the limit is {self.max_len - 1} (max_seq_len {self.max_len})")
+        rows = min(self.config.max_prefill_seqs, self.config.max_decode_batch)
+        if n > rows:
+            raise ValueError(f"n = {n} samples; this engine's batches take at most {rows} (max_prefill_seqs, "
+                             "max_decode_batch)")
         for inst in self.instances:
             need = len(prompt) if inst.role is Role.PREFILL else max_cached
-            if pages_for(need, inst.page_size) > inst.alloc.capacity:
-                raise ValueError(
-                    f"request needs {pages_for(need, inst.page_size)} KV pages on {inst.name}, "
-                    f"which has {inst.alloc.capacity}"
-                )
+            pages = pages_for(need, inst.page_size)
+            if inst.role is not Role.DECODE:  # n samples share the prompt's full pages here
+                pages += (n - 1) * (pages - len(prompt) // inst.page_size)
+            if pages > inst.alloc.capacity:
+                raise ValueError(f"request needs {pages} KV pages on {inst.name}, which has {inst.alloc.capacity}")
 
     def submit(
         self,
@@ -224,20 +228,23 @@ class Engine:
         loop: Any = None,
     ) -> RequestStream:
         """Queue a request; returns its stream at once. ``timeout`` (seconds) ends it with
-        finish reason ``deadline`` if it is not done by then. Bad input raises ``ValueError``."""
+        finish reason ``deadline`` if it is not done by then. Bad input raises ``ValueError``.
+        ``params.n`` samples share the one stream (each event says its ``index``) and one prefill."""
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         params = params or SamplingParams()
         ids = self._tokenize(prompt)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seed = int(self._rng.integers(0, 2**32)) if params.seed is None else params.seed
-        stream = RequestStream(rid, loop)
+        stream = RequestStream(rid, loop, n=params.n)
         checker = StopChecker(params, self.model.eos_token_ids, self._detokenize())
         deadline = None if timeout is None else time.perf_counter() + timeout
         req = Request(rid, ids, params, checker, seed, stream, self.max_len, deadline)
-        self._check_fits(ids, req.max_cached)
+        self._check_fits(ids, req.max_cached, params.n)
+        for i in range(1, params.n):
+            req.fork(i)
         with self.ctrl.lock:
-            if rid in self.ctrl.requests:
+            if any(q.rid in self.ctrl.requests for q in req.group):
                 raise ValueError(f"request id {rid!r} is already in use")
             self.ctrl.admit(req)
         return stream

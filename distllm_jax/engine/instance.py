@@ -20,9 +20,11 @@ from jax.sharding import Mesh, NamedSharding
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
 from distllm_jax.engine.transfer import read_host_pages
-from distllm_jax.engine.programs import (SAMPLE, STAGE_STEP, Segment, pack_decode, pack_mixed, pack_picks,
-                                         pack_prefill, pick_buckets)
-from distllm_jax.kv_cache import KVPool, PageAllocator, create_pool, pages_for
+from distllm_jax.engine.logprobs import PROMPT_LOGPROBS, ROW_LOGPROBS
+from distllm_jax.engine.programs import (COPY_PAGES, SAMPLE, STAGE_STEP, HostStep, PendingStep, Segment,
+                                         logprob_picks, pack_decode, pack_mixed, pack_picks, pack_prefill,
+                                         pick_buckets, prompt_rows)
+from distllm_jax.kv_cache import NULL_PAGE, KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
 from distllm_jax.scheduling.protocols import Role
@@ -131,26 +133,27 @@ class Instance:
         from the last stage's mesh to the first's."""
         return len(self.stages) == 1
 
-    def dispatch(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[jax.Array]:
-        """Dispatch one step (several micro-batches when pipelined); returns the device arrays of
-        sampled ids, one per micro-batch, without waiting for them."""
+    def dispatch(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[PendingStep]:
+        """Dispatch one step (several micro-batches when pipelined); returns each micro-batch's
+        results on the device, without waiting for them."""
         if kind == "decode" and self.lookahead and len(micro_batches) == 1:
             return [self.dispatch_decode(micro_batches[0])]
         self.steps += 1
-        return self._launch(kind, [self.pack(kind, segs, self.bucket_for(kind, segs)) for segs in micro_batches])
+        return self._launch(kind, [(segs, self.pack(kind, segs, self.bucket_for(kind, segs))) for segs in micro_batches])
 
-    def dispatch_decode(self, segs: Sequence[Segment], prev: jax.Array | None = None,
-                        src: Sequence[int] | None = None) -> jax.Array:
+    def dispatch_decode(self, segs: Sequence[Segment], prev: PendingStep | None = None,
+                        src: Sequence[int] | None = None) -> PendingStep:
         """Dispatch one decode step whose rows may take their input token from ``prev``, the ids of
         a step dispatched earlier and not yet read (row i uses ``prev[src[i]]`` when ``src[i] >= 0``,
         else its segment's token). The serving loop dispatches step k+1 this way before it reads
         step k, so the host's packing and launch overlap the device's work instead of leaving it
-        idle between steps. Returns ids padded to ``max_batch`` rows."""
+        idle between steps. Its ids come padded to ``max_batch`` rows."""
         if not self.lookahead:
             raise ValueError(f"{self.name}: a {len(self.stages)}-stage instance has no decode lookahead")
         self.steps += 1
         B = self.bucket_for("decode", segs)
-        return self._launch("decode", [self.pack("decode", segs, B)], feeds=[self.decode_feed(B, prev, src)])[0]
+        feed = self.decode_feed(B, None if prev is None else prev.ids, src)
+        return self._launch("decode", [(segs, self.pack("decode", segs, B))], feeds=[feed])[0]
 
     def decode_feed(self, size: int, prev: jax.Array | None = None,
                     src: Sequence[int] | None = None) -> tuple[jax.Array, np.ndarray]:
@@ -165,14 +168,15 @@ class Instance:
             prev = self._zero_ids
         return prev, s
 
-    def _launch(self, kind: str, host: Sequence[tuple[Any, Any]], sample_all: bool = False,
-                feeds: Sequence[Any] | None = None) -> list[jax.Array]:
+    def _launch(self, kind: str, host: Sequence[tuple[Sequence[Segment], tuple[Any, Any]]], warm: bool = False,
+                feeds: Sequence[Any] | None = None) -> list[PendingStep]:
         """Host inputs go to the programs as numpy: jit's C++ path places them on each stage's mesh
         (replicated) far cheaper than a Python ``device_put`` per leaf (about 0.5 ms a step on an
-        H100, measured). Only the activations between pipeline stages are moved explicitly."""
+        H100, measured). Only the activations between pipeline stages are moved explicitly.
+        ``warm`` (start-up): also run every sampling and log-probability program the step can call."""
         outs = []
         with self.lock:
-            for i, (batch, sb) in enumerate(host):
+            for i, (segs, (batch, sb)) in enumerate(host):
                 feed = feeds[i] if feeds is not None else None
                 x = None
                 for st in self.stages:
@@ -182,18 +186,55 @@ class Instance:
                         st.params, x, batch, st.pool,
                         kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last, feed=feed,
                     )
-                greedy, logits = x
-                if sample_all:  # start-up: every sampling program this step can call
+                greedy, logits, hidden = x
+                if warm:
                     for size in pick_buckets(logits.shape[0]):
                         SAMPLE(greedy, logits, sb, np.zeros(size, np.int32))
                 if np.any(sb.temperature > 0):
                     greedy = SAMPLE(greedy, logits, sb, pack_picks(sb.temperature, logits.shape[0], greedy.shape[0]))
-                outs.append(greedy)
+                outs.append(self._logprobs(kind, segs, PendingStep(greedy, len(segs)), logits, hidden, warm))
         return outs
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
-        """Run one step and wait for its sampled ids (the only device->host transfer)."""
-        return [np.asarray(o) for o in self.dispatch(kind, micro_batches)]
+    def _logprobs(self, kind: str, segs: Sequence[Segment], out: PendingStep, logits: jax.Array,
+                  hidden: jax.Array, warm: bool) -> PendingStep:
+        """Dispatch the log-probability programs for the rows of ``segs`` that ask (none: nothing
+        runs). Row picks are padded to all the step's rows and prompt rows to its token bucket, so
+        each step shape has one program of each (compiled at start-up)."""
+        picks, ks = logprob_picks(segs, kind)
+        R = logits.shape[0]
+        if picks or warm:
+            out.row_lp = ROW_LOGPROBS(logits, out.ids, np.array(picks + [R] * (R - len(picks)), np.int32))
+            out.row_picks, out.row_ks = picks, ks
+        if kind == "decode":
+            return out
+        rows, targets, spans = prompt_rows(segs)
+        if rows or warm:
+            T = hidden.shape[0]
+            pad = T - len(rows)
+            out.prompt_lp = PROMPT_LOGPROBS(self.stages[-1].params, hidden, np.array(rows + [0] * pad, np.int32),
+                                            np.array(targets + [0] * pad, np.int32), cfg=self.cfg)
+            out.prompt_spans = spans
+        return out
+
+    def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy whole pages within the pool (every layer, every stage): the part-filled last prompt
+        page that ``n`` samples of one prompt each need their own copy of. Dispatched after the step
+        that wrote ``src`` and before any that writes ``dst`` (the pool is donated along), so the
+        device runs them in that order."""
+        width = self.max_batch
+        with self.lock:
+            for lo in range(0, len(src), width):
+                s = np.full(width, NULL_PAGE, np.int32)
+                d = np.full(width, NULL_PAGE, np.int32)
+                n = min(width, len(src) - lo)
+                s[:n], d[:n] = src[lo : lo + n], dst[lo : lo + n]
+                for st in self.stages:
+                    st.pool = COPY_PAGES(st.pool, s, d)
+
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+        """Run one step and wait for its sampled ids (and the log-probabilities asked for: the only
+        device->host transfers)."""
+        return [o.host() for o in self.dispatch(kind, micro_batches)]
 
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         """Compile every program this instance can run (all-padding inputs touch only the null page)."""
@@ -201,7 +242,8 @@ class Instance:
             for size in self.shapes(kind):
                 tick(f"{self.name} {kind} {size}")
                 feeds = [self.decode_feed(size)] if kind == "decode" and self.lookahead else None
-                np.asarray(self._launch(kind, [self.pack(kind, [], size)], sample_all=True, feeds=feeds)[0])
+                self._launch(kind, [([], self.pack(kind, [], size))], warm=True, feeds=feeds)[0].host()
+        self.copy_pages([NULL_PAGE], [NULL_PAGE])
 
     def num_programs(self) -> int:
         return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from distllm_jax.engine.config import InstanceSpec
-from distllm_jax.engine.programs import Segment
+from distllm_jax.engine.programs import HostStep, PendingStep, Segment
 from distllm_jax.scheduling.protocols import Slot
 
 
@@ -26,8 +26,11 @@ class InstanceAPI(Slot, Protocol):
     @property
     def lookahead(self) -> bool: ...
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
-        """One step over its micro-batches; returns each one's sampled ids."""
+    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+        """One step over its micro-batches; returns each one's sampled ids (and log-probabilities)."""
+
+    def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy pages within its pool, ordered after the steps dispatched before."""
 
     def warmup(self, tick: Callable[[str], None]) -> None:
         """Compile every program it can run."""
@@ -49,6 +52,7 @@ class InstanceAPI(Slot, Protocol):
 class LookaheadInstance(InstanceAPI, Protocol):
     """An instance whose ``lookahead`` is True (the worker's decode loop with a step in flight)."""
 
-    def dispatch_decode(self, segs: Sequence[Segment], prev: Any = None, src: Sequence[int] | None = None) -> Any:
-        """Dispatch a decode step whose rows may take their input from ``prev``, the ids of a step
-        not yet read; returns its ids on the device without waiting."""
+    def dispatch_decode(self, segs: Sequence[Segment], prev: PendingStep | None = None,
+                        src: Sequence[int] | None = None) -> PendingStep:
+        """Dispatch a decode step whose rows may take their input from ``prev``, a step not yet
+        read; returns its results on the device without waiting."""

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Sequence
 
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance_api import InstanceAPI
-from distllm_jax.engine.programs import Segment
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker, still_here
 from distllm_jax.scheduling import PrefillScheduler
@@ -41,15 +40,16 @@ class PrefillWorker(Worker):
             if plan is None:
                 return False
             batch = plan.batch
-            segs = [Segment(r.prompt, 0, list(self.inst.alloc.table(r.rid)), r.params, r.seed) for r in batch]
-        tokens = self.run("prefill", batch, segs)
-        if tokens is None:
+            segs = [self.prompt_segment(r) for r in batch]
+        out = self.run("prefill", batch, segs)
+        if out is None:
             return True
         with self.ctrl.lock:
             now = time.perf_counter()
-            for r, tok in zip(batch, tokens):
-                if still_here(r, self.inst, RequestState.PREFILLING) and self.first_token(r, tok, now):
-                    self.sched.prefilled(r)  # KV stays here until a decode instance pulls it
+            for r, rows, lps in zip(batch, out.rows, out.prompt_logprobs):
+                if still_here(r, self.inst, RequestState.PREFILLING):
+                    for q in self.prompt_done(r, rows, lps, now):
+                        self.sched.prefilled(q)  # KV stays here until a decode instance pulls it
             # decode instances with room choose now, least loaded first (their own policy)
             offers = [(w, w.offer(now)) for w in sorted(self.decoders, key=lambda w: w.load)]
             self.ctrl.lock.notify_all()

@@ -10,12 +10,14 @@ ignored by the host.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distllm_jax.engine.logprobs import LogprobArrays, TokenLogprob
 from distllm_jax.engine.sampling import SamplingBatch, SamplingParams, make_sampling_batch, sample
 from distllm_jax.kv_cache import NULL_PAGE, KVPool
 from distllm_jax.models import decoder
@@ -38,7 +40,8 @@ def stage_step(
     feed: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, KVPool]:
     """-> (hidden states for the next stage, or on the last stage (greedy ids [rows] int32, float32
-    logits [rows, vocab]); the new pool).
+    logits [rows, vocab], the hidden states of every token, which prompt log-probabilities are
+    computed from); the new pool).
 
     ``feed`` (decode on a one-stage instance) is ``(previous step's ids [R], src [B])``: a row with
     ``src >= 0`` takes its input token from the previous step's ids, still on the device, instead of
@@ -64,7 +67,7 @@ def stage_step(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if feed is not None:
         greedy = pad_rows(greedy, feed[0].shape[0])
-    return (greedy, logits), kv
+    return (greedy, logits, x), kv
 
 
 def pad_rows(ids: jax.Array, rows: int) -> jax.Array:
@@ -107,15 +110,114 @@ STAGE_STEP = jax.jit(
 SAMPLE = jax.jit(sample_rows)
 
 
+def copy_pages(kv: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
+    """Pages ``src`` copied over pages ``dst`` in every layer (padding copies the null page onto itself)."""
+    return KVPool(tuple(a.at[dst].set(a[src]) for a in kv.k), tuple(a.at[dst].set(a[src]) for a in kv.v))
+
+
+COPY_PAGES = jax.jit(copy_pages, donate_argnums=0)
+
+
 class Segment(NamedTuple):
     """A run of one sequence's tokens starting at ``start`` (a prompt, a chunk or one decode token),
-    with the page table that covers it and what its sampled token needs."""
+    with the page table that covers it and what its sampled token needs.
+
+    ``samples``: logits rows drawn from its last token (a prompt's ``n`` samples; 1 otherwise), for
+    samples ``sample``, ``sample + 1``, ... ``prompt_targets``: the prompt tokens that follow its
+    first ``len(prompt_targets)`` tokens, whose log-probabilities the step computes (prompt
+    log-probabilities; empty when not asked)."""
 
     tokens: Sequence[int]
     start: int
     table: Sequence[int]
     params: SamplingParams
     seed: int
+    samples: int = 1
+    sample: int = 0
+    prompt_targets: Sequence[int] = ()
+
+
+def row_segments(segs: Sequence[Segment]) -> list[int]:
+    """The segment of each logits row of a step (a segment has ``samples`` rows)."""
+    return [i for i, s in enumerate(segs) for _ in range(s.samples)]
+
+
+class HostStep(NamedTuple):
+    """One micro-batch's results on the host. ``ids``: a sampled id per logits row (padding rows
+    included). ``logprobs``: per row, the sampled token's log-probability when its request asks
+    (None otherwise). ``prompt_logprobs``: per segment, its ``prompt_targets``' log-probabilities."""
+
+    ids: np.ndarray
+    logprobs: list[TokenLogprob | None]
+    prompt_logprobs: list[list[TokenLogprob]]
+
+
+class PromptSpan(NamedTuple):
+    """A segment's rows among a step's prompt log-probability rows."""
+
+    segment: int
+    first: int
+    rows: int
+    targets: Sequence[int]
+    k: int
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """One micro-batch dispatched and not read: its ids on the device (a lookahead step feeds on
+    them) and the log-probability arrays its rows asked for, with what is needed to read them."""
+
+    ids: jax.Array
+    num_segments: int
+    row_lp: LogprobArrays | None = None
+    row_picks: Sequence[int] = ()  # rows of row_lp, in order
+    row_ks: Sequence[int] = ()  # alternatives each of those rows asked for
+    prompt_lp: LogprobArrays | None = None
+    prompt_spans: Sequence[PromptSpan] = ()
+
+    def host(self) -> HostStep:
+        """Wait for the step and read what it produced (the step's only device-to-host copies)."""
+        ids = np.asarray(self.ids)
+        rows: list[TokenLogprob | None] = [None] * len(ids)
+        if self.row_lp is not None:
+            chosen, values, top = (np.asarray(a) for a in self.row_lp)
+            for j, (r, k) in enumerate(zip(self.row_picks, self.row_ks)):
+                rows[r] = _logprob(int(ids[r]), chosen[j], values[j], top[j], k)
+        prompt: list[list[TokenLogprob]] = [[] for _ in range(self.num_segments)]
+        if self.prompt_lp is not None:
+            chosen, values, top = (np.asarray(a) for a in self.prompt_lp)
+            for seg, first, n, targets, k in self.prompt_spans:
+                prompt[seg] = [_logprob(int(targets[j]), chosen[first + j], values[first + j], top[first + j], k)
+                               for j in range(n)]
+        return HostStep(ids, rows, prompt)
+
+
+def _logprob(token: int, chosen: Any, values: np.ndarray, ids: np.ndarray, k: int) -> TokenLogprob:
+    return TokenLogprob(token, float(chosen), tuple((int(ids[j]), float(values[j])) for j in range(k)))
+
+
+def logprob_picks(segs: Sequence[Segment], kind: str) -> tuple[list[int], list[int]]:
+    """The logits rows whose sampled token's log-probability is asked for, and each one's k."""
+    rows = range(len(segs)) if kind == "decode" else row_segments(segs)
+    picks = [j for j, i in enumerate(rows) if segs[i].params.logprobs is not None]
+    return picks, [segs[rows[j]].params.logprobs for j in picks]  # type: ignore[misc]
+
+
+def prompt_rows(segs: Sequence[Segment]) -> tuple[list[int], list[int], list[PromptSpan]]:
+    """The packed token rows whose next prompt token is scored, their targets, and where each
+    asking segment's rows are among them."""
+    rows: list[int] = []
+    targets: list[int] = []
+    spans: list[PromptSpan] = []
+    off = 0
+    for i, s in enumerate(segs):
+        if s.prompt_targets:
+            n = len(s.prompt_targets)
+            spans.append(PromptSpan(i, len(rows), n, list(s.prompt_targets), s.params.prompt_logprobs or 0))
+            rows += range(off, off + n)
+            targets += s.prompt_targets
+        off += len(s.tokens)
+    return rows, targets, spans
 
 
 def _slots(table: Sequence[int], start: int, n: int, ps: int) -> np.ndarray:
@@ -124,9 +226,11 @@ def _slots(table: Sequence[int], start: int, n: int, ps: int) -> np.ndarray:
 
 
 def _sampling(segs: Sequence[Segment], rows: int) -> SamplingBatch:
-    return make_sampling_batch(
-        [s.params for s in segs], [s.start + len(s.tokens) for s in segs], [s.seed for s in segs], rows
-    )
+    per_row = [(s, j) for s in segs for j in range(s.samples)]
+    if len(per_row) > rows:
+        raise ValueError(f"{len(per_row)} logits rows for a step of {rows}")
+    return make_sampling_batch([s.params for s, _ in per_row], [s.start + len(s.tokens) for s, _ in per_row],
+                               [s.seed for s, _ in per_row], rows, [s.sample + j for s, j in per_row])
 
 
 def _tables(segs: Sequence[Segment], rows: int, width: int) -> np.ndarray:
@@ -150,7 +254,7 @@ def _packed(segs: Sequence[Segment], T: int, ps: int):
         seg_ids[off : off + n] = i
         slots[off : off + n] = _slots(s.table, s.start, n, ps)
         off += n
-        ends.append(off - 1)
+        ends += [off - 1] * s.samples
     return tokens, positions, seg_ids, slots, ends
 
 
@@ -165,6 +269,8 @@ def pack_prefill(segs: Sequence[Segment], T: int, N: int, ps: int) -> tuple[Pref
 def pack_decode(segs: Sequence[Segment], B: int, W: int) -> tuple[DecodeBatch, SamplingBatch]:
     tokens = np.zeros(B, np.int32)
     positions = np.zeros(B, np.int32)
+    if any(s.samples != 1 for s in segs):
+        raise ValueError("a decode row draws one sample")
     for i, s in enumerate(segs):
         tokens[i] = s.tokens[0]
         positions[i] = s.start

@@ -3,6 +3,8 @@
 The caller sees a :class:`RequestStream` of :class:`RequestOutput` events (new tokens with their text,
 then exactly one final event with the finish reason and the request's :class:`RequestTimings`). The
 stream can be read from a thread (``for out in stream``) or from asyncio (``async for out in stream``).
+A request of ``n`` samples streams each one's events with its ``index`` on the one stream, which
+ends after the last sample's final event.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import queue
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
+from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.engine.sampling import SamplingParams
 from distllm_jax.engine.stopping import FinishReason, StopChecker
 from distllm_jax.scheduling.protocols import RequestState  # noqa: F401 - the engine's request states
@@ -74,21 +77,29 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     timings: RequestTimings | None = None  # on the final event
+    index: int = 0  # which of the request's n samples
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
+    # every prompt token's (None for the first), when asked for: on the sample's first event
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float | None = None  # of every sampled token, on the final event, when asked for
 
 
 class RequestStream:
     """Events of one request, readable from a thread or from an event loop."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None, n: int = 1):
         self.request_id = request_id
+        self.n = n
         self._q: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self._loop = loop
         self._aq: asyncio.Queue[RequestOutput] | None = asyncio.Queue() if loop is not None else None
-        self.final: RequestOutput | None = None
+        self.final: RequestOutput | None = None  # the last final event so far
+        self.finals: dict[int, RequestOutput] = {}  # each sample's final event
 
     def _push(self, out: RequestOutput) -> None:
         if out.finished is not None:
             self.final = out
+            self.finals[out.index] = out
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, out)  # type: ignore[union-attr]
@@ -100,28 +111,47 @@ class RequestStream:
     def __iter__(self) -> Iterator[RequestOutput]:
         if self._loop is not None:
             raise RuntimeError("this stream was opened from asyncio: use `async for`")
+        left = self.n
         while True:
             out = self._q.get()
             yield out
-            if out.finished is not None:
+            left -= out.finished is not None
+            if not left:
                 return
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         if self._aq is None:
             raise RuntimeError("this stream was opened without an event loop: iterate it synchronously")
+        left = self.n
         while True:
             out = await self._aq.get()
             yield out
-            if out.finished is not None:
+            left -= out.finished is not None
+            if not left:
                 return
 
     def result(self) -> RequestOutput:
-        """Block until the request ends; the final event carries all tokens in ``token_ids``."""
-        ids, text = [], []
+        """Block until the request ends; the final event carries all tokens in ``token_ids`` (and
+        their log-probabilities, and the prompt's, when asked for). One sample: see :meth:`results`."""
+        if self.n != 1:
+            raise ValueError(f"this request has {self.n} samples: use results()")
+        return self.results()[0]
+
+    def results(self) -> list[RequestOutput]:
+        """Block until every sample ends; one combined final event per sample, in index order."""
+        events: dict[int, list[RequestOutput]] = {}
         for out in self:
-            ids += out.token_ids
-            text.append(out.text)
-        return dataclasses.replace(out, token_ids=ids, text="".join(text))
+            events.setdefault(out.index, []).append(out)
+        return [combine(events[i]) for i in sorted(events)]
+
+
+def combine(events: list[RequestOutput]) -> RequestOutput:
+    """One sample's events as one: all its tokens, text and log-probabilities on its final event."""
+    ids = [t for e in events for t in e.token_ids]
+    lps = [lp for e in events for lp in (e.logprobs or [])] if any(e.logprobs is not None for e in events) else None
+    prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+    return dataclasses.replace(events[-1], token_ids=ids, text="".join(e.text for e in events), logprobs=lps,
+                               prompt_logprobs=prompt)
 
 
 class Request:
@@ -145,8 +175,9 @@ class Request:
         self.seed = seed
         self.stream = stream
         self.deadline = deadline
-        # tokens that can ever be in the cache: the last sampled token is never fed back
-        self.max_cached = min(len(prompt) + params.max_tokens - 1, max_len - 1)
+        # tokens that can ever be in the cache: the last sampled token is never fed back (a
+        # max_tokens of 0 still computes the prompt's)
+        self.max_cached = min(len(prompt) + max(params.max_tokens, 1) - 1, max_len - 1)
         self.max_len = max_len
         self.state = RequestState.WAITING
         self.timings = RequestTimings(arrival=time.perf_counter())
@@ -155,6 +186,24 @@ class Request:
         self.last_token: int | None = None  # sampled, not yet fed
         self.num_sampled = 0  # tokens sampled (stop tokens included)
         self.cancelled = False
+        self.sample = 0  # which of its group's n samples
+        self.group: list[Request] = [self]  # every sample of the request (all share the stream)
+        self.siblings: list[Request] = []  # the other samples, until the prefill hands them their first tokens
+        self.leader: Request | None = None  # the sample whose prefill this one waits on, until then
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]  # filled as the prompt is computed
+        self.prompt_logprobs_sent = False
+        self.cumulative_logprob = 0.0
+
+    def fork(self, sample: int) -> "Request":
+        """Sample ``sample`` of this request: same prompt, parameters, seed and stream, its own pages
+        (sharing the prompt's full pages) and its own random draws (the seed folded with ``sample``)."""
+        child = Request(f"{self.rid}/{sample}", self.prompt, self.params, self.checker.fresh(), self.seed,
+                        self.stream, self.max_len, self.deadline)
+        child.sample, child.leader, child.group = sample, self, self.group
+        child.timings = RequestTimings(arrival=self.timings.arrival)
+        self.group.append(child)
+        self.siblings.append(child)
+        return child
 
     @property
     def num_prompt(self) -> int:

@@ -1,9 +1,10 @@
 """Token sampling on the device: greedy, temperature, top-k, top-p, with per-request seeds.
 
 Per-row parameters are arrays, so one compiled program serves any mix of requests. Randomness comes
-from ``fold_in(PRNGKey(seed), position)``: a request's draw depends only on its own seed and the
-position of the token, never on which other requests share the batch — same seed, same output.
-Only the sampled ids leave the device.
+from ``fold_in(fold_in(PRNGKey(seed), sample), position)``: a draw depends only on the request's
+seed, which of its ``n`` samples it is, and the position of the token, never on which other
+requests share the batch — same seed, same outputs, and ``n`` samples that differ from each other.
+Only the sampled ids (and the log-probabilities a request asks for) leave the device.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
+MAX_LOGPROBS = 20  # alternatives a token's log-probability can come with (OpenAI's limit)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """What a request asks for. ``temperature == 0`` means greedy; ``top_k == 0`` and
-    ``top_p == 1`` switch those filters off. Stop conditions are applied on the host."""
+    ``top_p == 1`` switch those filters off. Stop conditions are applied on the host.
+
+    ``n``: completions of the one prompt; they share its prefill and its full KV pages.
+    ``logprobs``: for each sampled token, its log-probability and the ``logprobs`` most likely
+    alternatives (0 gives the token's own only); ``prompt_logprobs`` the same for every prompt token
+    after the first. Both are the log-softmax of the raw logits, before temperature and top-k/top-p
+    (as vLLM reports them). ``max_tokens == 0`` generates nothing and is only useful with
+    ``prompt_logprobs`` (an ``echo`` that scores a prompt).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -29,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -37,8 +52,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise ValueError(f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
@@ -49,23 +70,28 @@ class SamplingBatch(NamedTuple):
     top_p: jax.Array  # [B] float32
     seed: jax.Array  # [B] uint32
     position: jax.Array  # [B] int32, position of the token being sampled
+    sample: jax.Array  # [B] int32, which of its request's n samples the row draws for
 
 
 def make_sampling_batch(
-    params: Sequence[SamplingParams], positions: Sequence[int], default_seeds: Sequence[int], pad_to: int
+    params: Sequence[SamplingParams], positions: Sequence[int], default_seeds: Sequence[int], pad_to: int,
+    samples: Sequence[int] | None = None,
 ) -> SamplingBatch:
     """Host-side packing into numpy (padding rows are greedy); the caller places it on the device that
-    samples. ``default_seeds`` fill in for requests without one."""
+    samples. ``default_seeds`` fill in for requests without one; ``samples`` (default 0) says which
+    of its request's samples each row draws for."""
     t = np.zeros(pad_to, np.float32)
     k = np.zeros(pad_to, np.int32)
     p = np.ones(pad_to, np.float32)
     s = np.zeros(pad_to, np.uint32)
     pos = np.zeros(pad_to, np.int32)
+    n = np.zeros(pad_to, np.int32)
     for i, sp in enumerate(params):
         t[i], k[i], p[i] = sp.temperature, sp.top_k, sp.top_p
         s[i] = sp.seed if sp.seed is not None else default_seeds[i]
         pos[i] = positions[i]
-    return SamplingBatch(t, k, p, s, pos)
+        n[i] = samples[i] if samples is not None else 0
+    return SamplingBatch(t, k, p, s, pos, n)
 
 
 def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
@@ -86,7 +112,8 @@ def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     scaled = logits / temp[:, None]
     probs = jax.nn.softmax(scaled, axis=-1)
     k = jnp.where(sb.top_k > 0, sb.top_k, V)
-    base = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.PRNGKey(s), pos))(sb.seed, sb.position)
+    base = jax.vmap(lambda s, n, pos: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), n), pos))(
+        sb.seed, sb.sample, sb.position)
 
     def draw(round_: jax.Array, pivot: jax.Array) -> jax.Array:
         # inverse CDF over the candidates in vocabulary order: one uniform number a row, not a

@@ -50,6 +50,10 @@ class StopChecker:
         self._hold = max((len(s) for s in params.stop), default=1) - 1
         self.finished: FinishReason | None = None
 
+    def fresh(self) -> "StopChecker":
+        """A checker for another sample of the same request (same rules, nothing seen yet)."""
+        return StopChecker(self.params, self.eos, self.detok)
+
     def _decode_step(self) -> str:
         """New complete text for the ids appended since the last call (TGI/vLLM offset scheme)."""
         if self.detok is None:

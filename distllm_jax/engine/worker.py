@@ -13,15 +13,15 @@ from __future__ import annotations
 import abc
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Sequence, TypeVar, cast
-
-import numpy as np
+from typing import Callable, NamedTuple, Sequence, TypeVar, cast
 
 from distllm_jax.engine.controller import Controller, InstanceLost
+from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.engine.instance_api import InstanceAPI, LookaheadInstance
-from distllm_jax.engine.programs import Segment
+from distllm_jax.engine.programs import HostStep, PendingStep, Segment
 from distllm_jax.engine.request import Request, RequestState
+from distllm_jax.engine.stopping import FinishReason
 from distllm_jax.scheduling import Scheduler
 
 IDLE_WAIT_S = 0.02  # an idle worker wakes this often to enforce deadlines
@@ -29,13 +29,40 @@ T = TypeVar("T")
 
 
 class InFlight(NamedTuple):
-    """A decode step dispatched and not yet read: its requests (row order), its ids on the device,
-    when it was dispatched and its segments (for the step log)."""
+    """A decode step dispatched and not yet read: its requests (row order), its results on the
+    device, when it was dispatched and its segments (for the step log)."""
 
     batch: list[Request]
-    ids: Any
+    out: PendingStep
     dispatched: float
     segs: list[Segment]
+
+
+class SampledRow(NamedTuple):
+    """A logits row's sampled token, with its log-probability when its request asks."""
+
+    token: int
+    logprob: TokenLogprob | None
+
+
+class StepRows(NamedTuple):
+    """A step's results in segment order: ``rows[i]`` are segment i's sampled rows (its
+    ``samples`` of them) and ``prompt_logprobs[i]`` its prompt tokens' log-probabilities."""
+
+    rows: list[list[SampledRow]]
+    prompt_logprobs: list[list[TokenLogprob]]
+
+    @classmethod
+    def read(cls, outs: Sequence[HostStep], groups: Sequence[Sequence[Segment]]) -> "StepRows":
+        rows: list[list[SampledRow]] = []
+        prompt: list[list[TokenLogprob]] = []
+        for o, g in zip(outs, groups):
+            j = 0
+            for i, seg in enumerate(g):
+                rows.append([SampledRow(int(o.ids[j + k]), o.logprobs[j + k]) for k in range(seg.samples)])
+                j += seg.samples
+                prompt.append(o.prompt_logprobs[i])
+        return cls(rows, prompt)
 
 
 def split_micro(items: Sequence, weights: Sequence[int], parts: int) -> list[list]:
@@ -128,7 +155,7 @@ class Worker(abc.ABC):
 
     # ---- shared pieces ----------------------------------------------------------------------------
 
-    def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> list[int] | None:
+    def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> StepRows | None:
         """Run one step; on failure fail its requests (and, if the pool was lost, everyone's here)."""
         groups = split_micro(list(segs), [len(s.tokens) for s in segs], self.inst.spec.pp)
         t0 = time.perf_counter()
@@ -136,7 +163,7 @@ class Worker(abc.ABC):
         if outs is None:
             return None
         self.log_step(kind, t0, time.perf_counter(), segs)
-        return [int(t) for o, g in zip(outs, groups) for t in o[: len(g)]]
+        return StepRows.read(outs, groups)
 
     def log_step(self, kind: str, start: float, end: float, segs: Sequence[Segment]) -> None:
         self.ctrl.step_log.append(StepRecord(self.inst.name, kind, start, end, tuple(len(s.tokens) for s in segs),
@@ -169,19 +196,61 @@ class Worker(abc.ABC):
             if r.state is RequestState.DONE or self.ctrl.drop_if_over(r, now):
                 self.running.remove(r)
 
-    def first_token(self, r: Request, tok: int, now: float) -> bool:
-        """A request's prompt is now fully cached and ``tok`` is its first token: stream it. True when
-        the request goes on to decode (the caller then queues it where its policy says)."""
+    def prompt_segment(self, r: Request, start: int = 0, length: int | None = None) -> Segment:
+        """``r``'s prompt tokens ``[start, start + length)`` (the rest of the prompt by default). The
+        last chunk draws a row for each of ``r``'s samples still riding on it, and a request that
+        asks for prompt log-probabilities scores each token's successor (once: not when a lost
+        instance's prefill is redone after they were sent)."""
+        end = r.num_prompt if length is None else start + length
+        targets = r.prompt[start + 1 : end + 1] if r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent else ()
+        samples = 1 + len(r.siblings) if end == r.num_prompt else 1
+        return Segment(r.prompt[start:end], start, list(self.inst.alloc.table(r.rid)), r.params, r.seed,
+                       samples, r.sample, targets)
+
+    def prompt_done(self, r: Request, rows: Sequence[SampledRow], prompt_lps: Sequence[TokenLogprob],
+                    now: float) -> list[Request]:
+        """The step that computed the end of ``r``'s prompt is back (``rows``: a sampled row per
+        sample riding on it, ``prompt_lps``: the prompt log-probabilities of this step's part).
+        Hands each sample its first token; returns those that go on to decode (the caller queues
+        them where its policy says). The other samples take their own copy of the part-filled last
+        prompt page now, before anything writes there."""
+        r.prompt_logprobs += prompt_lps
+        members, r.siblings = [r, *r.siblings], []
+        ps = self.inst.page_size
+        if len(members) > 1 and r.num_prompt % ps:
+            last = r.num_prompt // ps
+            dst = [self.inst.alloc.table(q.rid)[last] for q in members[1:] if q.state is RequestState.PREFILLING]
+            if dst:
+                self.inst.copy_pages([self.inst.alloc.table(r.rid)[last]] * len(dst), dst)
+        go_on = []
+        for q, row in zip(members, rows):
+            q.leader = None
+            if q is not r:
+                q.prompt_logprobs = r.prompt_logprobs
+            if q.state is not RequestState.DONE and self.first_token(q, row, now):
+                go_on.append(q)
+        return go_on
+
+    def first_token(self, r: Request, row: SampledRow, now: float) -> bool:
+        """A request's prompt is now fully cached and ``row`` holds its first token: stream it. True
+        when the request goes on to decode. ``max_tokens == 0`` ends here, with no token."""
         r.num_computed = r.num_prompt
         if r.num_sampled:  # a prefill redone after its first instance was lost: the token was streamed
             return not self.ctrl.drop_if_over(r, now)
-        if self.ctrl.drop_if_over(r, now) or not self.ctrl.emit(r, tok, now):
+        if self.ctrl.drop_if_over(r, now):
             return False
-        r.last_token = tok
+        if r.params.max_tokens == 0:
+            r.timings.first_token = now
+            self.ctrl.finish(r, FinishReason.LENGTH, now=now)
+            return False
+        if not self.ctrl.emit(r, row.token, now, row.logprob):
+            return False
+        r.last_token = row.token
         return True
 
     def decode_segment(self, r: Request) -> Segment:
-        return Segment([r.last_token], r.num_computed, self.inst.alloc.table(r.rid), r.params, r.seed)
+        return Segment([r.last_token], r.num_computed, self.inst.alloc.table(r.rid), r.params, r.seed,
+                       sample=r.sample)
 
     def decode_step(self) -> bool:
         """One continuous-batching step over ``self.running``."""
@@ -193,10 +262,10 @@ class Worker(abc.ABC):
                 return False
             batch = list(self.running)
             segs = [self.decode_segment(r) for r in batch]
-        tokens = self.run("decode", batch, segs)
-        if tokens is not None:
+        out = self.run("decode", batch, segs)
+        if out is not None:
             with self.ctrl.lock:
-                self.after_decode(batch, tokens, time.perf_counter())
+                self.after_decode(batch, out.rows, time.perf_counter())
         return True
 
     def _decode_step_ahead(self) -> bool:
@@ -219,7 +288,8 @@ class Worker(abc.ABC):
                 if j is None:
                     segs.append(self.decode_segment(r))
                 elif r.num_computed + 2 <= r.max_cached:
-                    segs.append(Segment([0], r.num_computed + 1, self.inst.alloc.table(r.rid), r.params, r.seed))
+                    segs.append(Segment([0], r.num_computed + 1, self.inst.alloc.table(r.rid), r.params, r.seed,
+                                        sample=r.sample))
                 else:
                     continue
                 batch.append(r)
@@ -229,24 +299,24 @@ class Worker(abc.ABC):
         self.inflight = None
         if batch:
             t = time.perf_counter()
-            ids = self.guarded("decode", batch, lambda: cast(LookaheadInstance, self.inst).dispatch_decode(
-                segs, None if prev is None else prev.ids, src))
-            if ids is not None:
-                self.inflight = InFlight(batch, ids, t, segs)
+            out = self.guarded("decode", batch, lambda: cast(LookaheadInstance, self.inst).dispatch_decode(
+                segs, None if prev is None else prev.out, src))
+            if out is not None:
+                self.inflight = InFlight(batch, out, t, segs)
         if prev is not None:
             self._read(prev)
         return True
 
     def _read(self, prev: InFlight) -> None:
         """Wait for a dispatched decode step's ids and hand its tokens on."""
-        out = self.guarded("decode", prev.batch, lambda: np.asarray(prev.ids))
+        out = self.guarded("decode", prev.batch, prev.out.host)
         if out is None:
             return
         now = time.perf_counter()
         self.log_step("decode", max(prev.dispatched, self._last_read), now, prev.segs)
         self._last_read = now
         with self.ctrl.lock:
-            self.after_decode(prev.batch, [int(t) for t in out[: len(prev.batch)]], now)
+            self.after_decode(prev.batch, StepRows.read([out], [prev.segs]).rows, now)
 
     def flush(self) -> None:
         """Read the step in flight, if any (before a step of another kind on this instance)."""
@@ -254,14 +324,15 @@ class Worker(abc.ABC):
             prev, self.inflight = self.inflight, None
             self._read(prev)
 
-    def after_decode(self, batch: Sequence[Request], tokens: Sequence[int], now: float) -> None:
-        for r, tok in zip(batch, tokens):
+    def after_decode(self, batch: Sequence[Request], rows: Sequence[Sequence[SampledRow]], now: float) -> None:
+        """A decode step's tokens (one row per request) to their requests."""
+        for r, (row,) in zip(batch, rows):
             if r.state is RequestState.DONE:
                 continue
             r.num_computed += 1
             if self.ctrl.drop_if_over(r, now):
                 self.running.remove(r)
-            elif self.ctrl.emit(r, tok, now):
-                r.last_token = tok
+            elif self.ctrl.emit(r, row.token, now, row.logprob):
+                r.last_token = row.token
             else:
                 self.running.remove(r)

@@ -37,11 +37,11 @@ def run_decode_steps(inst: Any, segs: Sequence[Any], steps: int) -> None:
         return
     prev, src = None, list(range(len(segs)))
     for _ in range(steps):
-        ids = inst.dispatch_decode(segs, prev, None if prev is None else src)
+        out = inst.dispatch_decode(segs, prev, None if prev is None else src)
         if prev is not None:
-            np.asarray(prev)
-        prev = ids
-    np.asarray(prev)
+            prev.host()
+        prev = out
+    prev.host()
 
 
 DECODE_STEPS = 8  # decode steps timed together (the lookahead needs a run of them)

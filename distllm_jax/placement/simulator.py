@@ -187,6 +187,7 @@ class SimRequest:
     rid: str = ""
     state: RequestState = RequestState.WAITING
     holders: list = dataclasses.field(default_factory=list)
+    siblings: list = dataclasses.field(default_factory=list)  # traces replay one sample a request
     num_computed: int = 0  # tokens whose K/V are cached
     generated: int = 0  # tokens produced
     prefill_instance: str | None = None

@@ -51,7 +51,8 @@ class ChunkedScheduler:
 
     @property
     def load(self) -> int:
-        return len(self.running) + len(self.prefilling)
+        """Decode rows, now and once the admitted prompts are in (each of their samples is one)."""
+        return len(self.running) + sum(1 + len(r.siblings) for r in self.prefilling)
 
     def has_work(self) -> bool:
         return bool(self.running or self.prefilling) or (bool(self.queues.waiting) and self.load < self.inst.max_batch)
@@ -66,7 +67,9 @@ class ChunkedScheduler:
                 if not self.queues.waiting or self.load >= self.inst.max_batch:
                     break
                 # one prompt at a time, its pages reserved whole: its chunks run over several steps
-                admitted = take_prompts(self.queues, self.inst, budget=0, max_seqs=1, reserve_all=True, now=now)
+                # (budget 0: the first prompt only)
+                admitted = take_prompts(self.queues, self.inst, budget=0, max_seqs=self.inst.max_batch,
+                                        reserve_all=True, now=now, room=self.inst.max_batch - self.load)
                 if not admitted:
                     break
                 self.prefilling += admitted

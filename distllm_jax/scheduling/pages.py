@@ -25,6 +25,8 @@ class PageAllocator:
     Page 0 (:data:`NULL_PAGE`) is never handed out. Allocation is all-or-nothing, so a failed
     :meth:`ensure` leaves both the free list and the request's table unchanged, and :meth:`free` is
     idempotent, so every path that ends a request can call it without bookkeeping of its own.
+    A page can be in several tables (:meth:`share`: the full prompt pages of ``n`` samples of one
+    prompt); it is counted, and goes back to the free list when its last table lets it go.
     """
 
     def __init__(self, num_pages: int, page_size: int):
@@ -35,6 +37,7 @@ class PageAllocator:
         # LIFO free list: recently freed pages are reused first (warm in caches)
         self._free: list[int] = list(range(num_pages - 1, NULL_PAGE, -1))
         self._tables: dict[Hashable, list[int]] = {}
+        self._shared: dict[int, int] = {}  # page -> tables holding it, for pages in more than one
 
     @property
     def num_free(self) -> int:
@@ -67,12 +70,33 @@ class PageAllocator:
             table.append(self._free.pop())
         return table
 
+    def share(self, src: Hashable, dst: Hashable, num_pages: int) -> list[int]:
+        """Start ``dst``'s table with ``src``'s first ``num_pages`` pages, held by both (pages that
+        neither will write again); ``dst`` must hold none yet. Returns ``dst``'s table."""
+        if self._tables.get(dst):
+            raise ValueError(f"request {dst!r} already holds pages")
+        pages = self.table(src)[:num_pages]
+        if len(pages) < num_pages:
+            raise ValueError(f"request {src!r} holds {len(pages)} pages, {num_pages} to share")
+        for p in pages:
+            self._shared[p] = self._shared.get(p, 1) + 1
+        self._tables[dst] = list(pages)
+        return self._tables[dst]
+
     def free(self, rid: Hashable) -> int:
-        """Return all of ``rid``'s pages; a no-op for an unknown or already-freed request."""
+        """Let go of all of ``rid``'s pages (each returns to the free list unless another table still
+        holds it); a no-op for an unknown or already-freed request. Returns the pages let go of."""
         table = self._tables.pop(rid, None)
         if not table:
             return 0
-        self._free.extend(reversed(table))
+        for p in reversed(table):
+            held = self._shared.get(p, 1)
+            if held > 2:
+                self._shared[p] = held - 1
+            elif held == 2:
+                del self._shared[p]
+            else:
+                self._free.append(p)
         return len(table)
 
     def requests(self) -> list[Hashable]:
@@ -80,7 +104,7 @@ class PageAllocator:
 
     def assert_no_leaks(self) -> None:
         """All pages free and no table left: run after every engine test."""
-        if self._tables or len(self._free) != self.num_pages - 1:
+        if self._tables or self._shared or len(self._free) != self.num_pages - 1:
             raise AssertionError(
                 f"page leak: {self.num_used} pages held by {sorted(map(str, self._tables))[:8]}"
             )

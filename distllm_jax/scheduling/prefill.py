@@ -7,35 +7,47 @@ it. The pool bounds that buffer: when it is full of held requests, new prompts w
 
 from __future__ import annotations
 
+from distllm_jax.scheduling.pages import pages_for
 from distllm_jax.scheduling.plans import PrefillPlan
 from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
 def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int, reserve_all: bool,
                  now: float, room: int | None = None) -> list[SchedRequest]:
-    """Pop waiting requests FCFS while they fit the token budget, the sequence limit and the pool.
+    """Pop waiting requests FCFS while they fit the token budget, the logits rows and the pool.
 
     The head of the queue is never skipped (FCFS); a prompt longer than the budget runs alone.
     ``reserve_all`` reserves pages for the request's whole length (instances that also decode).
+    A request of ``n`` samples takes ``n`` rows (``max_seqs``, ``room``), and its siblings take
+    their pages here too: the prompt's full pages shared, their own for the rest.
     """
     batch: list[SchedRequest] = []
-    tokens = 0
+    tokens = rows = 0
     limit = max_seqs if room is None else min(max_seqs, room)
-    while queues.waiting and len(batch) < limit:
+    alloc = inst.alloc
+    while queues.waiting:
         r = queues.waiting[0]
-        if batch and tokens + r.num_prompt > budget:
+        n = 1 + len(r.siblings)
+        if rows + n > limit or (batch and tokens + r.num_prompt > budget):
             break
         need = r.max_cached if reserve_all else r.num_prompt
-        if inst.alloc.extra_pages_needed(r.rid, need) > inst.alloc.num_free:
+        shared = r.num_prompt // inst.page_size  # full prompt pages: never written after the prefill
+        extra = alloc.extra_pages_needed(r.rid, need) + (n - 1) * (pages_for(need, inst.page_size) - shared)
+        if extra > alloc.num_free:
             break
         queues.waiting.popleft()
-        inst.alloc.ensure(r.rid, need)
-        r.holders.append(inst)
-        r.state = RequestState.PREFILLING
-        r.timings.prefill_start = now
-        r.timings.prefill_instance = inst.name
+        alloc.ensure(r.rid, need)
+        for q in (r, *r.siblings):
+            if q is not r:
+                alloc.share(r.rid, q.rid, shared)
+                alloc.ensure(q.rid, need)
+            q.holders.append(inst)
+            q.state = RequestState.PREFILLING
+            q.timings.prefill_start = now
+            q.timings.prefill_instance = inst.name
         batch.append(r)
         tokens += r.num_prompt
+        rows += n
     return batch
 
 

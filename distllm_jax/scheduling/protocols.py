@@ -61,6 +61,7 @@ class SchedRequest(Protocol):
     num_computed: int  # tokens whose K/V are in the cache
     max_cached: int  # tokens that can ever be in the cache (prompt + max_tokens - 1, capped)
     timings: Stamps
+    siblings: list  # the other samples of an n > 1 request, riding on its prefill until its first token
 
     @property
     def num_prompt(self) -> int: ...
