@@ -95,6 +95,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                           "keeps the token out of `ps` and shell history")
     srv.add_argument("--max-concurrent", type=int, default=256,
                      help="requests served at once over gRPC and HTTP together; more are refused")
+    srv.add_argument("--max-n", type=int, default=8,
+                     help="samples one request may ask for (n, best_of); at most the engine's batch rows")
     srv.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024,
                      help="largest request or reply message (and HTTP body)")
     srv.add_argument("--drain-timeout", type=float, default=300.0,
@@ -225,6 +227,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg = ServerConfig(
             host=args.host, port=args.port, metrics_port=metrics_port,
             tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=token, max_concurrent=args.max_concurrent,
+            max_n=args.max_n,
             max_message_bytes=args.max_message_bytes, drain_timeout_s=args.drain_timeout,
             model_name=Path(args.checkpoint).name if args.checkpoint else args.preset,
             http_port=args.http_port, chat_template=load_chat_template(args.checkpoint),

@@ -99,7 +99,8 @@ class Admitted:
         return self.stream.request_id
 
     def finished(self) -> None:
-        self.done = True
+        """A final event arrived; the request is done when every one of its samples' has."""
+        self.done = len(self.stream.finals) >= self.stream.n
 
     def close(self) -> None:
         if self._closed:

@@ -43,6 +43,7 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token: str | None = None
     max_concurrent: int = 256
+    max_n: int = 8  # samples one request may ask for (n, best_of)
     max_message_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 300.0
     model_name: str = ""
@@ -97,7 +98,7 @@ class GenerationService(FrontDoor):
         super().__init__(engine, cfg.max_concurrent, metrics)
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.limits = Limits.for_engine(engine, tokenizer)
+        self.limits = Limits.for_engine(engine, tokenizer, cfg.max_n)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -281,7 +282,7 @@ class RunningServer:
                 announce(f"distllm serve: re-plan failed ({type(e).__name__}: {e}); restoring the previous layout")
                 s.engine = await loop.run_in_executor(None, old.rebuild)
                 ok = False
-            s.limits = Limits.for_engine(s.engine, s.tokenizer)
+            s.limits = Limits.for_engine(s.engine, s.tokenizer, s.cfg.max_n)
             return ok
         finally:
             s.ready.set()

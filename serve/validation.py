@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from distllm_jax.engine import SamplingParams
+from distllm_jax.engine.sampling import MAX_LOGPROBS
 from serve.v1 import distllm_pb2 as pb
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     request_id: str | None = None
+    n: int = 1
+    logprobs: int | None = None  # alternatives per sampled token (None: no log-probabilities)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (an echo)
 
     @classmethod
     def from_proto(cls, req: pb.GenerateRequest) -> "GenerationRequest":
@@ -59,11 +63,13 @@ class Limits:
     vocab_size: int
     max_tokens_default: int = 16
     max_prompt_chars: int | None = None  # None: no tokenizer, text is refused anyway
+    max_n: int = 1  # samples a request may ask for (the server's --max-n, within the engine's batches)
 
     @classmethod
-    def for_engine(cls, engine: Any, tokenizer: Any) -> "Limits":
+    def for_engine(cls, engine: Any, tokenizer: Any, max_n: int = 8) -> "Limits":
+        rows = min(engine.config.max_prefill_seqs, engine.config.max_decode_batch)
         return cls(max_seq_len=engine.max_len, vocab_size=engine.model.vocab_size,
-                   max_prompt_chars=max_text_chars(tokenizer, engine.max_len))
+                   max_prompt_chars=max_text_chars(tokenizer, engine.max_len), max_n=max(1, min(max_n, rows)))
 
 
 def max_text_chars(tokenizer: Any, max_seq_len: int) -> int | None:
@@ -130,8 +136,9 @@ def sampling_params(req: GenerationRequest, limits: Limits, prompt_len: int) -> 
     room = limits.max_seq_len - prompt_len
     if req.max_tokens is not None:
         max_tokens = req.max_tokens
-        if not 1 <= max_tokens <= room:
-            raise InvalidArgument("max_tokens", f"must be in [1, {room}] (the context of {limits.max_seq_len} "
+        low = 0 if req.prompt_logprobs is not None else 1  # 0: score the prompt only (an echo)
+        if not low <= max_tokens <= room:
+            raise InvalidArgument("max_tokens", f"must be in [{low}, {room}] (the context of {limits.max_seq_len} "
                                                 f"tokens less the prompt's {prompt_len}), got {max_tokens}")
     else:
         max_tokens = min(limits.max_tokens_default, room)
@@ -154,10 +161,17 @@ def sampling_params(req: GenerationRequest, limits: Limits, prompt_len: int) -> 
     bad = [t for t in req.stop_token_ids if not 0 <= t < limits.vocab_size]
     if bad:
         raise InvalidArgument("stop_token_ids", f"ids out of range [0, {limits.vocab_size}): {bad[:5]}")
+    if not 1 <= req.n <= limits.max_n:
+        raise InvalidArgument("n", f"must be in [1, {limits.max_n}] (the server's --max-n), got {req.n}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(req, name)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise InvalidArgument(name, f"must be in [0, {MAX_LOGPROBS}], got {k}")
     return SamplingParams(
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=seed,
         max_tokens=int(max_tokens), stop_token_ids=tuple(int(t) for t in req.stop_token_ids),
-        stop=tuple(req.stop), ignore_eos=req.ignore_eos,
+        stop=tuple(req.stop), ignore_eos=req.ignore_eos, n=req.n, logprobs=req.logprobs,
+        prompt_logprobs=req.prompt_logprobs,
     )
 
 
