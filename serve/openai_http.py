@@ -6,11 +6,16 @@ in a last chunk when ``stream_options.include_usage``), ``GET /v1/models``, ``GE
 Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (named in ``param``), 401 without the bearer token, 404 for another model name, 413 for a body over the
 limit, 415 for a body that is not ``application/json``, 429 at the concurrency cap (shared with gRPC),
-503 while draining or re-planning. Extensions: ``top_k`` and ``ignore_eos``. A field this server does
-not implement (``frequency_penalty``, ``logit_bias``, ``tools``, ``echo``, ``n > 1``, ...) is a 400
-naming it rather than silently ignored; so is a ``max_tokens`` past what the context leaves after the
-prompt (the message gives the limit). A client that disconnects, streaming or not, has its request
-cancelled.
+503 while draining or re-planning. Extensions: ``top_k`` and ``ignore_eos``.
+
+Served as OpenAI (and vLLM) serve them: ``n`` and ``best_of`` (the samples of a prompt share its
+prefill; ``best_of`` keeps the ``n`` with the highest cumulative log-probability), ``logprobs``
+(completions: ``logprobs: k``, in the legacy shape; chat: ``logprobs: true`` with ``top_logprobs: k``),
+``echo`` with prompt log-probabilities (``max_tokens: 0`` scores a prompt, as evaluation harnesses
+do), and a list of prompts in one completions request (choice ``index`` = prompt * n + sample). A field
+this server does not implement (``frequency_penalty``, ``logit_bias``, ``tools``, ...) is a 400 naming
+it rather than silently ignored; so is a ``max_tokens`` past what the context leaves after the prompt
+(the message gives the limit). A client that disconnects, streaming or not, has its request cancelled.
 
 Browsers: requests must be ``application/json`` (a cross-site "simple" POST cannot be), the Host header
 must name the bound address or one of ``allowed_hosts`` (DNS rebinding), and CORS headers are sent only
@@ -34,6 +39,9 @@ from distllm_jax.engine import FinishReason
 from serve.auth import bearer_error
 from serve.chat_template import ChatTemplate
 from serve.front_door import Admitted, Refusal, Refused
+from distllm_jax.engine.request import RequestOutput, combine
+from distllm_jax.engine.sampling import MAX_LOGPROBS
+from serve.openai_logprobs import chat_logprobs, completion_logprobs, legacy_text, token_bytes, token_text
 from serve.validation import GenerationRequest, InvalidArgument, Limits, check_text, prompt_ids, sampling_params
 
 
@@ -55,6 +63,7 @@ INT64 = 2**63
 # accepted fields; the OpenAI API has more, refused by name below unless their value is a no-op
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
           "ignore_eos", "user", "n", "logprobs"}
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each is admitted as a request of its own)
 FIELDS = {False: COMMON | {"prompt", "best_of", "echo"},
           True: COMMON | {"messages", "max_completion_tokens", "top_logprobs"}}
 NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "suffix": "", "tools": [],
@@ -80,23 +89,45 @@ def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
     return v
 
 
+@dataclasses.dataclass(frozen=True)
+class Choices:
+    """What a request asks of its completions: ``n`` per prompt, drawn from ``best_of`` samples (the
+    ``n`` with the highest cumulative log-probability are kept), ``logprobs`` alternatives per token
+    (None: no log-probabilities), and ``echo`` (the prompt before the completion, completions only)."""
+
+    n: int = 1
+    best_of: int = 1
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def choices_asked(body: dict, chat: bool) -> Choices:
+    n = _field(body, "n", (int,), 1)
+    best_of = n if chat else _field(body, "best_of", (int,), n)
+    if best_of < n:
+        raise HTTPError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+    if best_of > n and _field(body, "stream", (bool,), False):
+        raise HTTPError(400, "best_of > n cannot stream (the best are known only at the end)", param="best_of")
+    if chat:
+        on = _field(body, "logprobs", (bool,), False)
+        top = _field(body, "top_logprobs", (int,), None)
+        if top is not None and not on:
+            raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        k = (top or 0) if on else None
+        echo = False
+    else:
+        k = _field(body, "logprobs", (int,), None)
+        echo = bool(_field(body, "echo", (bool,), False))
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise HTTPError(400, f"must be in [0, {MAX_LOGPROBS}], got {k}", param="top_logprobs" if chat else "logprobs")
+    return Choices(n, best_of, k, echo)
+
+
 def refuse_unimplemented(body: dict, chat: bool) -> None:
     """A field the server would otherwise ignore changes what the client gets without telling it: refuse
     it by name (a no-op value such as ``frequency_penalty: 0`` is accepted)."""
-    n = _field(body, "n", (int,), 1)
-    if n != 1:
-        raise HTTPError(400, "only n=1 is supported", param="n")
-    if chat:
-        if _field(body, "logprobs", (bool,), False):
-            raise HTTPError(400, "logprobs are not supported", param="logprobs")
-    elif body.get("logprobs") not in (None, False):
-        raise HTTPError(400, "logprobs are not supported", param="logprobs")
-    if body.get("top_logprobs") is not None:
-        raise HTTPError(400, "top_logprobs are not supported", param="top_logprobs")
-    if body.get("best_of") not in (None, 1):
-        raise HTTPError(400, "only best_of=1 is supported", param="best_of")
-    if body.get("echo") not in (None, False):
-        raise HTTPError(400, "echo is not supported", param="echo")
+    if chat and body.get("echo") not in (None, False):
+        raise HTTPError(400, "echo is for /v1/completions; chat replies do not repeat the messages", param="echo")
     for name in sorted(body):
         if name in FIELDS[chat] or body[name] is None or (name in NO_OP and body[name] == NO_OP[name]):
             continue
@@ -105,8 +136,11 @@ def refuse_unimplemented(body: dict, chat: bool) -> None:
 
 def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: bool) -> GenerationRequest:
     """The OpenAI fields as the neutral request validation reads (``max_tokens`` left unset when
-    absent: the default depends on the prompt's length)."""
+    absent: the default depends on the prompt's length). ``best_of`` samples are drawn (``n`` are
+    kept later), with log-probabilities to rank them by; an ``echo`` with ``logprobs`` scores the
+    prompt too."""
     refuse_unimplemented(body, chat)
+    want = choices_asked(body, chat)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -122,8 +156,11 @@ def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: boo
     max_tokens = _field(body, "max_tokens", (int,), None)
     if max_tokens is None and chat:
         max_tokens = _field(body, "max_completion_tokens", (int,), None)
+    if max_tokens == 0 and not want.echo:
+        raise HTTPError(400, "max_tokens 0 generates nothing: it needs echo (to score the prompt)", param="max_tokens")
     if not isinstance(prompt, str) and not all(0 <= t < INT64 for t in prompt):
         raise HTTPError(400, f"token ids out of the vocabulary [0, {limits.vocab_size})", param="prompt")
+    ranked = want.best_of > want.n
     return GenerationRequest(
         prompt=prompt, max_tokens=max_tokens,
         temperature=float(_field(body, "temperature", _NUM, 1.0)),
@@ -132,6 +169,9 @@ def build_request(body: dict, prompt: str | list[int], limits: Limits, chat: boo
         seed=_field(body, "seed", (int,), None),
         stop=tuple(stop or ()),
         ignore_eos=bool(_field(body, "ignore_eos", (bool,), False)),
+        n=want.best_of,
+        logprobs=want.logprobs if want.logprobs is not None else (0 if ranked else None),
+        prompt_logprobs=(want.logprobs or 0) if want.echo and (want.logprobs is not None or max_tokens == 0) else None,
     )
 
 
@@ -233,21 +273,11 @@ class OpenAIFrontend:
             try:
                 self._auth(request)
                 body = await self._body(request)
-                prompt = self._prompt(body, chat)
-                req = build_request(body, prompt, self.service.limits, chat)
-                try:
-                    special = not chat or self.chat.add_special_tokens
-                    ids = await prompt_ids(req, self.service.limits, self.service.tokenizer, special)
-                    if chat and req.max_tokens is None:  # a chat reply may use what the context leaves
-                        req = dataclasses.replace(
-                            req, max_tokens=max(1, min(1024, self.service.limits.max_seq_len - len(ids))))
-                    params = sampling_params(req, self.service.limits, len(ids))
-                except InvalidArgument as e:
-                    raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
+                jobs = [await self._job(body, prompt, chat) for prompt in self._prompts(body, chat)]
                 stream = _field(body, "stream", (bool,), False)
                 opts = body.get("stream_options") or {}
                 usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-                return await self._run(ids, params, chat, stream, usage, request)
+                return await self._run(jobs, choices_asked(body, chat), chat, stream, usage, request)
             except HTTPError as e:
                 if e.status in (400, 413) and not e.counted:
                     self.service.metrics.requests.labels("invalid").inc()
@@ -305,7 +335,9 @@ class OpenAIFrontend:
                             param="model", code="model_not_found")
         return body
 
-    def _prompt(self, body: dict, chat: bool) -> str | list[int]:
+    def _prompts(self, body: dict, chat: bool) -> list[str | list[int]]:
+        """The request's prompts: the rendered chat, or ``prompt`` as OpenAI takes it (a string, token
+        ids, or a list of either for a batch)."""
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(
@@ -316,98 +348,199 @@ class OpenAIFrontend:
                 text = self.chat.render(msgs)
             except Exception as e:  # noqa: BLE001 - a template's own error, e.g. roles out of order
                 raise HTTPError(400, f"chat template: {e}", param="messages") from None
-            return text
+            return [text]
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
-            return p
-        raise HTTPError(400, "'prompt' must be a string or a list of token ids (one prompt: n=1)", param="prompt")
+        batch = p if isinstance(p, list) and p and all(isinstance(q, (str, list)) for q in p) else [p]
+        if len(batch) > MAX_PROMPTS:
+            raise HTTPError(400, f"at most {MAX_PROMPTS} prompts in one request, got {len(batch)}", param="prompt")
+        for q in batch:
+            if not (isinstance(q, str) or (isinstance(q, list) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in q))):
+                raise HTTPError(400, "'prompt' must be a string, a list of token ids, or a list of either",
+                                param="prompt")
+        return batch
 
-    async def _run(self, ids: list[int], params, chat: bool, stream: bool, usage: bool, request: Any = None):
+    async def _job(self, body: dict, prompt: str | list[int], chat: bool) -> "PromptJob":
+        """One prompt's engine inputs, checked."""
+        req = build_request(body, prompt, self.service.limits, chat)
         try:
-            admitted = await self.service.admit(ids, params)
+            special = not chat or self.chat.add_special_tokens
+            ids = await prompt_ids(req, self.service.limits, self.service.tokenizer, special)
+            if chat and req.max_tokens is None:  # a chat reply may use what the context leaves
+                req = dataclasses.replace(req, max_tokens=max(1, min(1024, self.service.limits.max_seq_len - len(ids))))
+            params = sampling_params(req, self.service.limits, len(ids))
+        except InvalidArgument as e:
+            raise HTTPError(400, str(e), param=_openai_param(e.field, chat)) from None
+        if isinstance(prompt, str):
+            text = prompt
+        else:
+            tok = self.service.tokenizer
+            text = tok.decode(ids, skip_special_tokens=False) if tok is not None else ""
+        return PromptJob(ids, params, text)
+
+    async def _admit_all(self, jobs: list["PromptJob"]) -> list[Admitted]:
+        out: list[Admitted] = []
+        try:
+            for job in jobs:
+                out.append(await self.service.admit(job.ids, job.params))
         except Refused as e:
+            for a in out:
+                a.close()
             status, kind = _HTTP_STATUS[e.why]
             raise HTTPError(status, str(e), kind, counted=True) from None
+        return out
+
+    async def _run(self, jobs: list["PromptJob"], want: Choices, chat: bool, stream: bool, usage: bool,
+                   request: Any = None):
+        admitted = await self._admit_all(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
-            return StreamingResponse(self._sse(admitted, rid, created, chat, usage, len(ids)),
-                                           media_type="text/event-stream",
-                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, reason, n_out = [], None, 0
+            return StreamingResponse(self._sse(admitted, jobs, want, rid, created, chat, usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # nothing is sent before the end, so only a watch on the connection notices a client that left
-        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, admitted.request_id)) if request else None
+        watch = asyncio.ensure_future(self._cancel_on_disconnect(request, admitted)) if request else None
         try:
-            async for out in admitted.stream:
-                text.append(out.text)
-                if out.finished is not None:
-                    admitted.finished()
-                    self._observe(out)
-                    if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
-                        raise HTTPError(500, out.error or out.finished.value, "server_error")
-                    reason, n_out = out.finished.value, out.num_output_tokens
+            results = []
+            for a in admitted:
+                events: dict[int, list[RequestOutput]] = {}
+                async for out in _events(a, self._observe):
+                    events.setdefault(out.index, []).append(out)
+                results.append([combine(events[i]) for i in sorted(events)])
         finally:
             if watch is not None:
                 watch.cancel()
-            admitted.close()
-        content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
-                  if chat else {"index": 0, "text": content, "logprobs": None, "finish_reason": reason})
+            for a in admitted:
+                a.close()
+        choices, n_out = [], 0
+        for i, (job, outs) in enumerate(zip(jobs, results)):
+            n_out += sum(o.num_output_tokens for o in outs)
+            if want.best_of > want.n:
+                outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[: want.n]
+            for j, out in enumerate(outs):
+                choices.append(self._choice(i * want.n + j, job, out, want, chat))
+        n_in = sum(len(j.ids) for j in jobs)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": self.model, "choices": [choice],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out}}
+                "model": self.model, "choices": choices,
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
-    async def _cancel_on_disconnect(self, request: Any, request_id: str) -> None:
-        """Cancel the request once its client disconnects (its body is read, so the next ASGI message
-        is the disconnect)."""
+    def _choice(self, index: int, job: "PromptJob", out: RequestOutput, want: Choices, chat: bool) -> dict:
+        reason = out.finished.value if out.finished is not None else None
+        text = token_text(self.service.tokenizer)
+        if chat:
+            lp = chat_logprobs(out.logprobs or [], text, token_bytes(self.service.tokenizer)) if want.logprobs is not None else None
+            return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                    "finish_reason": reason}
+        content = (job.text if want.echo else "") + out.text
+        lp = None
+        if want.logprobs is not None:
+            tokens, lps = list(out.token_ids), list(out.logprobs or [])
+            if want.echo:
+                tokens, lps = job.ids + tokens, list(out.prompt_logprobs or [None] * len(job.ids)) + lps
+            lp = completion_logprobs(tokens, lps, legacy_text(self.service.tokenizer))
+        return {"index": index, "text": content, "logprobs": lp, "finish_reason": reason}
+
+    async def _cancel_on_disconnect(self, request: Any, admitted: list[Admitted]) -> None:
+        """Cancel the requests once their client disconnects (its body is read, so the next ASGI
+        message is the disconnect)."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.service.engine.cancel(request_id)
+        for a in admitted:
+            self.service.engine.cancel(a.request_id)
 
     def _observe(self, out) -> None:
         t = out.timings
         self.service.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
 
-    async def _sse(self, admitted: Admitted, rid: str, created: int, chat: bool, usage: bool,
-                   n_prompt: int) -> AsyncIterator[bytes]:
+    async def _sse(self, admitted: list[Admitted], jobs: list["PromptJob"], want: Choices, rid: str, created: int,
+                   chat: bool, usage: bool) -> AsyncIterator[bytes]:
+        """Server-sent events of every choice as its tokens come (each chunk names its choice's
+        ``index``); the prompts' streams are read side by side."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        text = token_text(self.service.tokenizer)
+        started: set[int] = set()
+        n_out = 0
 
-        def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> bytes:
+        def chunk(index: int, out: RequestOutput, job: "PromptJob") -> bytes:
+            reason = out.finished.value if out.finished is not None else None
+            first = index not in started
+            started.add(index)
             if chat:
-                delta: dict = {}
-                if first:
-                    delta["role"] = "assistant"
-                if delta_text is not None:
-                    delta["content"] = delta_text
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                delta: dict = {"role": "assistant"} if first else {}
+                if out.text or reason is None:
+                    delta["content"] = out.text
+                lp = chat_logprobs(out.logprobs or [], text, token_bytes(self.service.tokenizer)) if want.logprobs is not None else None
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": reason}
+                body, tokens, lps = out.text, list(out.token_ids), list(out.logprobs or [])
+                if first and want.echo:
+                    body = job.text + body
+                    tokens, lps = job.ids + tokens, list(out.prompt_logprobs or [None] * len(job.ids)) + lps
+                lp = (completion_logprobs(tokens, lps, legacy_text(self.service.tokenizer))
+                      if want.logprobs is not None else None)
+                choice = {"index": index, "text": body, "logprobs": lp, "finish_reason": reason}
             return _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
 
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, a: Admitted) -> None:
+            try:
+                async for out in _events(a, self._observe):
+                    await queue.put((i, out))
+            except HTTPError as e:
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, a)) for i, a in enumerate(admitted)]
         try:
-            if chat:
-                yield chunk("", None, first=True)
-            async for out in admitted.stream:
-                if out.finished is None:
-                    if out.text or out.token_ids:
-                        yield chunk(out.text, None)
+            left = len(tasks)
+            while left:
+                i, out = await queue.get()
+                if out is None:
+                    left -= 1
                     continue
-                admitted.finished()
-                self._observe(out)
-                if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
-                    yield _event(HTTPError(500, out.error or out.finished.value, "server_error").body())
+                if isinstance(out, HTTPError):
+                    yield _event(out.body())
                     break
-                yield chunk(out.text or None if chat else out.text, out.finished.value)
+                n_out += out.num_output_tokens if out.finished is not None else 0
+                if out.finished is None and not (out.text or out.token_ids or out.prompt_logprobs):
+                    continue
+                yield chunk(i * want.n + out.index, out, jobs[i])
+            else:
                 if usage:
-                    n = out.num_output_tokens
+                    n_in = sum(len(j.ids) for j in jobs)
                     yield _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
-                                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n,
-                                            "total_tokens": n_prompt + n}})
-            yield b"data: [DONE]\n\n"
+                                  "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
+                                            "total_tokens": n_in + n_out}})
+                yield b"data: [DONE]\n\n"
         finally:
-            admitted.close()  # a client gone mid-stream: its request is cancelled, its pages free now
+            for t in tasks:
+                t.cancel()
+            for a in admitted:
+                a.close()  # a client gone mid-stream: its requests are cancelled, their pages free now
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptJob:
+    """One prompt of a request: its ids, its engine parameters and its text (for an echo)."""
+
+    ids: list[int]
+    params: Any
+    text: str
+
+
+async def _events(admitted: Admitted, observe: Callable[[RequestOutput], None]) -> AsyncIterator[RequestOutput]:
+    """An admitted request's events; each sample's final event is counted, and one that ended in
+    an error, a deadline or a cancellation raises (a 500 in OpenAI's shape)."""
+    async for out in admitted.stream:
+        if out.finished is not None:
+            admitted.finished()
+            observe(out)
+            if out.finished in (FinishReason.ERROR, FinishReason.DEADLINE, FinishReason.CANCELLED):
+                raise HTTPError(500, out.error or out.finished.value, "server_error")
+        yield out
 
 
 _HTTP_STATUS = {Refusal.DRAINING: (503, "service_unavailable"), Refusal.AT_CAPACITY: (429, "rate_limit_error"),

@@ -116,8 +116,8 @@ def test_http_chat_prompt_is_tokenised_without_a_second_bos(tmp_path):
     def front_for(template):
         front = OpenAIFrontend(service, "m", None, 100_000, template, allowed_hosts=["testserver"])
 
-        async def run(ids, *args, **kw):
-            seen.append(ids)
+        async def run(jobs, *args, **kw):
+            seen.append(jobs[0].ids)
             return {}
 
         front._run = run

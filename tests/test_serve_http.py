@@ -112,8 +112,13 @@ def _post(server, path, body=None, token=TOKEN, raw=None):
     ({"prompt": "x", "top_p": 2}, "top_p"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ({"prompt": "x", "n": 99}, "n"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
+    ({"prompt": "x", "echo": True, "logprobs": 0, "max_tokens": 0, "n": 99}, "n"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [1, 999]}, "prompt"),
     ({}, "prompt"),
@@ -282,14 +287,11 @@ def test_hostile_chat_content_is_400(server):
     ("/completions", "presence_penalty", 1),
     ("/completions", "logit_bias", {"5": 10}),
     ("/completions", "suffix", "end"),
-    ("/completions", "echo", True),
-    ("/completions", "best_of", 2),
-    ("/completions", "logprobs", 1),
     ("/chat/completions", "response_format", {"type": "json_object"}),
     ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/chat/completions", "top_logprobs", 2),
-    ("/chat/completions", "logprobs", True),
-    ("/chat/completions", "n", 3),
+    ("/chat/completions", "echo", True),
+    ("/chat/completions", "best_of", 2),
+    ("/chat/completions", "top_logprobs", 2),  # without logprobs: true
     ("/chat/completions", "no_such_field", 1),
 ])
 def test_unimplemented_fields_are_refused_by_name(server, path, field, value):
@@ -339,6 +341,123 @@ def test_disconnect_cancels_a_non_streaming_request(server):
     assert server.metric("distllm_requests_total", outcome="cancelled") == cancelled + 1
 
 
+# ---- logprobs, echo, n and best_of (issue: what real clients send) ------------------------------
+
+def _hf_logprobs(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+@pytest.fixture(scope="module")
+def hf(converted):
+    return converted("opt-pre-ln")[0]
+
+
+def test_completion_logprobs_equal_transformers(oai, hf):
+    prompt = [72, 105, 33, 250, 17]
+    r = oai.completions.create(model="tiny-http", prompt=prompt, logprobs=3, **GREEDY)
+    c = r.choices[0]
+    lp = c.logprobs
+    plain = oai.completions.create(model="tiny-http", prompt=prompt, **GREEDY)  # the same greedy text
+    assert plain.choices[0].text == c.text and len(lp.tokens) == len(lp.token_logprobs) == 8
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(8)]
+    tokens = []
+    for tok_text, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert tok_text in top and top[tok_text] == value and 3 <= len(top) <= 4
+        tokens.append(value)
+    # the values: transformers' log-softmax (the prompt's through an echo, the first generated one's)
+    full = oai.completions.create(model="tiny-http", prompt=prompt, max_tokens=0, echo=True, logprobs=0, temperature=0)
+    assert full.choices[0].logprobs.token_logprobs[0] is None
+    ref = _hf_logprobs(hf, prompt)
+    assert full.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [ref[j - 1, prompt[j]].item() for j in range(1, len(prompt))], abs=1e-4)
+    greedy_next = int(ref[-1].argmax())
+    assert tokens[0] == pytest.approx(ref[-1, greedy_next].item(), abs=1e-4)
+
+
+def test_lm_eval_loglikelihood_requests(server, hf):
+    """The requests lm-evaluation-harness's ``local-completions`` model sends for a loglikelihood task:
+    a batch of token-id prompts (context + continuation), echo, logprobs 1, max_tokens 0; scored as
+    the harness scores them (summed continuation log-probabilities and whether each was greedy)."""
+    pairs = [([72, 105, 33], [250, 17]), ([5, 9, 23, 7, 1, 100], [42]), ([3, 4], [5, 6, 7])]
+    body = {"model": "tiny-http", "prompt": [c + x for c, x in pairs], "max_tokens": 0, "temperature": 0,
+            "logprobs": 1, "echo": True, "seed": 1234}
+    r = _post(server, "/completions", body)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for (ctx, cont), choice in zip(pairs, choices):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ctx) + len(cont) and lp["token_logprobs"][0] is None
+        got = sum(lp["token_logprobs"][len(ctx):])
+        greedy = all(v == max(top.values()) for v, top in zip(lp["token_logprobs"][len(ctx):],
+                                                               lp["top_logprobs"][len(ctx):]))
+        ref = _hf_logprobs(hf, ctx + cont)
+        want = sum(ref[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        want_greedy = all(int(ref[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(cont))
+        assert got == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+    # the context's own continuation under greedy decoding is greedy by construction
+    ctx = [72, 105, 33]
+    nxt = int(_hf_logprobs(hf, ctx)[-1].argmax())
+    one = _post(server, "/completions", {**body, "prompt": [ctx + [nxt]]}).json()["choices"][0]["logprobs"]
+    assert one["token_logprobs"][-1] == max(one["top_logprobs"][-1].values())
+
+
+def test_chat_logprobs_in_the_chat_shape(oai):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = oai.chat.completions.create(model="tiny-http", messages=msgs, logprobs=True, top_logprobs=2, **GREEDY)
+    content = r.choices[0].logprobs.content
+    text = r.choices[0].message.content
+    # the tokens' own bytes join into the reply (a trailing part of a character is not shown as text)
+    assert len(content) == 8 and bytes(b for e in content for b in e.bytes).decode(errors="replace").startswith(text)
+    for e in content:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and len(e.bytes) == 1  # byte-level, 256 ids
+    plain = oai.chat.completions.create(model="tiny-http", messages=msgs, **GREEDY)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    streamed = list(oai.chat.completions.create(model="tiny-http", messages=msgs, logprobs=True, stream=True,
+                                                **GREEDY))
+    got = [e.logprob for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert got == pytest.approx([e.logprob for e in content])
+
+
+def test_n_best_of_and_streamed_choices(oai):
+    greedy = oai.completions.create(model="tiny-http", prompt="Hello", n=3, **GREEDY)
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and len({c.text for c in greedy.choices}) == 1
+    assert greedy.usage.completion_tokens == 3 * 8
+    sampled = dict(model="tiny-http", prompt="Hello", n=4, temperature=1.0, seed=9, max_tokens=8,
+                   extra_body={"ignore_eos": True})
+    a, b = oai.completions.create(**sampled), oai.completions.create(**sampled)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # reproducible with a seed
+    assert len({c.text for c in a.choices}) == 4  # and the samples differ
+    chunks = list(oai.completions.create(**sampled, stream=True))
+    texts: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(4)] == [c.text for c in a.choices]
+    best = oai.completions.create(model="tiny-http", prompt="Hello", n=2, best_of=4, temperature=1.0, seed=9,
+                                  max_tokens=8, extra_body={"ignore_eos": True})
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert {c.text for c in best.choices} <= {c.text for c in a.choices}  # the same 4 draws, the best 2 kept
+    ranked = oai.completions.create(model="tiny-http", prompt="Hello", n=4, logprobs=0, temperature=1.0, seed=9,
+                                    max_tokens=8, extra_body={"ignore_eos": True})
+    score = {c.text: sum(c.logprobs.token_logprobs) for c in ranked.choices}
+    assert sorted(c.text for c in best.choices) == sorted(sorted(score, key=score.get)[-2:])
+    chat = oai.chat.completions.create(model="tiny-http", messages=[{"role": "user", "content": "hi"}], n=2, **GREEDY)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message == chat.choices[1].message
+
+
+def test_echo_returns_the_prompt_text_first(oai):
+    r = oai.completions.create(model="tiny-http", prompt="Hello there", echo=True, **GREEDY)
+    plain = oai.completions.create(model="tiny-http", prompt="Hello there", **GREEDY)
+    assert r.choices[0].text == "Hello there" + plain.choices[0].text
+    batch = oai.completions.create(model="tiny-http", prompt=["Hello there", "abc"], **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == plain.choices[0].text
+
+
 def test_sigterm_drains_http(server):
     """Last: streams in flight complete, new requests get 503 meanwhile, the process exits 0."""
     results, started = {}, threading.Barrier(7)
@@ -377,9 +496,8 @@ def test_cap_and_drain_statuses_on_the_frontend():
 
     from distllm_jax.engine import SamplingParams
     from serve.chat_template import ChatTemplate
-    from serve.openai_http import HTTPError, OpenAIFrontend
-
     from serve.front_door import FrontDoor
+    from serve.openai_http import Choices, HTTPError, OpenAIFrontend, PromptJob
 
     counter = SimpleNamespace(inc=lambda: None)
     service = FrontDoor(engine=None, max_concurrent=4, metrics=SimpleNamespace(requests=SimpleNamespace(labels=lambda _: counter)))
@@ -388,7 +506,7 @@ def test_cap_and_drain_statuses_on_the_frontend():
 
     async def run():
         try:
-            await front._run([1], SamplingParams(), False, False, False)
+            await front._run([PromptJob([1], SamplingParams(), "")], Choices(), False, False, False)
         except HTTPError as e:
             return e
 
