@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 
@@ -21,14 +21,38 @@ from serve.v1 import distllm_pb2_grpc as pb_grpc
 
 @dataclasses.dataclass
 class Generation:
+    """One sample's whole output. ``logprobs`` (one per token) and ``prompt_logprobs`` (one per
+    prompt token, the first without a ``logprob``) are empty unless the request asked for them."""
+
     token_ids: list[int]
     text: str
-    finished: pb.Finished
+    finished: pb.Finished | None
+    index: int = 0
+    logprobs: list[pb.TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprob] = dataclasses.field(default_factory=list)
+
+
+def collect(responses: Iterable[pb.GenerateResponse]) -> list[Generation]:
+    """A Generate stream read to its end, as one :class:`Generation` per sample in index order
+    (a request of n samples interleaves their messages; each names its sample's index)."""
+    samples: dict[int, Generation] = {}
+    for r in responses:
+        part = r.chunk if r.HasField("chunk") else r.finished
+        g = samples.setdefault(part.index, Generation([], "", None, part.index))
+        if r.HasField("chunk"):
+            g.token_ids += r.chunk.token_ids
+            g.text += r.chunk.text
+            g.logprobs += r.chunk.logprobs
+            g.prompt_logprobs += r.chunk.prompt_logprobs
+        else:
+            g.finished = r.finished
+    return [samples[i] for i in sorted(samples)]
 
 
 def make_request(prompt: str | Sequence[int], **fields) -> pb.GenerateRequest:
     """``fields``: max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos,
-    request_id (None values are left unset, so the server's defaults apply)."""
+    request_id, n, logprobs, prompt_logprobs (None values are left unset, so the server's defaults
+    apply: one sample, no log-probabilities)."""
     fields = {k: v for k, v in fields.items() if v is not None}
     if isinstance(prompt, str):
         return pb.GenerateRequest(text=prompt, **fields)
@@ -67,14 +91,15 @@ class Client:
                 yield r.chunk.text
 
     def complete(self, prompt: str | Sequence[int], **fields) -> Generation:
-        ids, text, fin = [], [], None
-        for r in self.generate(prompt, **fields):
-            if r.HasField("chunk"):
-                ids += r.chunk.token_ids
-                text.append(r.chunk.text)
-            else:
-                fin = r.finished
-        return Generation(ids, "".join(text), fin)
+        """The request's one sample; a request of n > 1 samples reads them with :meth:`complete_all`
+        (refused here before anything is sent, rather than returning an arbitrary one)."""
+        if fields.get("n") not in (None, 1):
+            raise ValueError(f"complete() reads one sample; n = {fields['n']}: use complete_all()")
+        return (self.complete_all(prompt, **fields) or [Generation([], "", None)])[0]
+
+    def complete_all(self, prompt: str | Sequence[int], **fields) -> list[Generation]:
+        """Every sample of the request (``n`` of them), in index order."""
+        return collect(self.generate(prompt, **fields))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.stub.Tokenize(pb.TokenizeRequest(text=text), metadata=self.metadata).ids)

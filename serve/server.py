@@ -23,7 +23,8 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distllm_jax.engine import Engine, FinishReason
+from distllm_jax.engine import Engine, FinishReason, RequestOutput
+from distllm_jax.engine.logprobs import TokenLogprob
 from serve.auth import bearer_error
 from serve.front_door import FrontDoor, Refusal, Refused
 from serve.metrics import Metrics
@@ -90,6 +91,29 @@ def check_ports(host: str, ports: Iterable[int | None]) -> None:
                     raise
 
 
+def token_logprob(lp: TokenLogprob | None, token: int) -> pb.TokenLogprob:
+    """``lp`` as sent; None (the prompt's first token, which nothing precedes) keeps ``token`` and
+    leaves ``logprob`` unset, so the prompt's entries stay aligned with its tokens."""
+    if lp is None:
+        return pb.TokenLogprob(token_id=token)
+    return pb.TokenLogprob(token_id=lp.token, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def token_chunk(out: RequestOutput, prompt: list[int]) -> pb.TokenChunk | None:
+    """The chunk for one engine event, or None when the event brings nothing new (a final event
+    after the last token). A sample's prompt log-probabilities can come alone: with max_tokens 0
+    they are all its final event brings. Fields a request did not ask for stay at proto3's
+    defaults, so an old client's messages are what they were before they existed."""
+    if not (out.token_ids or out.text or out.prompt_logprobs is not None):
+        return None
+    return pb.TokenChunk(
+        token_ids=out.token_ids, text=out.text, index=out.index,
+        logprobs=[token_logprob(lp, t) for t, lp in zip(out.token_ids, out.logprobs or ())],
+        prompt_logprobs=[token_logprob(lp, t) for t, lp in zip(prompt, out.prompt_logprobs or ())],
+    )
+
+
 class GenerationService(FrontDoor):
     """The gRPC service, which is also the server's front door (:class:`FrontDoor`): the HTTP
     frontend admits through the same object, so both share its slots, drain and re-plan gates."""
@@ -124,9 +148,10 @@ class GenerationService(FrontDoor):
         except Refused as e:
             await context.abort(_GRPC_STATUS[e.why], str(e))
         try:
-            async for out in admitted.stream:
-                if out.token_ids or out.text:
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=out.token_ids, text=out.text))
+            async for out in admitted.stream:  # every sample's events; it ends after the last one's final
+                chunk = token_chunk(out, ids)
+                if chunk is not None:
+                    yield pb.GenerateResponse(chunk=chunk)
                 if out.finished is None:
                     continue
                 admitted.finished()
@@ -137,9 +162,9 @@ class GenerationService(FrontDoor):
                 if out.finished is FinishReason.DEADLINE:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
                 yield pb.GenerateResponse(finished=pb.Finished(
-                    request_id=out.request_id, finish_reason=out.finished.value,
+                    request_id=out.request_id, finish_reason=out.finished.value, index=out.index,
                     prompt_tokens=out.num_prompt_tokens, output_tokens=out.num_output_tokens,
-                    timings=pb.Timings(
+                    cumulative_logprob=out.cumulative_logprob, timings=pb.Timings(
                         ttft_s=t.ttft or 0.0, tpot_s=t.tpot or 0.0, queueing_s=t.queueing or 0.0,
                         migration_s=t.migration or 0.0, e2e_s=(t.finish or time.perf_counter()) - t.arrival,
                         prefill_instance=t.prefill_instance or "", decode_instance=t.decode_instance or "",

@@ -38,13 +38,16 @@ class GenerationRequest:
 
     @classmethod
     def from_proto(cls, req: pb.GenerateRequest) -> "GenerationRequest":
+        """The fields a client set, as set (an explicit ``n = 0`` stays 0, so it is refused by name
+        rather than read as the default); unset ones stay None, or 1 for ``n``."""
         which = req.WhichOneof("prompt")
         opt = lambda name: getattr(req, name) if req.HasField(name) else None  # noqa: E731
         return cls(prompt=None if which is None else req.text if which == "text" else list(req.token_ids.ids),
                    max_tokens=opt("max_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
                    top_k=opt("top_k"), seed=opt("seed"), stop=tuple(req.stop),
                    stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
-                   request_id=req.request_id or None)
+                   request_id=req.request_id or None, n=req.n if req.HasField("n") else 1,
+                   logprobs=opt("logprobs"), prompt_logprobs=opt("prompt_logprobs"))
 
 
 MAX_STOP_STRINGS = 16

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16serve/v1/distllm.proto\x12\ndistllm.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xce\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.distllm.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xac\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x12\n\nqueueing_s\x18\x03 \x01(\x01\x12\x13\n\x0bmigration_s\x18\x04 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x05 \x01(\x01\x12\x18\n\x10prefill_instance\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x07 \x01(\t\x12\x16\n\x0emigration_path\x18\x08 \x01(\t\"\x89\x01\n\x08\x46inished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.distllm.v1.Timings\"m\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.distllm.v1.TokenChunkH\x00\x12(\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x14.distllm.v1.FinishedH\x00\x42\x06\n\x04kind\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xca\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_json\x18\x01 \x01(\t\x12\x13\n\x0b\x65ngine_json\x18\x02 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\x03\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x13\n\x0bnum_devices\x18\x08 \x01(\x03\x32\xe6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.distllm.v1.GenerateRequest\x1a\x1c.distllm.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.distllm.v1.TokenizeRequest\x1a\x1c.distllm.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.distllm.v1.ModelInfoRequest\x1a\x1d.distllm.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16serve/v1/distllm.proto\x12\ndistllm.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xba\x03\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.distllm.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x03\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x0e\n\x01n\x18\x0c \x01(\x03H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x03H\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x03H\x08\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.distllm.v1.TopLogprobB\n\n\x08_logprob\"\x9b\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.distllm.v1.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\x03\x12\x31\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x18.distllm.v1.TokenLogprob\"\xac\x01\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x12\n\nqueueing_s\x18\x03 \x01(\x01\x12\x13\n\x0bmigration_s\x18\x04 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x05 \x01(\x01\x12\x18\n\x10prefill_instance\x18\x06 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x07 \x01(\t\x12\x16\n\x0emigration_path\x18\x08 \x01(\t\"\xd0\x01\n\x08\x46inished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.distllm.v1.Timings\x12\r\n\x05index\x18\x06 \x01(\x03\x12\x1f\n\x12\x63umulative_logprob\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_cumulative_logprob\"m\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.distllm.v1.TokenChunkH\x00\x12(\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x14.distllm.v1.FinishedH\x00\x42\x06\n\x04kind\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"/\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xca\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_json\x18\x01 \x01(\t\x12\x13\n\x0b\x65ngine_json\x18\x02 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\x03\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x13\n\x0bnum_devices\x18\x08 \x01(\x03\x32\xe6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.distllm.v1.GenerateRequest\x1a\x1c.distllm.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.distllm.v1.TokenizeRequest\x1a\x1c.distllm.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.distllm.v1.ModelInfoRequest\x1a\x1d.distllm.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=38
   _globals['_TOKENIDS']._serialized_end=61
   _globals['_GENERATEREQUEST']._serialized_start=64
-  _globals['_GENERATEREQUEST']._serialized_end=398
-  _globals['_TOKENCHUNK']._serialized_start=400
-  _globals['_TOKENCHUNK']._serialized_end=445
-  _globals['_TIMINGS']._serialized_start=448
-  _globals['_TIMINGS']._serialized_end=620
-  _globals['_FINISHED']._serialized_start=623
-  _globals['_FINISHED']._serialized_end=760
-  _globals['_GENERATERESPONSE']._serialized_start=762
-  _globals['_GENERATERESPONSE']._serialized_end=871
-  _globals['_TOKENIZEREQUEST']._serialized_start=873
-  _globals['_TOKENIZEREQUEST']._serialized_end=904
-  _globals['_TOKENIZERESPONSE']._serialized_start=906
-  _globals['_TOKENIZERESPONSE']._serialized_end=953
-  _globals['_MODELINFOREQUEST']._serialized_start=955
-  _globals['_MODELINFOREQUEST']._serialized_end=973
-  _globals['_MODELINFORESPONSE']._serialized_start=976
-  _globals['_MODELINFORESPONSE']._serialized_end=1178
-  _globals['_GENERATION']._serialized_start=1181
-  _globals['_GENERATION']._serialized_end=1411
+  _globals['_GENERATEREQUEST']._serialized_end=506
+  _globals['_TOPLOGPROB']._serialized_start=508
+  _globals['_TOPLOGPROB']._serialized_end=555
+  _globals['_TOKENLOGPROB']._serialized_start=557
+  _globals['_TOKENLOGPROB']._serialized_end=660
+  _globals['_TOKENCHUNK']._serialized_start=663
+  _globals['_TOKENCHUNK']._serialized_end=818
+  _globals['_TIMINGS']._serialized_start=821
+  _globals['_TIMINGS']._serialized_end=993
+  _globals['_FINISHED']._serialized_start=996
+  _globals['_FINISHED']._serialized_end=1204
+  _globals['_GENERATERESPONSE']._serialized_start=1206
+  _globals['_GENERATERESPONSE']._serialized_end=1315
+  _globals['_TOKENIZEREQUEST']._serialized_start=1317
+  _globals['_TOKENIZEREQUEST']._serialized_end=1348
+  _globals['_TOKENIZERESPONSE']._serialized_start=1350
+  _globals['_TOKENIZERESPONSE']._serialized_end=1397
+  _globals['_MODELINFOREQUEST']._serialized_start=1399
+  _globals['_MODELINFOREQUEST']._serialized_end=1417
+  _globals['_MODELINFORESPONSE']._serialized_start=1420
+  _globals['_MODELINFORESPONSE']._serialized_end=1622
+  _globals['_GENERATION']._serialized_start=1625
+  _globals['_GENERATION']._serialized_end=1855
 # @@protoc_insertion_point(module_scope)
