@@ -69,8 +69,11 @@ class Metrics:
         self.registry.register(EngineCollector(stats))
         self._http = None
 
-    def observe_finished(self, outcome: str, ttft: float | None, tpot: float | None, tokens: int) -> None:
-        self.requests.labels(outcome).inc()
+    def observe_finished(self, outcome: str, ttft: float | None, tpot: float | None, tokens: int,
+                         last: bool = True) -> None:
+        """One sample ended; ``last``: it was its request's last (a request of n samples counts once)."""
+        if last:
+            self.requests.labels(outcome).inc()
         if ttft is not None:
             self.ttft.observe(ttft)
         if tpot is not None:

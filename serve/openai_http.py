@@ -405,7 +405,7 @@ class OpenAIFrontend:
             results = []
             for a in admitted:
                 events: dict[int, list[RequestOutput]] = {}
-                async for out in _events(a, self._observe):
+                async for out in _events(a, lambda out, a=a: self._observe(out, a.done)):
                     events.setdefault(out.index, []).append(out)
                 results.append([combine(events[i]) for i in sorted(events)])
         finally:
@@ -449,9 +449,9 @@ class OpenAIFrontend:
         for a in admitted:
             self.service.engine.cancel(a.request_id)
 
-    def _observe(self, out) -> None:
+    def _observe(self, out: RequestOutput, last: bool) -> None:
         t = out.timings
-        self.service.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
+        self.service.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens, last)
 
     async def _sse(self, admitted: list[Admitted], jobs: list["PromptJob"], want: Choices, rid: str, created: int,
                    chat: bool, usage: bool) -> AsyncIterator[bytes]:
@@ -486,7 +486,7 @@ class OpenAIFrontend:
 
         async def pump(i: int, a: Admitted) -> None:
             try:
-                async for out in _events(a, self._observe):
+                async for out in _events(a, lambda out: self._observe(out, a.done)):
                     await queue.put((i, out))
             except HTTPError as e:
                 await queue.put((i, e))

@@ -156,7 +156,8 @@ class GenerationService(FrontDoor):
                     continue
                 admitted.finished()
                 t = out.timings
-                self.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens)
+                self.metrics.observe_finished(out.finished.value, t.ttft, t.tpot, out.num_output_tokens,
+                                              last=admitted.done)
                 if out.finished is FinishReason.ERROR:
                     await context.abort(grpc.StatusCode.INTERNAL, out.error or "engine error")
                 if out.finished is FinishReason.DEADLINE:

@@ -423,10 +423,12 @@ def test_chat_logprobs_in_the_chat_shape(oai):
     assert got == pytest.approx([e.logprob for e in content])
 
 
-def test_n_best_of_and_streamed_choices(oai):
+def test_n_best_of_and_streamed_choices(server, oai):
+    before = server.metric("distllm_requests_total", outcome="length")
     greedy = oai.completions.create(model="tiny-http", prompt="Hello", n=3, **GREEDY)
     assert [c.index for c in greedy.choices] == [0, 1, 2] and len({c.text for c in greedy.choices}) == 1
     assert greedy.usage.completion_tokens == 3 * 8
+    assert server.metric("distllm_requests_total", outcome="length") == before + 1  # one request of 3 samples
     sampled = dict(model="tiny-http", prompt="Hello", n=4, temperature=1.0, seed=9, max_tokens=8,
                    extra_body={"ignore_eos": True})
     a, b = oai.completions.create(**sampled), oai.completions.create(**sampled)
