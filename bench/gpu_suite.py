@@ -8,6 +8,7 @@ One run does one or more parts; each part writes ``<out>/<part>-<device>.json`` 
     python3 -m bench.gpu_suite --parts ceilings,decode,prefill --models opt-1.3b,opt-6.7b --out bench/results/gpu-suite
     python3 -m bench.gpu_suite --parts trace --models opt-1.3b --out bench/results/gpu-suite
     python3 -m bench.gpu_suite --parts e2e,hf --models opt-1.3b --out bench/results/gpu-suite
+    python3 -m bench.gpu_suite --parts start,sampling --models opt-13b --out bench/results/gpu-suite
 
 Weights are random (:class:`DeviceRandomSource`, drawn on the GPU) in bf16, with the real configs.
 The *floor* of a decode step is the bytes it must read (weights + each sequence's KV) over the read-only
@@ -278,6 +279,118 @@ def decode_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# ---- sampling and log-probabilities ---------------------------------------------------------------
+
+
+SAMPLED = dict(temperature=0.8, top_p=0.9)  # a typical chat request's sampling
+
+
+def sampling_grid(model: Model, batches: list[int], ctx: int, *, repeats: int = 10,
+                  attention: str = "auto") -> list[dict[str, Any]]:
+    """What sampling and log-probabilities add to a decode step (the engine's step with the serving
+    loop's lookahead): all rows greedy, one row sampled, every row sampled, and one row asking for
+    5 log-probabilities, each at the same batch and context."""
+    from distllm_jax.engine import SamplingParams
+
+    max_len = min(model.cfg.max_position_embeddings, ctx + 16)
+    want = max(batches) * math.ceil((ctx + 1) / 16) + 1
+    inst = make_instance(model, "decode", min(want, _kv_pages_that_fit(model, reserve_gib=4.0)), max_len,
+                         batch=max(batches), attention=attention)
+    fill_pools(inst)
+    rng = np.random.default_rng(0)
+    flavours = {
+        "greedy": lambda i: SamplingParams(max_tokens=1),
+        "one_sampled": lambda i: SamplingParams(max_tokens=1, seed=i, **SAMPLED) if i == 0 else SamplingParams(max_tokens=1),
+        "all_sampled": lambda i: SamplingParams(max_tokens=1, seed=i, **SAMPLED),
+        "one_logprobs": lambda i: SamplingParams(max_tokens=1, logprobs=5) if i == 0 else SamplingParams(max_tokens=1),
+    }
+    rows = []
+    for B in batches:
+        if B * math.ceil((ctx + 1) / 16) > inst.alloc.num_free:
+            rows.append({"model": model.name, "batch": B, "context": ctx, "skipped": "KV does not fit"})
+            continue
+        segs, rids = _segments(inst, B, ctx, rng, "decode")
+        row: dict[str, Any] = {"model": model.name, "batch": B, "context": ctx}
+        for name, params in flavours.items():
+            these = [seg._replace(params=params(i)) for i, seg in enumerate(segs)]
+            row[f"{name}_ms"] = decode_step_ms(inst, these, repeats)
+        for name in ("one_sampled", "all_sampled", "one_logprobs"):
+            row[f"{name}_x"] = row[f"{name}_ms"] / row["greedy_ms"]
+        rows.append(row)
+        _release(inst, rids)
+    del inst
+    gc.collect()
+    return rows
+
+
+def _ms_and_ratio(row: dict[str, Any], kind: str) -> str:
+    return f"{row[kind + '_ms']:.2f} ({row[kind + '_x']:.2f}x)"
+
+
+def sampling_table(rows: list[dict[str, Any]]) -> list[str]:
+    kinds = ("one_sampled", "all_sampled", "one_logprobs")
+    out = [f"{'model':<16}{'batch':>6}{'ctx':>6}{'greedy ms':>11}" + "".join(f"{k.replace('_', ' '):>20}" for k in kinds)]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['model']:<16}{r['batch']:>6}{r['context']:>6}  {r['skipped']}")
+            continue
+        cells = "".join(f"{_ms_and_ratio(r, k):>20}" for k in kinds)
+        out.append(f"{r['model']:<16}{r['batch']:>6}{r['context']:>6}{r['greedy_ms']:>11.2f}{cells}")
+    return out
+
+
+# ---- start ---------------------------------------------------------------------------------------
+
+_START = """
+import json, sys, time
+t0 = time.perf_counter()
+from distllm_jax import compile_cache
+compile_cache.enable(sys.argv[1])
+from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, InstanceSpec, compile_counter
+from distllm_jax.models.config import ModelConfig
+from distllm_jax.models.presets import preset
+cfg = ModelConfig.from_hf_dict(preset(sys.argv[2]))
+ecfg = EngineConfig(**json.loads(sys.argv[3]))
+t1 = time.perf_counter()
+engine = Engine(DeviceRandomSource(cfg, ecfg.dtype, seed=0), ecfg)
+t2 = time.perf_counter()
+out = engine.submit([5, 6, 7], __import__("distllm_jax.engine", fromlist=["SamplingParams"]).SamplingParams(max_tokens=4)).result()
+engine.shutdown()
+print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s": engine.warmup_seconds,
+                             "compilations": compile_counter.compilations(), "cache_hits": compile_counter.cache_hits(),
+                             "tokens": len(out.token_ids)}))
+"""
+
+
+def start_times(model: Model, cache_dir: Path, *, max_len: int = 2048, timeout: int = 600) -> dict[str, Any]:
+    """A cold start (empty compile cache) and then a warm one (the cache the cold start filled) of a
+    colocated engine on this GPU, each in its own process, from ``Engine(...)`` to ready (weights
+    drawn on the device, every program compiled or loaded), then one request served. Run before this
+    process touches the GPU: jax here would hold the memory the starts need."""
+    import shutil
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    ecfg = dict(mode="colocated", max_seq_len=max_len, dtype=model.dtype, progress=False)
+    row: dict[str, Any] = {"model": model.name, "max_seq_len": max_len}
+    for kind in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-c", _START, str(cache_dir), model.name, json.dumps(ecfg)],
+                              capture_output=True, text=True, timeout=timeout)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("START ")), None)
+        if line is None:
+            raise RuntimeError(f"{kind} start failed: {(proc.stderr or proc.stdout)[-1500:]}")
+        row[kind] = json.loads(line[6:])
+    row["cold_start_s"], row["warm_start_s"] = row["cold"]["ready_s"], row["warm"]["ready_s"]
+    return row
+
+
+def start_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'model':<16}{'cold s':>8}{'warm s':>8}{'compiled cold':>15}{'compiled warm':>15}{'cache hits':>12}"]
+    for r in rows:
+        out.append(f"{r['model']:<16}{r['cold_start_s']:>8.1f}{r['warm_start_s']:>8.1f}"
+                   f"{r['cold']['compilations']:>15}{r['warm']['compilations']:>15}{r['warm']['cache_hits']:>12}")
+    return out
+
+
 # ---- prefill --------------------------------------------------------------------------------------
 
 
@@ -527,6 +640,10 @@ def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, 
         rows = decode_grid(model, _ints(args.batches), _ints(args.contexts), ceil["read_tb_per_s"], ceil["copy_tb_per_s"],
                            repeats=args.repeats, attention=args.attention)
         _emit(decode_table(rows))
+    elif part == "sampling":
+        rows = sampling_grid(model, _ints(args.sampling_batches), args.sampling_context, repeats=args.repeats,
+                             attention=args.attention)
+        _emit(sampling_table(rows))
     elif part == "prefill":
         rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"], attention=args.attention)
         _emit(prefill_table(rows))
@@ -554,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32,64,128,256")
     p.add_argument("--contexts", default="512,2048")
     p.add_argument("--prefill-tokens", default="512,2048,8192")
+    p.add_argument("--sampling-batches", default="32,128", help="batches of the sampling part")
+    p.add_argument("--sampling-context", type=int, default=512, help="context of the sampling part")
+    p.add_argument("--start-cache", default="/tmp/distllm-start-cache",
+                   help="compile cache the start part fills (emptied first: its first start is cold)")
+    p.add_argument("--start-max-len", type=int, default=2048, help="max_seq_len of the engine the start part starts")
     p.add_argument("--trace", default="1:512,64:2048", help="batch:context pairs traced by the trace part")
     p.add_argument("--e2e", default="32:512:128", help="batch:prompt:new tokens for the e2e and hf parts")
     p.add_argument("--profile-grid", default="prompt_lens=128,512,1024,2048;prompts=1,2,4;batches=1,8,32,64;"
@@ -574,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             args.hf_rows[name] = [hf_generate(load_model(name), B, P, N, c, args.hf_timeout)
                                   for c in args.hf_caches.split(",")]
+    results: dict[str, list] = defaultdict(list)
+    if "start" in parts:  # first too: each start is a process of its own that needs the GPU's memory
+        for name in args.models.split(","):
+            results["start"].append(start_times(load_model(name), Path(args.start_cache) / name,
+                                                max_len=args.start_max_len))
+            _emit(start_table(results["start"][-1:]))
     tag = device_tag()
     info = device_info()
     print(json.dumps(info), flush=True)
@@ -583,7 +711,6 @@ def main(argv: list[str] | None = None) -> int:
         ceil_path.write_text(json.dumps({**info, **ceil}, indent=1))
     else:
         ceil = json.loads(ceil_path.read_text())
-    results: dict[str, list] = defaultdict(list)
 
     def save() -> None:  # after every part: a call cut short at its time limit keeps what it measured
         for part, rows in results.items():
@@ -592,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.models.split(","):
         model = load_model(name)
-        for part in ("decode", "prefill", "trace", "profile", "e2e"):
+        for part in ("decode", "sampling", "prefill", "trace", "profile", "e2e"):
             if part in parts or (part == "e2e" and "hf" in parts):
                 try:
                     run_part(part, model, args, ceil, parts, results, out)
