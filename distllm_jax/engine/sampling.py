@@ -94,7 +94,64 @@ def make_sampling_batch(
     return SamplingBatch(t, k, p, s, pos, n)
 
 
-def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+def _row_keys(sb: SamplingBatch) -> jax.Array:
+    return jax.vmap(lambda s, n, pos: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), n), pos))(
+        sb.seed, sb.sample, sb.position)
+
+
+SEARCH_WAYS = 16  # thresholds tried per pass of sample_threshold's search
+SEARCH_PASSES = 9  # enough to pin any float32 in [0, 1] to one value: 2**30 values, /16 a pass, rounded up
+
+
+def sample_threshold(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+    """Top-k / top-p sampling through thresholds found by a search of fixed length, without a sort
+    and without a loop whose length depends on the data (nothing for a GPU to wait on its host for).
+
+    A token is in the row's set exactly when fewer than k tokens are more likely and their mass is
+    below p (the definition :func:`sample_rejection` keeps too). Both conditions only get easier
+    as the token gets more likely, so the set is every token at or above one probability: the
+    smallest value ``x`` with fewer than k tokens, and less than p of mass, strictly above ``x``.
+    The search runs over the bit patterns of the float32 probabilities (ordered as the values are,
+    for values >= 0), trying :data:`SEARCH_WAYS` thresholds a pass for each condition, so after
+    :data:`SEARCH_PASSES` passes it has the exact value. A draw from the set is one uniform number
+    a row through the set's cumulative sum.
+    """
+    B, V = logits.shape
+    temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
+    probs = jax.nn.softmax(logits / temp[:, None], axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    k = jnp.where(sb.top_k > 0, sb.top_k, V)
+    top_p = jnp.where(sb.top_p >= 1.0, jnp.inf, sb.top_p)  # 1: every token (a float sum may fall short of 1)
+    ways = jnp.arange(1, SEARCH_WAYS, dtype=jnp.int32)
+
+    def narrow(lo: jax.Array, hi: jax.Array, holds) -> tuple[jax.Array, jax.Array]:
+        """The condition fails at ``lo`` and holds at ``hi``; try thresholds between them."""
+        step = (hi - lo) // SEARCH_WAYS + 1
+        cand = jnp.minimum(lo[:, None] + step[:, None] * ways, hi[:, None])  # [B, ways - 1]
+        ok = holds(bits[:, :, None] > cand[:, None, :])  # [B, ways - 1]
+        return (jnp.max(jnp.where(ok, lo[:, None], cand), axis=-1),
+                jnp.min(jnp.where(ok, cand, hi[:, None]), axis=-1))
+
+    def mass_below_p(above: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(above, probs[:, :, None], 0.0), axis=1) < top_p[:, None]
+
+    def fewer_than_k(above: jax.Array) -> jax.Array:
+        return jnp.sum(above, axis=1, dtype=jnp.int32) < k[:, None]
+
+    top = jnp.max(bits, axis=-1)  # nothing is above the most likely token: both conditions hold there
+    lo_p = lo_k = jnp.full((B,), -1, jnp.int32)
+    hi_p = hi_k = top
+    for _ in range(SEARCH_PASSES):
+        lo_p, hi_p = narrow(lo_p, hi_p, mass_below_p)
+        lo_k, hi_k = narrow(lo_k, hi_k, fewer_than_k)
+    kept = bits >= jnp.maximum(hi_p, hi_k)[:, None]
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), probs.dtype))(_row_keys(sb))
+    cdf = jnp.cumsum(jnp.where(kept, probs, 0.0), axis=-1)
+    tok = jnp.minimum(jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1), V - 1)
+    return tok.astype(jnp.int32)
+
+
+def sample_rejection(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     """Top-k / top-p sampling by rejection, without sorting the vocabulary (as FlashInfer samples).
 
     A row draws a token from its distribution restricted to the tokens above a pivot (all of them at
@@ -105,15 +162,16 @@ def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     probabilities: what is kept has exactly the top-k/top-p distribution. A draw removes at least the
     rejected token, so the loop ends; a typical top-p row keeps its first or second draw. Each round
     costs a few passes over the vocabulary and one random number a row; a full sort costs far more.
-    Greedy rows are never drawn for.
+    Greedy rows are never drawn for. The loop's rounds depend on the draws: a device that returns
+    to its host to test a loop's condition (a GPU) stalls the host for each round, so there
+    :func:`sample_threshold` is used instead.
     """
     B, V = logits.shape
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
     scaled = logits / temp[:, None]
     probs = jax.nn.softmax(scaled, axis=-1)
     k = jnp.where(sb.top_k > 0, sb.top_k, V)
-    base = jax.vmap(lambda s, n, pos: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), n), pos))(
-        sb.seed, sb.sample, sb.position)
+    base = _row_keys(sb)
 
     def draw(round_: jax.Array, pivot: jax.Array) -> jax.Array:
         # inverse CDF over the candidates in vocabulary order: one uniform number a row, not a
@@ -144,11 +202,24 @@ def _sample_random(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     return tok.astype(jnp.int32)
 
 
-def sample(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
+SAMPLERS = {"threshold": sample_threshold, "rejection": sample_rejection}
+
+
+def sampler_for(backend: str) -> str:
+    """The fastest exact sampler on a backend: the fixed-length search on a GPU (whose while loops
+    return to the host at every round), rejection elsewhere (a CPU loops without leaving the device,
+    and most rows end in one or two rounds, where the search always makes all its passes)."""
+    return "threshold" if backend == "gpu" else "rejection"
+
+
+def sample(logits: jax.Array, sb: SamplingBatch, method: str | None = None) -> jax.Array:
     """logits [B, V] (float32) -> token ids [B] int32; rows with temperature 0 stay greedy.
+    ``method``: a key of :data:`SAMPLERS` (default: :func:`sampler_for` this backend); both draw
+    from the same distribution.
 
     The engine runs this only for batches where some row samples: all-greedy batches use the argmax
     fused into the step and never pay for the draws.
     """
+    draw = SAMPLERS[method or sampler_for(jax.default_backend())]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.where(sb.temperature > 0, _sample_random(logits, sb), greedy)
+    return jnp.where(sb.temperature > 0, draw(logits, sb), greedy)
