@@ -358,7 +358,8 @@ out = engine.submit([5, 6, 7], __import__("distllm_jax.engine", fromlist=["Sampl
 engine.shutdown()
 print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s": engine.warmup_seconds,
                              "compilations": compile_counter.compilations(), "cache_hits": compile_counter.cache_hits(),
-                             "tokens": len(out.token_ids)}))
+                             "tokens": len(out.token_ids),
+                             "slowest": sorted(engine.warmup_log.items(), key=lambda kv: -kv[1])[:8]}))
 """
 
 

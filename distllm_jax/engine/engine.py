@@ -136,6 +136,7 @@ class Engine:
         self._ids = itertools.count()
         self._closed = False
         self.warmup_seconds = 0.0
+        self.warmup_log: dict[str, float] = {}  # seconds each start-up program took (compiled or loaded, and run)
         self.warmup()
         if start:
             for w in self.workers:
@@ -175,11 +176,21 @@ class Engine:
         total = sum(i.num_programs() for i in self.instances)
         total += len(self._transfer_pairs()) * (len(self.puller.buckets) if self.puller else 0)
         bar = tqdm(total=total, desc="compiling", unit="program", disable=not self.config.progress)
-        tick: Callable[[str], None] = lambda what: (bar.set_postfix_str(what, refresh=False), bar.update())  # noqa: E731
+        last = [t0, ""]
+
+        def tick(what: str) -> None:
+            now = time.perf_counter()
+            if last[1]:
+                self.warmup_log[last[1]] = now - last[0]
+            last[:] = [now, what]
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+
         for inst in self.instances:
             inst.warmup(tick)
         for src, dst in self._transfer_pairs():
             self.puller.warmup(src, dst, tick)  # type: ignore[union-attr]
+        tick("")
         bar.close()
         self.warmup_seconds = time.perf_counter() - t0
 

@@ -198,12 +198,16 @@ class Instance:
     def _logprobs(self, kind: str, segs: Sequence[Segment], out: PendingStep, logits: jax.Array,
                   hidden: jax.Array, warm: bool) -> PendingStep:
         """Dispatch the log-probability programs for the rows of ``segs`` that ask (none: nothing
-        runs). Row picks are padded to all the step's rows and prompt rows to its token bucket, so
-        each step shape has one program of each (compiled at start-up)."""
+        runs). Row picks are padded to a bucket (:func:`pick_buckets`: one row asking costs one
+        row's log-softmax and top-k, not the batch's) and prompt rows to the step's token bucket;
+        every one of these programs is compiled at start-up."""
         picks, ks = logprob_picks(segs, kind)
         R = logits.shape[0]
-        if picks or warm:
-            out.row_lp = ROW_LOGPROBS(logits, out.ids, np.array(picks + [R] * (R - len(picks)), np.int32))
+        for size in pick_buckets(R) if warm else ():
+            ROW_LOGPROBS(logits, out.ids, np.full(size, R, np.int32))
+        if picks:
+            size = bucket(pick_buckets(R), len(picks))
+            out.row_lp = ROW_LOGPROBS(logits, out.ids, np.array(picks + [R] * (size - len(picks)), np.int32))
             out.row_picks, out.row_ks = picks, ks
         if kind == "decode":
             return out
