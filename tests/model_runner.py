@@ -1,7 +1,7 @@
-"""A minimal greedy generator over the model entry points (prefill once, then decode steps).
+"""A minimal greedy generator over the engine's one model program (prefill once, then decode steps).
 
-Test-only: pages are handed out consecutively with no reuse; the engine's allocator and scheduler
-(issue 4) own real serving. It exercises exactly the public entry points the engine uses.
+Test-only: pages are handed out consecutively with no reuse; the engine's allocator and scheduler own
+real serving. It runs exactly the program the engine compiles (``programs.STAGE_STEP``, one stage).
 """
 
 from __future__ import annotations
@@ -10,13 +10,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distllm_jax.engine.programs import STAGE_STEP
 from distllm_jax.kv_cache import NULL_PAGE, create_pool
-from distllm_jax.models import DecodeBatch, PrefillBatch, decode, prefill
+from distllm_jax.models import DecodeBatch, PrefillBatch
+from distllm_jax.models.attention import REFERENCE
 
 
-# compiled once per test session, KV pool donated as the engine will
-PREFILL = jax.jit(prefill, static_argnums=(1,), donate_argnums=(3,))
-DECODE = jax.jit(decode, static_argnums=(1,), donate_argnums=(3,))
+def _step(kind, params, cfg, batch, kv):
+    """The whole model on one stage: float32 logits of the step's logit rows, and the new pool."""
+    (_, logits, _), kv = STAGE_STEP(params, None, batch, kv, kind=kind, cfg=cfg, impl=REFERENCE, first=True,
+                                    last=True)
+    return logits, kv
+
+
+def PREFILL(params, cfg, batch, kv):  # noqa: N802 - named as the compiled programs it stands for
+    return _step("prefill", params, cfg, batch, kv)
+
+
+def DECODE(params, cfg, batch, kv):  # noqa: N802
+    return _step("decode", params, cfg, batch, kv)
 
 
 def pack_prompts(prompts, page_tables, page_size, all_logits=False, pad_to=None):

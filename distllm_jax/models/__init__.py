@@ -1,7 +1,7 @@
 """Model families as pure functions over a params pytree (see ``params.py`` for the layout)."""
 
 from distllm_jax.models.config import ConfigError, ModelConfig, RopeConfig
-from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch, decode, mixed, prefill
+from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch
 
 __all__ = [
     "ConfigError",
@@ -10,7 +10,4 @@ __all__ = [
     "ModelConfig",
     "PrefillBatch",
     "RopeConfig",
-    "decode",
-    "mixed",
-    "prefill",
 ]

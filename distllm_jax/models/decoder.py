@@ -1,10 +1,10 @@
-"""The two entry points the engine calls: prefill over a packed batch and a decode step.
+"""The model's pieces for every step kind: :func:`embed`, the layers (:data:`LAYERS`: prefill over a
+packed batch, a decode step, a mixed chunked-prefill step) and :func:`final`.
 
-Both are pure: ``(params, inputs, kv) -> (logits, kv)``. They are meant to be jitted by the caller
-with ``cfg`` and ``impl`` static and the KV pool donated, so XLA updates the pool in place.
-
-Pipeline stages reuse :func:`run_layers` over a slice of ``params["layers"]`` and the matching slice
-of the pool (the pool's layer axis always equals the number of layers the params hold).
+All are pure; the engine composes them into its one program, ``engine.programs.stage_step``, jitted
+with ``cfg`` and ``impl`` static and the KV pool donated, so XLA updates the pool in place. Pipeline
+stages run :func:`run_layers` over a slice of ``params["layers"]`` and the matching slice of the pool
+(the pool's layer axis always equals the number of layers the params hold).
 """
 
 from __future__ import annotations
@@ -151,29 +151,3 @@ LAYERS = {"prefill": prefill_layers, "decode": decode_layers, "mixed": mixed_lay
 def logit_rows(kind: str, batch, x: jax.Array) -> jax.Array:
     """The rows that need logits: every decode row; the last token of each prompt (or chunk) otherwise."""
     return x if kind == "decode" else x[batch.logit_indices]
-
-
-def forward(kind: str, params: dict, cfg: ModelConfig, batch, kv: KVPool,
-            impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
-    """The whole model for one step kind: float32 logits for :func:`logit_rows`, and the new pool."""
-    x = embed(params, cfg, batch.tokens, batch.positions)
-    x, kv = LAYERS[kind](params["layers"], cfg, x, batch, kv, impl)
-    return final(params, cfg, logit_rows(kind, batch, x)), kv
-
-
-def prefill(params: dict, cfg: ModelConfig, batch: PrefillBatch, kv: KVPool,
-            impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
-    """Packed prompts through the model, writing their K/V; logits [N, vocab] (float32)."""
-    return forward("prefill", params, cfg, batch, kv, impl)
-
-
-def decode(params: dict, cfg: ModelConfig, batch: DecodeBatch, kv: KVPool,
-           impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
-    """One decoding step for a batch; logits [B, vocab] (float32)."""
-    return forward("decode", params, cfg, batch, kv, impl)
-
-
-def mixed(params: dict, cfg: ModelConfig, batch: MixedBatch, kv: KVPool,
-          impl: AttentionImpl = REFERENCE) -> tuple[jax.Array, KVPool]:
-    """A chunked-prefill step (packed chunks and decode tokens over cached prefixes); logits [S, vocab]."""
-    return forward("mixed", params, cfg, batch, kv, impl)
