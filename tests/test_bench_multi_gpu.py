@@ -57,9 +57,10 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     from distllm_jax.cli import main
 
     out = tmp_path / "out"
+    n = 6  # requests per rate
     rc = main(["bench", "multi-gpu", "--part", "all", "--model", "tiny-opt", "--devices", "4", "--profile-now",
-               "--profile-tps", "1", "--modes", "disaggregated,colocated", "--rates", "1,4", "--num-prompts", "10",
-               "--slo", "1.0,0.05", "--max-seq-len", "128", "--max-decode-batch", "8", "--prefill-token-budget", "64",
+               "--profile-tps", "1", "--modes", "disaggregated,colocated", "--rates", "1,4", "--num-prompts", str(n),
+               "--slo", "1.0,0.05", "--max-seq-len", "64", "--max-decode-batch", "4", "--prefill-token-budget", "64",
                "--num-pages", "160", "--copy-mib", "16", "--quiet", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -85,7 +86,7 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
         for r in e["runs"]:
             assert r["rate"] == pytest.approx(r["per_gpu_rate"] * e["gpus"])
             assert 0.0 <= r["summary"]["attainment"] <= 1.0
-            assert r["summary"]["errors"] == 0 and len(r["requests"]) == 10
+            assert r["summary"]["errors"] == 0 and len(r["requests"]) == n
         g = e["goodput_per_gpu"]
         assert g["bound"] in ("exact", "lower", "upper") and 0 <= g["goodput"] <= 4
     assert d["plan"]["plans"]["colocated"]["gpus"] == 4  # replicated to fill the node
@@ -97,9 +98,9 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     # breakdown: shares sum to 1 per request; every disaggregated request migrated, in positive time
     for row in d["breakdown"]["per_rate"]:
         b = row["breakdown"]
-        assert b["requests"] == 10 and b["share_sum_max_abs_err"] < 1e-9
+        assert b["requests"] == n and b["share_sum_max_abs_err"] < 1e-9
         assert sum(b["share_of_total"].values()) == pytest.approx(1.0)
-        assert row["migration"]["migrated"] == 10 and row["migration"]["time_s"]["p50"] > 0
+        assert row["migration"]["migrated"] == n and row["migration"]["time_s"]["p50"] > 0
         assert row["migration"]["bandwidth_gbps"]["p50"] > 0
     for r in d["sweep"]["disaggregated"]["runs"][0]["requests"]:
         assert r["server"]["migration"] > 0 and r["server"]["decode_instance"].startswith("decode")
