@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import breakdown as bd
-from bench.multi_gpu import fill_disaggregated
+from bench.multi_gpu import _profile_grid, fill_disaggregated
 
 
 def test_interpolated_goodput_and_ratio():
@@ -53,14 +53,23 @@ def test_fill_disaggregated_fills_the_node():
     assert fill_disaggregated({"tp1pp1": {"prefill_goodput": 0.0, "decode_goodput": 1.0}}, 4) is None
 
 
+def test_profile_grid_replaces_the_axes_it_names():
+    g = _profile_grid("cpu", "prompt_lens=16,32; prompts=1;repeats=1")
+    assert g == {**_profile_grid("cpu"), "prompt_lens": [16, 32], "prompts_per_batch": [1], "repeats": 1}
+    with pytest.raises(ValueError, match="the keys are"):
+        _profile_grid("cpu", "prompt_len=16")
+
+
 def test_multi_gpu_end_to_end(tmp_path, capsys):
     from distllm_jax.cli import main
 
     out = tmp_path / "out"
     n = 6  # requests per rate
+    # the profile's grid inside the servers' limits (64 tokens, 4 rows): fewer programs to compile
+    grid = "prompt_lens=16,32,64;prompts=1,2;batches=1,2,4;contexts=16,48"
     rc = main(["bench", "multi-gpu", "--part", "all", "--model", "tiny-opt", "--devices", "4", "--profile-now",
-               "--profile-tps", "1", "--modes", "disaggregated,colocated", "--rates", "1,4", "--num-prompts", str(n),
-               "--slo", "1.0,0.05", "--max-seq-len", "64", "--max-decode-batch", "4", "--prefill-token-budget", "64",
+               "--profile-tps", "1", "--profile-grid", grid, "--modes", "disaggregated,colocated", "--rates", "1,4",
+               "--num-prompts", str(n), "--slo", "1.0,0.05", "--max-seq-len", "64", "--max-decode-batch", "4", "--prefill-token-budget", "64",
                "--num-pages", "160", "--copy-mib", "16", "--quiet", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -70,6 +79,8 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
                      "plan-cpux4-tiny-opt.json", "profile-cpux4-tiny-opt.json"]
     d = json.loads((out / "multi-gpu-cpux4-tiny-opt.json").read_text())
     assert d["probes"][0]["copy"]["gbps"] > 0
+    prof = json.loads((out / "profile-cpux4-tiny-opt.json").read_text())
+    assert prof["grid"]["prompt_lens"] == [16, 32, 64] and prof["grid"]["batches"] == [1, 2, 4]
 
     # the plan: written as `distllm serve --plan` reads it, and the server built exactly that layout
     plan = json.loads((out / "plan-cpux4-tiny-opt.json").read_text())
