@@ -68,7 +68,7 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     # the profile's grid near the servers' limits (64 tokens, 2 rows): fewer programs to compile
     grid = "prompt_lens=16,32,64;prompts=1,2;batches=1,2,4;contexts=16,48"
     rc = main(["bench", "multi-gpu", "--part", "all", "--model", "tiny-opt", "--devices", "4", "--profile-now",
-               "--profile-tps", "1", "--profile-grid", grid, "--modes", "disaggregated,colocated", "--rates", "1,4",
+               "--profile-tps", "1", "--profile-grid", grid, "--modes", "disaggregated,colocated", "--rates", "2,4",
                "--num-prompts", str(n), "--slo", "1.0,0.05", "--max-seq-len", "64", "--max-decode-batch", "2",
                "--prefill-token-budget", "64", "--num-pages", "160", "--copy-mib", "16", "--quiet", "--out", str(out)])
     text = capsys.readouterr().out
@@ -93,7 +93,7 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
                 if mode == "disaggregated" else [("colocated", p["tp"], 1) for p in e["plan"]["colocated"]])
         assert roles == want
         assert e["gpus"] == sum(tp * pp for _, tp, pp in roles) <= 4
-        assert [r["per_gpu_rate"] for r in e["runs"]] == [1.0, 4.0]
+        assert [r["per_gpu_rate"] for r in e["runs"]] == [2.0, 4.0]
         for r in e["runs"]:
             assert r["rate"] == pytest.approx(r["per_gpu_rate"] * e["gpus"])
             assert 0.0 <= r["summary"]["attainment"] <= 1.0
@@ -121,5 +121,5 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     # simulator check: one row per measured rate, attainments in [0, 1]
     for mode in ("disaggregated", "colocated"):
         rows = d["simcheck"][mode]["rows"]
-        assert [r["per_gpu_rate"] for r in rows] == [1.0, 4.0]
+        assert [r["per_gpu_rate"] for r in rows] == [2.0, 4.0]
         assert all(0 <= r["sim_attainment"] <= 1 and 0 <= r["measured_attainment"] <= 1 for r in rows)
