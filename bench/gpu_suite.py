@@ -516,16 +516,17 @@ def trace_table(rows: list[dict[str, Any]]) -> list[str]:
 # ---- end to end, and transformers side by side ---------------------------------------------------
 
 
-def engine_e2e(model: Model, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+def engine_e2e(model: Model, batch: int, prompt_len: int, new_tokens: int, budget: int = 2048) -> dict[str, Any]:
     """The engine (colocated, one GPU) generating one batch offline: output tokens/s, and how many
-    programs compiled after warm-up (must be 0)."""
+    programs compiled after warm-up (must be 0). ``budget``: the prefill token budget (at least one
+    prompt); the engine compiles a prefill program for every power of two up to it."""
     from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, InstanceSpec, SamplingParams
     from distllm_jax.engine import compile_counter
 
     max_len = min(model.cfg.max_position_embeddings, prompt_len + new_tokens + 16)
     pages = batch * math.ceil(max_len / 16) + 8
     ecfg = EngineConfig(mode="colocated", colocated=(InstanceSpec(1, num_pages=pages),), num_pages=pages,
-                        max_seq_len=max_len, prefill_token_budget=max(2048, prompt_len), max_prefill_seqs=16,
+                        max_seq_len=max_len, prefill_token_budget=max(budget, prompt_len), max_prefill_seqs=16,
                         max_decode_batch=batch, dtype=model.dtype, progress=False)
     t0 = time.perf_counter()
     eng = Engine(DeviceRandomSource(model.cfg, model.dtype), ecfg, devices=jax.devices()[:1])
@@ -547,7 +548,8 @@ def engine_e2e(model: Model, batch: int, prompt_len: int, new_tokens: int) -> di
     gc.collect()
     return {"system": "distllm_jax (colocated)", "model": model.name, "batch": batch, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "seconds": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
-            "median_tpot_ms": 1e3 * tpot, "compilations_after_warmup": new_compiles, "startup_s": start_s}
+            "median_tpot_ms": 1e3 * tpot, "compilations_after_warmup": new_compiles, "startup_s": start_s,
+            "prefill_token_budget": ecfg.prefill_token_budget}
 
 
 HF_SCRIPT = r"""
@@ -659,7 +661,7 @@ def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, 
         _emit(profile_table(rows))
     else:
         B, P, N = (int(x) for x in args.e2e.split(":"))
-        rows = [engine_e2e(model, B, P, N)] if "e2e" in parts else []
+        rows = [engine_e2e(model, B, P, N, args.e2e_budget)] if "e2e" in parts else []
         rows += args.hf_rows.get(model.name, [])
         _emit(e2e_table(rows))
     results[part] += rows
@@ -679,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-max-len", type=int, default=2048, help="max_seq_len of the engine the start part starts")
     p.add_argument("--trace", default="1:512,64:2048", help="batch:context pairs traced by the trace part")
     p.add_argument("--e2e", default="32:512:128", help="batch:prompt:new tokens for the e2e and hf parts")
+    p.add_argument("--e2e-budget", type=int, default=2048, help="the e2e part's prefill token budget")
     p.add_argument("--profile-grid", default="prompt_lens=128,512,1024,2048;prompts=1,2,4;batches=1,8,32,64;"
                    "contexts=128,512,1536", help="the profile part's grid (distllm profile's axes)")
     p.add_argument("--hf-caches", default="dynamic,static")

@@ -140,12 +140,28 @@ def _probe_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_grid(backend: str) -> dict:
+GRID_KEYS = {"prompt_lens": "prompt_lens", "prompts": "prompts_per_batch", "batches": "batches",
+             "contexts": "contexts", "repeats": "repeats"}  # --profile-grid's keys: profile()'s arguments
+
+
+def _profile_grid(backend: str, spec: str | None = None) -> dict:
+    """The profiler's grid for this backend, with the axes ``spec`` names replaced (``--profile-grid``:
+    ``prompt_lens=16,64;prompts=1,2;batches=1,4;contexts=32,128;repeats=3``, any of them)."""
     if backend == "gpu":  # fits OPT-13B at tp1 on an 80 GB card: 64 x 33 pages of KV at context 512
-        return dict(prompt_lens=[128, 512, 1024], prompts_per_batch=[1, 2, 4], batches=[1, 8, 32, 64],
+        grid = dict(prompt_lens=[128, 512, 1024], prompts_per_batch=[1, 2, 4], batches=[1, 8, 32, 64],
                     contexts=[128, 512], repeats=5)
-    return dict(prompt_lens=[16, 64, 128], prompts_per_batch=[1, 2, 4], batches=[1, 4, 8, 16],
-                contexts=[32, 128], repeats=3)
+    else:
+        grid = dict(prompt_lens=[16, 64, 128], prompts_per_batch=[1, 2, 4], batches=[1, 4, 8, 16],
+                    contexts=[32, 128], repeats=3)
+    for item in (spec or "").split(";"):
+        if not item.strip():
+            continue
+        key, _, values = item.partition("=")
+        if key.strip() not in GRID_KEYS:
+            raise ValueError(f"--profile-grid {item!r}: the keys are {', '.join(GRID_KEYS)}")
+        ints = [int(v) for v in values.split(",")]
+        grid[GRID_KEYS[key.strip()]] = ints[0] if key.strip() == "repeats" else ints
+    return grid
 
 
 def _profile_main(args: argparse.Namespace) -> int:
@@ -162,8 +178,10 @@ def _profile_main(args: argparse.Namespace) -> int:
     source = (DeviceRandomSource if backend == "gpu" else RandomSource)(cfg, dtype, 0)
     tps = [int(t) for t in args.profile_tps.split(",")]
     t0 = time.perf_counter()
-    prof, errors = profile(source, tps, page_size=args.page_size, name=args.model, **_profile_grid(backend))
+    grid = _profile_grid(backend, args.profile_grid)
+    prof, errors = profile(source, tps, page_size=args.page_size, name=args.model, **grid)
     out = prof.to_dict()
+    out["grid"] = grid
     out["fit_errors"] = {k: {kk: vv for kk, vv in v.items() if "err" in kk} for k, v in errors.items()}
     out["profile_seconds"] = time.perf_counter() - t0
     Path(args.profile).write_text(json.dumps(out, indent=1))
@@ -651,6 +669,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--modes {args.modes}: choose from {MODES}")
     if isinstance(args.rates, str):
         args.rates = [float(r) for r in args.rates.split(",")]
+    _profile_grid("cpu", args.profile_grid)  # a bad --profile-grid fails here, not in the profiling child
     from distllm_jax.workload.slo import PRESETS, resolve
 
     args.slo = args.slo or (f"{args.model}-sharegpt" if f"{args.model}-sharegpt" in PRESETS else "opt-13b-sharegpt")
@@ -669,7 +688,8 @@ def main(args: argparse.Namespace) -> int:
         tps = args.profile_tps or ",".join(str(t) for t in (1, 2, 4, 8) if t <= min(4, args.devices))
         path = state.file("profile", "json")
         res = _child(args, "_profile", ["--profile-tps", tps, "--profile", str(path), "--page-size", str(args.page_size)]
-                     + (["--dtype", args.dtype] if args.dtype else []))
+                     + (["--dtype", args.dtype] if args.dtype else [])
+                     + (["--profile-grid", args.profile_grid] if args.profile_grid else []))
         state.data["profile_path"] = path.name
         state.data["profile_run"] = res
     elif args.profile:
@@ -707,6 +727,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="profile JSON from `distllm profile` on this device kind (or a shipped name)")
     p.add_argument("--profile-now", action="store_true", help="profile the engine here first (child process)")
     p.add_argument("--profile-tps", help="tensor degrees to profile (default: 1,2,4 up to --devices)")
+    p.add_argument("--profile-grid", help="--profile-now's grid axes, e.g. 'prompt_lens=16,64;prompts=1,2;"
+                   "batches=1,4;contexts=32,128;repeats=3' (axes left out keep the backend's default)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=1024, help="KV pages per instance")
     p.add_argument("--max-decode-batch", type=int, default=32, help="requests in one decode step")

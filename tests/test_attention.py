@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from distllm_jax.models.attention import packed_causal_attention, paged_decode_attention, write_kv_slots
+
+
+# jitted, as the engine's step programs run them: one program per shape, not one per operation
+packed_jit = jax.jit(packed_causal_attention, static_argnums=5)
+paged_decode_jit = jax.jit(paged_decode_attention, static_argnums=5)
+write_jit = jax.jit(write_kv_slots)
 
 
 def dense_causal(q, k, v, scale):
@@ -38,7 +45,7 @@ def test_packed_equals_per_sequence(lengths, pad, kvh, seed):
     v = rng.standard_normal((T, kvh, Dh), np.float32)
     seg = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)]).astype(np.int32)
     pos = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)]).astype(np.int32)
-    out = np.asarray(packed_causal_attention(q, k, v, jnp.asarray(seg), jnp.asarray(pos), 0.3))
+    out = np.asarray(packed_jit(q, k, v, jnp.asarray(seg), jnp.asarray(pos), 0.3))
     off = 0
     for n in lengths:
         ref = dense_causal(q[off : off + n], k[off : off + n], v[off : off + n], 0.3)
@@ -66,15 +73,14 @@ def test_paged_decode_equals_dense(lengths, page_size, kvh, seed):
     k_pages = np.zeros((num_pages, page_size, kvh, Dh), np.float32)
     v_pages = np.zeros_like(k_pages)
     q = rng.standard_normal((B, H, Dh), np.float32)
-    ctx_k, ctx_v = [], []
-    for b, n in enumerate(lengths):
-        ck = rng.standard_normal((n, kvh, Dh), np.float32)
-        cv = rng.standard_normal((n, kvh, Dh), np.float32)
-        slots = np.array([tables[b, j // page_size] * page_size + j % page_size for j in range(n)])
-        k_pages = np.array(write_kv_slots(jnp.asarray(k_pages), jnp.asarray(slots), jnp.asarray(ck)))
-        v_pages = np.array(write_kv_slots(jnp.asarray(v_pages), jnp.asarray(slots), jnp.asarray(cv)))
-        ctx_k.append(ck)
-        ctx_v.append(cv)
+    ctx_k = [rng.standard_normal((n, kvh, Dh), np.float32) for n in lengths]
+    ctx_v = [rng.standard_normal((n, kvh, Dh), np.float32) for n in lengths]
+    # every sequence's rows written in one scatter (one program per example, as the engine writes a
+    # whole packed step's rows at once)
+    slots = np.array([tables[b, j // page_size] * page_size + j % page_size
+                      for b, n in enumerate(lengths) for j in range(n)])
+    k_pages = np.array(write_jit(jnp.asarray(k_pages), jnp.asarray(slots), jnp.asarray(np.concatenate(ctx_k))))
+    v_pages = np.array(write_jit(jnp.asarray(v_pages), jnp.asarray(slots), jnp.asarray(np.concatenate(ctx_v))))
     # Garbage in every slot no context wrote, including the tail of each sequence's last page and
     # the pages its table lists past its length (both are read and must be masked): a position the
     # kernel fails to mask then dominates the softmax (K) or the sum (V).
@@ -86,8 +92,8 @@ def test_paged_decode_equals_dense(lengths, page_size, kvh, seed):
     k_pages[~written] = 1e3
     v_pages[~written] = 1e3
     out = np.asarray(
-        paged_decode_attention(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
-                               jnp.asarray(np.array(lengths, np.int32)), 0.25)
+        paged_decode_jit(q, jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
+                         jnp.asarray(np.array(lengths, np.int32)), 0.25)
     )
     for b, n in enumerate(lengths):
         # the decode query is the last position: dense causal's last row

@@ -18,8 +18,8 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
     rc = gpu_suite.main(["--parts", "ceilings,decode,prefill,trace,profile,e2e", "--models", "tiny-opt",
                          "--profile-grid", "prompt_lens=16,32;prompts=1,2;batches=1,2;contexts=16,48",
                          "--batches", "1,4", "--contexts", "32,600", "--prefill-tokens", "64,256",
-                         "--trace", "2:32", "--e2e", "3:16:6", "--repeats", "2", "--out", str(out),
-                         "--trace-dir", str(tmp_path / "traces")])
+                         "--trace", "2:32", "--e2e", "3:16:6", "--e2e-budget", "64", "--repeats", "2",
+                         "--out", str(out), "--trace-dir", str(tmp_path / "traces")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "FAILED" not in text and "==== summary ====" in text
@@ -46,6 +46,7 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
         assert r["sync_ms"] > 0
     (e2e,) = json.loads((out / "gpu-suite-e2e-cpu-tiny-opt.json").read_text())["rows"]
     assert e2e["output_tokens"] == 3 * 6 and e2e["compilations_after_warmup"] == 0
+    assert e2e["prefill_token_budget"] == 64
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "mistral-7b-v0.3"])

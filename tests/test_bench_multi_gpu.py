@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import breakdown as bd
-from bench.multi_gpu import fill_disaggregated
+from bench.multi_gpu import _profile_grid, fill_disaggregated
 
 
 def test_interpolated_goodput_and_ratio():
@@ -53,14 +53,24 @@ def test_fill_disaggregated_fills_the_node():
     assert fill_disaggregated({"tp1pp1": {"prefill_goodput": 0.0, "decode_goodput": 1.0}}, 4) is None
 
 
+def test_profile_grid_replaces_the_axes_it_names():
+    g = _profile_grid("cpu", "prompt_lens=16,32; prompts=1;repeats=1")
+    assert g == {**_profile_grid("cpu"), "prompt_lens": [16, 32], "prompts_per_batch": [1], "repeats": 1}
+    with pytest.raises(ValueError, match="the keys are"):
+        _profile_grid("cpu", "prompt_len=16")
+
+
 def test_multi_gpu_end_to_end(tmp_path, capsys):
     from distllm_jax.cli import main
 
     out = tmp_path / "out"
+    n = 6  # requests per rate
+    # the profile's grid near the servers' limits (64 tokens, 2 rows): fewer programs to compile
+    grid = "prompt_lens=16,32,64;prompts=1,2;batches=1,2,4;contexts=16,48"
     rc = main(["bench", "multi-gpu", "--part", "all", "--model", "tiny-opt", "--devices", "4", "--profile-now",
-               "--profile-tps", "1", "--modes", "disaggregated,colocated", "--rates", "1,4", "--num-prompts", "10",
-               "--slo", "1.0,0.05", "--max-seq-len", "128", "--max-decode-batch", "8", "--prefill-token-budget", "64",
-               "--num-pages", "160", "--copy-mib", "16", "--quiet", "--out", str(out)])
+               "--profile-tps", "1", "--profile-grid", grid, "--modes", "disaggregated,colocated", "--rates", "2,4",
+               "--num-prompts", str(n), "--slo", "1.0,0.05", "--max-seq-len", "64", "--max-decode-batch", "2",
+               "--prefill-token-budget", "64", "--num-pages", "160", "--copy-mib", "16", "--quiet", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "==== summary ====" in text
@@ -69,6 +79,8 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
                      "plan-cpux4-tiny-opt.json", "profile-cpux4-tiny-opt.json"]
     d = json.loads((out / "multi-gpu-cpux4-tiny-opt.json").read_text())
     assert d["probes"][0]["copy"]["gbps"] > 0
+    prof = json.loads((out / "profile-cpux4-tiny-opt.json").read_text())
+    assert prof["grid"]["prompt_lens"] == [16, 32, 64] and prof["grid"]["batches"] == [1, 2, 4]
 
     # the plan: written as `distllm serve --plan` reads it, and the server built exactly that layout
     plan = json.loads((out / "plan-cpux4-tiny-opt.json").read_text())
@@ -81,11 +93,11 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
                 if mode == "disaggregated" else [("colocated", p["tp"], 1) for p in e["plan"]["colocated"]])
         assert roles == want
         assert e["gpus"] == sum(tp * pp for _, tp, pp in roles) <= 4
-        assert [r["per_gpu_rate"] for r in e["runs"]] == [1.0, 4.0]
+        assert [r["per_gpu_rate"] for r in e["runs"]] == [2.0, 4.0]
         for r in e["runs"]:
             assert r["rate"] == pytest.approx(r["per_gpu_rate"] * e["gpus"])
             assert 0.0 <= r["summary"]["attainment"] <= 1.0
-            assert r["summary"]["errors"] == 0 and len(r["requests"]) == 10
+            assert r["summary"]["errors"] == 0 and len(r["requests"]) == n
         g = e["goodput_per_gpu"]
         assert g["bound"] in ("exact", "lower", "upper") and 0 <= g["goodput"] <= 4
     assert d["plan"]["plans"]["colocated"]["gpus"] == 4  # replicated to fill the node
@@ -97,9 +109,9 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     # breakdown: shares sum to 1 per request; every disaggregated request migrated, in positive time
     for row in d["breakdown"]["per_rate"]:
         b = row["breakdown"]
-        assert b["requests"] == 10 and b["share_sum_max_abs_err"] < 1e-9
+        assert b["requests"] == n and b["share_sum_max_abs_err"] < 1e-9
         assert sum(b["share_of_total"].values()) == pytest.approx(1.0)
-        assert row["migration"]["migrated"] == 10 and row["migration"]["time_s"]["p50"] > 0
+        assert row["migration"]["migrated"] == n and row["migration"]["time_s"]["p50"] > 0
         assert row["migration"]["bandwidth_gbps"]["p50"] > 0
     for r in d["sweep"]["disaggregated"]["runs"][0]["requests"]:
         assert r["server"]["migration"] > 0 and r["server"]["decode_instance"].startswith("decode")
@@ -109,5 +121,5 @@ def test_multi_gpu_end_to_end(tmp_path, capsys):
     # simulator check: one row per measured rate, attainments in [0, 1]
     for mode in ("disaggregated", "colocated"):
         rows = d["simcheck"][mode]["rows"]
-        assert [r["per_gpu_rate"] for r in rows] == [1.0, 4.0]
+        assert [r["per_gpu_rate"] for r in rows] == [2.0, 4.0]
         assert all(0 <= r["sim_attainment"] <= 1 and 0 <= r["measured_attainment"] <= 1 for r in rows)

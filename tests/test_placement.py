@@ -204,7 +204,8 @@ def test_cli_simulate_place_profile(tmp_path, capsys, converted):
     out = capsys.readouterr().out
     assert "colocated on 2 GPUs" in out and out.count("%") == 2
     plan = tmp_path / "plan.json"
-    assert main(["place", "--algorithm", "low", "--rate", "2", "--out", str(plan), *cache]) == 0
+    # one node of 4 GPUs (the default is 8): half the layouts to search, and the same plan
+    assert main(["place", "--algorithm", "low", "--rate", "2", "--gpus-per-node", "4", "--out", str(plan), *cache]) == 0
     d = json.loads(plan.read_text())
     assert d["mode"] == "disaggregated" and d["prefill"] and d["decode"] and d["expected_goodput"] >= 2
     _, ckpt = converted("opt-pre-ln")
