@@ -363,7 +363,8 @@ print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s
 """
 
 
-def start_times(model: Model, cache_dir: Path, *, max_len: int = 2048, timeout: int = 600) -> dict[str, Any]:
+def start_times(model: Model, cache_dir: Path, *, max_len: int = 2048, timeout: int = 600,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A cold start (empty compile cache) and then a warm one (the cache the cold start filled) of a
     colocated engine on this GPU, each in its own process, from ``Engine(...)`` to ready (weights
     drawn on the device, every program compiled or loaded), then one request served. Run before this
@@ -371,8 +372,8 @@ def start_times(model: Model, cache_dir: Path, *, max_len: int = 2048, timeout: 
     import shutil
 
     shutil.rmtree(cache_dir, ignore_errors=True)
-    ecfg = dict(mode="colocated", max_seq_len=max_len, dtype=model.dtype, progress=False)
-    row: dict[str, Any] = {"model": model.name, "max_seq_len": max_len}
+    ecfg = dict(mode="colocated", max_seq_len=max_len, dtype=model.dtype, progress=False, **(overrides or {}))
+    row: dict[str, Any] = {"model": model.name, "max_seq_len": max_len, "config": overrides or {}}
     for kind in ("cold", "warm"):
         proc = subprocess.run([sys.executable, "-c", _START, str(cache_dir), model.name, json.dumps(ecfg)],
                               capture_output=True, text=True, timeout=timeout)
@@ -679,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-cache", default="/tmp/distllm-start-cache",
                    help="compile cache the start part fills (emptied first: its first start is cold)")
     p.add_argument("--start-max-len", type=int, default=2048, help="max_seq_len of the engine the start part starts")
+    p.add_argument("--start-config", default="{}", help="EngineConfig fields (JSON) for that engine, beside the defaults")
     p.add_argument("--trace", default="1:512,64:2048", help="batch:context pairs traced by the trace part")
     p.add_argument("--e2e", default="32:512:128", help="batch:prompt:new tokens for the e2e and hf parts")
     p.add_argument("--e2e-budget", type=int, default=2048, help="the e2e part's prefill token budget")
@@ -704,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     if "start" in parts:  # first too: each start is a process of its own that needs the GPU's memory
         for name in args.models.split(","):
             results["start"].append(start_times(load_model(name), Path(args.start_cache) / name,
-                                                max_len=args.start_max_len))
+                                                max_len=args.start_max_len, overrides=json.loads(args.start_config)))
             _emit(start_table(results["start"][-1:]))
     tag = device_tag()
     info = device_info()

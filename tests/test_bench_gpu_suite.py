@@ -78,3 +78,21 @@ def test_decode_part_runs_on_tiny_qwen3(tmp_path, capsys):
     (r,) = rows  # batch 1 at context 32: the weights and 33 tokens' K/V
     assert r["floor_bytes"] == m.weight_bytes() + 33 * m.kv_bytes_per_token() and r["engine_ms"] > 0
     assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / 0.02e9)
+
+
+def test_sampling_and_start_parts(tmp_path, capsys):
+    """The sampling part times the same decode step greedy, with sampled rows and with a logprob row;
+    the start part starts an engine twice, the second time from the compile cache the first filled."""
+    out = tmp_path / "suite"
+    rc = gpu_suite.main(["--parts", "start,sampling", "--models", "tiny-opt", "--sampling-batches", "2",
+                         "--sampling-context", "16", "--repeats", "1", "--start-max-len", "32",
+                         "--start-config", '{"prefill_token_budget": 32, "max_decode_batch": 2}',
+                         "--start-cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0 and "FAILED" not in capsys.readouterr().out
+    (row,) = json.loads((out / "gpu-suite-sampling-cpu-tiny-opt.json").read_text())["rows"]
+    for kind in ("one_sampled", "all_sampled", "one_logprobs"):
+        assert row[f"{kind}_ms"] > 0 and row[f"{kind}_x"] == pytest.approx(row[f"{kind}_ms"] / row["greedy_ms"])
+    (start,) = json.loads((out / "gpu-suite-start-cpu-tiny-opt.json").read_text())["rows"]
+    assert start["cold"]["cache_hits"] == 0 and start["warm"]["cache_hits"] == start["warm"]["compilations"] > 0
+    assert start["cold"]["tokens"] == start["warm"]["tokens"] == 4 and start["warm_start_s"] > 0
+    assert start["cold"]["slowest"] and all(s >= 0 for _, s in start["cold"]["slowest"])
