@@ -144,7 +144,7 @@ GRID_KEYS = {"prompt_lens": "prompt_lens", "prompts": "prompts_per_batch", "batc
              "contexts": "contexts", "repeats": "repeats"}  # --profile-grid's keys: profile()'s arguments
 
 
-def _profile_grid(backend: str, spec: str | None = None) -> dict:
+def profile_grid(backend: str, spec: str | None = None) -> dict:
     """The profiler's grid for this backend, with the axes ``spec`` names replaced (``--profile-grid``:
     ``prompt_lens=16,64;prompts=1,2;batches=1,4;contexts=32,128;repeats=3``, any of them)."""
     if backend == "gpu":  # fits OPT-13B at tp1 on an 80 GB card: 64 x 33 pages of KV at context 512
@@ -178,7 +178,7 @@ def _profile_main(args: argparse.Namespace) -> int:
     source = (DeviceRandomSource if backend == "gpu" else RandomSource)(cfg, dtype, 0)
     tps = [int(t) for t in args.profile_tps.split(",")]
     t0 = time.perf_counter()
-    grid = _profile_grid(backend, args.profile_grid)
+    grid = profile_grid(backend, args.profile_grid)
     prof, errors = profile(source, tps, page_size=args.page_size, name=args.model, **grid)
     out = prof.to_dict()
     out["grid"] = grid
@@ -669,7 +669,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--modes {args.modes}: choose from {MODES}")
     if isinstance(args.rates, str):
         args.rates = [float(r) for r in args.rates.split(",")]
-    _profile_grid("cpu", args.profile_grid)  # a bad --profile-grid fails here, not in the profiling child
+    profile_grid("cpu", args.profile_grid)  # a bad --profile-grid fails here, not in the profiling child
     from distllm_jax.workload.slo import PRESETS, resolve
 
     args.slo = args.slo or (f"{args.model}-sharegpt" if f"{args.model}-sharegpt" in PRESETS else "opt-13b-sharegpt")

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from bench import breakdown as bd
-from bench.multi_gpu import _profile_grid, fill_disaggregated
+from bench.multi_gpu import profile_grid, fill_disaggregated
 
 
 def test_interpolated_goodput_and_ratio():
@@ -54,10 +54,10 @@ def test_fill_disaggregated_fills_the_node():
 
 
 def test_profile_grid_replaces_the_axes_it_names():
-    g = _profile_grid("cpu", "prompt_lens=16,32; prompts=1;repeats=1")
-    assert g == {**_profile_grid("cpu"), "prompt_lens": [16, 32], "prompts_per_batch": [1], "repeats": 1}
+    g = profile_grid("cpu", "prompt_lens=16,32; prompts=1;repeats=1")
+    assert g == {**profile_grid("cpu"), "prompt_lens": [16, 32], "prompts_per_batch": [1], "repeats": 1}
     with pytest.raises(ValueError, match="the keys are"):
-        _profile_grid("cpu", "prompt_len=16")
+        profile_grid("cpu", "prompt_len=16")
 
 
 def test_multi_gpu_end_to_end(tmp_path, capsys):

@@ -28,7 +28,7 @@ class IdleEngine:
     def __init__(self, name: str = "old"):
         self.name, self.max_len, self.calls = name, 64, []
         self.model = SimpleNamespace(vocab_size=256)
-        self.config = SimpleNamespace(mode="colocated")
+        self.config = SimpleNamespace(mode="colocated", max_prefill_seqs=8, max_decode_batch=8)
         self.instances = []
 
     def stats(self):
