@@ -346,7 +346,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from distllm_jax import compile_cache
 compile_cache.enable(sys.argv[1])
-from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, InstanceSpec, compile_counter
+from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, SamplingParams, compile_counter
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.presets import preset
 cfg = ModelConfig.from_hf_dict(preset(sys.argv[2]))
@@ -354,7 +354,7 @@ ecfg = EngineConfig(**json.loads(sys.argv[3]))
 t1 = time.perf_counter()
 engine = Engine(DeviceRandomSource(cfg, ecfg.dtype, seed=0), ecfg)
 t2 = time.perf_counter()
-out = engine.submit([5, 6, 7], __import__("distllm_jax.engine", fromlist=["SamplingParams"]).SamplingParams(max_tokens=4)).result()
+out = engine.submit([5, 6, 7], SamplingParams(max_tokens=4)).result()
 engine.shutdown()
 print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s": engine.warmup_seconds,
                              "compilations": compile_counter.compilations(), "cache_hits": compile_counter.cache_hits(),

@@ -427,19 +427,25 @@ class OpenAIFrontend:
 
     def _choice(self, index: int, job: "PromptJob", out: RequestOutput, want: Choices, chat: bool) -> dict:
         reason = out.finished.value if out.finished is not None else None
-        text = token_text(self.service.tokenizer)
+        lp = self._logprobs(job, out, want, chat, echo=want.echo)
         if chat:
-            lp = chat_logprobs(out.logprobs or [], text, token_bytes(self.service.tokenizer)) if want.logprobs is not None else None
             return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
                     "finish_reason": reason}
-        content = (job.text if want.echo else "") + out.text
-        lp = None
-        if want.logprobs is not None:
-            tokens, lps = list(out.token_ids), list(out.logprobs or [])
-            if want.echo:
-                tokens, lps = job.ids + tokens, list(out.prompt_logprobs or [None] * len(job.ids)) + lps
-            lp = completion_logprobs(tokens, lps, legacy_text(self.service.tokenizer))
-        return {"index": index, "text": content, "logprobs": lp, "finish_reason": reason}
+        return {"index": index, "text": (job.text if want.echo else "") + out.text, "logprobs": lp,
+                "finish_reason": reason}
+
+    def _logprobs(self, job: "PromptJob", out: RequestOutput, want: Choices, chat: bool, echo: bool) -> dict | None:
+        """An event's log-probabilities in the shape of its endpoint (None when not asked for);
+        ``echo``: the prompt's come first (a choice's first completions event)."""
+        if want.logprobs is None:
+            return None
+        tok = self.service.tokenizer
+        if chat:
+            return chat_logprobs(out.logprobs or [], token_text(tok), token_bytes(tok))
+        tokens, lps = list(out.token_ids), list(out.logprobs or [])
+        if echo:
+            tokens, lps = job.ids + tokens, list(out.prompt_logprobs or [None] * len(job.ids)) + lps
+        return completion_logprobs(tokens, lps, legacy_text(tok))
 
     async def _cancel_on_disconnect(self, request: Any, admitted: list[Admitted]) -> None:
         """Cancel the requests once their client disconnects (its body is read, so the next ASGI
@@ -458,7 +464,6 @@ class OpenAIFrontend:
         """Server-sent events of every choice as its tokens come (each chunk names its choice's
         ``index``); the prompts' streams are read side by side."""
         obj = "chat.completion.chunk" if chat else "text_completion"
-        text = token_text(self.service.tokenizer)
         started: set[int] = set()
         n_out = 0
 
@@ -466,20 +471,16 @@ class OpenAIFrontend:
             reason = out.finished.value if out.finished is not None else None
             first = index not in started
             started.add(index)
+            echo = first and want.echo
+            lp = self._logprobs(job, out, want, chat, echo)
             if chat:
                 delta: dict = {"role": "assistant"} if first else {}
                 if out.text or reason is None:
                     delta["content"] = out.text
-                lp = chat_logprobs(out.logprobs or [], text, token_bytes(self.service.tokenizer)) if want.logprobs is not None else None
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                body, tokens, lps = out.text, list(out.token_ids), list(out.logprobs or [])
-                if first and want.echo:
-                    body = job.text + body
-                    tokens, lps = job.ids + tokens, list(out.prompt_logprobs or [None] * len(job.ids)) + lps
-                lp = (completion_logprobs(tokens, lps, legacy_text(self.service.tokenizer))
-                      if want.logprobs is not None else None)
-                choice = {"index": index, "text": body, "logprobs": lp, "finish_reason": reason}
+                choice = {"index": index, "text": (job.text if echo else "") + out.text, "logprobs": lp,
+                          "finish_reason": reason}
             return _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]})
 
         queue: asyncio.Queue = asyncio.Queue()

@@ -171,7 +171,7 @@ class Controller:
             self._release(sib)
             sib.state = RequestState.WAITING
         self._release(req)
-        if req.leader is not None:  # waits on its leader, which is requeued (or redone) too
+        if req.riding:  # waits on its first sample, which is requeued (or redone) too
             req.state = RequestState.WAITING
             return
         req.state = RequestState.WAITING
@@ -217,7 +217,7 @@ class Controller:
             return False
         for q in req.group:  # every sample of the request
             q.cancelled = True
-            if q.state in (RequestState.WAITING, RequestState.HELD) and q.leader is None:
+            if q.state in (RequestState.WAITING, RequestState.HELD) and not q.riding:
                 self.finish(q, FinishReason.CANCELLED)  # not in any worker's hands: free now
         self.lock.notify_all()  # workers free the others at the next step boundary
         return True

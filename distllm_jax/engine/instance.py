@@ -201,7 +201,7 @@ class Instance:
         runs). Row picks are padded to a bucket (:func:`pick_buckets`: one row asking costs one
         row's log-softmax and top-k, not the batch's) and prompt rows to the step's token bucket;
         every one of these programs is compiled at start-up."""
-        picks, ks = logprob_picks(segs, kind)
+        picks, ks = logprob_picks(segs)
         R = logits.shape[0]
         for size in pick_buckets(R) if warm else ():
             ROW_LOGPROBS(logits, out.ids, np.full(size, R, np.int32))

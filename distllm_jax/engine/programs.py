@@ -196,9 +196,9 @@ def _logprob(token: int, chosen: Any, values: np.ndarray, ids: np.ndarray, k: in
     return TokenLogprob(token, float(chosen), tuple((int(ids[j]), float(values[j])) for j in range(k)))
 
 
-def logprob_picks(segs: Sequence[Segment], kind: str) -> tuple[list[int], list[int]]:
+def logprob_picks(segs: Sequence[Segment]) -> tuple[list[int], list[int]]:
     """The logits rows whose sampled token's log-probability is asked for, and each one's k."""
-    rows = range(len(segs)) if kind == "decode" else row_segments(segs)
+    rows = row_segments(segs)
     picks = [j for j, i in enumerate(rows) if segs[i].params.logprobs is not None]
     return picks, [segs[rows[j]].params.logprobs for j in picks]  # type: ignore[misc]
 

@@ -189,7 +189,6 @@ class Request:
         self.sample = 0  # which of its group's n samples
         self.group: list[Request] = [self]  # every sample of the request (all share the stream)
         self.siblings: list[Request] = []  # the other samples, until the prefill hands them their first tokens
-        self.leader: Request | None = None  # the sample whose prefill this one waits on, until then
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # filled as the prompt is computed
         self.prompt_logprobs_sent = False
         self.cumulative_logprob = 0.0
@@ -199,7 +198,7 @@ class Request:
         (sharing the prompt's full pages) and its own random draws (the seed folded with ``sample``)."""
         child = Request(f"{self.rid}/{sample}", self.prompt, self.params, self.checker.fresh(), self.seed,
                         self.stream, self.max_len, self.deadline)
-        child.sample, child.leader, child.group = sample, self, self.group
+        child.sample, child.group = sample, self.group
         child.timings = RequestTimings(arrival=self.timings.arrival)
         self.group.append(child)
         self.siblings.append(child)
@@ -208,6 +207,11 @@ class Request:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt)
+
+    @property
+    def riding(self) -> bool:
+        """A sample that waits on its first sample's prefill (it has no first token of its own yet)."""
+        return self in self.group[0].siblings
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

@@ -224,7 +224,6 @@ class Worker(abc.ABC):
                 self.inst.copy_pages([self.inst.alloc.table(r.rid)[last]] * len(dst), dst)
         go_on = []
         for q, row in zip(members, rows):
-            q.leader = None
             if q is not r:
                 q.prompt_logprobs = r.prompt_logprobs
             if q.state is not RequestState.DONE and self.first_token(q, row, now):
