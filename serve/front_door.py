@@ -93,14 +93,18 @@ class Admitted:
         self.door, self.engine, self.stream = door, engine, stream
         self.done = False
         self._closed = False
+        self._finals_read = 0
 
     @property
     def request_id(self) -> str:
         return self.stream.request_id
 
     def finished(self) -> None:
-        """A final event arrived; the request is done when every one of its samples' has."""
-        self.done = len(self.stream.finals) >= self.stream.n
+        """The handler read a final event; the request is done once it has read every sample's.
+        Counted here, not from the stream's own record: the engine may have ended every sample before
+        the handler reads the first final, and the request must count as done exactly once."""
+        self._finals_read += 1
+        self.done = self._finals_read >= self.stream.n
 
     def close(self) -> None:
         if self._closed:
