@@ -15,6 +15,8 @@ from distllm_jax.shapes import MIN_TOKEN_BUCKET
 
 Mode = Literal["disaggregated", "colocated", "chunked"]
 MODES: tuple[str, ...] = ("disaggregated", "colocated", "chunked")
+KV_ADMISSIONS: tuple[str, ...] = ("on-demand", "reserve")
+PREEMPTIONS: tuple[str, ...] = ("recompute", "swap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,12 @@ class EngineConfig:
 
     ``prefill_token_budget`` is the paper's L_m: the most prompt tokens batched into one prefill (a
     single longer prompt still runs, alone); in ``chunked`` mode it is the tokens per mixed step.
-    Decode pages are reserved for a request's whole possible length when it joins a decode batch, so a
-    running batch never runs out of pages and never has to preempt.
+    ``kv_admission``: ``on-demand`` (vLLM's way) admits a request by the pages it needs now, leaving
+    ``kv_watermark`` of the pool free, and a running sequence takes a page as it crosses a page
+    boundary; when a step would run out, the newest running request is preempted (``preemption``:
+    ``recompute`` frees its pages and requeues it ahead of new work, ``swap`` moves its pages to host
+    memory and back). ``reserve`` takes pages for a request's whole possible length when it joins, so
+    a running batch never preempts, at the cost of admitting fewer requests.
     """
 
     mode: Mode = "disaggregated"
@@ -67,6 +73,9 @@ class EngineConfig:
     # decode dispatches step k+1 before reading step k (its ids feed k+1 on the device), so host
     # work overlaps the device's; one-stage instances only (see Instance.dispatch_decode)
     async_decode: bool = True
+    kv_admission: str = "on-demand"  # on-demand | reserve
+    preemption: str = "recompute"  # recompute | swap (on-demand admission only)
+    kv_watermark: float = 0.01  # the share of each pool admission leaves free for running sequences
     progress: bool = True
     seed: int = 0
 
@@ -84,6 +93,12 @@ class EngineConfig:
             raise ValueError(f"attention must be auto, pallas or reference, got {self.attention!r}")
         if self.kv_transfer not in ("local", "transfer-server"):
             raise ValueError(f"kv_transfer must be 'local' or 'transfer-server', got {self.kv_transfer!r}")
+        if self.kv_admission not in KV_ADMISSIONS:
+            raise ValueError(f"kv_admission must be one of {KV_ADMISSIONS}, got {self.kv_admission!r}")
+        if self.preemption not in PREEMPTIONS:
+            raise ValueError(f"preemption must be one of {PREEMPTIONS}, got {self.preemption!r}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.mode == "disaggregated" and (not self.prefill or not self.decode):
             raise ValueError("disaggregated mode needs at least one prefill and one decode instance")
         if self.mode != "disaggregated" and not self.colocated:
