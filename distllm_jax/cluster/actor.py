@@ -20,7 +20,8 @@ from distllm_jax.engine.engine import attention_impl
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.params_source import ParamSource
 from distllm_jax.engine.programs import HostStep, Segment
-from distllm_jax.engine.transfer import gather_pages_jit, page_buckets, page_index, scatter_pages_jit, wait_pools
+from distllm_jax.engine.swap import gather_stages, scatter_stages
+from distllm_jax.engine.transfer import page_buckets, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
 from distllm_jax.shapes import bucket
 
@@ -75,10 +76,24 @@ class InstanceActor:
         return compile_counter.compilations()
 
     def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
-        return self.inst.run(kind, micro_batches)
+        out = self.inst.run(kind, micro_batches)
+        self.inst.settle_swaps()  # swap-outs dispatched before this step: done with it, so no wait
+        return out
 
     def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
         self.inst.copy_pages(src, dst)
+
+    def swap_out(self, key: str, pages: Sequence[int]) -> None:
+        self.inst.swap_out(key, pages)
+
+    def swap_in(self, key: str, pages: Sequence[int]) -> None:
+        self.inst.swap_in(key, pages)
+
+    def drop_swapped(self, key: str) -> None:
+        self.inst.drop_swapped(key)
+
+    def swapped_bytes(self) -> int:
+        return self.inst.swapped_bytes()
 
     def pools_ok(self) -> bool:
         return self.inst.pools_ok()
@@ -107,13 +122,9 @@ class InstanceActor:
         """[layers, len(pages), page_size, kv_heads, head_dim] K and V, gathered on the devices (a
         bucketed program) and copied to the host."""
         size, n = bucket(self.buckets, len(pages)), len(pages)
-        ks, vs = [], []
-        for st in self.inst.stages:
-            with self.inst.lock:
-                k, v = gather_pages_jit(st.pool, page_index(pages, size, st.mesh), lo=0, hi=st.hi - st.lo)
-            ks.append(np.asarray(k)[:, :n])
-            vs.append(np.asarray(v)[:, :n])
-        return np.concatenate(ks), np.concatenate(vs)
+        bufs = gather_stages(self.inst, pages, size)
+        return (np.concatenate([np.asarray(k)[:, :n] for k, _ in bufs]),
+                np.concatenate([np.asarray(v)[:, :n] for _, v in bufs]))
 
     def import_pages(self, kv: tuple[np.ndarray, np.ndarray], pages: Sequence[int]) -> None:
         k, v = kv
@@ -121,9 +132,5 @@ class InstanceActor:
             raise ValueError(f"{self.inst.name}: got KV for {k.shape[1]} pages of {k.shape[0]} layers, "
                              f"{len(pages)} destination pages of {self.inst.cfg.num_layers} layers")
         size = bucket(self.buckets, len(pages))
-        pad = [(0, 0), (0, size - len(pages))] + [(0, 0)] * (k.ndim - 2)
-        for st in self.inst.stages:
-            buf = jax.device_put((np.pad(k[st.lo : st.hi], pad), np.pad(v[st.lo : st.hi], pad)), st.buffer_sharding)
-            with self.inst.lock:
-                st.pool, _ = scatter_pages_jit(st.pool, page_index(pages, size, st.mesh), *buf, lo=0)
+        scatter_stages(self.inst, pages, size, [(k[st.lo : st.hi], v[st.lo : st.hi]) for st in self.inst.stages])
         wait_pools(self.inst)

@@ -108,6 +108,24 @@ class RemoteInstance:
     def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
         self.call("copy_pages", list(src), list(dst))
 
+    # swapped-out copies live in the actor's process, next to its devices
+
+    def swap_out(self, key: str, pages: Sequence[int]) -> None:
+        self.call("swap_out", key, list(pages))
+
+    def swap_in(self, key: str, pages: Sequence[int]) -> None:
+        self.call("swap_in", key, list(pages))
+
+    def drop_swapped(self, key: str) -> None:
+        self.call("drop_swapped", key)
+
+    def swapped_bytes(self) -> int:
+        return int(self.call("swapped_bytes"))
+
+    def settle_swaps(self) -> None:
+        """Nothing to do here: the actor settles its copies after each step it runs (``run`` waits for
+        the step, so the gathers dispatched before it are done by then)."""
+
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         n = self.call("warmup")
         for i in range(n):

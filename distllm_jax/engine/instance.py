@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
+from distllm_jax.engine.swap import HostKVStore
 from distllm_jax.engine.transfer import read_host_pages
 from distllm_jax.engine.logprobs import PROMPT_LOGPROBS, ROW_LOGPROBS
 from distllm_jax.engine.programs import (COPY_PAGES, SAMPLE, STAGE_STEP, HostStep, PendingStep, Segment,
@@ -104,6 +105,8 @@ class Instance:
                                         max_decode_batch=ecfg.max_decode_batch, max_len=self.max_len,
                                         min_token_bucket=ecfg.min_token_bucket)
         self.steps = 0
+        self.preemption = ecfg.preemption  # "swap": warmup compiles the swap programs
+        self.swaps = HostKVStore(self.width)  # a request never holds more than one sequence's pages
         self._zero_ids: jax.Array | None = None  # the feed of a decode step that follows none
 
     # ---- the programs ---------------------------------------------------------------------------
@@ -235,6 +238,29 @@ class Instance:
                 for st in self.stages:
                     st.pool = COPY_PAGES(st.pool, s, d)
 
+    # ---- preemption by swapping: pages to host memory and back (distllm_jax.engine.swap) ----------
+
+    def swap_out(self, key: str, pages: Sequence[int]) -> None:
+        """Gather ``pages`` (every layer, every stage) and start copying them to the host, kept under
+        ``key``; no waiting. Ordered after the steps dispatched before and before any dispatched
+        later, so the caller may free and reuse the pages at once."""
+        self.swaps.swap_out(self, key, pages)
+
+    def swap_in(self, key: str, pages: Sequence[int]) -> None:
+        """Write the copy under ``key`` into ``pages`` (as many as were swapped out), before any step
+        dispatched later, and forget it."""
+        self.swaps.swap_in(self, key, pages)
+
+    def drop_swapped(self, key: str) -> None:
+        self.swaps.drop(key)
+
+    def swapped_bytes(self) -> int:
+        return self.swaps.nbytes()
+
+    def settle_swaps(self) -> None:
+        """Pending swap-outs to host arrays, freeing their device buffers (waits for those gathers)."""
+        self.swaps.settle()
+
     def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         """Run one step and wait for its sampled ids (and the log-probabilities asked for: the only
         device->host transfers)."""
@@ -248,9 +274,12 @@ class Instance:
                 feeds = [self.decode_feed(size)] if kind == "decode" and self.lookahead else None
                 self._launch(kind, [([], self.pack(kind, [], size))], warm=True, feeds=feeds)[0].host()
         self.copy_pages([NULL_PAGE], [NULL_PAGE])
+        if self.preemption == "swap":
+            self.swaps.warmup(self, tick)
 
     def num_programs(self) -> int:
-        return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages)
+        swaps = self.swaps.num_programs(len(self.stages)) if self.preemption == "swap" else 0
+        return sum(len(self.shapes(k)) for k in self.kinds()) * len(self.stages) + swaps
 
     # ---- for benchmarks: one stage's program, its inputs already on the device ---------------------
 

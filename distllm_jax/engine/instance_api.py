@@ -32,6 +32,30 @@ class InstanceAPI(Slot, Protocol):
     def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Copy pages within its pool, ordered after the steps dispatched before."""
 
+    # Preemption by swapping: a preempted request's pages go to host memory so that other requests
+    # can have them, and come back later into whatever pages are free then.
+
+    def swap_out(self, key: str, pages: Sequence[int]) -> None:
+        """Start copying these pages (every layer) to host memory, kept under ``key``, without waiting
+        for the device: ordered after the steps dispatched before (it reads what they wrote) and
+        before anything dispatched later, so the caller frees and reuses the pages right away."""
+
+    def swap_in(self, key: str, pages: Sequence[int]) -> None:
+        """Write the copy kept under ``key`` into these pages (as many as were swapped out, else a
+        ValueError; an unknown key is a KeyError), before any step dispatched later, and forget it:
+        the request resumes decoding where it stopped."""
+
+    def drop_swapped(self, key: str) -> None:
+        """Forget the copy under ``key`` (its request ended while swapped out); no-op if none."""
+
+    def swapped_bytes(self) -> int:
+        """Host bytes held by swapped-out copies (stats: the host memory preemption is spending)."""
+
+    def settle_swaps(self) -> None:
+        """Turn pending swap-outs into host arrays and free their device buffers. The worker calls it
+        once its next step is dispatched (lock not held), so the wait for the gathers overlaps that
+        step instead of delaying its dispatch."""
+
     def warmup(self, tick: Callable[[str], None]) -> None:
         """Compile every program it can run."""
 
