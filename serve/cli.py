@@ -72,6 +72,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-decode-batch", type=int, default=32, help="requests per decode step")
     eng.add_argument("--kv-transfer", choices=["local", "transfer-server"], default="local",
                      help="how KV moves from prefill to decode instances in one process")
+    eng.add_argument("--kv-admission", choices=["on-demand", "reserve"], default="on-demand",
+                     help="on-demand: admit by the KV pages a request needs now and grow page by page, preempting "
+                          "the newest request when the pool runs short; reserve: take pages for a request's whole "
+                          "length (prompt + max_tokens) when it joins, and never preempt")
+    eng.add_argument("--preemption", choices=["recompute", "swap"], default="recompute",
+                     help="what a preempted request does: recompute its KV from its prompt and output when it "
+                          "comes back, or swap its KV to host memory and back")
+    eng.add_argument("--kv-watermark", type=float, default=0.01,
+                     help="the share of each KV pool that admission leaves free for running requests to grow into")
     cl = p.add_argument_group("cluster")
     cl.add_argument("--cluster", metavar="auto|ADDRESS",
                     help="run each instance as a Ray actor: 'auto' starts a local Ray cluster, an address joins one")
@@ -150,7 +159,8 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
 
     base = dict(page_size=args.page_size, num_pages=args.num_pages, max_seq_len=args.max_seq_len,
                 prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
-                kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet)
+                kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet,
+                kv_admission=args.kv_admission, preemption=args.preemption, kv_watermark=args.kv_watermark)
     if args.plan:
         return Plan.load(args.plan).to_engine_config(**base)
     mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")

@@ -26,13 +26,24 @@ class EngineCollector:
         used = GaugeMetricFamily("distllm_kv_pages_used", "KV pages in use", labels=["instance", "role"])
         free = GaugeMetricFamily("distllm_kv_pages_free", "KV pages free", labels=["instance", "role"])
         running = GaugeMetricFamily("distllm_running_requests", "Requests in a decode batch", labels=["instance"])
+        reserved = GaugeMetricFamily("distllm_kv_pages_reserved", "KV pages in use ahead of the KV written "
+                                     "into them", labels=["instance", "role"])
+        swapped = GaugeMetricFamily("distllm_swapped_requests", "Requests preempted to host memory",
+                                    labels=["instance"])
+        preempted = CounterMetricFamily("distllm_preemptions", "Running requests preempted when KV pages ran "
+                                        "out", labels=["instance", "kind"])
+        grown = CounterMetricFamily("distllm_kv_pages_grown", "KV pages running sequences took as they grew",
+                                    labels=["instance"])
         for inst in s["instances"]:
             used.add_metric([inst["name"], inst["role"]], inst["pages_used"])
             free.add_metric([inst["name"], inst["role"]], inst["pages_free"])
+            reserved.add_metric([inst["name"], inst["role"]], inst["pages_reserved"])
             running.add_metric([inst["name"]], inst["running"])
-        yield used
-        yield free
-        yield running
+            swapped.add_metric([inst["name"]], inst["swapped"])
+            grown.add_metric([inst["name"]], inst["pages_grown"])
+            for kind, n in inst["preemptions"].items():
+                preempted.add_metric([inst["name"], kind], n)
+        yield from (used, free, reserved, running, swapped, preempted, grown)
         yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
         yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
         yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])

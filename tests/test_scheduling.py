@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from distllm_jax.placement.simulator import SimRequest, SimSlot
 from distllm_jax.scheduling import (Admission, ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
-                                    PrefillPlan, PrefillScheduler, Queues, RequestState, release)
+                                    KVPolicy, Preemption, PrefillPlan, PrefillScheduler, Queues, RequestState, release)
+
+RESERVE = KVPolicy(Admission.RESERVE)
 from distllm_jax.scheduling.pages import PageAllocator
 
 
@@ -36,7 +38,7 @@ def test_decode_reserves_whole_length_and_defers_to_a_less_loaded_peer():
     q, peers = Queues(), []
     src = slot("p", "prefill")
     d0, d1 = slot("d0", pages=6), slot("d1", pages=6)
-    s0, s1 = DecodeScheduler(q, d0, peers), DecodeScheduler(q, d1, peers)
+    s0, s1 = DecodeScheduler(q, d0, peers, policy=RESERVE), DecodeScheduler(q, d1, peers, policy=RESERVE)
     peers += [s0, s1]
     reqs = [req(k, 8, 9) for k in range(3)]  # max_cached 16: 4 pages of 4 tokens each
     for r in reqs:
@@ -53,44 +55,101 @@ def test_decode_reserves_whole_length_and_defers_to_a_less_loaded_peer():
     assert s0.plan() == DecodePlan([reqs[0]])
 
 
-def test_on_demand_pages_grow_and_swap_out_the_newest():
-    q = Queues()
-    d = slot("d", pages=5)
-    sched = DecodeScheduler(q, d, [], admission=Admission.ON_DEMAND)
-    reqs = [req(k, 7, 30) for k in range(2)]  # 8 tokens cached+next: 2 pages each now
+def _running(sched, d, reqs):
     for r in reqs:
         r.num_computed, r.state, r.holders = r.prompt_len, RequestState.RUNNING, [d]
         d.alloc.ensure(r.rid, r.num_computed + 1)
         sched.running.append(r)
+
+
+def test_on_demand_pages_grow_and_swap_out_the_newest():
+    q = Queues()
+    d = slot("d", pages=5)
+    sched = DecodeScheduler(q, d, [], policy=KVPolicy(preemption=Preemption.SWAP))
+    reqs = [req(k, 7, 30) for k in range(2)]  # 8 tokens cached+next: 2 pages each now
+    _running(sched, d, reqs)
     assert d.alloc.num_free == 1
     for r in reqs:
         r.num_computed += 1  # one step: both cross into their third page, one page is free
-    plan = sched.plan()
-    assert plan.batch == [reqs[0]] and list(sched.swapped) == [reqs[1]] and sched.swaps == 1
+    r1_pages = list(d.alloc.table("r1")[:2])
+    room = sched.make_room(lambda r: r.num_computed + 1)
+    assert sched.plan().batch == [reqs[0]] and list(sched.kv.swapped) == [reqs[1]]
+    assert sched.kv.preemptions == {Preemption.SWAP: 1} and room.recompute == []
+    (op,) = room.swaps  # its 2 pages of KV (8 tokens) go to the host before anything reuses them
+    assert op.out and op.req is reqs[1] and op.pages == r1_pages
     assert reqs[1].state is RequestState.SWAPPED and not d.alloc.has("r1") and len(d.alloc.table("r0")) == 3
     q.held.append(req(9, 4, 2))
     assert sched.choose_pulls(0.0) == []  # swapped requests come back before any new pull
     sched.running.remove(reqs[0])  # it ended (its worker takes it out of the batch)
     release(q, reqs[0])
-    assert sched.plan().batch == [reqs[1]] and not sched.swapped and reqs[1].state is RequestState.RUNNING
+    (back,) = sched.make_room(lambda r: r.num_computed + 1).swaps
+    assert not back.out and back.req is reqs[1] and len(back.pages) == 2 and len(d.alloc.table("r1")) == 3
+    assert sched.plan().batch == [reqs[1]] and not sched.kv.swapped and reqs[1].state is RequestState.RUNNING
+
+
+def test_recompute_requeues_the_newest_ahead_of_new_work():
+    q = Queues()
+    d = slot("d", pages=5)
+    sched = DecodeScheduler(q, d, [])  # on demand, recompute: the engine's default
+    reqs = [req(k, 7, 30) for k in range(2)]
+    _running(sched, d, reqs)
+    newcomer = req(5, 3, 3)
+    q.waiting.append(newcomer)
+    for r in reqs:
+        r.num_computed += 1
+        r.generated = 2
+    room = sched.make_room(lambda r: r.num_computed + 1)
+    assert room.recompute == [reqs[1]] and room.swaps == [] and list(q.waiting) == [reqs[1], newcomer]
+    assert reqs[1].state is RequestState.WAITING and reqs[1].num_computed == 0 and reqs[1].holders == []
+    assert reqs[1].num_prefill == 7 + 2  # its prompt and both tokens it produced are recomputed
+    assert sched.running == [reqs[0]] and not d.alloc.has("r1")
+
+
+def test_make_room_without_preempting_changes_nothing():
+    q = Queues()
+    d = slot("d", pages=5)
+    sched = DecodeScheduler(q, d, [])
+    reqs = [req(k, 7, 30) for k in range(2)]
+    _running(sched, d, reqs)
+    for r in reqs:
+        r.num_computed += 1
+    assert sched.make_room(lambda r: r.num_computed + 1, can_preempt=False) is None
+    assert sched.running == reqs and d.alloc.num_free == 1 and not q.waiting
+
+
+def test_on_demand_admission_keeps_the_watermark_free():
+    q = Queues()
+    s = slot("c", "colocated", pages=100)
+    sched = ColocatedScheduler(q, s, budget=64, policy=KVPolicy(watermark=0.05))  # 5 pages
+    first, second = req(0, 4 * 50, 500), req(1, 4 * 46, 500)  # 50 and 46 pages of prompt
+    q.waiting.extend([first, second])
+    assert sched.plan(0.0).batch == [first] and s.alloc.num_used == 50  # not its whole length (175 pages)
+    first.num_computed = first.num_prefill  # its worker, as the prefill is back
+    sched.prefilled(first)
+    assert sched.plan(1.0) == DecodePlan([first])  # 46 + 5 > 50 free: the second waits
+    assert sched.make_room(lambda r: r.num_computed + 1).grown == 1
+    q.waiting.popleft()
+    q.waiting.append(req(2, 4 * 44, 500))
+    assert len(sched.plan(2.0).batch) == 1  # 44 + 5 <= 49
 
 
 def test_colocated_prefills_first_then_decodes():
     q = Queues()
     s = slot("c", "colocated", pages=32)
-    sched = ColocatedScheduler(q, s, budget=16)
+    sched = ColocatedScheduler(q, s, budget=16, policy=RESERVE)
     a = req(0, 8, 4)
     q.waiting.append(a)
     plan = sched.plan(0.0)
     assert isinstance(plan, PrefillPlan) and plan.batch == [a] and len(s.alloc.table("r0")) == 3  # 11 tokens
+    a.num_computed = a.num_prefill
     sched.prefilled(a)
-    assert sched.plan(1.0) == DecodePlan([a]) and a.num_computed == 8
+    assert sched.plan(1.0) == DecodePlan([a]) and a.state is RequestState.RUNNING
 
 
 def test_chunked_steps_mix_decode_rows_and_prompt_chunks():
     q = Queues()
     s = slot("c", "chunked", pages=32)
-    sched = ChunkedScheduler(q, s, budget=10)
+    sched = ChunkedScheduler(q, s, budget=10, policy=RESERVE)
     a, b = req(0, 14, 3), req(1, 6, 3)
     q.waiting.extend([a, b])
     rows = sched.plan(0.0).rows

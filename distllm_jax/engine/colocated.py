@@ -10,12 +10,12 @@ from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker
-from distllm_jax.scheduling import ChunkedScheduler, ColocatedScheduler, PrefillPlan
+from distllm_jax.scheduling import ChunkedScheduler, ColocatedScheduler, KVPolicy, PrefillPlan
 
 
 class ColocatedWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int):
-        super().__init__(ctrl, inst, ColocatedScheduler(ctrl, inst, budget))
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int, policy: KVPolicy | None = None):
+        super().__init__(ctrl, inst, ColocatedScheduler(ctrl, inst, budget, policy))
 
     def step(self) -> bool:
         with self.ctrl.lock:
@@ -43,8 +43,8 @@ class ColocatedWorker(Worker):
 
 
 class ChunkedWorker(Worker):
-    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int):
-        super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget))
+    def __init__(self, ctrl: Controller, inst: InstanceAPI, budget: int, policy: KVPolicy | None = None):
+        super().__init__(ctrl, inst, ChunkedScheduler(ctrl, inst, budget, policy))
 
     def step(self) -> bool:
         with self.ctrl.lock:
@@ -54,6 +54,7 @@ class ChunkedWorker(Worker):
             for r in list(self.sched.prefilling):
                 if r.state is RequestState.DONE or self.ctrl.drop_if_over(r, now):
                     self.sched.prefilling.remove(r)
+            self.make_room(lambda r: r.num_computed + 1)
             plan = self.sched.plan(now)
             if plan is None:
                 return False
@@ -61,6 +62,7 @@ class ChunkedWorker(Worker):
             segs = [self.prompt_segment(row.req, row.start, row.length) if row.chunk else self.decode_segment(row.req)
                     for row in plan.rows]
         out = self.run("mixed", reqs, segs)
+        self.settle_swaps()
         if out is None:
             self.sched.prefilling = [r for r in self.sched.prefilling if r.state is not RequestState.DONE]
             return True

@@ -65,7 +65,7 @@ class Controller:
     def emit(self, req: Request, token: int, now: float, logprob: TokenLogprob | None = None) -> bool:
         """Hand one sampled token (and its log-probability, when asked for) to its request; False
         when the request ended with it."""
-        req.num_sampled += 1
+        req.sampled.append(token)
         if logprob is not None:
             req.cumulative_logprob += logprob.logprob
         t = req.timings

@@ -23,16 +23,16 @@ from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.transfer import KVPuller, StagedKVPuller, pages_equal
 from distllm_jax.engine.worker import Worker, still_here
-from distllm_jax.scheduling import DecodeScheduler, PullPlan
+from distllm_jax.scheduling import DecodeScheduler, KVPolicy, PullPlan
 
 
 class DecodeWorker(Worker):
     def __init__(self, ctrl: Controller, inst: InstanceAPI, puller: KVPuller, peers: list["DecodeWorker"],
-                 check_transfers: bool = False):
+                 check_transfers: bool = False, policy: KVPolicy | None = None):
         """``peers``: every decode worker (this one included, filled in by the caller): pulls are
         balanced across their schedulers."""
         self.peers = peers
-        sched = DecodeScheduler(ctrl, inst, _PeerSchedulers(peers), lost=lambda: inst in ctrl.lost)
+        sched = DecodeScheduler(ctrl, inst, _PeerSchedulers(peers), lost=lambda: inst in ctrl.lost, policy=policy)
         super().__init__(ctrl, inst, sched)
         self.puller = puller
         self.check = check_transfers

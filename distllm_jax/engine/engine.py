@@ -50,7 +50,7 @@ from distllm_jax.engine.worker import Worker
 from distllm_jax.kv_cache import pages_for
 from distllm_jax.models.attention import REFERENCE, AttentionImpl
 from distllm_jax.parallel import split_devices
-from distllm_jax.scheduling import Role
+from distllm_jax.scheduling import KVPolicy, Preemption, Role
 from distllm_jax.scheduling.plans import StepRecord
 
 
@@ -85,16 +85,17 @@ def make_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller
     worker into ``decoders``. The decode lookahead is switched here, and only here: on for the
     workers that run plain decode steps, when the instance can chain them and the config asks."""
     w: Worker
+    policy = KVPolicy.of(cfg.kv_admission, cfg.preemption, cfg.kv_watermark)
     if inst.role is Role.PREFILL:
         w = PrefillWorker(ctrl, inst, cfg.prefill_token_budget, decoders)
     elif inst.role is Role.DECODE:
         if puller is None:
             raise ValueError(f"{inst.name}: a decode instance needs a KV puller")
-        w = DecodeWorker(ctrl, inst, puller, decoders, cfg.check_transfers)
+        w = DecodeWorker(ctrl, inst, puller, decoders, cfg.check_transfers, policy)
     elif inst.role is Role.COLOCATED:
-        w = ColocatedWorker(ctrl, inst, cfg.prefill_token_budget)
+        w = ColocatedWorker(ctrl, inst, cfg.prefill_token_budget, policy)
     else:
-        w = ChunkedWorker(ctrl, inst, cfg.prefill_token_budget)
+        w = ChunkedWorker(ctrl, inst, cfg.prefill_token_budget, policy)
     w.lookahead = inst.role in (Role.DECODE, Role.COLOCATED) and inst.lookahead and cfg.async_decode
     return w
 
@@ -221,11 +222,14 @@ class Engine:
         if n > rows:
             raise ValueError(f"n = {n} samples; this engine's batches take at most {rows} (max_prefill_seqs, "
                              "max_decode_batch)")
+        on_demand = self.config.kv_admission == "on-demand"
         for inst in self.instances:
-            need = len(prompt) if inst.role is Role.PREFILL else max_cached
+            need = len(prompt) if inst.role is Role.PREFILL or on_demand else max_cached
             pages = pages_for(need, inst.page_size)
             if inst.role is not Role.DECODE:  # n samples share the prompt's full pages here
                 pages += (n - 1) * (pages - len(prompt) // inst.page_size)
+            if on_demand and inst.role is not Role.PREFILL:  # and one sample grows alone to its whole length
+                pages = max(pages, pages_for(max_cached, inst.page_size))
             if pages > inst.alloc.capacity:
                 raise ValueError(f"request needs {pages} KV pages on {inst.name}, which has {inst.alloc.capacity}")
 
@@ -293,10 +297,19 @@ class Engine:
         with self.ctrl.lock:
             per = []
             for inst, w in zip(self.instances, self.workers):
+                kv = w.sched.kv
                 per.append({
                     **inst.describe(),
                     "pages_used": inst.alloc.num_used, "pages_free": inst.alloc.num_free,
+                    # of those used, pages taken ahead of the KV written into them (the whole length, with
+                    # reserve admission; at most the page of the next token, on demand)
+                    "pages_reserved": inst.alloc.num_used - sum(
+                        min(pages_for(r.num_computed, inst.page_size), len(inst.alloc.table(r.rid)))
+                        for r in self.ctrl.holding(inst)),
                     "running": len(w.running), "steps": inst.steps,
+                    "kv_admission": kv.policy.admission.value,
+                    "preemptions": {k.value: kv.preemptions[k] for k in Preemption},
+                    "swapped": len(kv.swapped), "pages_grown": kv.grown,
                 })
             c = self.ctrl
             return {

@@ -184,7 +184,7 @@ class Request:
         self.holders: list[Instance] = []  # instances whose allocator holds pages for this request
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.last_token: int | None = None  # sampled, not yet fed
-        self.num_sampled = 0  # tokens sampled (stop tokens included)
+        self.sampled: list[int] = []  # every token sampled (stop tokens included): a recompute feeds them
         self.cancelled = False
         self.sample = 0  # which of its group's n samples
         self.group: list[Request] = [self]  # every sample of the request (all share the stream)
@@ -207,6 +207,21 @@ class Request:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt)
+
+    @property
+    def num_sampled(self) -> int:
+        return len(self.sampled)
+
+    @property
+    def num_prefill(self) -> int:
+        """Tokens its next prefill computes: the prompt, and every token sampled before a preemption
+        (or a lost instance) took its KV away; that prefill then samples its next token."""
+        return len(self.prompt) + len(self.sampled)
+
+    def prefill_tokens(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of what a prefill of it computes (prompt, then sampled tokens)."""
+        n = len(self.prompt)
+        return self.prompt[start:end] if end <= n else self.prompt[start:] + self.sampled[max(0, start - n) : end - n]
 
     @property
     def riding(self) -> bool:

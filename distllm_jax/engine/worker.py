@@ -97,6 +97,7 @@ class Worker(abc.ABC):
         self.lookahead = False
         self.inflight: InFlight | None = None  # the decode step dispatched and not yet read
         self._last_read = 0.0  # when the last decode step's ids were read
+        self._settle = False  # swap-outs dispatched whose host copies are not settled yet
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"distllm-{inst.name}", daemon=True)
 
@@ -191,20 +192,50 @@ class Worker(abc.ABC):
             return None
 
     def drop_finished(self, now: float) -> None:
-        """Cancelled or expired requests leave the batch (their pages are freed at once)."""
+        """Cancelled or expired requests leave the batch (their pages are freed at once), and those
+        swapped out let their host copies go."""
         for r in list(self.running):
             if r.state is RequestState.DONE or self.ctrl.drop_if_over(r, now):
                 self.running.remove(r)
+        swapped = self.sched.kv.swapped
+        for r in list(swapped):
+            if r.state is RequestState.DONE or self.ctrl.drop_if_over(r, now):
+                swapped.remove(r)
+                self.inst.drop_swapped(r.rid)
+
+    def make_room(self, need: Callable[[Request], int], can_preempt: bool = True) -> bool:
+        """Pages for the running requests' next step (lock held; see :meth:`KVManager.make_room`),
+        and the swap copies that decided, dispatched in order before that step. False when it would
+        have to preempt and ``can_preempt`` is False."""
+        room = self.sched.make_room(need, can_preempt)
+        if room is None:
+            return False
+        for op in room.swaps:
+            if op.out:
+                self.inst.swap_out(op.req.rid, op.pages)
+                self._settle = True
+            else:
+                self.inst.swap_in(op.req.rid, op.pages)
+        if room.recompute:
+            self.ctrl.lock.notify_all()  # they wait for a prefill again
+        return True
+
+    def settle_swaps(self) -> None:
+        """Host copies of this step's swap-outs (lock not held, after the step was dispatched)."""
+        if self._settle:
+            self._settle = False
+            self.inst.settle_swaps()
 
     def prompt_segment(self, r: Request, start: int = 0, length: int | None = None) -> Segment:
-        """``r``'s prompt tokens ``[start, start + length)`` (the rest of the prompt by default). The
-        last chunk draws a row for each of ``r``'s samples still riding on it, and a request that
-        asks for prompt log-probabilities scores each token's successor (once: not when a lost
-        instance's prefill is redone after they were sent)."""
-        end = r.num_prompt if length is None else start + length
+        """``r``'s prefill tokens ``[start, start + length)`` (the rest of them by default: its prompt,
+        and after a preemption for recompute the tokens it sampled too). The last chunk draws a row
+        for each of ``r``'s samples still riding on it, and a request that asks for prompt
+        log-probabilities scores each prompt token's successor (once: not when a prefill is redone
+        after they were sent)."""
+        end = r.num_prefill if length is None else start + length
         targets = r.prompt[start + 1 : end + 1] if r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent else ()
-        samples = 1 + len(r.siblings) if end == r.num_prompt else 1
-        return Segment(r.prompt[start:end], start, list(self.inst.alloc.table(r.rid)), r.params, r.seed,
+        samples = 1 + len(r.siblings) if end == r.num_prefill else 1
+        return Segment(r.prefill_tokens(start, end), start, list(self.inst.alloc.table(r.rid)), r.params, r.seed,
                        samples, r.sample, targets)
 
     def prompt_done(self, r: Request, rows: Sequence[SampledRow], prompt_lps: Sequence[TokenLogprob],
@@ -231,11 +262,10 @@ class Worker(abc.ABC):
         return go_on
 
     def first_token(self, r: Request, row: SampledRow, now: float) -> bool:
-        """A request's prompt is now fully cached and ``row`` holds its first token: stream it. True
-        when the request goes on to decode. ``max_tokens == 0`` ends here, with no token."""
-        r.num_computed = r.num_prompt
-        if r.num_sampled:  # a prefill redone after its first instance was lost: the token was streamed
-            return not self.ctrl.drop_if_over(r, now)
+        """A prefill of ``r`` is back and ``row`` holds the token after it: stream it (its first, or,
+        after a recompute, the next one). True when the request goes on to decode. ``max_tokens ==
+        0`` ends here, with no token."""
+        r.num_computed = r.num_prefill
         if self.ctrl.drop_if_over(r, now):
             return False
         if r.params.max_tokens == 0:
@@ -257,11 +287,13 @@ class Worker(abc.ABC):
             return self._decode_step_ahead()
         with self.ctrl.lock:
             self.drop_finished(time.perf_counter())
+            self.make_room(lambda r: r.num_computed + 1)
             if not self.running:
                 return False
             batch = list(self.running)
             segs = [self.decode_segment(r) for r in batch]
         out = self.run("decode", batch, segs)
+        self.settle_swaps()
         if out is not None:
             with self.ctrl.lock:
                 self.after_decode(batch, out.rows, time.perf_counter())
@@ -275,14 +307,17 @@ class Worker(abc.ABC):
         context) is left out; one that may end there (a stop token or string, a cancellation)
         rides along and the extra token is dropped when step k shows it ended. Its pages may be
         freed and reused meanwhile: every later use of them is dispatched after step k+1 on the
-        same donated pool, so the device runs them in order.
+        same donated pool, so the device runs them in order. A step that needs a preemption waits
+        for the step in flight first, which may still write the victims' pages.
         """
         with self.ctrl.lock:
             self.drop_finished(time.perf_counter())
             prev = self.inflight
             rows = {} if prev is None else {r.rid: j for j, r in enumerate(prev.batch)}
+            # a row of the step in flight is fed one position further on
+            roomy = self.make_room(lambda r: r.num_computed + (2 if r.rid in rows else 1), can_preempt=prev is None)
             batch, segs, src = [], [], []
-            for r in self.running:
+            for r in self.running if roomy else ():
                 j = rows.get(r.rid)
                 if j is None:
                     segs.append(self.decode_segment(r))
@@ -293,6 +328,9 @@ class Worker(abc.ABC):
                     continue
                 batch.append(r)
                 src.append(-1 if j is None else j)
+        if not roomy:
+            self.flush()
+            return True
         if not batch and prev is None:
             return False
         self.inflight = None
@@ -302,6 +340,7 @@ class Worker(abc.ABC):
                 segs, None if prev is None else prev.out, src))
             if out is not None:
                 self.inflight = InFlight(batch, out, t, segs)
+            self.settle_swaps()
         if prev is not None:
             self._read(prev)
         return True

@@ -25,8 +25,8 @@ import itertools
 from typing import Sequence
 
 from distllm_jax.placement.latency import Profile
-from distllm_jax.scheduling import (Admission, ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler,
-                                    PrefillPlan, PrefillScheduler, Queues, RequestState, release)
+from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler, KVPolicy,
+                                    PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, release)
 from distllm_jax.scheduling.pages import PageAllocator
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.shapes import bucket
@@ -57,9 +57,14 @@ class SimConfig:
     phase: str = "both"  # both | prefill (requests end at their first token) | decode (arrive prefilled)
     kv_tokens: int | None = None  # KV tokens per instance (an engine's pool); None: from GPU memory
     memory_utilization: float = 0.9  # the share of GPU memory weights and KV may use (vLLM's flag)
-    # how a decode instance admits pulls (distllm_jax.scheduling.Admission): "reserve" the whole length
-    # (this engine), or "on-demand" with swap-outs when the pool runs short (DistServe; swaps untimed)
-    decode_admission: str = "reserve"
+    # how every instance that decodes manages its pages (distllm_jax.scheduling.KVPolicy, as the engine's
+    # EngineConfig.kv_admission / preemption / kv_watermark): "on-demand" admission by the pages needed
+    # now, growth page by page and preemption ("recompute" or "swap") when a step would run short, or
+    # "reserve" of a request's whole length when it joins
+    kv_admission: str = "on-demand"
+    preemption: str = "recompute"
+    kv_watermark: float = 0.01
+    swap_gbps: float = 25.0  # GB/s a swap moves KV between device and host memory at (0: free)
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
     # host bookkeeping an engine adds to every step beyond its program (scheduling, streaming)
     step_overhead_s: float = 0.0
@@ -90,6 +95,16 @@ class SimConfig:
             total = sum(lengths)
             t += fit.prefill[1] * (bucket(self.token_buckets, total, above="exact") - total) / pp
         return t / 1e3
+
+    def kv_policy(self) -> KVPolicy:
+        return KVPolicy.of(self.kv_admission, self.preemption, self.kv_watermark)
+
+    def swap_s(self, profile: Profile, room: RoomPlan | None) -> float:
+        """What the swap copies that made room for a step add to it (they run before it)."""
+        if room is None or not room.swaps or not self.swap_gbps:
+            return 0.0
+        pages = sum(len(op.pages) for op in room.swaps)
+        return profile.kv_bytes_per_token * pages * self.page_size / (self.swap_gbps * 1e9)
 
     def restart_s(self, chained: bool) -> float:
         """What a decode step adds for starting the lookahead anew (``chained``: it follows a decode
@@ -196,6 +211,11 @@ class SimRequest:
     @property
     def num_prompt(self) -> int:
         return self.prompt_len
+
+    @property
+    def num_prefill(self) -> int:
+        """A prefill computes the prompt and, after a preemption for recompute, the tokens produced."""
+        return self.prompt_len + self.generated
 
     @property
     def max_cached(self) -> int:
@@ -328,8 +348,7 @@ class _Disaggregated:
         self.d_slots = [sim._slot(f"decode-{j}", "decode", p) for j, p in enumerate(cfg.decode)]
         self.p_sched = [PrefillScheduler(self.q, s, cfg.prefill_token_budget) for s in self.p_slots]
         self.d_sched: list[DecodeScheduler] = []
-        admission = Admission(cfg.decode_admission)
-        self.d_sched += [DecodeScheduler(self.q, s, self.d_sched, admission=admission) for s in self.d_slots]
+        self.d_sched += [DecodeScheduler(self.q, s, self.d_sched, policy=cfg.kv_policy()) for s in self.d_slots]
         # requests of the decode phase alone arrive prefilled, their KV on a source without limits
         self.source = (SimSlot("source", "prefill", _Unbounded(cfg.page_size), cfg.max_decode_batch,
                                cfg.max_prefill_seqs, cfg.page_size) if cfg.phase == "decode" else None)
@@ -369,7 +388,7 @@ class _Disaggregated:
         if plan is None:
             return
         cfg, par = self.cfg, self.cfg.prefill[i]
-        lengths = [r.prompt_len for r in plan.batch]
+        lengths = [r.num_prefill for r in plan.batch]
         self.p_stage[i] = cfg.prefill_s(self.prof.fit(par.tp), lengths, par.pp) + cfg.step_overhead_s
         self.p_busy[i] = True
         self.p_batch[i] = plan.batch
@@ -386,7 +405,7 @@ class _Disaggregated:
         if not staged and pi is not None and self.p_busy[pi]:
             t = max(now, self.p_free_at[pi])  # the gather queues behind the prefill step in flight
         gbps = self.cfg.transfer_gbps
-        t += self.prof.kv_bytes_per_token * plan.req.prompt_len / (gbps * 1e9) if gbps else 0.0
+        t += self.prof.kv_bytes_per_token * plan.req.num_computed / (gbps * 1e9) if gbps else 0.0
         self.clock.push(t, "gathered", j)
 
     def land(self, j: int, plan, now: float) -> None:
@@ -407,6 +426,7 @@ class _Disaggregated:
             return
         self.choose(j, now, staged=False)
         self.next_pull(j, now)
+        room = self.d_sched[j].make_room(lambda r: r.num_computed + 1)
         plan = self.d_sched[j].plan()
         if plan is None:
             return
@@ -424,7 +444,7 @@ class _Disaggregated:
         self.d_busy[j] = True
         self.d_batch[j] = batch
         step = (cfg.decode_s(self.prof.fit(par.tp), len(batch), ctx, par.pp) + cfg.step_overhead_s
-                + cfg.restart_s(self.d_end.get(j) == now))
+                + cfg.restart_s(self.d_end.get(j) == now) + cfg.swap_s(self.prof, room))
         self.started[("d_step", j)] = (now, (1,) * len(batch), ctx, tuple(r.rid for r in batch))
         self.schedule(self.host.start(("d_step", j), step, now))
 
@@ -445,6 +465,7 @@ class _Disaggregated:
 
     def prefilled(self, i: int, batch: list[SimRequest], now: float) -> None:
         for r in batch:
+            r.num_computed = r.num_prefill
             if _emit(r, now) or self.cfg.phase == "prefill":  # Algorithm 1 sizes prefill alone
                 r.finish = now
                 _end(self.q, r)
@@ -539,7 +560,7 @@ class _Colocated:
         self.q = Queues()
         self.slots = [sim._slot(f"colocated-{i}", cfg.mode, p) for i, p in enumerate(cfg.colocated)]
         kind = ChunkedScheduler if self.chunked else ColocatedScheduler
-        self.sched = [kind(self.q, s, cfg.prefill_token_budget) for s in self.slots]
+        self.sched = [kind(self.q, s, cfg.prefill_token_budget, cfg.kv_policy()) for s in self.slots]
         n = len(self.slots)
         self.busy = [False] * n
         self.ends = [0.0] * n  # when each instance's current step ends (host contention)
@@ -554,7 +575,7 @@ class _Colocated:
         seconds = cfg.contended(now, seconds + cfg.step_overhead_s, others)
         if self.sim.steps is not None:
             if isinstance(plan, PrefillPlan):
-                lengths = tuple(r.prompt_len for r in plan.batch)
+                lengths = tuple(r.num_prefill for r in plan.batch)
                 ctx, reqs = sum(lengths), plan.batch
             elif isinstance(plan, DecodePlan):
                 lengths, ctx = (1,) * len(plan.batch), sum(r.num_computed + 1 for r in plan.batch)
@@ -570,12 +591,17 @@ class _Colocated:
         self.ends[i] = now + seconds
         self.clock.push(now + seconds, "done", i)
 
-    def decode(self, i: int, now: float, plan: DecodePlan) -> None:
-        cfg, par = self.cfg, self.cfg.colocated[i]
+    def decode(self, i: int, now: float) -> None:
+        """A decode step over the batch, its room made first (the pages its next tokens need)."""
+        cfg, par, sched = self.cfg, self.cfg.colocated[i], self.sched[i]
+        room = sched.make_room(lambda r: r.num_computed + 1)
+        if not sched.running:
+            return
+        plan = DecodePlan(list(sched.running))
         ctx = sum(r.num_computed + 1 for r in plan.batch)
         chained = isinstance(self.pending_kind.get(i), DecodePlan) and self.ends[i] == now
         self.launch(i, now, cfg.decode_s(self.prof.fit(par.tp), len(plan.batch), ctx, par.pp)
-                    + cfg.restart_s(chained), plan)
+                    + cfg.restart_s(chained) + cfg.swap_s(self.prof, room), plan)
         if cfg.decode_lookahead:  # the engine decides what follows this step as it starts
             self.follow[i] = self.sched[i].plan(now)
 
@@ -587,28 +613,28 @@ class _Colocated:
         sched = self.sched[i]
         if not self.chunked:
             plan = self.follow.pop(i, None)
-            if isinstance(plan, DecodePlan):
-                plan = DecodePlan(list(sched.running))  # minus those that ended in the step before
-            if plan is None or (isinstance(plan, DecodePlan) and not plan.batch):
+            if plan is None or (isinstance(plan, DecodePlan) and not (sched.running or sched.kv.swapped)):
                 plan = sched.plan(now)
             if isinstance(plan, PrefillPlan):
-                seconds = cfg.prefill_s(fit, [r.prompt_len for r in plan.batch], par.pp) * par.pp
+                seconds = cfg.prefill_s(fit, [r.num_prefill for r in plan.batch], par.pp) * par.pp
                 self.launch(i, now, seconds, plan)
             elif plan is not None:
-                self.decode(i, now, plan)
+                self.decode(i, now)  # over the batch now: minus those that ended in the step before
             return
+        room = sched.make_room(lambda r: r.num_computed + 1)
         plan = sched.plan(now)
         if plan is None:
             return
         chunks = [(row.start, row.length) for row in plan.rows if row.chunk]
         decode_starts = [row.start for row in plan.rows if not row.chunk]
-        self.launch(i, now, cfg.mixed_s(fit, chunks, decode_starts, par.pp), plan)
+        self.launch(i, now, cfg.mixed_s(fit, chunks, decode_starts, par.pp) + cfg.swap_s(self.prof, room), plan)
 
     def done(self, i: int, now: float) -> None:
         self.busy[i] = False
         plan, sched = self.pending.pop(i), self.sched[i]
         if isinstance(plan, PrefillPlan):
             for r in plan.batch:
+                r.num_computed = r.num_prefill
                 if _emit(r, now):
                     _end(self.q, r)
                 else:

@@ -59,9 +59,9 @@ class VLLM(System):
       max_num_seqs.
     - ``--gpu-memory-utilization 0.95``: the KV capacity DistServe's memory profiler measured at 0.95
       (the profiles' ``kv_tokens_measured``; 66,144 tokens for OPT-13B on one A100).
-    Not modelled: vLLM allocates blocks as tokens arrive and preempts by recompute when they run out;
-    this reserves each request's whole length when it is admitted, as this engine does. On the paper's
-    real vLLM runs the two differ by 0.04 points of attainment RMSE (at most one preemption a run).
+    vLLM allocates blocks as tokens arrive and preempts by recompute when they run out
+    (``vllm/core/scheduler.py``, ``PreemptionMode.RECOMPUTE`` for single-sequence groups, watermark
+    0.01 in ``block_manager.py``): ``kv_admission = "on-demand"``, ``preemption = "recompute"``.
     """
 
     name: ClassVar[str] = "vllm"
@@ -70,7 +70,8 @@ class VLLM(System):
     max_prefill_seqs: int = 1024
     max_decode_batch: int = 1024
     memory_utilization: float = 0.95
-    decode_admission: str = "on-demand"
+    kv_admission: str = "on-demand"
+    preemption: str = "recompute"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +107,13 @@ class DistServe(System):
     ``--gpu-memory-utilization 0.95``: the KV capacity DistServe's memory profiler measured at 0.95 (the
     profiles' ``kv_tokens_measured``): the decode instance's memory is what bounds it at the knee.
     The decoding stage admits by the blocks a request holds now and swaps the newest out when a step
-    would run short (``decoding_stage_scheduler.py``): ``decode_admission = "on-demand"``.
+    would run short (``decoding_stage_scheduler.py``): ``kv_admission = "on-demand"``, ``preemption =
+    "swap"``.
     Not modelled: the 2048-token cap per request (128 blocks of 16; no ShareGPT request of the paper's
     preparation reaches it), the decoding stage's 65,536-token cap (never reached at 1,024 sequences
-    of this workload), the time a swap takes over PCIe, and its rule that prefilled requests are
-    accepted while the waiting ones hold under 5 % of its blocks. KV transfer keeps SimConfig's bandwidth.
+    of this workload), the time a swap takes over PCIe (``swap_gbps = 0``), and its rule that prefilled
+    requests are accepted while the waiting ones hold under 5 % of its blocks. KV transfer keeps
+    SimConfig's bandwidth.
     """
 
     name: ClassVar[str] = "distserve"
@@ -119,7 +122,9 @@ class DistServe(System):
     max_prefill_seqs: int = 128
     max_decode_batch: int = 1024
     memory_utilization: float = 0.95
-    decode_admission: str = "on-demand"
+    kv_admission: str = "on-demand"
+    preemption: str = "swap"
+    swap_gbps: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +145,7 @@ class MII(System):
     share; 0.95 keeps the KV capacity DistServe's profiler measured for the same A100s (the
     profiles' ``kv_tokens_measured``), as for the other two systems.
     Not modelled: MII's KV blocks of 128 tokens allocated as sequences grow (this reserves each
-    request's whole length when its first chunk is admitted, as this engine does)."""
+    request's whole length when its first chunk is admitted: ``kv_admission = "reserve"``)."""
 
     name: ClassVar[str] = "mii"
     mode: ClassVar[str | None] = "chunked"
@@ -148,6 +153,7 @@ class MII(System):
     max_prefill_seqs: int = 512
     max_decode_batch: int = 512
     memory_utilization: float = 0.95
+    kv_admission: str = "reserve"
 
 
 SYSTEMS: dict[str, type[System]] = {s.name: s for s in (DistLLM, VLLM, VLLMDefaults, DistServe, MII)}

@@ -5,15 +5,18 @@ the plans on devices and reports back under the controller's lock; the simulator
 the latency model. Nothing here imports jax, a device or a clock: ``now`` is always passed in.
 """
 
-from distllm_jax.scheduling.protocols import QueueState, RequestState, Role, SchedRequest, Scheduler, Slot, Stamps
+from distllm_jax.scheduling.protocols import QueueState, RequestState, Role, SchedRequest, Slot, Stamps
+from distllm_jax.scheduling.scheduler_api import Scheduler
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan, PullPlan, StepKind
 from distllm_jax.scheduling.state import Queues, release
 from distllm_jax.scheduling.prefill import PrefillScheduler, take_prompts
-from distllm_jax.scheduling.decode import Admission, DecodeScheduler
+from distllm_jax.scheduling.memory import Admission, KVManager, KVPolicy, Preemption, RoomPlan, SwapOp
+from distllm_jax.scheduling.decode import DecodeScheduler
 from distllm_jax.scheduling.colocated import ChunkedScheduler, ColocatedScheduler
 
 __all__ = [
-    "Admission", "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "MixedPlan", "MixedRow",
-    "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues", "RequestState", "Role", "SchedRequest",
-    "Scheduler", "Slot", "Stamps", "StepKind", "release", "take_prompts",
+    "Admission", "ChunkedScheduler", "ColocatedScheduler", "DecodePlan", "DecodeScheduler", "KVManager", "KVPolicy",
+    "MixedPlan", "MixedRow", "Preemption", "PrefillPlan", "PrefillScheduler", "PullPlan", "QueueState", "Queues",
+    "RequestState", "Role", "RoomPlan", "SchedRequest", "Scheduler", "Slot", "Stamps", "StepKind", "SwapOp", "release",
+    "take_prompts",
 ]

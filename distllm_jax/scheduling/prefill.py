@@ -7,33 +7,38 @@ it. The pool bounds that buffer: when it is full of held requests, new prompts w
 
 from __future__ import annotations
 
+from typing import Callable
+
+from distllm_jax.scheduling.memory import KVManager, KVPolicy, RoomPlan
 from distllm_jax.scheduling.pages import pages_for
 from distllm_jax.scheduling.plans import PrefillPlan
 from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
-def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int, reserve_all: bool,
-                 now: float, room: int | None = None) -> list[SchedRequest]:
+def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
+                 tokens: Callable[[SchedRequest], int], now: float, room: int | None = None,
+                 headroom: int = 0) -> list[SchedRequest]:
     """Pop waiting requests FCFS while they fit the token budget, the logits rows and the pool.
 
     The head of the queue is never skipped (FCFS); a prompt longer than the budget runs alone.
-    ``reserve_all`` reserves pages for the request's whole length (instances that also decode).
-    A request of ``n`` samples takes ``n`` rows (``max_seqs``, ``room``), and its siblings take
-    their pages here too: the prompt's full pages shared, their own for the rest.
+    ``tokens(r)``: what ``r``'s pages cover when it is admitted (its prefill, or its whole length on
+    an instance that reserves); ``headroom``: pages the pool keeps free beyond them. A request of
+    ``n`` samples takes ``n`` rows (``max_seqs``, ``room``), and its siblings take their pages here
+    too: the prompt's full pages shared, their own for the rest.
     """
     batch: list[SchedRequest] = []
-    tokens = rows = 0
+    total = rows = 0
     limit = max_seqs if room is None else min(max_seqs, room)
     alloc = inst.alloc
     while queues.waiting:
         r = queues.waiting[0]
         n = 1 + len(r.siblings)
-        if rows + n > limit or (batch and tokens + r.num_prompt > budget):
+        if rows + n > limit or (batch and total + r.num_prefill > budget):
             break
-        need = r.max_cached if reserve_all else r.num_prompt
+        need = tokens(r)
         shared = r.num_prompt // inst.page_size  # full prompt pages: never written after the prefill
         extra = alloc.extra_pages_needed(r.rid, need) + (n - 1) * (pages_for(need, inst.page_size) - shared)
-        if extra > alloc.num_free:
+        if extra + headroom > alloc.num_free:
             break
         queues.waiting.popleft()
         alloc.ensure(r.rid, need)
@@ -46,7 +51,7 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int, 
             q.timings.prefill_start = now
             q.timings.prefill_instance = inst.name
         batch.append(r)
-        tokens += r.num_prompt
+        total += r.num_prefill
         rows += n
     return batch
 
@@ -55,6 +60,7 @@ class PrefillScheduler:
     def __init__(self, queues: QueueState, inst: Slot, budget: int):
         self.queues, self.inst, self.budget = queues, inst, budget
         self.running: list[SchedRequest] = []  # never decodes
+        self.kv = KVManager(queues, inst, KVPolicy(watermark=0.0))  # a prompt's pages never grow here
 
     @property
     def load(self) -> int:
@@ -65,11 +71,14 @@ class PrefillScheduler:
 
     def plan(self, now: float) -> PrefillPlan | None:
         batch = take_prompts(self.queues, self.inst, budget=self.budget, max_seqs=self.inst.max_prefill_seqs,
-                             reserve_all=False, now=now)
+                             tokens=lambda r: r.num_prefill, now=now)
         return PrefillPlan(batch) if batch else None
 
+    def make_room(self, need: Callable[[SchedRequest], int], can_preempt: bool = True) -> RoomPlan | None:
+        return RoomPlan()  # nothing runs on here after its prefill
+
     def prefilled(self, r: SchedRequest) -> None:
-        """``r``'s first token is out and it goes on: its KV waits here for a pull."""
-        r.num_computed = r.num_prompt
+        """``r``'s prefill is cached (``num_computed``) and its next token is out, and it goes on: its KV
+        waits here for a pull."""
         r.state = RequestState.HELD
         self.queues.held.append(r)

@@ -66,20 +66,14 @@ class SchedRequest(Protocol):
     @property
     def num_prompt(self) -> int: ...
 
+    @property
+    def num_prefill(self) -> int:
+        """Tokens a prefill of it computes: its prompt, and every token it sampled before it was
+        preempted for recompute (or before the instance holding its KV was lost)."""
+
 
 class QueueState(Protocol):
     """The FCFS queues every scheduler shares (the engine's controller, the simulator's ``Queues``)."""
 
     waiting: collections.deque  # not yet prefilled, arrival order
     held: collections.deque  # prefilled, KV waiting in prefill memory for a decode instance
-
-
-class Scheduler(Protocol):
-    """What every instance's policy offers its worker (and the simulator)."""
-
-    running: list  # requests in the instance's decode batch
-
-    @property
-    def load(self) -> int: ...
-
-    def has_work(self) -> bool: ...
