@@ -28,6 +28,7 @@ import numpy as np
 
 
 def run_engine(engine, items, arrivals):
+    """Serve ``items`` ((prompt ids, tokens to generate)) at these arrival times; their timings."""
     from distllm_jax.engine import SamplingParams
 
     streams = [None] * len(items)
@@ -240,14 +241,15 @@ def summary(runs: list[dict]) -> str:
     """The table of simulator against engine, and how many runs are within the bar; with the engine's
     own spread (``--spread-runs``), the largest attainment difference between its repeats, too."""
     spread = any("engine_spread" in r for r in runs)
-    lines = [f"{'mode':<14}{'rate':>6}{'TTFT eng':>10}{'sim':>8}{'diff':>7}{'TPOT eng':>10}{'sim':>8}{'diff':>7}"
+    lines = [f"{'mode/KV admission':<24}{'rate':>6}{'TTFT eng':>10}{'sim':>8}{'diff':>7}{'TPOT eng':>10}{'sim':>8}{'diff':>7}"
              f"{'att eng':>9}{'sim':>6}{'pts':>6}" + (f"{'eng-eng':>9}" if spread else "")]
     met = 0
     for r in runs:
         ok = (abs(r["ttft_rel_diff"]) <= BAR[0] and abs(r["tpot_rel_diff"]) <= BAR[1]
               and abs(r["attainment_diff_points"]) <= BAR[2])
         met += ok
-        lines.append(f"{r['mode']:<14}{r['rate']:>6g}{1e3 * r['engine_p50_ttft']:>10.1f}{1e3 * r['sim_p50_ttft']:>8.1f}"
+        label = f"{r['mode']}/{r.get('kv_admission', 'reserve')}"
+        lines.append(f"{label:<24}{r['rate']:>6g}{1e3 * r['engine_p50_ttft']:>10.1f}{1e3 * r['sim_p50_ttft']:>8.1f}"
                      f"{100 * r['ttft_rel_diff']:>+6.0f}%{1e3 * r['engine_p50_tpot']:>10.2f}{1e3 * r['sim_p50_tpot']:>8.2f}"
                      f"{100 * r['tpot_rel_diff']:>+6.0f}%{100 * r['engine_attainment']:>8.0f}%"
                      f"{100 * r['sim_attainment']:>5.0f}%{r['attainment_diff_points']:>+6.0f}"
@@ -294,12 +296,7 @@ def main(args) -> int:
     fit0, errs = profiler.fit(first, print)
     vocab = source.cfg.vocab_size
 
-    def draw(seed: int, n: int):
-        rng = np.random.default_rng(seed)
-        return [([int(t) for t in rng.integers(3, vocab, int(rng.integers(args.min_prompt, args.max_prompt)))],
-                 int(rng.integers(args.min_output, args.max_output))) for _ in range(n)]
-
-    items = draw(0, args.num_requests)
+    items = workload_items(args, vocab)
     lengths = [(len(p), o) for p, o in items]
     slo = (args.slo_ttft, args.slo_tpot)
     out = {"device": jax.devices()[0].device_kind, "args": vars(args),
@@ -310,16 +307,17 @@ def main(args) -> int:
     unknown = sorted(set(args.modes) - set(layouts))
     if unknown:
         raise SystemExit(f"unknown modes {unknown}: choose from {sorted(layouts)}")
-    for name, lay in layouts.items():
+    for name, lay, admission in [(n, lay, a) for n, lay in layouts.items() for a in args.kv_admissions]:
         if name not in args.modes:
             continue
+        kv = dict(kv_admission=admission, preemption=args.preemption)
         ecfg = EngineConfig(page_size=ps, num_pages=pages, max_seq_len=args.max_seq_len, prefill_token_budget=budget,
-                            max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay)
+                            max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay, **kv)
         scfg = (SimConfig(name, colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
-                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps)
+                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, **kv)
                 if name != "disaggregated" else
                 SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
-                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps))
+                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps, **kv))
         with Engine(source, ecfg) as engine:
             # the engine pads steps to these compiled shapes; so does the model
             scfg = dataclasses.replace(scfg, **engine.instances[0].compiled.sim_fields(),
@@ -331,13 +329,19 @@ def main(args) -> int:
                 # each repeat another draw of the arrival times; requests and steps are pooled (the
                 # engine's own spread between runs is several percent on a shared host)
                 timings, parts, sim, sim_steps, drift, level = [], [], [], [], [], []
+                served = {"engine": [], "sim": []}  # per run: seconds from the first arrival to the last token
+                preempted = {"engine": 0, "sim": 0}
                 for rep in range(args.repeats):
                     arr = arrival_times(len(items), rate, seed=1 + rep)
                     # the host drifts by several percent over minutes: the grid is timed again just
                     # before and just after each run, and the run is simulated with that fit
                     before = profiler.measure(args.bracket) if args.bracket else None
                     t0 = time.perf_counter()
-                    timings += run_engine(engine, items, arr)
+                    before_pre = _preemptions(engine)
+                    run = run_engine(engine, items, arr)
+                    timings += run
+                    preempted["engine"] += _preemptions(engine) - before_pre
+                    served["engine"].append(max(t.finish for t in run) - min(t.arrival for t in run))
                     run_steps = engine.step_log(t0)
                     fit = fit0
                     if before is not None:
@@ -348,7 +352,10 @@ def main(args) -> int:
                         level.append(speed_ratio(both, first))
                     parts.append((run_steps, fit))
                     simulator = Simulator(make_profile(source, {1: fit}, model_name), scfg, record=True)
-                    sim += simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
+                    done = simulator.run([SimRequest(float(a), p, o) for (p, o), a in zip(lengths, arr)])
+                    sim += done
+                    served["sim"].append(max(r.finish for r in done) - min(r.arrival for r in done))
+                    preempted["sim"] += sum(sum(kv.preemptions.values()) for kv in simulator.kv)
                     sim_steps += [s._replace(start=s.start + 1e6 * rep, end=s.end + 1e6 * rep) for s in simulator.steps]
                 steps = [r for run_steps, _ in parts for r in run_steps]
                 # the engine's own spread: the same requests on the same arrival draws again
@@ -360,7 +367,11 @@ def main(args) -> int:
                     again.append(_compare([(t.ttft, t.tpot or 0.0) for t in redo], real, slo))
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
-                row = {"mode": name, "rate": rate, "admission_s": scfg.admission_s,
+                out_tokens = sum(o for _, o in lengths) * args.repeats
+                row = {"mode": name, "kv_admission": admission, "preemption": args.preemption, "rate": rate,
+                       "preemptions": preempted,
+                       "output_tokens_per_s": {k: out_tokens / sum(v) for k, v in served.items()},
+                       "admission_s": scfg.admission_s,
                        "step_overhead_s": scfg.step_overhead_s, "decode_restart_s": scfg.decode_restart_s, "host_contention": scfg.host_contention,
                        "host_contention_decode": scfg.host_contention_decode,
                        "steps_logged_over_predicted": step_ratios(parts, scfg),
@@ -379,6 +390,11 @@ def main(args) -> int:
                       f"({100 * row['tpot_rel_diff']:+.0f}%), attainment {100 * row['engine_attainment']:.0f}% vs "
                       f"{100 * row['sim_attainment']:.0f}%", flush=True)
                 print(f"      steps logged/predicted: {ratio}")
+                dec = {k: row["steps"][k].get("decode", row["steps"][k].get("mixed", {})) for k in ("engine", "sim")}
+                print(f"      {admission}: mean running batch engine {dec['engine'].get('mean_rows', 0):.1f} sim "
+                      f"{dec['sim'].get('mean_rows', 0):.1f}, output tokens/s engine "
+                      f"{row['output_tokens_per_s']['engine']:.0f} sim {row['output_tokens_per_s']['sim']:.0f}, "
+                      f"preemptions engine {preempted['engine']} sim {preempted['sim']}")
                 if again:
                     sp = row["engine_spread"]
                     print("      the engine's first run minus each repeat of it: TTFT " + " ".join(
@@ -399,12 +415,49 @@ def main(args) -> int:
                     f"shared {e['overlapped_share']:.2f}/{sim_steps[k]['overlapped_share']:.2f}"
                     for k, e in row["steps"]["engine"].items() if k in sim_steps))
     out["profile_drift"] = speed_ratio(profiler.measure(5), first)
+    out["goodput"] = goodputs(out["runs"])
     print(summary(out["runs"]))
+    print("goodput (the highest rate run at >= 90 % attainment), engine / sim: " + ", ".join(
+        f"{k} {v['engine']:g} / {v['sim']:g}" for k, v in out["goodput"].items()))
     print("the grid timed again after all runs, against before them (median over its points): "
           + ", ".join(f"{k} x{v:.3f}" for k, v in out["profile_drift"].items()))
     _write(args.out, out)
     print(f"wrote {args.out}")
     return 0
+
+
+def workload_items(args, vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, tokens to generate) per request. With ``--dataset``, its (prompt, output) lengths
+    (random token ids: the weights are random too); else lengths drawn between the ``--min``/``--max``
+    flags. With ``--max-tokens``, every request asks for that many and runs to it or to the context
+    (as a client that sends a large ``max_tokens`` with a model that does not stop early)."""
+    rng = np.random.default_rng(0)
+    if args.dataset:
+        from distllm_jax.workload.datasets import opt_lengths
+
+        lengths = opt_lengths(args.dataset, args.num_requests, args.max_seq_len)
+    else:
+        lengths = [(int(rng.integers(args.min_prompt, args.max_prompt)), int(rng.integers(args.min_output, args.max_output)))
+                   for _ in range(args.num_requests)]
+    if args.max_tokens:
+        lengths = [(p, max(1, min(args.max_tokens, args.max_seq_len - p))) for p, _ in lengths]
+    return [([int(t) for t in rng.integers(3, vocab, p)], o) for p, o in lengths]
+
+
+def _preemptions(engine) -> int:
+    return sum(sum(inst["preemptions"].values()) for inst in engine.stats()["instances"])
+
+
+def goodputs(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per mode and KV admission, the highest rate at which engine and simulator each reach 90 %
+    attainment (0 when no rate run does)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in runs:
+        g = out.setdefault(f"{r['mode']}/{r.get('kv_admission', 'reserve')}", {"engine": 0.0, "sim": 0.0})
+        for k in ("engine", "sim"):
+            if r[f"{k}_attainment"] >= 0.9:
+                g[k] = max(g[k], r["rate"])
+    return out
 
 
 def _write(path: str, out: dict) -> None:
@@ -449,6 +502,13 @@ if __name__ == "__main__":
     p.add_argument("--max-prompt", type=int, default=64)
     p.add_argument("--min-output", type=int, default=4)
     p.add_argument("--max-output", type=int, default=48)
+    p.add_argument("--dataset", help="take prompt and output lengths from this dataset (sharegpt, sharegpt-artifact, "
+                                     "humaneval, longbench, file:PATH) instead of the --min/--max flags")
+    p.add_argument("--max-tokens", type=int, help="every request asks for this many tokens and runs to them or "
+                                                  "to the context (none: each its own output length)")
+    p.add_argument("--kv-admissions", type=lambda s: s.split(","), default=["on-demand"],
+                   help="KV admissions to run each mode with (on-demand, reserve), e.g. reserve,on-demand")
+    p.add_argument("--preemption", choices=["recompute", "swap"], default="recompute")
     p.add_argument("--out", default="bench/results/sim-vs-engine-cpu.json")
     p.add_argument("--compile-cache", default=str(default_dir()),
                    help="jax's persistent compilation cache directory, or 'off' (default: %(default)s)")

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import pytest
 
-from distllm_jax.engine import Engine, FinishReason, InstanceSpec, SamplingParams
+from distllm_jax.engine import Engine, FinishReason, InstanceSpec, SamplingParams, compile_counter
 from distllm_jax.kv_cache import pages_for
 from engine_workload import MAX_LEN, PAGE, greedy, hf_greedy, small_config
 
@@ -54,8 +54,10 @@ def reference(converted):
 def test_an_overflowing_burst_gives_greedy_tokens(converted, reference, layout, preemption):
     engine = Engine(converted(VARIANT)[1], small_config(**LAYOUTS[layout], preemption=preemption))
     try:
+        compiled = compile_counter.compilations()
         streams = [engine.submit(p, greedy(n)) for p, n in WORK]  # all at once
         outs = [s.result() for s in streams]
+        assert compile_counter.compilations() == compiled  # growth writes table entries; swaps were warmed
         for i, out in enumerate(outs):
             assert out.error is None and out.finished is FinishReason.LENGTH
             assert out.token_ids == reference(i), f"request {i}"  # streamed once each, none twice

@@ -40,3 +40,15 @@ def test_help_says_the_env_var_keeps_the_token_out_of_ps(capsys):
         serve_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "DISTLLM_AUTH_TOKEN, which keeps the token out of `ps`" in text
+
+
+def test_kv_flags_reach_the_engine_config():
+    from serve.cli import engine_config
+
+    args = serve_parser().parse_args(["--kv-admission", "reserve", "--preemption", "swap", "--kv-watermark", "0.05"])
+    cfg = engine_config(args, 1)
+    assert (cfg.kv_admission, cfg.preemption, cfg.kv_watermark) == ("reserve", "swap", 0.05)
+    default = engine_config(serve_parser().parse_args([]), 1)
+    assert (default.kv_admission, default.preemption) == ("on-demand", "recompute")
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--preemption", "drop"])

@@ -164,8 +164,8 @@ class Controller:
             self.finish(r, FinishReason.ERROR, error=msg)
 
     def requeue(self, req: Request) -> None:
-        """Back to the prefill queue, in arrival order, with its pages freed everywhere. A token already
-        streamed stays streamed: the prefill is redone (same prompt, same KV) without emitting again.
+        """Back to the prefill queue, in arrival order, with its pages freed everywhere. Tokens already
+        streamed stay streamed: the prefill is redone over the prompt and them, and samples the next.
         Samples that wait on its prefill go back with it; such a sample alone just lets its pages go."""
         for sib in req.siblings:
             self._release(sib)

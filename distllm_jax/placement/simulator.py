@@ -26,7 +26,7 @@ from typing import Sequence
 
 from distllm_jax.placement.latency import Profile
 from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler, KVPolicy,
-                                    PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, release)
+                                    KVManager, PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, release)
 from distllm_jax.scheduling.pages import PageAllocator
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.shapes import bucket
@@ -260,6 +260,7 @@ class Simulator:
         """``record``: keep every step in ``self.steps`` (a diagnostic; it costs memory per step)."""
         self.profile, self.cfg = profile, cfg
         self.steps: list[StepRecord] | None = [] if record else None
+        self.kv: list[KVManager] = []  # after a run: each instance's page manager (preemptions, growth)
         if cfg.mode == "disaggregated":
             used = cfg.prefill if cfg.phase == "prefill" else cfg.decode if cfg.phase == "decode" else cfg.prefill + cfg.decode
         else:
@@ -278,10 +279,9 @@ class Simulator:
     def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
         for k, r in enumerate(requests):
             r.rid = r.rid or f"r{k}"
-        if self.cfg.mode == "disaggregated":
-            _Disaggregated(self).run(requests)
-        else:
-            _Colocated(self).run(requests)
+        runner = _Disaggregated(self) if self.cfg.mode == "disaggregated" else _Colocated(self)
+        runner.run(requests)
+        self.kv = [s.kv for s in runner.schedulers()]  # what each instance's pages went through
         return list(requests)
 
 
@@ -372,6 +372,9 @@ class _Disaggregated:
         self.token: dict[tuple[str, int], int] = collections.defaultdict(int)  # the live end event of a step
         self.started: dict[tuple[str, int], tuple[float, tuple[int, ...], int, tuple[str, ...]]] = {}
         self.clock = _Clock()
+
+    def schedulers(self) -> list:
+        return [*self.p_sched, *self.d_sched]
 
     def schedule(self, ends: dict[tuple[str, int], float]) -> None:
         """(Re)schedule the end of every running step (processor sharing moves them)."""
@@ -568,6 +571,9 @@ class _Colocated:
         self.pending_kind: dict[int, object] = {}  # the plan each instance ran last
         self.follow: dict[int, object] = {}  # lookahead: the plan decided to run after the step in flight
         self.clock = _Clock()
+
+    def schedulers(self) -> list:
+        return list(self.sched)
 
     def launch(self, i: int, now: float, seconds: float, plan) -> None:
         cfg = self.cfg
