@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.sim_vs_engine import phases, speed_ratio, step_ratios, step_stats, summary
+import argparse
+
+from bench.sim_vs_engine import goodputs, phases, speed_ratio, step_ratios, step_stats, summary, workload_items
 from distllm_jax.placement.latency import Fit, Profile
 from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
 from distllm_jax.scheduling.plans import StepRecord
@@ -78,3 +80,21 @@ def test_mixed_step_prediction_from_the_log_is_exact():
     ctx = sum(s + 1 for s in decode_starts) + sum(s + n for s, n in chunks)
     logged = StepRecord("c", "mixed", 0.0, 0.1, (1, 1, 24, 6), ctx)
     assert predicted_mixed_s(cfg, fit, logged) == pytest.approx(cfg.mixed_s(fit, chunks, decode_starts, 1))
+
+
+def test_a_declared_max_tokens_runs_each_request_to_it_or_to_the_context():
+    args = argparse.Namespace(dataset=None, num_requests=20, min_prompt=8, max_prompt=60, min_output=4, max_output=9,
+                              max_tokens=100, max_seq_len=64)
+    items = workload_items(args, vocab=50)
+    assert len(items) == 20 and all(o == min(100, 64 - len(p)) for p, o in items)
+    assert all(3 <= t < 50 for p, _ in items for t in p)
+    args.max_tokens = None
+    assert all(4 <= o < 9 for _, o in workload_items(args, vocab=50))
+
+
+def test_goodput_is_the_highest_rate_at_ninety_percent_per_mode_and_admission():
+    runs = [{"mode": "colocated", "kv_admission": a, "rate": r, "engine_attainment": e, "sim_attainment": s}
+            for a, r, e, s in [("reserve", 1, 0.95, 0.97), ("reserve", 2, 0.85, 0.91), ("on-demand", 1, 1.0, 1.0),
+                               ("on-demand", 2, 0.92, 0.89), ("on-demand", 4, 0.5, 0.6)]]
+    assert goodputs(runs) == {"colocated/reserve": {"engine": 1, "sim": 2},
+                              "colocated/on-demand": {"engine": 2, "sim": 1}}
