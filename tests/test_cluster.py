@@ -121,9 +121,11 @@ def test_mixed_batch_equals_hf(idle, expected):
         if len(exp) > 1:  # migrated (and checked page by page on the way: check_transfers)
             assert out.timings.migration_path == "transfer-server" and out.timings.migration > 0
     stats = idle.stats()
-    # each migrated once, and once more after each preemption for recompute (its KV is rebuilt in prefill)
+    # each migrated once, and at most once more after each preemption for recompute (its KV is rebuilt
+    # in prefill, and a prefill that samples its last token ends it there)
     again = sum(i["preemptions"]["recompute"] for i in stats["instances"]) - before_pre
-    assert stats["migrations"] - before == sum(1 for _, n in WORK if n > 1) + again
+    once = sum(1 for _, n in WORK if n > 1)
+    assert once <= stats["migrations"] - before <= once + again
     assert stats["migration_path"] == "transfer-server"
     assert {o.timings.prefill_instance for o in outs} == {"prefill0", "prefill1"}
 
