@@ -47,7 +47,7 @@ class DecodeScheduler:
     def choose_pulls(self, now: float) -> list[PullPlan]:
         """Held requests this instance pulls now, FCFS, with their pages reserved here."""
         out = []
-        while self.queues.held and self.has_room() and not self.kv.swapped:
+        while self.queues.held and self.has_room():  # fits(): none while a swapped request waits
             r = self.queues.held[0]
             if not self.fits(r):
                 break

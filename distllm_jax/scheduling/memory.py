@@ -124,8 +124,6 @@ class KVManager:
         if not self.on_demand:
             return RoomPlan()
         alloc = self.inst.alloc
-        while self.swapped and self.swapped[0].state is RequestState.DONE:
-            self.swapped.popleft()
         want = lambda r: min(need(r), r.max_cached)  # noqa: E731
         growth = sum(alloc.extra_pages_needed(r.rid, want(r)) for r in running)
         plan = RoomPlan()
