@@ -291,7 +291,7 @@ def main(args) -> int:
     source, model_name = weights(args)
     ps, pages, budget, batch = 16, args.num_pages, args.budget, args.max_batch
     profiler = Profiler(source, 1, args.prompt_lens, args.prompts_per_batch, args.batches, args.contexts, page_size=ps,
-                        max_prefill_tokens=budget, max_seq_len=args.max_seq_len)
+                        max_prefill_tokens=budget, max_seq_len=args.max_seq_len, max_decode_pages=pages)
     first = profiler.measure(5)
     fit0, errs = profiler.fit(first, print)
     vocab = source.cfg.vocab_size

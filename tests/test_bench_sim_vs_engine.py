@@ -98,3 +98,21 @@ def test_goodput_is_the_highest_rate_at_ninety_percent_per_mode_and_admission():
                                ("on-demand", 2, 0.92, 0.89), ("on-demand", 4, 0.5, 0.6)]]
     assert goodputs(runs) == {"colocated/reserve": {"engine": 1, "sim": 2},
                               "colocated/on-demand": {"engine": 2, "sim": 1}}
+
+
+def test_profile_grid_leaves_out_decode_batches_the_pool_cannot_hold():
+    """The engine never decodes a batch whose KV is over its pool, so the profile neither times one nor
+    sizes its own pool for one (at 13B that pool would not fit beside the engine's)."""
+    from distllm_jax.engine import RandomSource
+    from distllm_jax.models.config import ModelConfig
+    from distllm_jax.models.presets import preset
+    from distllm_jax.placement.profiler import Profiler
+
+    src = RandomSource(ModelConfig.from_hf_dict(preset("tiny-opt")))
+    prof = Profiler(src, 1, [16], [1], [1, 4, 8], [16, 64], page_size=16, max_decode_pages=20)
+    # pages per row: 2 at context 16, 5 at 64; batch 8 at 64 takes 40 pages
+    assert [p for p in prof.points if p[0] == "d"] == [("d", 16, 1), ("d", 16, 4), ("d", 16, 8), ("d", 64, 1),
+                                                        ("d", 64, 4)]
+    assert prof.inst.num_pages == 22
+    with pytest.raises(ValueError, match="no decode point"):
+        Profiler(src, 1, [16], [1], [8], [64], page_size=16, max_decode_pages=20)

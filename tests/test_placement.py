@@ -55,6 +55,23 @@ def test_decode_fit_in_two_pieces():
     assert one.threshold == 10**9 and err < 1e-9 and np.allclose(one.decode_small, (5.0, 2e-3, 0.3))
 
 
+def test_decode_fit_lends_the_context_term_to_a_piece_that_cannot_fix_it():
+    """With the long contexts left out at large batches (the pool cannot hold them), the large
+    batches sit at one context, so their own context term is unknowable (a least-squares line
+    through them put a step of batch 32 at context 225 at 3.5x its time). That piece takes the
+    small batches' term, the cost of reading a token's KV, and fits the rest."""
+    small, large = (10.0, 1e-3, 2.0), (16.0, 1e-3, 0.5)
+    model = lambda b, c: (small if b < 16 else large)[0] + 1e-3 * c + (small if b < 16 else large)[2] * b  # noqa: E731
+    dec = [(b, b * c, model(b, b * c)) for b in (1, 4, 16, 32, 64) for c in (32, 128, 224) if b < 16 or c == 32]
+    fit, err = fit_decode_split(dec)
+    assert fit.threshold == 16 and err < 1e-9
+    assert np.allclose(fit.decode_large, large) and np.allclose(fit.decode_small, small)
+    assert fit.decode_ms(32, 32 * 225) == pytest.approx(model(32, 32 * 225))
+    # two large batches at one context leave no point to spare: one line over all, not a guess
+    assert fit_decode_split([x for x in dec if x[0] != 64])[0].threshold == 10**9
+
+
+
 def test_shipped_profiles():
     p = load_profile("a100-opt-13b")
     assert sorted(p.fits) == [1, 2, 4] and p.fit(1).prefill == (18.1025, 0.101912, 7.122e-6)

@@ -137,20 +137,56 @@ def fit_decode_split(samples: Sequence[tuple[int, int, float]]) -> tuple[Fit, fl
     it: a step's cost per row falls as the batch grows (weights read once for more rows, then compute
     takes over), which one line over all batch sizes misses at both ends. The threshold is the grid's
     batch size that fits best, each piece keeping two batch sizes or more; one piece if none does
-    better. Returns a Fit with this decode model (and a placeholder prefill) and its mean relative
-    error."""
+    better. A grid that leaves out the long contexts at large batches (the pool cannot hold them)
+    gives a large-batch piece whose context is a fixed multiple of its batch: its context term would
+    be anything, so it takes the other piece's (the cost of reading a token's KV, which the batch
+    does not change) and fits the rest. Each piece keeps a point more than the terms it fits.
+    Returns a Fit with this decode model (and a placeholder prefill) and its mean relative error."""
     one, err = fit_decode(samples)
     best = (err, one, one, 10**9)
     sizes = sorted({n for n, _, _ in samples})
     for t in sizes[2:-1]:
         lo = [x for x in samples if x[0] < t]
         hi = [x for x in samples if x[0] >= t]
-        (small, e_lo), (large, e_hi) = fit_decode(lo), fit_decode(hi)
+        pieces = _fit_pieces(lo, hi)
+        if pieces is None:
+            continue
+        (small, e_lo), (large, e_hi) = pieces
         e = (e_lo * len(lo) + e_hi * len(hi)) / len(samples)
         if e < best[0]:
             best = (e, small, large, t)
     e, small, large, t = best
     return Fit((0.0, 0.0, 0.0), small, large, threshold=t), e
+
+
+def _determined(samples: Sequence[tuple[int, int, float]]) -> bool:
+    """Whether (batch, Σ(ctx+1)) samples fix a decode line's three terms, with one point more."""
+    X = np.array([[1.0, ctx, n] for n, ctx, _ in samples])
+    return len(samples) > 3 and np.linalg.matrix_rank(X) == 3
+
+
+def _fit_pieces(lo, hi):
+    """Both pieces' fits and errors, one piece taking the other's context term when its own points
+    cannot fix it (None when neither can, or the borrowing piece has no point to spare)."""
+    d_lo, d_hi = _determined(lo), _determined(hi)
+    if d_lo and d_hi:
+        return fit_decode(lo), fit_decode(hi)
+    if not (d_lo or d_hi):
+        return None
+    full, part = (lo, hi) if d_lo else (hi, lo)
+    if len(part) < 3 or len({n for n, _, _ in part}) < 2:
+        return None
+    whole = fit_decode(full)
+    b = whole[0][1]
+    # the rest of each step's time, over (1, batch); its relative error taken against the whole time
+    ms = np.array([ms for _, _, ms in part])
+    known = b * np.array([ctx for _, ctx, _ in part], dtype=float)
+    X = np.array([[1.0, n] for n, _, _ in part])
+    w = 1.0 / np.maximum(ms, 1e-6)
+    (a, c), *_ = np.linalg.lstsq(X * w[:, None], (ms - known) * w, rcond=None)
+    err = float(np.mean(np.abs(X @ np.array([a, c]) + known - ms) / np.maximum(ms, 1e-6)))
+    borrowed = ((float(a), b, float(c)), err)
+    return (whole, borrowed) if d_lo else (borrowed, whole)
 
 
 def _lstsq(X: np.ndarray, y: np.ndarray) -> tuple[tuple[float, float, float], float]:

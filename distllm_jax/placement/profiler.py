@@ -73,11 +73,14 @@ class Profiler:
     from those it does). ``max_seq_len``: the serving engine's (default: just what the grid needs).
     Its page-table width is part of every decode program, and the CPU's reference attention reads
     the whole table: a profile taken with 7 pages a row ran 2 % faster at batch 8 than the engine
-    serving with 8."""
+    serving with 8. ``max_decode_pages``: leave out decode points whose KV takes more pages than this
+    (the serving pool's size: the engine never runs a batch its pool cannot hold, and a 13B model's
+    profile over batch 64 at context 2048 would need a pool of 100 GB beside the engine's)."""
 
     def __init__(self, source: Any, tp: int, prompt_lens: Sequence[int], prompts_per_batch: Sequence[int],
                  batches: Sequence[int], contexts: Sequence[int], page_size: int = 16,
-                 max_prefill_tokens: int | None = None, max_seq_len: int | None = None):
+                 max_prefill_tokens: int | None = None, max_seq_len: int | None = None,
+                 max_decode_pages: int | None = None):
         from distllm_jax.engine import EngineConfig, InstanceSpec
         from distllm_jax.engine.engine import attention_impl
         from distllm_jax.engine.instance import Instance
@@ -89,15 +92,19 @@ class Profiler:
         max_len = min(source.cfg.max_position_embeddings, max_seq_len or need)
         grid = [(L, k) for L in prompt_lens for k in prompts_per_batch
                 if max_prefill_tokens is None or L * k <= max_prefill_tokens or k == 1]
-        pages = max(max(b * pages_for(c + 2, page_size) for b in batches for c in contexts),
+        decode = [(c, b) for c in contexts for b in batches
+                  if max_decode_pages is None or b * pages_for(c + 2, page_size) <= max_decode_pages]
+        if not decode:
+            raise ValueError(f"no decode point of the grid fits in {max_decode_pages} pages")
+        pages = max(max(b * pages_for(c + 2, page_size) for c, b in decode),
                     sum(pages_for(L, page_size) for L in prompt_lens) * max(prompts_per_batch)) + 2
         ecfg = EngineConfig(page_size=page_size, num_pages=pages, max_seq_len=max_len,
                             prefill_token_budget=max(L * k for L, k in grid), max_prefill_seqs=max(prompts_per_batch),
-                            max_decode_batch=max(batches), progress=False, dtype=source.dtype)
+                            max_decode_batch=max(b for _, b in decode), progress=False, dtype=source.dtype)
         self.tp = tp
         self.inst = Instance(f"profile-tp{tp}", "colocated", InstanceSpec(tp, num_pages=pages), jax.devices()[:tp],
                              source, ecfg, attention_impl("auto"))
-        self.points = [("p", L, k) for L, k in grid] + [("d", c, b) for c in contexts for b in batches]
+        self.points = [("p", L, k) for L, k in grid] + [("d", c, b) for c, b in decode]
         self._warm = False
         self._rng = np.random.default_rng(0)
         self._vocab = source.cfg.vocab_size
