@@ -21,7 +21,9 @@ def _target_args(p: argparse.ArgumentParser) -> None:
                    help="bearer token (default: env DISTLLM_AUTH_TOKEN, which keeps it out of `ps`)")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server with")
     p.add_argument("--tokenizer", help="tokenizer (checkpoint dir or tokenizer.json); default: the server's Tokenize")
-    p.add_argument("--dataset", default="sharegpt", help="sharegpt | sharegpt-artifact | humaneval | longbench | file:PATH")
+    p.add_argument("--dataset", default="sharegpt",
+                   help="sharegpt | sharegpt-artifact | humaneval | longbench | file:PATH; `bench run` also takes "
+                        "sharegpt-conversations[:PATH] (multi-turn chats replayed turn by turn, closed loop)")
     p.add_argument("--slo", default="opt-13b-sharegpt", help="preset or 'TTFT,TPOT' seconds")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     p.add_argument("--seed", type=int, default=0, help="seed for the workload sample and the arrivals")
@@ -37,17 +39,24 @@ def _target(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bench.runs import parse_pairs, print_table, run_once
+    from bench.runs import parse_pairs, print_table, run_conversations_once, run_once
+    from distllm_jax.workload.conversations import is_conversations
     from distllm_jax.workload.slo import resolve
 
+    if args.think_time < 0:
+        raise ValueError(f"--think-time must be >= 0 seconds, got {args.think_time}")
     target = _target(args)
     slo = resolve(args.slo)
     if args.trace:
         return _run_trace(args, target, slo)
     runs = []
     for n, rate in parse_pairs(args.num_prompts_req_rates):
-        run = run_once(target, args.dataset, n, rate, slo, burstiness=args.burstiness, seed=args.seed,
-                       verbose=args.verbose, results=args.results or None, cache_dir=args.cache_dir)
+        common = dict(burstiness=args.burstiness, seed=args.seed, verbose=args.verbose,
+                      results=args.results or None, cache_dir=args.cache_dir)
+        if is_conversations(args.dataset):
+            run = run_conversations_once(target, args.dataset, n, rate, slo, think_time=args.think_time, **common)
+        else:
+            run = run_once(target, args.dataset, n, rate, slo, **common)
         runs.append(run)
         if "path" in run:
             print(f"wrote {run['path']}")
@@ -121,7 +130,14 @@ def add_bench_commands(bsub) -> None:
 
     r = bsub.add_parser("run", help="replay a workload against a running server at the given rates")
     _target_args(r)
-    r.add_argument("--num-prompts-req-rates", default="[(50, 2)]", help='e.g. "[(50, 2), (100, 4)]"')
+    r.add_argument("--num-prompts-req-rates", default="[(50, 2)]",
+                   help='e.g. "[(50, 2), (100, 4)]": (requests, req/s); with sharegpt-conversations, '
+                        '(conversations, conversations started per second)')
+    r.add_argument("--think-time", type=float, default=2.0,
+                   help="sharegpt-conversations: mean seconds (exponential) between a reply and the user's next "
+                        "turn. 2 s keeps a few dozen conversations to minutes and overlaps turns of several "
+                        "conversations, yet leaves a gap a prefix cache must hold a conversation across; real "
+                        "users read and type for longer, which only lightens the load (0: no pause)")
     r.add_argument("--verbose", action="store_true", help="print every prompt and response")
     r.add_argument("--trace", help="replay a recorded run's arrivals and lengths (JSON Lines or DistServe .exp) "
                                    "instead of --dataset/--num-prompts-req-rates")

@@ -30,6 +30,17 @@ class RequestRecord:
     server: dict = dataclasses.field(default_factory=dict)  # server-side timings (ttft, queueing, ...)
     prompt: str | None = None
     response: str | None = None
+    # a turn of a conversation replay (left out of to_dict() otherwise, so other runs' files keep their shape)
+    conversation: str | None = None
+    turn: int | None = None
+    shared_prefix: int | None = None  # leading prompt tokens that are the previous turn's prompt and reply
+
+    def tokens_at(self, now: float, n: int) -> None:
+        """``n`` output tokens came at ``now``: the first sets the first-token time."""
+        if not self.token_times:
+            self.first_token = now
+        self.token_times += [now] * n
+        self.output_tokens += n
 
     @property
     def ok(self) -> bool:
@@ -57,6 +68,9 @@ class RequestRecord:
         d.update(ttft=_finite(self.ttft), tpot=_finite(self.tpot), latency=_finite(self.latency))
         for k in ("sent", "first_token", "finish"):
             d[k] = _finite(d[k])
+        if self.conversation is None:
+            for k in _TURN_FIELDS:
+                del d[k]
         return d
 
     @classmethod
@@ -65,6 +79,9 @@ class RequestRecord:
         d = {k: (math.nan if v is None and k in ("sent", "first_token", "finish") else v)
              for k, v in d.items() if k in fields}
         return cls(**d)
+
+
+_TURN_FIELDS = ("conversation", "turn", "shared_prefix")
 
 
 def _finite(x: float) -> float | None:
@@ -106,6 +123,20 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> dict:
         out["ttft_attainment"] = sum(r.ttft <= slo.ttft for r in records) / max(1, len(records))
         out["tpot_attainment"] = sum(r.tpot <= slo.tpot for r in records) / max(1, len(records))
     return out
+
+
+def conversation_summary(records: Sequence[RequestRecord], planned_turns: int) -> dict:
+    """What a conversation replay adds to :func:`summarize`: conversations and turns served (a turn
+    that fails ends its conversation, so ``turns_unsent`` of the ``planned_turns`` were never sent) and
+    the best-case prefix share, the prompt tokens a prefix cache holding each conversation's previous
+    turn could skip over all prompt tokens sent."""
+    turns = [r for r in records if r.conversation is not None]
+    convs = {r.conversation for r in turns}
+    prompt = sum(r.prompt_len for r in turns)
+    shared = sum(r.shared_prefix or 0 for r in turns)
+    return {"conversations": len(convs), "turns": len(turns), "turns_unsent": planned_turns - len(turns),
+            "mean_turns": len(turns) / len(convs) if convs else 0.0, "prompt_tokens": prompt,
+            "shared_prefix_tokens": shared, "prefix_share": shared / prompt if prompt else 0.0}
 
 
 def tightest_scale(records: Sequence[RequestRecord], slo: SLO, target: float = 0.9,

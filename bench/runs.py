@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from distllm_jax.workload.arrivals import arrival_times
+from distllm_jax.workload.conversations import ConversationReplay, ConversationSet, load_conversations
 from distllm_jax.workload.datasets import Item, Workload, load
-from bench.driver import run_workload
-from bench.metrics import RequestRecord, summarize, tightest_scale
+from bench.driver import run_conversations, run_workload
+from bench.metrics import RequestRecord, conversation_summary, summarize, tightest_scale
 from distllm_jax.workload.slo import SLO
 from distllm_jax.placement.trace import Trace
 
@@ -115,6 +116,33 @@ class Target:
         return load(dataset, self.encode, n, self.max_len, seed, Path(cache_dir) if cache_dir else None,
                     self.tokenizer_id)
 
+    def conversations(self, dataset: str, n: int, seed: int, cache_dir: str | None) -> ConversationSet:
+        return load_conversations(dataset, self.encode, n, self.max_len, seed,
+                                  Path(cache_dir) if cache_dir else None, self.tokenizer_id)
+
+    def config(self, dataset: str, slo: SLO | None, **fields: Any) -> dict[str, Any]:
+        """A run file's ``config``: the server under test, the dataset, the SLO, and ``fields``."""
+        return {"backend": self.backend, "address": getattr(self, "base_url", self.address), "model": self.model,
+                "mode": self.mode, "dataset": dataset, **fields, "devices": self.devices, "engine": self.engine,
+                "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}}
+
+
+def _summary(records: Sequence[RequestRecord], slo: SLO | None) -> dict[str, Any]:
+    summary = summarize(records, slo)
+    if slo is not None:
+        summary["tightest_slo_scale"] = tightest_scale(records, slo)
+    return summary
+
+
+def _save(out: dict[str, Any], results: str | None, folder: str, name: str) -> dict[str, Any]:
+    """Write the run to ``results/folder/name.json`` (nothing without ``results``); its path goes in ``out``."""
+    if results:
+        path = Path(results) / folder / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=_json_default))
+        out["path"] = str(path)
+    return out
+
 
 def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: SLO | None, *,
              burstiness: float = 1.0, seed: int = 0, verbose: bool = False, progress: bool = True,
@@ -123,25 +151,37 @@ def run_once(target: Target, dataset: str, num_prompts: int, rate: float, slo: S
     items = (w.items * (num_prompts // len(w.items) + 1))[:num_prompts]
     arrivals = arrival_times(len(items), rate, burstiness, seed)
     records = _drive(target, items, arrivals, verbose, progress)
-    summary = summarize(records, slo)
-    if slo is not None:
-        summary["tightest_slo_scale"] = tightest_scale(records, slo)
     out = {
-        "config": {"backend": target.backend, "address": getattr(target, "base_url", target.address),
-                   "model": target.model, "mode": target.mode, "dataset": dataset,
-                   "num_prompts": num_prompts, "rate": rate, "burstiness": burstiness, "seed": seed,
-                   "devices": target.devices, "engine": target.engine, "workload": w.stats(),
-                   "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}},
-        "summary": summary,
+        "config": target.config(dataset, slo, num_prompts=num_prompts, rate=rate, burstiness=burstiness, seed=seed,
+                                workload=w.stats()),
+        "summary": _summary(records, slo),
         "requests": [r.to_dict() for r in records],
     }
-    if results:
-        path = Path(results) / f"{target.model}-{Path(dataset).stem if dataset.startswith('file:') else dataset}" \
-            / f"{target.mode}-{num_prompts}-{rate:g}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1, default=_json_default))
-        out["path"] = str(path)
-    return out
+    label = Path(dataset).stem if dataset.startswith("file:") else dataset
+    return _save(out, results, f"{target.model}-{label}", f"{target.mode}-{num_prompts}-{rate:g}")
+
+
+def run_conversations_once(target: Target, dataset: str, num_conversations: int, rate: float, slo: SLO | None, *,
+                           think_time: float = 2.0, burstiness: float = 1.0, seed: int = 0, verbose: bool = False,
+                           progress: bool = True, results: str | None = "bench/results",
+                           cache_dir: str | None = None) -> dict[str, Any]:
+    """A closed-loop run of ``sharegpt-conversations[:PATH]``: ``num_conversations`` conversations
+    starting at ``rate`` per second, ``think_time`` seconds (mean) between a reply and the next turn.
+    Besides the usual summary (per turn), it reports the turns served, turns per conversation and
+    the best-case prefix share (see :func:`conversation_summary`)."""
+    cs = target.conversations(dataset, num_conversations, seed, cache_dir)
+    replay = ConversationReplay(cs.conversations, rate, think_time, seed, burstiness)
+    records = _drive_conversations(target, replay, verbose, progress)
+    out = {
+        "config": target.config(dataset, slo, num_prompts=len(cs.conversations), rate=rate, burstiness=burstiness,
+                                seed=seed, think_time_s=think_time, workload=cs.stats()),
+        "summary": {**_summary(records, slo), **conversation_summary(records, replay.total_turns)},
+        "requests": [r.to_dict() for r in records],
+    }
+    head, _, path = dataset.partition(":")
+    label = f"{head}-{Path(path).stem}" if path else head
+    return _save(out, results, f"{target.model}-{label}",
+                 f"{target.mode}-{num_conversations}-{rate:g}-think{think_time:g}")
 
 
 def _drive(target: Target, items: Sequence[Item], arrivals: Sequence[float], verbose: bool,
@@ -154,6 +194,19 @@ def _drive(target: Target, items: Sequence[Item], arrivals: Sequence[float], ver
                                                verbose=verbose, progress=progress, detok=target.decode))
     return asyncio.run(run_workload(target.address, items, arrivals, token=target.token, tls_ca=target.tls_ca,
                                     verbose=verbose, progress=progress, detok=target.decode))
+
+
+def _drive_conversations(target: Target, replay: ConversationReplay, verbose: bool,
+                         progress: bool) -> list[RequestRecord]:
+    """The replay's conversations, closed-loop, through the target's backend."""
+    if target.backend == "openai":
+        from bench.driver import run_conversations_openai
+
+        return asyncio.run(run_conversations_openai(target.base_url, target.model, replay, target.encode,
+                                                    token=target.token, verbose=verbose, progress=progress,
+                                                    detok=target.decode))
+    return asyncio.run(run_conversations(target.address, replay, token=target.token, tls_ca=target.tls_ca,
+                                         verbose=verbose, progress=progress, detok=target.decode))
 
 
 FILLER = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
@@ -187,18 +240,14 @@ def run_trace(target: Target, trace_path: str, slo: SLO | None, *, verbose: bool
     items = trace_items(trace, target.encode, target.max_len)
     arrivals = [r.arrival_s for r in trace.requests]
     records = _drive(target, items, arrivals, verbose, progress)
-    summary = summarize(records, slo)
+    summary = _summary(records, slo)
     span = arrivals[-1] - arrivals[0]
     rate = (len(arrivals) - 1) / span if span > 0 else math.inf
     out: dict[str, Any] = {
-        "config": {"backend": target.backend, "address": getattr(target, "base_url", target.address),
-                   "model": target.model, "mode": target.mode, "dataset": f"trace:{trace_path}", "trace": trace_path,
-                   "num_prompts": len(items), "rate": rate, "devices": target.devices, "engine": target.engine,
-                   "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}},
+        "config": target.config(f"trace:{trace_path}", slo, trace=trace_path, num_prompts=len(items), rate=rate),
         "summary": summary,
     }
     if slo is not None:
-        summary["tightest_slo_scale"] = tightest_scale(records, slo)
         cmp = {"live": trace_summary([r.ttft for r in records], [r.tpot for r in records], (slo.ttft, slo.tpot)),
                "trace": None}
         if trace.measured:
@@ -206,12 +255,7 @@ def run_trace(target: Target, trace_path: str, slo: SLO | None, *, verbose: bool
                                          (slo.ttft, slo.tpot))
         out["trace_compare"] = cmp
     out["requests"] = [r.to_dict() for r in records]
-    if results:
-        path = Path(results) / f"{target.model}-trace" / f"{target.mode}-{trace.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1, default=_json_default))
-        out["path"] = str(path)
-    return out
+    return _save(out, results, f"{target.model}-trace", f"{target.mode}-{trace.name}")
 
 
 def _json_default(x):
@@ -241,3 +285,10 @@ def print_table(runs: Sequence[dict]) -> None:
         att = f"{100 * s['attainment']:.0f}%" if "attainment" in s else "-"
         print(f"{c['mode']:<14}{s['requests']:>5}{c['rate']:>7g}{s['errors']:>5}  {ttft:<28}{tpot:<28}"
               f"{s['output_throughput']:>8.0f}{att:>8}")
+    for r in runs:  # a conversation replay's own numbers, under the table
+        c, s = r["config"], r["summary"]
+        if "turns" in s:
+            unsent = f", {s['turns_unsent']} unsent after a failed turn" if s["turns_unsent"] else ""
+            print(f"{c['mode']} at {c['rate']:g} conversations/s, think {c['think_time_s']:g} s: "
+                  f"{s['conversations']} conversations, {s['turns']} turns ({s['mean_turns']:.2f} per conversation"
+                  f"{unsent}), best-case prefix share {100 * s['prefix_share']:.1f}%")

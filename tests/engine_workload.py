@@ -25,6 +25,18 @@ def workload(n: int = 32, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
+BURST_POOL = 41  # 40 usable pages of PAGE tokens
+
+
+def overflowing_burst(n: int = 12, seed: int = 5) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) of a burst whose worst case is over three times BURST_POOL's pages
+    (prompts 4..24 tokens, outputs 20..36): sent at once, it runs only with pages on demand and
+    preemption."""
+    rng = np.random.default_rng(seed)
+    return [([int(t) for t in rng.integers(3, 250, int(rng.integers(4, 25)))], int(rng.integers(20, 37)))
+            for _ in range(n)]
+
+
 def hf_greedy(model, prompt: list[int], n_new: int) -> list[int]:
     """Greedy tokens from the torch model, one full forward per token (no cache to get wrong)."""
     ids = torch.tensor([prompt])

@@ -84,6 +84,45 @@ def test_run_replays_a_trace(server, tmp_path, capsys):
     assert "needs 120 + 20 tokens, over the server's context of 128" in capsys.readouterr().err
 
 
+def test_run_replays_conversations_turn_by_turn(server, tmp_path, capsys):
+    """``--dataset sharegpt-conversations:PATH``: every turn of every conversation, each prompt the
+    previous one plus the reply the server streamed plus a newline and the next message (the
+    byte-level tokenizer: a byte a token)."""
+    chats = [["hello there", "hi, how can I help", "a joke?", "why not", "one more", "ok then"],
+             ["what is two plus two", "four", "and three", "seven"],
+             ["name a colour", "blue is one", "another", "green"]]
+    sg = tmp_path / "chats.json"
+    sg.write_text(json.dumps([{"id": f"c{i}", "conversations": [{"from": ("human", "gpt")[k % 2], "value": t}
+                                                               for k, t in enumerate(c)]} for i, c in enumerate(chats)]))
+    rc = main(["bench", "run", "--address", server.address, "--dataset", f"sharegpt-conversations:{sg}",
+               "--num-prompts-req-rates", "[(3, 50)]", "--think-time", "0", "--slo", "5,1",
+               "--results", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "TTFT ms mean/p50/p90/p99" in out
+    assert "3 conversations, 7 turns (2.33 per conversation), best-case prefix share" in out
+    run = json.loads((tmp_path / "tiny-opt-test-sharegpt-conversations-chats" / "colocated-3-50-think0.json").read_text())
+    s = run["summary"]
+    assert (s["conversations"], s["turns"], s["turns_unsent"], s["errors"]) == (3, 7, 0, 0)
+    assert run["config"]["think_time_s"] == 0 and run["config"]["workload"]["turns"] == 7
+    by_id = {f"c{i}": c for i, c in enumerate(chats)}
+    prev = None
+    for r in run["requests"]:
+        msgs = by_id[r["conversation"]]
+        k = r["turn"]
+        assert r["output_len"] == len(msgs[2 * k + 1]) and r["output_tokens"] == r["output_len"]
+        assert r["finish_reason"] == "length"
+        if k == 0:
+            assert r["prompt_len"] == len(msgs[0]) and r["shared_prefix"] == 0
+        else:
+            assert prev["conversation"] == r["conversation"] and prev["turn"] == k - 1 and r["arrival"] >= prev["finish"]
+            assert r["shared_prefix"] == prev["prompt_len"] + prev["output_tokens"]
+            assert r["prompt_len"] == r["shared_prefix"] + 1 + len(msgs[2 * k])
+        prev = r
+    assert s["prefix_share"] == sum(r["shared_prefix"] for r in run["requests"]) / sum(
+        r["prompt_len"] for r in run["requests"])
+
+
 def test_unreachable_server_is_a_clear_error(capsys):
     assert main(["bench", "run", "--address", "127.0.0.1:1"]) == 2
     assert "cannot reach a distllm server" in capsys.readouterr().err

@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 
 from distllm_jax.engine import Engine, FinishReason, InstanceSpec, SamplingParams, compile_counter
 from distllm_jax.kv_cache import pages_for
-from engine_workload import MAX_LEN, PAGE, greedy, hf_greedy, small_config
+from engine_workload import BURST_POOL, MAX_LEN, PAGE, greedy, hf_greedy, overflowing_burst, small_config
 
 VARIANT = "opt-pre-ln"
-POOL = 41  # 40 usable pages of 4 tokens
-
-
-def _workload(n: int = 12, seed: int = 5) -> list[tuple[list[int], int]]:
-    rng = np.random.default_rng(seed)
-    return [([int(t) for t in rng.integers(3, 250, int(rng.integers(4, 25)))], int(rng.integers(20, 37)))
-            for _ in range(n)]
-
-
-WORK = _workload()
+POOL = BURST_POOL
+WORK = overflowing_burst()
 
 LAYOUTS = {
     "disaggregated": dict(mode="disaggregated", prefill=(InstanceSpec(1, num_pages=POOL),),

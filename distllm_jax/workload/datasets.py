@@ -16,6 +16,10 @@
   capped by the server's context; output lengths uniform in [16, 166] tokens (mean 91: short summaries). The
   real LongBench is not installable offline: this keeps its shape (long input, short output).
 - ``file:PATH``: ShareGPT-format JSON, or JSONL of ``{"prompt": ..., "output_len": ...}``.
+- ``sharegpt-conversations`` (or ``sharegpt-conversations:PATH``, a ShareGPT-format file): whole
+  multi-turn conversations, replayed turn by turn in a closed loop (each turn resends the conversation
+  so far, the load prefix caching serves). Not a list of items: see
+  :mod:`distllm_jax.workload.conversations`.
 
 Prepared workloads are cached as JSON keyed by every input that shapes them.
 """
@@ -216,12 +220,19 @@ def from_file(path: Path, encode: Encode, n: int, max_len: int, seed: int = 0) -
     return Workload(path.stem, w.items, w.source_records)
 
 
+def cache_file(kind: str, name: str, inputs: Sequence, cache_dir: Path | None = None) -> Path:
+    """Where a prepared dataset is cached (``$DISTLLM_CACHE``, else ``~/.cache/distllm``): ``kind``
+    and ``name`` keep the file recognisable, a hash of ``inputs`` (every input that shapes the
+    prepared data, JSON-serialisable) tells one preparation from another."""
+    key = hashlib.sha256(json.dumps(list(inputs)).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir or os.environ.get("DISTLLM_CACHE", Path.home() / ".cache" / "distllm"))
+    return cache_dir / f"{kind}-{name.replace('/', '_').replace(':', '_')}-{key}.json"
+
+
 def load(name: str, encode: Encode, n: int, max_len: int, seed: int = 0, cache_dir: Path | None = None,
          tokenizer_id: str = "") -> Workload:
     """A prepared workload, from the cache when the same inputs were prepared before."""
-    key = hashlib.sha256(json.dumps([name, n, max_len, seed, tokenizer_id]).encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir or os.environ.get("DISTLLM_CACHE", Path.home() / ".cache" / "distllm"))
-    cache = cache_dir / f"workload-{name.replace('/', '_').replace(':', '_')}-{key}.json"
+    cache = cache_file("workload", name, [name, n, max_len, seed, tokenizer_id], cache_dir)
     if cache.exists():
         d = json.loads(cache.read_text())
         return Workload(d["name"], [Item(**i) for i in d["items"]], d["source_records"])
@@ -235,6 +246,9 @@ def load(name: str, encode: Encode, n: int, max_len: int, seed: int = 0, cache_d
         w = longbench_like(encode, n, max_len, seed)
     elif name.startswith("file:"):
         w = from_file(Path(name[5:]), encode, n, max_len, seed)
+    elif name.split(":", 1)[0] == "sharegpt-conversations":
+        raise ValueError(f"{name} is a closed-loop workload (each turn waits for the reply before it): "
+                         "`distllm bench run` replays it turn by turn; it has no fixed list of requests")
     else:
         raise ValueError(f"unknown dataset {name!r}: sharegpt, sharegpt-artifact, humaneval, longbench or file:PATH")
     if not w.items:
