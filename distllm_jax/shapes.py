@@ -69,13 +69,15 @@ class CompiledShapes:
 
 
 def compiled_shapes(*, prefill_token_budget: int, max_decode_batch: int, max_len: int,
-                    min_token_bucket: int = MIN_TOKEN_BUCKET) -> CompiledShapes:
+                    min_token_bucket: int = MIN_TOKEN_BUCKET, prefix_prefill: bool = False) -> CompiledShapes:
     """The shapes an instance compiles for these limits (an EngineConfig's, ``max_len`` its
     ``seq_len``): prompt tokens up to the budget or one whole sequence, whichever is longer (a single
     prompt over the budget still runs, alone); decode rows in powers of two below the batch limit and
     the limit itself (a full batch pads no further); chunked steps up to the budget, which bounds them.
+    ``prefix_prefill``: prompts over cached prefixes run as mixed steps, so those take the prefill
+    shapes (a single prompt over the budget runs alone there too).
     """
     top = max(prefill_token_budget, max_len)
     decode = tuple(b for b in pow2_buckets(1, max_decode_batch) if b < max_decode_batch) + (max_decode_batch,)
     return CompiledShapes(prefill=pow2_buckets(min_token_bucket, top), decode=decode,
-                          mixed=pow2_buckets(min_token_bucket, prefill_token_budget))
+                          mixed=pow2_buckets(min_token_bucket, top if prefix_prefill else prefill_token_budget))

@@ -81,6 +81,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                           "comes back, or swap its KV to host memory and back")
     eng.add_argument("--kv-watermark", type=float, default=0.01,
                      help="the share of each KV pool that admission leaves free for running requests to grow into")
+    eng.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=False,
+                     help="keep prompts' full KV pages after their requests end, keyed by their tokens, and start "
+                          "a prompt that begins with them from those pages (prefill, colocated and chunked "
+                          "instances; greedy output is the same either way)")
     cl = p.add_argument_group("cluster")
     cl.add_argument("--cluster", metavar="auto|ADDRESS",
                     help="run each instance as a Ray actor: 'auto' starts a local Ray cluster, an address joins one")
@@ -160,7 +164,8 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
     base = dict(page_size=args.page_size, num_pages=args.num_pages, max_seq_len=args.max_seq_len,
                 prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
                 kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet,
-                kv_admission=args.kv_admission, preemption=args.preemption, kv_watermark=args.kv_watermark)
+                kv_admission=args.kv_admission, preemption=args.preemption, kv_watermark=args.kv_watermark,
+                prefix_cache=args.prefix_cache)
     if args.plan:
         return Plan.load(args.plan).to_engine_config(**base)
     mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")

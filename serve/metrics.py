@@ -34,7 +34,19 @@ class EngineCollector:
                                         "out", labels=["instance", "kind"])
         grown = CounterMetricFamily("distllm_kv_pages_grown", "KV pages running sequences took as they grew",
                                     labels=["instance"])
+        prompt = CounterMetricFamily("distllm_prompt_tokens", "Prompt tokens prefilled", labels=["instance"])
+        hit = CounterMetricFamily("distllm_prefix_cache_hit_tokens", "Prompt tokens whose KV came from cached "
+                                  "pages instead of a prefill", labels=["instance"])
+        cached = GaugeMetricFamily("distllm_kv_pages_cached", "KV pages named in the prefix cache (in use or "
+                                   "evictable)", labels=["instance"])
+        evicted = CounterMetricFamily("distllm_prefix_cache_evictions", "Cached KV pages taken back for other KV",
+                                      labels=["instance"])
         for inst in s["instances"]:
+            if inst["role"] != "decode":
+                prompt.add_metric([inst["name"]], inst["prompt_tokens"])
+                hit.add_metric([inst["name"]], inst["prefix_hit_tokens"])
+                cached.add_metric([inst["name"]], inst["pages_cached"])
+                evicted.add_metric([inst["name"]], inst["prefix_evictions"])
             used.add_metric([inst["name"], inst["role"]], inst["pages_used"])
             free.add_metric([inst["name"], inst["role"]], inst["pages_free"])
             reserved.add_metric([inst["name"], inst["role"]], inst["pages_reserved"])
@@ -43,7 +55,7 @@ class EngineCollector:
             grown.add_metric([inst["name"]], inst["pages_grown"])
             for kind, n in inst["preemptions"].items():
                 preempted.add_metric([inst["name"], kind], n)
-        yield from (used, free, reserved, running, swapped, preempted, grown)
+        yield from (used, free, reserved, running, swapped, preempted, grown, prompt, hit, cached, evicted)
         yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
         yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
         yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])

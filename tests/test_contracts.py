@@ -46,7 +46,7 @@ def local_instance():
 
 def remote_instance() -> RemoteInstance:
     info = {"page_size": 4, "num_pages": 16, "max_batch": 2, "max_prefill_seqs": 1, "devices": ["cpu:0"],
-            "stage_ranges": [[0, 2]], "attention": "reference", "num_programs": 0}
+            "stage_ranges": [[0, 2]], "attention": "reference", "num_programs": 0, "prefix_cache": False}
     return RemoteInstance("d", "decode", InstanceSpec(1), actor=None, info=info)
 
 

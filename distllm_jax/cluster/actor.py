@@ -57,6 +57,7 @@ class InstanceActor:
         return {
             **self.inst.describe(),
             "max_batch": self.inst.max_batch, "max_prefill_seqs": self.inst.max_prefill_seqs,
+            "prefix_cache": self.inst.prefix_cache,
             "num_programs": self.inst.num_programs(), "attention": self.inst.impl.name,
             "stage_ranges": [(st.lo, st.hi) for st in self.inst.stages],
             "pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),

@@ -53,7 +53,8 @@ class RemoteInstance:
         self.index = index
         self.page_size = int(info["page_size"])
         self.num_pages = int(info["num_pages"])
-        self.alloc = PageAllocator(self.num_pages, self.page_size)
+        self.prefix_cache = bool(info["prefix_cache"])
+        self.alloc = PageAllocator(self.num_pages, self.page_size, prefix_cache=self.prefix_cache)
         self.max_batch = int(info["max_batch"])
         self.max_prefill_seqs = int(info["max_prefill_seqs"])
         self.devices: list[str] = list(info["devices"])

@@ -27,11 +27,11 @@ class ColocatedWorker(Worker):
                 batch = None
             else:
                 batch = plan.batch
-                segs = [self.prompt_segment(r) for r in batch]
+                kind, segs = self.prompt_segments(batch)
         if batch is None:
             return self.decode_step()
         self.flush()  # the decode step in flight streams its tokens before the prefill runs
-        out = self.run("prefill", batch, segs)
+        out = self.run(kind, batch, segs)
         if out is not None:
             with self.ctrl.lock:
                 now = time.perf_counter()

@@ -76,6 +76,9 @@ class EngineConfig:
     kv_admission: str = "on-demand"  # on-demand | reserve
     preemption: str = "recompute"  # recompute | swap (on-demand admission only)
     kv_watermark: float = 0.01  # the share of each pool admission leaves free for running sequences
+    # keep prompts' full KV pages after their requests end, keyed by their tokens, and start a prompt
+    # that begins with them from those pages (prefill, colocated and chunked instances)
+    prefix_cache: bool = False
     progress: bool = True
     seed: int = 0
 

@@ -25,7 +25,9 @@ are kept); a lost decode instance ends its MIGRATING and RUNNING ones with an er
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import time
 import uuid
 from pathlib import Path
@@ -52,6 +54,7 @@ from distllm_jax.models.attention import REFERENCE, AttentionImpl
 from distllm_jax.parallel import split_devices
 from distllm_jax.scheduling import KVPolicy, Preemption, Role
 from distllm_jax.scheduling.plans import StepRecord
+from distllm_jax.scheduling.prefix_cache import page_hashes
 
 
 def attention_impl(name: str) -> AttentionImpl:
@@ -121,6 +124,8 @@ class Engine:
         self.model = self.source.cfg
         self.tokenizer = tokenizer
         self.max_len = cfg.seq_len(self.model)
+        # cached pages are this model's KV in this dtype only
+        self._prefix_salt = json.dumps([dataclasses.asdict(self.model), self.source.dtype], sort_keys=True, default=str)
         self.ctrl = Controller()
         self.instances = self._build_instances(devices)
         self.workers: list[Worker] = []
@@ -255,6 +260,8 @@ class Engine:
         checker = StopChecker(params, self.model.eos_token_ids, self._detokenize())
         deadline = None if timeout is None else time.perf_counter() + timeout
         req = Request(rid, ids, params, checker, seed, stream, self.max_len, deadline)
+        if self.config.prefix_cache and params.prompt_logprobs is None:
+            req.prefix_hashes = page_hashes(ids, self.config.page_size, self._prefix_salt)
         self._check_fits(ids, req.max_cached, params.n)
         for i in range(1, params.n):
             req.fork(i)
@@ -310,6 +317,9 @@ class Engine:
                     "kv_admission": kv.policy.admission.value,
                     "preemptions": {k.value: kv.preemptions[k] for k in Preemption},
                     "swapped": len(kv.swapped), "pages_grown": kv.grown,
+                    "prefix_cache": inst.alloc.prefix_cache, "prompt_tokens": kv.prompt_tokens,
+                    "prefix_hit_tokens": kv.cached_tokens, "pages_cached": inst.alloc.num_cached,
+                    "prefix_evictions": inst.alloc.evictions,
                 })
             c = self.ctrl
             return {

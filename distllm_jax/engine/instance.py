@@ -84,7 +84,8 @@ class Instance:
         self.num_pages = spec.num_pages or ecfg.num_pages
         self.max_len = ecfg.seq_len(cfg)
         self.width = pages_for(self.max_len, self.page_size)  # page-table columns
-        self.alloc = PageAllocator(self.num_pages, self.page_size)
+        self.prefix_cache = ecfg.prefix_cache and self.role is not Role.DECODE
+        self.alloc = PageAllocator(self.num_pages, self.page_size, prefix_cache=self.prefix_cache)
         self.lock = threading.Lock()  # held while dispatching anything that reads or donates a pool
         self.dtype = jnp.dtype(source.dtype)
         self.stages: list[Stage] = []
@@ -103,7 +104,8 @@ class Instance:
         # the step shapes compiled below; the simulator pads to the same ones (CompiledShapes.sim_fields)
         self.compiled = compiled_shapes(prefill_token_budget=ecfg.prefill_token_budget,
                                         max_decode_batch=ecfg.max_decode_batch, max_len=self.max_len,
-                                        min_token_bucket=ecfg.min_token_bucket)
+                                        min_token_bucket=ecfg.min_token_bucket,
+                                        prefix_prefill=self.prefix_cache and self.role is not Role.CHUNKED)
         self.steps = 0
         self.preemption = ecfg.preemption  # "swap": warmup compiles the swap programs
         self.swaps = HostKVStore(self.width)  # a request never holds more than one sequence's pages
@@ -112,8 +114,12 @@ class Instance:
     # ---- the programs ---------------------------------------------------------------------------
 
     def kinds(self) -> tuple[str, ...]:
-        return {Role.PREFILL: ("prefill",), Role.DECODE: ("decode",), Role.COLOCATED: ("prefill", "decode"),
-                Role.CHUNKED: ("mixed",)}[self.role]
+        """The step kinds this instance runs. With the prefix cache, a prompt that starts from cached
+        pages runs as a mixed step (its new tokens attend over the pool), so prefill-running
+        instances compile that program too."""
+        kinds = {Role.PREFILL: ("prefill",), Role.DECODE: ("decode",), Role.COLOCATED: ("prefill", "decode"),
+                 Role.CHUNKED: ("mixed",)}[self.role]
+        return kinds + ("mixed",) if self.prefix_cache and "mixed" not in kinds else kinds
 
     def shapes(self, kind: str) -> list[int]:
         return list(self.compiled.for_kind(kind))
@@ -123,7 +129,7 @@ class Instance:
             return pack_prefill(segs, size, self.max_prefill_seqs, self.page_size)
         if kind == "decode":
             return pack_decode(segs, size, self.width)
-        return pack_mixed(segs, size, self.max_batch, self.width, self.page_size)
+        return pack_mixed(segs, size, max(self.max_batch, self.max_prefill_seqs), self.width, self.page_size)
 
     def bucket_for(self, kind: str, segs: Sequence[Segment]) -> int:
         n = len(segs) if kind == "decode" else sum(len(s.tokens) for s in segs)

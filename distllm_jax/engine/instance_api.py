@@ -22,6 +22,7 @@ class InstanceAPI(Slot, Protocol):
     spec: InstanceSpec
     num_pages: int
     steps: int
+    prefix_cache: bool  # its allocator caches prompts' pages (and it compiled the mixed step they run as)
 
     @property
     def lookahead(self) -> bool: ...

@@ -40,8 +40,8 @@ class PrefillWorker(Worker):
             if plan is None:
                 return False
             batch = plan.batch
-            segs = [self.prompt_segment(r) for r in batch]
-        out = self.run("prefill", batch, segs)
+            kind, segs = self.prompt_segments(batch)
+        out = self.run(kind, batch, segs)
         if out is None:
             return True
         with self.ctrl.lock:

@@ -39,6 +39,7 @@ class RequestTimings:
     prefill_instance: str | None = None
     decode_instance: str | None = None
     migration_path: str | None = None  # the KV path that moved it: local, transfer-server or staged
+    cached_prompt_tokens: int = 0  # prompt tokens its (last) prefill started from cached pages for
 
     @property
     def ttft(self) -> float | None:
@@ -192,6 +193,10 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # filled as the prompt is computed
         self.prompt_logprobs_sent = False
         self.cumulative_logprob = 0.0
+        # the prompt's full pages, named by their tokens (scheduling.prefix_cache.page_hashes): set by
+        # the engine when its instances cache prefixes; empty when they do not, or when the request
+        # asks for prompt log-probabilities (which a prefill started from cached pages cannot give)
+        self.prefix_hashes: list[bytes] = []
 
     def fork(self, sample: int) -> "Request":
         """Sample ``sample`` of this request: same prompt, parameters, seed and stream, its own pages

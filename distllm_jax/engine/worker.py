@@ -238,6 +238,12 @@ class Worker(abc.ABC):
         return Segment(r.prefill_tokens(start, end), start, list(self.inst.alloc.table(r.rid)), r.params, r.seed,
                        samples, r.sample, targets)
 
+    def prompt_segments(self, batch: Sequence[Request]) -> tuple[str, list[Segment]]:
+        """A prefill batch's step kind and segments: each prompt from where its cached pages end, and
+        a mixed step (new tokens attending over the pool) when any starts after cached pages."""
+        segs = [self.prompt_segment(r, r.num_computed) for r in batch]
+        return ("mixed" if any(s.start for s in segs) else "prefill"), segs
+
     def prompt_done(self, r: Request, rows: Sequence[SampledRow], prompt_lps: Sequence[TokenLogprob],
                     now: float) -> list[Request]:
         """The step that computed the end of ``r``'s prompt is back (``rows``: a sampled row per
@@ -246,6 +252,7 @@ class Worker(abc.ABC):
         them where its policy says). The other samples take their own copy of the part-filled last
         prompt page now, before anything writes there."""
         r.prompt_logprobs += prompt_lps
+        self.sched.kv.prompt_cached(r)
         members, r.siblings = [r, *r.siblings], []
         ps = self.inst.page_size
         if len(members) > 1 and r.num_prompt % ps:

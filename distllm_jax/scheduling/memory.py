@@ -86,10 +86,19 @@ class KVManager:
         self.swapped: collections.deque[SchedRequest] = collections.deque()  # out of the pool, oldest first
         self.preemptions: collections.Counter[Preemption] = collections.Counter()
         self.grown = 0
+        self.prompt_tokens = 0  # prompt tokens of the prefills done here
+        self.cached_tokens = 0  # of those, the ones served from cached pages
 
     @property
     def on_demand(self) -> bool:
         return self.policy.admission is Admission.ON_DEMAND
+
+    def prompt_cached(self, r: SchedRequest) -> None:
+        """``r``'s prefill is done: its full prompt pages hold their KV, so a prefix cache names them
+        for later prompts (a no-op where the allocator caches nothing), and the hit is counted."""
+        self.inst.alloc.register(r.rid, list(r.prefix_hashes[: r.num_prompt // self.inst.page_size]))
+        self.prompt_tokens += r.num_prompt
+        self.cached_tokens += r.timings.cached_prompt_tokens
 
     def headroom(self, busy: bool) -> int:
         """Pages admission leaves free: the watermark while sequences run here (``busy``), none on an

@@ -25,6 +25,11 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
     an instance that reserves); ``headroom``: pages the pool keeps free beyond them. A request of
     ``n`` samples takes ``n`` rows (``max_seqs``, ``room``), and its siblings take their pages here
     too: the prompt's full pages shared, their own for the rest.
+
+    Where the instance caches prefixes, a request that starts anew (nothing computed, no pages)
+    begins its table with the cached pages its prompt's leading pages match, and its prefill starts
+    after them (``num_computed``). Its last prompt token is always computed: its logits sample the
+    first token.
     """
     batch: list[SchedRequest] = []
     total = rows = 0
@@ -37,11 +42,17 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
             break
         need = tokens(r)
         shared = r.num_prompt // inst.page_size  # full prompt pages: never written after the prefill
-        extra = alloc.extra_pages_needed(r.rid, need) + (n - 1) * (pages_for(need, inst.page_size) - shared)
+        hashes = _matchable(r, inst) if alloc.prefix_cache else []
+        own = alloc.pages_needed_with_prefix(hashes, need) if hashes else alloc.extra_pages_needed(r.rid, need)
+        extra = own + (n - 1) * (pages_for(need, inst.page_size) - shared)
         if extra + headroom > alloc.num_free:
             break
         queues.waiting.popleft()
-        alloc.ensure(r.rid, need)
+        if hashes:
+            r.num_computed = alloc.ensure_with_prefix(r.rid, hashes, need) * inst.page_size
+            r.timings.cached_prompt_tokens = r.num_computed
+        else:
+            alloc.ensure(r.rid, need)
         for q in (r, *r.siblings):
             if q is not r:
                 alloc.share(r.rid, q.rid, shared)
@@ -51,9 +62,17 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
             q.timings.prefill_start = now
             q.timings.prefill_instance = inst.name
         batch.append(r)
-        total += r.num_prefill
+        total += r.num_prefill - r.num_computed
         rows += n
     return batch
+
+
+def _matchable(r: SchedRequest, inst: Slot) -> list[bytes]:
+    """The page hashes ``r`` may start from: none once it computed or holds anything, and never the
+    page of its last prefill token."""
+    if r.num_computed or inst.alloc.has(r.rid):
+        return []
+    return list(r.prefix_hashes[: (r.num_prefill - 1) // inst.page_size])
 
 
 class PrefillScheduler:

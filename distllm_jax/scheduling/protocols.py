@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:
     from distllm_jax.kv_cache import PageAllocator
@@ -52,6 +52,7 @@ class Stamps(Protocol):
     migration_start: float | None
     prefill_instance: str | None
     decode_instance: str | None
+    cached_prompt_tokens: int
 
 
 class SchedRequest(Protocol):
@@ -62,6 +63,9 @@ class SchedRequest(Protocol):
     max_cached: int  # tokens that can ever be in the cache (prompt + max_tokens - 1, capped)
     timings: Stamps
     siblings: list  # the other samples of an n > 1 request, riding on its prefill until its first token
+    # its prompt's full pages by name (scheduling.prefix_cache.page_hashes); read only by instances
+    # whose allocator caches prefixes
+    prefix_hashes: Sequence[bytes]
 
     @property
     def num_prompt(self) -> int: ...
