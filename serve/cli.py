@@ -85,6 +85,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="keep prompts' full KV pages after their requests end, keyed by their tokens, and start "
                           "a prompt that begins with them from those pages (prefill, colocated and chunked "
                           "instances; greedy output is the same either way)")
+    eng.add_argument("--prefill-routing", choices=["auto", "prefix", "round-robin", "shared"], default="auto",
+                     help="which prompt instance a new request goes to when several take prompts: prefix (the "
+                          "fewest tokens to prefill there, cached pages counted, plus those queued there), "
+                          "round-robin, or shared (one queue, the first free instance); auto: prefix with "
+                          "--prefix-cache, else shared")
     cl = p.add_argument_group("cluster")
     cl.add_argument("--cluster", metavar="auto|ADDRESS",
                     help="run each instance as a Ray actor: 'auto' starts a local Ray cluster, an address joins one")
@@ -165,7 +170,7 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
                 prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
                 kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet,
                 kv_admission=args.kv_admission, preemption=args.preemption, kv_watermark=args.kv_watermark,
-                prefix_cache=args.prefix_cache)
+                prefix_cache=args.prefix_cache, prefill_routing=args.prefill_routing)
     if args.plan:
         return Plan.load(args.plan).to_engine_config(**base)
     mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")

@@ -56,6 +56,14 @@ class EngineCollector:
             for kind, n in inst["preemptions"].items():
                 preempted.add_metric([inst["name"], kind], n)
         yield from (used, free, reserved, running, swapped, preempted, grown, prompt, hit, cached, evicted)
+        if s["routing"] is not None:
+            routed = CounterMetricFamily("distllm_prefill_routing_decisions", "New requests routed to each "
+                                         "prompt instance", labels=["instance", "policy"])
+            for name, n in s["routing"]["decisions"].items():
+                routed.add_metric([name, s["routing"]["policy"]], n)
+            yield routed
+            yield CounterMetricFamily("distllm_prefill_routed_to_cache", "New requests routed where cached pages "
+                                      "held part of their prompt", value=s["routing"]["cache_routed"])
         yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
         yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
         yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])

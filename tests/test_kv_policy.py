@@ -35,6 +35,7 @@ class Req:
     migration_start: float | None = None
     prefill_instance: str | None = None
     decode_instance: str | None = None
+    route: str | None = None
 
     @property
     def timings(self):

@@ -122,3 +122,42 @@ def test_prompt_logprobs_never_start_from_cached_pages(converted):
         assert inst["prefix_hit_tokens"] == 0
     finally:
         engine.shutdown(drain=False)
+
+
+def _conversations(n: int, turns: int, seed: int = 3) -> list[list[list[int]]]:
+    """Per conversation, each turn's new user tokens (a turn's prompt: all before it, the replies
+    included, and these)."""
+    rng = np.random.default_rng(seed)
+    return [[[int(t) for t in rng.integers(3, 250, int(rng.integers(2 * PAGE, 3 * PAGE)))] for _ in range(turns)]
+            for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_routing_by_cached_prefix_beats_round_robin(converted, reference):
+    """Two prefill instances, multi-turn conversations turn by turn: routed by cached prefix, every
+    later turn goes where its conversation's pages are; round-robin, with an odd number of them,
+    sends each conversation's next turn to the other instance."""
+    convs = _conversations(3, 3)
+    hits = {}
+    for routing in ("prefix", "round-robin"):
+        cfg = small_config(mode="disaggregated", prefill=(InstanceSpec(1), InstanceSpec(1)), decode=(InstanceSpec(1),),
+                           prefix_cache=True, prefill_routing=routing)
+        engine = Engine(converted(VARIANT)[1], cfg)
+        try:
+            prompts = [[] for _ in convs]
+            for turn in range(3):
+                for c, conv in enumerate(convs):
+                    prompts[c] = prompts[c] + conv[turn]
+                    out = engine.submit(prompts[c], greedy(3)).result()
+                    assert out.token_ids == reference(tuple(prompts[c]), 3)
+                    prompts[c] = prompts[c] + out.token_ids
+            stats = engine.stats()
+            assert stats["routing"]["policy"] == routing and sum(stats["routing"]["decisions"].values()) == 9
+            hits[routing] = sum(s["prefix_hit_tokens"] for s in stats["instances"] if s["role"] == "prefill")
+            if routing == "prefix":
+                assert stats["routing"]["cache_routed"] == 6  # every later turn of every conversation
+            assert engine.wait_idle(20)
+            engine.assert_no_leaks()
+        finally:
+            engine.shutdown(drain=False)
+    assert hits["prefix"] > hits["round-robin"], hits

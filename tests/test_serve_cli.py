@@ -53,5 +53,6 @@ def test_kv_flags_reach_the_engine_config():
     assert not default.prefix_cache
     assert engine_config(serve_parser().parse_args(["--prefix-cache"]), 1).prefix_cache
     assert not engine_config(serve_parser().parse_args(["--prefix-cache", "--no-prefix-cache"]), 1).prefix_cache
+    assert engine_config(serve_parser().parse_args(["--prefill-routing", "round-robin"]), 1).prefill_routing == "round-robin"
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--preemption", "drop"])

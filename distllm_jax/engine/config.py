@@ -79,6 +79,10 @@ class EngineConfig:
     # keep prompts' full KV pages after their requests end, keyed by their tokens, and start a prompt
     # that begins with them from those pages (prefill, colocated and chunked instances)
     prefix_cache: bool = False
+    # which prompt instance a new request goes to when several take prompts (scheduling.routing):
+    # prefix (least prefill plus queued tokens, counting cached pages), round-robin, shared (one queue,
+    # first free instance), or auto (prefix with the prefix cache on, else shared)
+    prefill_routing: str = "auto"
     progress: bool = True
     seed: int = 0
 
@@ -100,6 +104,8 @@ class EngineConfig:
             raise ValueError(f"kv_admission must be one of {KV_ADMISSIONS}, got {self.kv_admission!r}")
         if self.preemption not in PREEMPTIONS:
             raise ValueError(f"preemption must be one of {PREEMPTIONS}, got {self.preemption!r}")
+        if self.prefill_routing not in ("auto", "prefix", "round-robin", "shared"):
+            raise ValueError(f"prefill_routing must be auto, prefix, round-robin or shared, got {self.prefill_routing!r}")
         if not 0.0 <= self.kv_watermark < 1.0:
             raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.mode == "disaggregated" and (not self.prefill or not self.decode):

@@ -14,6 +14,7 @@ decoding there fail with the reason.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import traceback
@@ -24,6 +25,9 @@ from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
 from distllm_jax.scheduling import Role, release
 from distllm_jax.scheduling.plans import StepRecord
+from distllm_jax.scheduling.routing import PrefillRouter
+
+log = logging.getLogger(__name__)
 
 
 class InstanceLost(RuntimeError):
@@ -51,6 +55,7 @@ class Controller:
         self.lost: set[Any] = set()  # instances whose process died: nothing is routed to them
         self.requeued = 0  # requests sent back to the prefill queue by a lost instance
         self.on_lost: Callable[[Any], None] | None = None  # called (lock held) once per lost instance
+        self.router: PrefillRouter | None = None  # chooses a prompt instance for each new request
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)  # appended lock-free
 
     # everything below runs with self.lock held -----------------------------------------------------
@@ -59,6 +64,11 @@ class Controller:
         """Queue a request; its other samples (``req.siblings``) ride on its prefill."""
         for q in req.group:
             self.requests[q.rid] = q
+        if self.router is not None:
+            choice = self.router.route(req, self.waiting, self.lost)
+            if choice is not None:
+                log.debug("request %s -> %s (%d prompt tokens cached there, %d to prefill)", req.rid,
+                          choice.instance, choice.cached_tokens, choice.prefill_tokens)
         self.waiting.append(req)
         self.lock.notify_all()
 
@@ -190,6 +200,8 @@ class Controller:
         if inst in self.lost:
             return
         self.lost.add(inst)
+        if self.router is not None:
+            self.router.forget(inst.name, self.requests.values())
         msg = str(exc) if isinstance(exc, InstanceLost) else f"instance {inst.name} was lost: {exc}"
         self.errors.append(msg)
         for r in self.holding(inst):

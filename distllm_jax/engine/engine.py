@@ -55,6 +55,7 @@ from distllm_jax.parallel import split_devices
 from distllm_jax.scheduling import KVPolicy, Preemption, Role
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.scheduling.prefix_cache import page_hashes
+from distllm_jax.scheduling.routing import PrefillRouter, PrefillRouting
 
 
 def attention_impl(name: str) -> AttentionImpl:
@@ -128,6 +129,10 @@ class Engine:
         self._prefix_salt = json.dumps([dataclasses.asdict(self.model), self.source.dtype], sort_keys=True, default=str)
         self.ctrl = Controller()
         self.instances = self._build_instances(devices)
+        routing = PrefillRouting(cfg.prefill_routing if cfg.prefill_routing != "auto"
+                                 else "prefix" if cfg.prefix_cache else "shared")
+        if sum(i.role is not Role.DECODE for i in self.instances) > 1 and routing is not PrefillRouting.SHARED:
+            self.ctrl.router = PrefillRouter(routing, self.instances)
         self.workers: list[Worker] = []
         self.puller: KVPuller | None = None
         self.decoders: list[DecodeWorker] = []  # shared by every disaggregated worker
@@ -322,7 +327,11 @@ class Engine:
                     "prefix_evictions": inst.alloc.evictions,
                 })
             c = self.ctrl
+            routing = None if c.router is None else {
+                "policy": c.router.policy.value, "decisions": dict(c.router.decisions),
+                "cache_routed": c.router.cache_routed}
             return {
+                "routing": routing,
                 "mode": self.config.mode,
                 "attention": self.instances[0].impl.name,
                 "waiting": len(c.waiting),

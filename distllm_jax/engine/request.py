@@ -197,6 +197,7 @@ class Request:
         # the engine when its instances cache prefixes; empty when they do not, or when the request
         # asks for prompt log-probabilities (which a prefill started from cached pages cannot give)
         self.prefix_hashes: list[bytes] = []
+        self.route: str | None = None  # the prompt instance a router chose (scheduling.routing)
 
     def fork(self, sample: int) -> "Request":
         """Sample ``sample`` of this request: same prompt, parameters, seed and stream, its own pages

@@ -203,6 +203,7 @@ class SimRequest:
     state: RequestState = RequestState.WAITING
     holders: list = dataclasses.field(default_factory=list)
     siblings: list = dataclasses.field(default_factory=list)  # traces replay one sample a request
+    route: str | None = None  # no router in the simulator: any prompt instance takes it
     num_computed: int = 0  # tokens whose K/V are cached
     generated: int = 0  # tokens produced
     prefill_instance: str | None = None

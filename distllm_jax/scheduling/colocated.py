@@ -16,7 +16,7 @@ from typing import Callable
 
 from distllm_jax.scheduling.memory import KVManager, KVPolicy, RoomPlan
 from distllm_jax.scheduling.plans import DecodePlan, MixedPlan, MixedRow, PrefillPlan
-from distllm_jax.scheduling.prefill import take_prompts
+from distllm_jax.scheduling.prefill import take_prompts, waiting_here
 from distllm_jax.scheduling.protocols import QueueState, RequestState, SchedRequest, Slot
 
 
@@ -45,7 +45,8 @@ class ColocatedScheduler(_OneInstance):
         return len(self.running) + len(self.kv.swapped)
 
     def has_work(self) -> bool:
-        return bool(self.running or self.kv.swapped) or (bool(self.queues.waiting) and self.load < self.inst.max_batch)
+        return bool(self.running or self.kv.swapped) or (waiting_here(self.queues, self.inst)
+                                                         and self.load < self.inst.max_batch)
 
     def plan(self, now: float) -> PrefillPlan | DecodePlan | None:
         """Waiting prompts first while they fit, else one decode step (its room made by the caller:
@@ -75,7 +76,7 @@ class ChunkedScheduler(_OneInstance):
 
     def has_work(self) -> bool:
         return (bool(self.running or self.prefilling or self.kv.swapped)
-                or (bool(self.queues.waiting) and self.load < self.inst.max_batch))
+                or (waiting_here(self.queues, self.inst) and self.load < self.inst.max_batch))
 
     def plan(self, now: float) -> MixedPlan | None:
         """One decode row per running request (its room made by the caller: :meth:`make_room`), then
@@ -85,7 +86,7 @@ class ChunkedScheduler(_OneInstance):
         left, i = self.budget - len(rows), 0
         while left > 0:
             if i == len(self.prefilling):
-                if not self.queues.waiting or self.load >= self.inst.max_batch:
+                if not waiting_here(self.queues, self.inst) or self.load >= self.inst.max_batch:
                     break
                 # one prompt at a time, with pages for all of it: its chunks run over several steps
                 # (budget 0: the first prompt only)

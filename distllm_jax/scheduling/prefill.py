@@ -20,7 +20,9 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
                  headroom: int = 0) -> list[SchedRequest]:
     """Pop waiting requests FCFS while they fit the token budget, the logits rows and the pool.
 
-    The head of the queue is never skipped (FCFS); a prompt longer than the budget runs alone.
+    The head of the queue is never skipped (FCFS); a prompt longer than the budget runs alone. Only
+    requests routed here, or to no instance in particular, are taken (``route``: the FCFS order
+    holds among them).
     ``tokens(r)``: what ``r``'s pages cover when it is admitted (its prefill, or its whole length on
     an instance that reserves); ``headroom``: pages the pool keeps free beyond them. A request of
     ``n`` samples takes ``n`` rows (``max_seqs``, ``room``), and its siblings take their pages here
@@ -35,24 +37,26 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
     total = rows = 0
     limit = max_seqs if room is None else min(max_seqs, room)
     alloc = inst.alloc
-    while queues.waiting:
-        r = queues.waiting[0]
+    for r in queues.waiting:  # not changed until the loop ends
+        if not routed_here(r, inst):
+            continue  # another instance's (FCFS holds among those routed here)
         n = 1 + len(r.siblings)
         if rows + n > limit or (batch and total + r.num_prefill > budget):
             break
         need = tokens(r)
         shared = r.num_prompt // inst.page_size  # full prompt pages: never written after the prefill
-        hashes = _matchable(r, inst) if alloc.prefix_cache else []
+        hashes = matchable_hashes(r, inst) if alloc.prefix_cache else []
         own = alloc.pages_needed_with_prefix(hashes, need) if hashes else alloc.extra_pages_needed(r.rid, need)
         extra = own + (n - 1) * (pages_for(need, inst.page_size) - shared)
         if extra + headroom > alloc.num_free:
             break
-        queues.waiting.popleft()
         if hashes:
             r.num_computed = alloc.ensure_with_prefix(r.rid, hashes, need) * inst.page_size
             r.timings.cached_prompt_tokens = r.num_computed
         else:
             alloc.ensure(r.rid, need)
+            if alloc.prefix_cache:
+                r.timings.cached_prompt_tokens = 0
         for q in (r, *r.siblings):
             if q is not r:
                 alloc.share(r.rid, q.rid, shared)
@@ -64,10 +68,25 @@ def take_prompts(queues: QueueState, inst: Slot, *, budget: int, max_seqs: int,
         batch.append(r)
         total += r.num_prefill - r.num_computed
         rows += n
+    taken = {id(r) for r in batch}
+    while taken and id(queues.waiting[0]) in taken:  # the usual case: the batch is the queue's head
+        taken.discard(id(queues.waiting.popleft()))
+    for r in [q for q in queues.waiting if id(q) in taken]:
+        queues.waiting.remove(r)
     return batch
 
 
-def _matchable(r: SchedRequest, inst: Slot) -> list[bytes]:
+def routed_here(r: SchedRequest, inst: Slot) -> bool:
+    """``r`` may run on ``inst``: it was routed there, or to no instance in particular."""
+    return r.route is None or r.route == inst.name
+
+
+def waiting_here(queues: QueueState, inst: Slot) -> bool:
+    """A waiting request may run on ``inst``."""
+    return any(routed_here(r, inst) for r in queues.waiting)
+
+
+def matchable_hashes(r: SchedRequest, inst: Slot) -> list[bytes]:
     """The page hashes ``r`` may start from: none once it computed or holds anything, and never the
     page of its last prefill token."""
     if r.num_computed or inst.alloc.has(r.rid):
@@ -86,7 +105,7 @@ class PrefillScheduler:
         return 0
 
     def has_work(self) -> bool:
-        return bool(self.queues.waiting) and self.inst.alloc.num_free > 0
+        return waiting_here(self.queues, self.inst) and self.inst.alloc.num_free > 0
 
     def plan(self, now: float) -> PrefillPlan | None:
         batch = take_prompts(self.queues, self.inst, budget=self.budget, max_seqs=self.inst.max_prefill_seqs,

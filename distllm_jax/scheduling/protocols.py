@@ -66,6 +66,7 @@ class SchedRequest(Protocol):
     # its prompt's full pages by name (scheduling.prefix_cache.page_hashes); read only by instances
     # whose allocator caches prefixes
     prefix_hashes: Sequence[bytes]
+    route: str | None  # the prompt instance a router sent it to (None: whichever takes it first)
 
     @property
     def num_prompt(self) -> int: ...
