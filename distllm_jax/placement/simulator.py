@@ -65,6 +65,9 @@ class SimConfig:
     preemption: str = "recompute"
     kv_watermark: float = 0.01
     swap_gbps: float = 25.0  # GB/s a swap moves KV between device and host memory at (0: free)
+    # prompt instances keep prompts' full pages, named by SimRequest.prefix_hashes, as the engine's
+    # EngineConfig.prefix_cache does; a prompt over cached pages prefills the rest as a mixed step
+    prefix_cache: bool = False
     admission_s: float = 0.0  # host time from a request's arrival to when a scheduler can take it
     # host bookkeeping an engine adds to every step beyond its program (scheduling, streaming)
     step_overhead_s: float = 0.0
@@ -95,6 +98,13 @@ class SimConfig:
             total = sum(lengths)
             t += fit.prefill[1] * (bucket(self.token_buckets, total, above="exact") - total) / pp
         return t / 1e3
+
+    def prompt_s(self, fit, batch: Sequence["SimRequest"], pp: int) -> float:
+        """A prefill batch's time: a prefill of the prompts, or, when any starts after cached pages,
+        a mixed step of chunks over their cached prefixes (what the engine runs then)."""
+        if any(r.num_computed for r in batch):
+            return self.mixed_s(fit, [(r.num_computed, r.num_prefill - r.num_computed) for r in batch], [], pp)
+        return self.prefill_s(fit, [r.num_prefill for r in batch], pp)
 
     def kv_policy(self) -> KVPolicy:
         return KVPolicy.of(self.kv_admission, self.preemption, self.kv_watermark)
@@ -203,6 +213,10 @@ class SimRequest:
     state: RequestState = RequestState.WAITING
     holders: list = dataclasses.field(default_factory=list)
     siblings: list = dataclasses.field(default_factory=list)  # traces replay one sample a request
+    # its prompt's full pages by name (scheduling.prefix_cache.page_hashes of its token ids), for a
+    # simulation with SimConfig.prefix_cache; none for a workload of lengths alone
+    prefix_hashes: tuple = ()
+    cached_prompt_tokens: int = 0  # prompt tokens its last prefill started from cached pages for
     route: str | None = None  # no router in the simulator: any prompt instance takes it
     num_computed: int = 0  # tokens whose K/V are cached
     generated: int = 0  # tokens produced
@@ -274,7 +288,8 @@ class Simulator:
     def _slot(self, name: str, role: str, par: Par) -> SimSlot:
         cfg = self.cfg
         n = cfg.capacity(self.profile, par) // cfg.page_size
-        return SimSlot(name, role, PageAllocator(n + 1, cfg.page_size), cfg.max_decode_batch, cfg.max_prefill_seqs,
+        alloc = PageAllocator(n + 1, cfg.page_size, prefix_cache=cfg.prefix_cache and role != "decode")
+        return SimSlot(name, role, alloc, cfg.max_decode_batch, cfg.max_prefill_seqs,
                        cfg.page_size, par)
 
     def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
@@ -392,11 +407,12 @@ class _Disaggregated:
         if plan is None:
             return
         cfg, par = self.cfg, self.cfg.prefill[i]
-        lengths = [r.num_prefill for r in plan.batch]
-        self.p_stage[i] = cfg.prefill_s(self.prof.fit(par.tp), lengths, par.pp) + cfg.step_overhead_s
+        lengths = [r.num_prefill - r.num_computed for r in plan.batch]
+        self.p_stage[i] = cfg.prompt_s(self.prof.fit(par.tp), plan.batch, par.pp) + cfg.step_overhead_s
         self.p_busy[i] = True
         self.p_batch[i] = plan.batch
-        self.started[("p_free", i)] = (now, tuple(lengths), sum(lengths), tuple(r.rid for r in plan.batch))
+        self.started[("p_free", i)] = (now, tuple(lengths), sum(r.num_prefill for r in plan.batch),
+                                       tuple(r.rid for r in plan.batch))
         self.schedule(self.host.start(("p_free", i), self.p_stage[i], now))
 
     def next_pull(self, j: int, now: float) -> None:
@@ -469,6 +485,7 @@ class _Disaggregated:
 
     def prefilled(self, i: int, batch: list[SimRequest], now: float) -> None:
         for r in batch:
+            self.p_sched[i].kv.prompt_cached(r)
             r.num_computed = r.num_prefill
             if _emit(r, now) or self.cfg.phase == "prefill":  # Algorithm 1 sizes prefill alone
                 r.finish = now
@@ -623,7 +640,7 @@ class _Colocated:
             if plan is None or (isinstance(plan, DecodePlan) and not (sched.running or sched.kv.swapped)):
                 plan = sched.plan(now)
             if isinstance(plan, PrefillPlan):
-                seconds = cfg.prefill_s(fit, [r.num_prefill for r in plan.batch], par.pp) * par.pp
+                seconds = cfg.prompt_s(fit, plan.batch, par.pp) * par.pp
                 self.launch(i, now, seconds, plan)
             elif plan is not None:
                 self.decode(i, now)  # over the batch now: minus those that ended in the step before
@@ -641,6 +658,7 @@ class _Colocated:
         plan, sched = self.pending.pop(i), self.sched[i]
         if isinstance(plan, PrefillPlan):
             for r in plan.batch:
+                sched.kv.prompt_cached(r)
                 r.num_computed = r.num_prefill
                 if _emit(r, now):
                     _end(self.q, r)
@@ -653,6 +671,7 @@ class _Colocated:
         _decoded(self.q, sched.running, [row.req for row in plan.rows if not row.chunk], now)
         for row in plan.rows:
             if row.chunk and sched.chunk_done(row.req, row.length):
+                sched.kv.prompt_cached(row.req)
                 if _emit(row.req, now):
                     _end(self.q, row.req)
                 else:

@@ -1,0 +1,68 @@
+"""The simulator's model of prefix caching: the engine's allocator and schedulers, so a prompt over
+cached pages prefills only the rest (as a mixed step over the cached prefix), pages are registered
+after each prefill and evicted by the same LRU."""
+
+from __future__ import annotations
+
+import pytest
+
+from distllm_jax.placement.latency import Fit, Profile
+from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+from distllm_jax.scheduling.prefix_cache import page_hashes
+
+PS = 16
+
+
+def profile() -> Profile:
+    # prefill 1 ms + 0.01 ms a token; decode 5 ms + 1e-4 ms a context token
+    fit = Fit((1.0, 0.01, 0.0), (5.0, 1e-4, 0.0), (5.0, 1e-4, 0.0))
+    return Profile("toy", "toy", {1: fit}, params_bytes=1e9, kv_bytes_per_token=1e3, gpu_memory_bytes=80e9,
+                   num_layers=8)
+
+
+def turns(n: int = 3, first: int = 200, more: int = 40) -> list[list[int]]:
+    """One conversation's prompts: each the one before, a 20-token reply and ``more`` new tokens."""
+    out, tokens = [], list(range(first))
+    for t in range(n):
+        out.append(list(tokens))
+        tokens += [1000 + 60 * t + k for k in range(20 + more)]
+    return out
+
+
+def _run(mode: str, cache: bool, kv_tokens: int = 100_000) -> tuple[list[SimRequest], Simulator]:
+    prompts = turns()
+    cfg = SimConfig(mode, prefill=(Par(),), decode=(Par(),), colocated=(Par(),), transfer_gbps=0,
+                    prefill_token_budget=512, kv_tokens=kv_tokens, prefix_cache=cache)
+    reqs = [SimRequest(10.0 * k, len(p), 20, prefix_hashes=tuple(page_hashes(p, PS, "toy"))) for k, p in enumerate(prompts)]
+    sim = Simulator(profile(), cfg)
+    return sim.run(reqs), sim
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated", "chunked"])
+def test_later_turns_prefill_only_what_is_not_cached(mode):
+    on, sim = _run(mode, True)
+    off, _ = _run(mode, False)
+    prompts = turns()
+    # turn k starts from the full pages of turn k-1's prompt (its replies' pages are not prompt pages)
+    cached = [0] + [(len(prompts[k - 1]) // PS) * PS for k in (1, 2)]
+    assert [r.cached_prompt_tokens for r in on] == cached
+    prompt_side = [kv for kv in sim.kv if kv.inst.role != "decode"]
+    assert sum(kv.cached_tokens for kv in prompt_side) == sum(cached)
+    assert sum(kv.prompt_tokens for kv in prompt_side) == sum(map(len, prompts))
+    assert on[0].ttft == pytest.approx(off[0].ttft)
+    assert all(a.ttft < b.ttft for a, b in zip(on[1:], off[1:]))
+    assert all(r.finish < float("inf") for r in on)
+
+
+def test_a_pool_too_small_to_keep_the_pages_evicts_them():
+    """Two conversations on a 20-page pool: the second one's first turn (14 pages) takes back the
+    tail of the first one's 12 cached pages, so its next turn finds only their head."""
+    a, b = turns(2), [[5000 + k for k in range(200)]]
+    cfg = SimConfig("colocated", colocated=(Par(),), prefill_token_budget=512, kv_tokens=20 * PS, prefix_cache=True)
+    reqs = [SimRequest(10.0 * k, len(p), 20, prefix_hashes=tuple(page_hashes(p, PS, "toy")))
+            for k, p in enumerate([a[0], b[0], a[1]])]
+    sim = Simulator(profile(), cfg)
+    done = sim.run(reqs)
+    assert all(r.finish < float("inf") for r in done)
+    assert sim.kv[0].inst.alloc.evictions > 0
+    assert 0 < done[2].cached_prompt_tokens < (len(a[0]) // PS) * PS
