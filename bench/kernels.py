@@ -6,12 +6,21 @@
 - prefill: this project's packed causal kernel, jax's Pallas ``attention.mha``, cuDNN through
   ``jax.nn.dot_product_attention(implementation="cudnn")`` and XLA, on prompts of equal length (what
   cuDNN and mha take) and on a packed mix of lengths (ours only: the others would pad); TFLOP/s =
-  useful causal FLOPs / time.
+  useful causal FLOPs / time;
+- prefix prefill: this project's paged prefill kernel (packed chunks over their cached prefix, read
+  through the page tables), the per-token path it replaced (every query token one row of the paged
+  decode kernel) and the XLA reference, for OPT-13B's and LLaMA-3-8B's heads: chunks of 512 and 2048
+  tokens after cached prefixes of 0, 512 and 1536, and a chunked-prefill step (a chunk and 128 decode
+  tokens); TFLOP/s = useful FLOPs (each query over its position + 1 keys) / time, and the KV each
+  reads (a model of its loads; "needed" = every K/V row of the step's sequences once).
 
-Each kernel is checked against the XLA path before it is timed (bf16: relative error < 2e-2). Times
+Each kernel is checked against the XLA path (prefix prefill: against the per-token path, since XLA's
+gather outgrows the GPU at the larger shapes) before it is timed (bf16: relative error < 2e-2). Times
 are medians of event-timed runs after warm-up. Prints a table and writes JSON.
 
     python -m bench.kernels --out bench/results/kernels-h100.json
+    python -m bench.kernels --prefix-only --out bench/results/prefix-h200.json
+    python -m bench.kernels --prefix-only --small   # tiny shapes, interpreted on a CPU: does it run?
 """
 
 from __future__ import annotations
@@ -122,6 +131,12 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
     return rows
 
 
+def _add_tflops(row: dict, flops: float, names) -> None:
+    for name in names:
+        if f"{name}_ms" in row:
+            row[f"{name}_TFLOPs"] = flops / row[f"{name}_ms"] / 1e9
+
+
 def prefill_suite(cases, H, KVH, Dh, dtype=jnp.bfloat16):
     from jax.experimental.pallas.ops.gpu import attention as upstream
 
@@ -185,14 +200,134 @@ def prefill_suite(cases, H, KVH, Dh, dtype=jnp.bfloat16):
             if best is None or ms < best[0]:
                 best = (ms, f"{bq}x{bk}/w{warps}/s{stages}", err)
         row["ours_ms"], row["ours_config"], row["ours_err"] = best
-        for name in ("xla", "ours", "cudnn", "upstream_mha"):
-            if f"{name}_ms" in row:
-                row[f"{name}_TFLOPs"] = flops / row[f"{name}_ms"] / 1e9
+        _add_tflops(row, flops, ("xla", "ours", "cudnn", "upstream_mha"))
         rows.append(row)
         print(f"prefill {row['lengths']}: ours {row['ours_ms']:.3f} ms ({row['ours_TFLOPs']:.0f} TFLOP/s, "
               f"{row['ours_config']}), cudnn {row.get('cudnn_TFLOPs', float('nan')):.0f}, "
               f"mha {row.get('upstream_mha_TFLOPs', float('nan')):.0f}, xla {row['xla_TFLOPs']:.0f}", flush=True)
     return rows
+
+
+# (rows of a program's tile, pages per block, warps, pipeline stages) tried for the paged prefill kernel
+PREFIX_CONFIGS = ((64, 4, 4, 2), (64, 4, 4, 3), (64, 8, 4, 2), (128, 4, 8, 2), (128, 2, 8, 3))
+# (q heads, kv heads, head dim) of the models the prefix section runs
+PREFIX_MODELS = {"OPT-13B": (40, 40, 128), "LLaMA-3-8B": (32, 8, 128)}
+# each case: the step's segments as (cached prefix, new tokens); the last is a chunked-prefill step
+PREFIX_CASES = [[(p, n)] for n in (512, 2048) for p in (0, 512, 1536)] + [[(1024, 1024)] + [(2047, 1)] * 128]
+PREFIX_SMALL = {"models": {"MHA": (4, 4, 32), "GQA": (8, 2, 32)},
+                "cases": [[(0, 32)], [(40, 32)], [(24, 16)] + [(50, 1)] * 4], "configs": PREFIX_CONFIGS[:2]}
+
+
+def _prefix_step(segments, ps: int, H: int, KVH: int, Dh: int, dtype, seed: int):
+    """One layer's pool holding every segment's prefix and new tokens (pages scattered), the step's
+    queries, page tables (one row per segment) and packed segment ids and positions."""
+    rng = np.random.default_rng(seed)
+    need = [-(-(p + n) // ps) for p, n in segments]
+    W, P = max(need), sum(need) + 1
+    pages = iter(rng.permutation(P - 1) + 1)
+    tables = np.zeros((len(segments), W), np.int32)
+    for i, m in enumerate(need):
+        tables[i, :m] = [next(pages) for _ in range(m)]
+    seg = np.concatenate([np.full(n, i) for i, (_, n) in enumerate(segments)]).astype(np.int32)
+    pos = np.concatenate([np.arange(p, p + n) for p, n in segments]).astype(np.int32)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(k1, (len(seg), H, Dh), dtype)
+    kp = jax.random.normal(k2, (P, ps, KVH, Dh), dtype)
+    vp = jax.random.normal(k3, (P, ps, KVH, Dh), dtype)
+    return q, kp, vp, jnp.asarray(tables), jnp.asarray(seg), jnp.asarray(pos)
+
+
+def _prefill_keys_read(segments, block_q: int, keys_per_block: int) -> int:
+    """Key rows the paged prefill kernel loads per KV head: each block of at most ``block_q`` tokens
+    of one segment reads its sequence's key blocks up to its highest position."""
+    return sum(-(-(p + min(j + block_q, n)) // keys_per_block) * keys_per_block
+               for p, n in segments for j in range(0, n, block_q))
+
+
+def prefix_suite(cases, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=PREFIX_CONFIGS, interpret=False, reps=30,
+                 xla_gb=24.0):
+    """Packed queries over their cached prefix through the pool: the paged prefill kernel, the per-token
+    path (every query token one row of the paged decode kernel, as chunked steps ran before it) and
+    the XLA reference (which gathers the table's whole width per token: skipped past ``xla_gb``)."""
+    from distllm_jax.models.attention import paged_prefix_attention
+    from pallas_kernels import paged_decode_attention, paged_prefill_attention
+
+    def per_token(q, kp, vp, tables, seg, pos):
+        return paged_decode_attention(q, kp, vp, tables[seg], pos + 1, Dh**-0.5, interpret=interpret)
+
+    rows = []
+    G = H // KVH
+    kv_row = 2 * KVH * Dh * jnp.dtype(dtype).itemsize  # one token's K and V, all KV heads
+    for n_case, segments in enumerate(cases):
+        args = _prefix_step(segments, ps, H, KVH, Dh, dtype, seed=n_case)
+        T, W = args[0].shape[0], args[3].shape[1]
+        ctx = np.asarray(args[5]) + 1
+        flops = 4.0 * H * Dh * float(ctx.sum())
+        label = ", ".join(f"{n}@{p}" for p, n in segments[:2])
+        if len(segments) > 2:
+            label += f" + {len(segments) - 2} more"
+        row = {"segments": label, "tokens": T, "q_heads": H, "kv_heads": KVH, "head_dim": Dh, "GFLOP": flops / 1e9,
+               "kv_MB_needed": sum(p + n for p, n in segments) * kv_row / 1e6}
+        old = jax.jit(per_token)
+        want = old(*args)
+        row["per_token_ms"] = _time_ms(old, *args, reps=reps)
+        blk = min(4, 1 << (W - 1).bit_length()) * ps  # the decode kernel's default 4 pages a loop step
+        row["per_token_kv_MB"] = float((-(-ctx // blk) * blk).sum()) * kv_row / 1e6
+        gathered = T * W * ps * kv_row
+        if gathered <= xla_gb * 1e9:
+            xla = jax.jit(paged_prefix_attention, static_argnums=6)
+            row["xla_err"] = _rel(xla(*args, Dh**-0.5), want)
+            if row["xla_err"] > 2e-2:
+                raise AssertionError(f"the per-token path and XLA disagree at {row}")
+            row["xla_ms"], row["xla_kv_MB"] = _time_ms(xla, *args, Dh**-0.5, reps=reps), gathered / 1e6
+        best = None
+        for tile, ppb, warps, stages in configs:
+            bq = max(1, tile // G)
+            fn = jax.jit(functools.partial(paged_prefill_attention, scale=Dh**-0.5, block_q=bq, pages_per_block=ppb,
+                                           num_warps=warps, num_stages=stages, interpret=interpret))
+            name = f"q{bq}/ppb{ppb}/w{warps}/st{stages}"
+            try:
+                err = _rel(fn(*args), want)
+                ms = _time_ms(fn, *args, reps=reps)
+            except Exception as e:  # noqa: BLE001 - a config the compiler refuses
+                row.setdefault("failed_configs", []).append(f"{name}: {type(e).__name__}")
+                continue
+            if err > 2e-2:
+                raise AssertionError(f"ours wrong at {row}: rel err {err}")
+            row.setdefault("ours_all_ms", {})[name] = ms
+            if best is None or ms < best[0]:
+                keys = _prefill_keys_read(segments, bq, min(ppb, 1 << (W - 1).bit_length()) * ps)
+                best = (ms, name, err, keys * kv_row / 1e6)
+        row["ours_ms"], row["ours_config"], row["ours_err"], row["ours_kv_MB"] = best
+        _add_tflops(row, flops, ("ours", "per_token", "xla"))
+        rows.append(row)
+        print(f"prefix {label} ({H}/{KVH} heads): ours {row['ours_ms']:.3f} ms ({row['ours_TFLOPs']:.3g} TFLOP/s, "
+              f"{row['ours_config']}), per-token {row['per_token_ms']:.3f} ms, "
+              f"xla {row.get('xla_ms', float('nan')):.3f} ms", flush=True)
+    return rows
+
+
+def prefix_sections(small: bool) -> dict[str, list]:
+    """The prefix section for each model (tiny shapes in the interpreter off the GPU with ``small``)."""
+    models, cases, configs = PREFIX_MODELS, PREFIX_CASES, PREFIX_CONFIGS
+    kw = {}
+    if small:
+        models, cases, configs = PREFIX_SMALL["models"], PREFIX_SMALL["cases"], PREFIX_SMALL["configs"]
+        kw = {"interpret": jax.default_backend() != "gpu", "reps": 1}
+    return {name: prefix_suite(cases, H, KVH, Dh, configs=configs, **kw) for name, (H, KVH, Dh) in models.items()}
+
+
+def print_prefix(sections: dict[str, list]) -> None:
+    print(f"\n{'prefix prefill (new@cached)':>32}{'ours':>9}{'per-tok':>9}{'xla':>9}  ms | TFLOP/s ours, per-tok, "
+          "xla | KV MB read ours, per-tok, xla (needed)")
+    for model, rows in sections.items():
+        for r in rows:
+            ms = [r.get(f"{k}_ms", float("nan")) for k in ("ours", "per_token", "xla")]
+            tf = [r.get(f"{k}_TFLOPs", float("nan")) for k in ("ours", "per_token", "xla")]
+            mb = [r.get(f"{k}_kv_MB", float("nan")) for k in ("ours", "per_token", "xla")]
+            print(f"{model + ' ' + r['segments']:>32}" + "".join(f"{x:>9.3f}" for x in ms)
+                  + " | " + ", ".join(f"{x:.3g}" for x in tf) + " | " + ", ".join(f"{x:.4g}" for x in mb)
+                  + f" ({r['kv_MB_needed']:.4g})")
 
 
 def head_dim_80_check() -> dict:
@@ -230,6 +365,14 @@ def copy_bandwidth() -> float:
 
 def main(args: argparse.Namespace) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.prefix_only:
+        res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "prefix_prefill": prefix_sections(args.small)}
+        print_prefix(res["prefix_prefill"])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_TBps": copy_bandwidth()}
     print(f"{res['device']}, jax {res['jax']}: elementwise read+write {res['copy_TBps']:.2f} TB/s", flush=True)
     configs = DECODE_CONFIGS[args.decode_configs]
@@ -244,6 +387,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"head_dim 80: {res['head_dim_80']}", flush=True)
         cases = [[2048] * 4, [4096] * 2, [512] * 16, [1900, 700, 3000, 25, 1000, 1567]]
         res["prefill"] = prefill_suite(cases, args.heads, args.heads, args.head_dim)
+        res["prefix_prefill"] = prefix_sections(small=False)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     errs = {e for r in res["decode"] for e in r.get("upstream_errors", [])}
@@ -258,6 +402,7 @@ def main(args: argparse.Namespace) -> int:
     for r in res["prefill"]:
         print(f"{str(r['lengths']):>28}{r['ours_TFLOPs']:>8.0f}{r.get('cudnn_TFLOPs', float('nan')):>8.0f}"
               f"{r.get('upstream_mha_TFLOPs', float('nan')):>8.0f}{r['xla_TFLOPs']:>8.0f}")
+    print_prefix(res.get("prefix_prefill", {}))
     print(f"wrote {args.out}")
     return 0
 
@@ -271,6 +416,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--decode-configs", default="default", choices=sorted(DECODE_CONFIGS))
     p.add_argument("--decode-only", action="store_true", help="skip the prefill kernels")
+    p.add_argument("--prefix-only", action="store_true",
+                   help="only the prefix section: packed chunks over their cached prefix through the pool")
+    p.add_argument("--small", action="store_true",
+                   help="with --prefix-only: tiny shapes (the interpreter off the GPU), to check the bench runs")
     p.add_argument("--out", default="bench/results/kernels.json")
 
 

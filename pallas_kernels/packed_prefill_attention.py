@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-_NEG = -1e30
-_LOG2E = 1.4426950408889634
+from pallas_kernels.flash import LOG2E, online_softmax_init, online_softmax_step
 
 
 def _kernel(q_ref, k_ref, v_ref, segq_ref, posq_ref, segk_ref, posk_ref, o_ref, *, scale: float, block_k: int):
@@ -43,30 +42,22 @@ def _kernel(q_ref, k_ref, v_ref, segq_ref, posq_ref, segk_ref, posk_ref, o_ref, 
     open_hi = jnp.where(one_prompt, jnp.maximum(open_lo, (i * bq) // block_k), kv_lo)
     open_lo = jnp.where(one_prompt, open_lo, kv_lo)
     q = q_ref[...]
-    qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the hardware's instruction
+    qk_scale = scale * LOG2E  # softmax in base 2: exp2 is the hardware's instruction
 
     def step(j, carry, masked: bool):
-        o, m, l = carry
         ks = pl.ds(j * block_k, block_k)
         k = k_ref[ks, :]
         v = v_ref[ks, :]
         logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale
+        ok = None
         if masked:
             seg_k = segk_ref[ks]
             pos_k = posk_ref[ks]
             ok = (seg_q[:, None] == seg_k[None, :]) & (pos_k[None, :] <= pos_q[:, None]) & (seg_q[:, None] >= 0)
-            logits = jnp.where(ok, logits, _NEG)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(logits - m_new[:, None])
-        if masked:
-            p = jnp.where(ok, p, 0.0)
-        l_new = alpha * l + p.sum(axis=-1)
-        o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return o_new, m_new, l_new
+        return online_softmax_step(carry, logits, v, ok)
 
     masked = functools.partial(step, masked=True)
-    carry = (jnp.zeros((bq, dh), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    carry = online_softmax_init(bq, dh)
     carry = jax.lax.fori_loop(kv_lo, open_lo, masked, carry)  # the ragged start (or everything)
     carry = jax.lax.fori_loop(open_lo, open_hi, functools.partial(step, masked=False), carry)
     o, m, l = jax.lax.fori_loop(jnp.maximum(open_hi, open_lo), kv_hi, masked, carry)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import packed_prefill_attention, paged_decode_attention
+from pallas_kernels import packed_prefill_attention, paged_decode_attention, paged_prefill_attention
 from pallas_kernels.paged_decode_attention import ignore_poison
 
 TOL = 2e-5  # float32 kernels vs float64 math (relative to the output's scale)
@@ -189,3 +189,86 @@ def test_mixed_step_matches_reference(chunks):
     assert np.isfinite(out).all()
     assert rel_err(out[real], ref[real]) < TOL
     assert rel_err(xla[real], ref[real]) < TOL
+
+
+def prefix_layout(rng, chunks, T, ps, W):
+    """A paged-prefill step: each chunk ``(prefix, n)`` is n new tokens of its own sequence at positions
+    prefix..prefix+n-1, packed end to end (padding after them); each sequence's pages are scattered
+    over the pool and its table row is padded with the null page 0 past what it needs."""
+    need = [-(-(start + n) // ps) for start, n in chunks]
+    assert max(need) <= W and sum(n for _, n in chunks) <= T
+    P = sum(need) + 3
+    free = list(rng.permutation(np.arange(1, P)))
+    tables = np.zeros((len(chunks), W), np.int32)
+    seg = np.full(T, -1, np.int32)
+    pos = np.zeros(T, np.int32)
+    o = 0
+    for i, ((start, n), m) in enumerate(zip(chunks, need)):
+        tables[i, :m] = [free.pop() for _ in range(m)]
+        seg[o : o + n], pos[o : o + n] = i, np.arange(start, start + n)
+        o += n
+    return P, tables, seg, pos
+
+
+def random_chunks(rng, T, ps, max_ctx, segments):
+    """Decode tokens and chunks, at prefixes of 0, page-aligned, mid-page and long, in at most T tokens."""
+    chunks, used = [], 0
+    for i in range(segments):
+        n = 1 if rng.random() < 0.4 else int(rng.integers(2, 20))
+        n = min(n, T - used - (segments - 1 - i))
+        start = [0, ps * int(rng.integers(1, 4)), int(rng.integers(1, 3 * ps)), max_ctx - n][rng.integers(4)]
+        chunks.append((start, n))
+        used += n
+    return chunks
+
+
+# 7 segments (45 tokens, padding after them): prefixes 0, mid-page, page-aligned, decode tokens (length
+# 1), a long prefix spanning many key blocks (None: the table's end); tokens 8-15 hold 4 segments, and
+# the last two segments are longer than a block of 8 tokens
+FEATURES = [(0, 7), (6, 1), (16, 3), (37, 1), (2, 1), (9, 12), (None, 20)]
+
+PREFIX_SHAPES = [
+    # (T, q heads, kv heads, head dim, page size, table width, block_q, pages per block)
+    (64, 4, 4, 32, 4, 40, 8, 2),  # MHA, small pages: key blocks of 8
+    (64, 8, 2, 32, 16, 24, 4, 1),  # GQA 4: 4 tokens x 4 heads = 16 rows a program
+    (60, 8, 2, 16, 16, 9, None, 4),  # T not a multiple of the block, odd table width
+    (64, 6, 2, 16, 4, 40, 16, 4),  # GQA 3 (heads padded to 4 rows)
+]
+
+
+def check_prefix(q, k, v, tables, seg, pos, tol, **kw):
+    from distllm_jax.models.attention import paged_prefix_attention
+
+    scale = q.shape[-1] ** -0.5
+    out = np.asarray(paged_prefill_attention(q, k, v, tables, seg, pos, scale, interpret=True, poison=True, **kw))
+    ref = np.asarray(paged_prefix_attention(q, k, v, tables, seg, pos, scale))
+    assert not np.isnan(out).any(), "an output element was never written"
+    assert (out[seg < 0] == 0).all()
+    real = seg >= 0
+    assert rel_err(out[real], np.asarray(ref[real], np.float64)) < tol
+
+
+@pytest.mark.parametrize("T,H,KVH,Dh,ps,W,block_q,ppb", PREFIX_SHAPES)
+def test_paged_prefill_matches_reference(T, H, KVH, Dh, ps, W, block_q, ppb):
+    """The feature layout, then seeded random layouts of the same shapes, against the XLA reference."""
+    rng = np.random.default_rng(T * H + ps * W)
+    max_ctx = W * ps
+    layouts = [[(max_ctx - n if s is None else s, n) for s, n in FEATURES]]
+    layouts += [random_chunks(rng, T, ps, max_ctx, len(FEATURES)) for _ in range(6)]
+    P = len(FEATURES) * W + 3  # the same pool (shape) for every layout: one compilation
+    k = rng.standard_normal((P, ps, KVH, Dh)).astype(np.float32)
+    v = rng.standard_normal((P, ps, KVH, Dh)).astype(np.float32)
+    q = rng.standard_normal((T, H, Dh)).astype(np.float32)
+    for chunks in layouts:
+        used, tables, seg, pos = prefix_layout(rng, chunks, T, ps, W)
+        assert used <= P
+        check_prefix(q, k, v, tables, seg, pos, TOL, block_q=block_q, pages_per_block=ppb)
+
+
+def test_paged_prefill_bf16():
+    rng = np.random.default_rng(7)
+    T, H, KVH, Dh, ps, W = 64, 8, 2, 64, 16, 24
+    P, tables, seg, pos = prefix_layout(rng, [(300, 30), (0, 1), (17, 12), (5, 1)], T, ps, W)
+    k, v = (jnp.asarray(rng.standard_normal((P, ps, KVH, Dh)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((T, H, Dh)), jnp.bfloat16)
+    check_prefix(q, k, v, tables, seg, pos, 2e-2, block_q=8, pages_per_block=2)

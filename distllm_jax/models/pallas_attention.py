@@ -6,10 +6,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from distllm_jax.models import attention
-from pallas_kernels import packed_prefill_attention, paged_decode_attention
+from pallas_kernels import packed_prefill_attention, paged_decode_attention, paged_prefill_attention
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,14 +43,11 @@ def _decode(q, k_pages, v_pages, page_tables, lengths, scale, *, interpret):
 
 
 def _mixed(q, k_pages, v_pages, page_tables, segment_ids, positions, scale, *, interpret):
-    """A chunked-prefill step (prompt chunks and decode tokens packed together): every token is one
-    row of the paged decode kernel, reading its own sequence's pages up to its own position, which is
-    causal attention over the cached prefix and the chunk itself (the step's K/V are already in the
-    pool). Work follows each token's real prefix; the XLA reference gathers the table's whole width for
-    every token, which at a 2048-token budget and context is tens of GB a layer. Padding tokens get
-    length 1 (finite reads of a real row); their outputs are ignored."""
+    """A chunked-prefill step (prompt chunks and decode tokens packed together, the step's K/V already
+    in the pool): the paged prefill kernel reads each sequence's pages once per block of its query
+    tokens, up to the block's highest position. The XLA reference gathers the table's whole width for
+    every token, which at a 2048-token budget and context is tens of GB a layer."""
     if not _triton_ok(q.shape[-1], interpret):
         return attention.paged_prefix_attention(q, k_pages, v_pages, page_tables, segment_ids, positions, scale)
-    rows = page_tables[jnp.maximum(segment_ids, 0)]
-    lengths = jnp.where(segment_ids >= 0, positions + 1, 1).astype(jnp.int32)
-    return paged_decode_attention(q, k_pages, v_pages, rows, lengths, scale, interpret=interpret)
+    return paged_prefill_attention(q, k_pages, v_pages, page_tables, segment_ids, positions, scale,
+                                   interpret=interpret)
