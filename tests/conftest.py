@@ -58,3 +58,18 @@ def converted(hf_checkpoints, tmp_path_factory):
 
 
 __all__ = ["HF_VARIANTS"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's in-memory compiled programs. XLA's CPU JIT maps memory for
+    every program it loads and keeps it while the program is cached; a whole suite in one process
+    reached the kernel's limit of 65,530 maps (LLVM aborted in RuntimeDyld::emitSection). Later
+    modules load what they need again from the persistent cache."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
