@@ -64,8 +64,8 @@ __all__ = ["HF_VARIANTS"]
 def _release_compiled_programs():
     """After each test module, drop jax's in-memory compiled programs. XLA's CPU JIT maps memory for
     every program it loads and keeps it while the program is cached; a whole suite in one process
-    reached the kernel's limit of 65,530 maps (LLVM aborted in RuntimeDyld::emitSection). Later
-    modules load what they need again from the persistent cache."""
+    aborted in LLVM's RuntimeDyld::emitSection, most likely at the kernel's limit of 65,530 maps.
+    Later modules load what they need again from the persistent cache."""
     yield
     import gc
 
