@@ -101,11 +101,14 @@ class Instance:
 
         self.max_prefill_seqs = ecfg.max_prefill_seqs
         self.max_batch = ecfg.max_decode_batch
+        # prompts over cached prefixes run as mixed steps here: those take prefill batches' shapes and rows
+        prefix_prefill = self.prefix_cache and self.role is not Role.CHUNKED
+        self.mixed_rows = max(self.max_batch, self.max_prefill_seqs) if prefix_prefill else self.max_batch
         # the step shapes compiled below; the simulator pads to the same ones (CompiledShapes.sim_fields)
         self.compiled = compiled_shapes(prefill_token_budget=ecfg.prefill_token_budget,
                                         max_decode_batch=ecfg.max_decode_batch, max_len=self.max_len,
                                         min_token_bucket=ecfg.min_token_bucket,
-                                        prefix_prefill=self.prefix_cache and self.role is not Role.CHUNKED)
+                                        prefix_prefill=prefix_prefill)
         self.steps = 0
         self.preemption = ecfg.preemption  # "swap": warmup compiles the swap programs
         self.swaps = HostKVStore(self.width)  # a request never holds more than one sequence's pages
@@ -129,7 +132,7 @@ class Instance:
             return pack_prefill(segs, size, self.max_prefill_seqs, self.page_size)
         if kind == "decode":
             return pack_decode(segs, size, self.width)
-        return pack_mixed(segs, size, max(self.max_batch, self.max_prefill_seqs), self.width, self.page_size)
+        return pack_mixed(segs, size, self.mixed_rows, self.width, self.page_size)
 
     def bucket_for(self, kind: str, segs: Sequence[Segment]) -> int:
         n = len(segs) if kind == "decode" else sum(len(s.tokens) for s in segs)
