@@ -1,8 +1,8 @@
 """Prefix caching through the engine: prompts that begin with pages an earlier prompt left cached
 start their prefill after those pages, and the greedy tokens still equal `transformers'` in every
 mode and layout, for prefixes that end mid-page, for a prompt sent twice (its last token is computed
-again: its logits sample the first token), for n > 1 samples, and when the pool fills and cached
-pages are evicted. Nothing leaks; cached pages stay matchable until evicted; serving compiles
+again: its logits sample the first token), for n > 1 samples, for a chat's next turn over the
+reply's pages, and when the pool fills and cached pages are evicted. Nothing leaks; cached pages stay matchable until evicted; serving compiles
 nothing after start-up."""
 
 from __future__ import annotations
@@ -120,6 +120,27 @@ def test_prompt_logprobs_never_start_from_cached_pages(converted):
         assert all(lp is not None for lp in out.prompt_logprobs[1:])
         (inst,) = engine.stats()["instances"]
         assert inst["prefix_hit_tokens"] == 0
+    finally:
+        engine.shutdown(drain=False)
+
+
+@pytest.mark.parametrize("layout", ["colocated", "chunked", "disaggregated"])
+def test_a_chats_next_turn_starts_from_the_replys_pages(converted, reference, layout):
+    """A finished request leaves the full pages of its prompt *and* its reply cached where it
+    decoded, so the next turn (this prompt, the reply, a new message) starts after them; a decode
+    instance caches nothing, so disaggregated the next turn starts from the prompt's pages alone."""
+    engine = Engine(converted(VARIANT)[1], small_config(**LAYOUTS[layout], prefix_cache=True))
+    try:
+        first = BASE[:2 * PAGE + 3]
+        reply = engine.submit(first, greedy(20)).result().token_ids
+        assert reply == reference(tuple(first), 20)
+        nxt = first + reply + _tail(5)
+        assert engine.submit(nxt, greedy(4)).result().token_ids == reference(tuple(nxt), 4)
+        # the prompt's full pages, or those of the prompt and the 19 reply tokens fed back
+        want = (len(first) // PAGE if layout == "disaggregated" else (len(first) + 19) // PAGE) * PAGE
+        assert sum(s["prefix_hit_tokens"] for s in _prompt_side(engine)) == want
+        assert engine.wait_idle(20)
+        engine.assert_no_leaks()
     finally:
         engine.shutdown(drain=False)
 

@@ -66,3 +66,34 @@ def test_a_pool_too_small_to_keep_the_pages_evicts_them():
     assert all(r.finish < float("inf") for r in done)
     assert sim.kv[0].inst.alloc.evictions > 0
     assert 0 < done[2].cached_prompt_tokens < (len(a[0]) // PS) * PS
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_a_closed_loop_chat_reuses_its_replies_pages(mode):
+    """``follow`` sends each next turn 0.5 s after the reply it answers; hashes over prompt and reply
+    let a colocated instance start the next turn after the reply's full pages too (what it decoded
+    there), a prefill instance after the prompt's alone."""
+    reply, more, n_turns = 20, 40, 3
+    tokens = {0: list(range(200))}  # each turn's whole sequence: its prompt, then its reply's ids
+
+    def request(k: int, arrival: float) -> SimRequest:
+        prompt = tokens[k]
+        tokens[k] = prompt + [7000 + 100 * k + i for i in range(reply)]
+        r = SimRequest(arrival, len(prompt), reply, prefix_hashes=tuple(page_hashes(tokens[k], PS, "toy")))
+        r.rid = f"turn{k}"
+        return r
+
+    def follow(r: SimRequest) -> SimRequest | None:
+        k = int(r.rid[4:]) + 1
+        if k == n_turns:
+            return None
+        tokens[k] = tokens[k - 1] + [9000 + 100 * k + i for i in range(more)]
+        return request(k, r.finish + 0.5)
+
+    cfg = SimConfig(mode, prefill=(Par(),), decode=(Par(),), colocated=(Par(),), transfer_gbps=0,
+                    prefill_token_budget=512, kv_tokens=100_000, prefix_cache=True)
+    done = Simulator(profile(), cfg).run([request(0, 0.0)], follow)
+    assert [r.rid for r in done] == ["turn0", "turn1", "turn2"]
+    assert all(b.arrival == pytest.approx(a.finish + 0.5) for a, b in zip(done, done[1:]))
+    computed = [r.prompt_len + (reply - 1 if mode == "colocated" else 0) for r in done]
+    assert [r.cached_prompt_tokens for r in done] == [0] + [(c // PS) * PS for c in computed[:-1]]

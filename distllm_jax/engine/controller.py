@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
-from distllm_jax.scheduling import Role, release
+from distllm_jax.scheduling import Role, keep_computed, release
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.scheduling.routing import PrefillRouter
 
@@ -128,6 +128,8 @@ class Controller:
         for sib in req.siblings:
             self.finish(sib, reason, error=error, now=now)
         req.siblings = []
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            keep_computed(req)
         self._release(req)
         req.state = RequestState.DONE
         req.timings.finish = now or time.perf_counter()

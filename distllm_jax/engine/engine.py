@@ -54,7 +54,7 @@ from distllm_jax.models.attention import REFERENCE, AttentionImpl
 from distllm_jax.parallel import split_devices
 from distllm_jax.scheduling import KVPolicy, Preemption, Role
 from distllm_jax.scheduling.plans import StepRecord
-from distllm_jax.scheduling.prefix_cache import page_hashes
+from distllm_jax.scheduling.prefix_cache import HashChain
 from distllm_jax.scheduling.routing import PrefillRouter, PrefillRouting
 
 
@@ -266,7 +266,7 @@ class Engine:
         deadline = None if timeout is None else time.perf_counter() + timeout
         req = Request(rid, ids, params, checker, seed, stream, self.max_len, deadline)
         if self.config.prefix_cache and params.prompt_logprobs is None:
-            req.prefix_hashes = page_hashes(ids, self.config.page_size, self._prefix_salt)
+            req.hash_chain = HashChain(self.config.page_size, self._prefix_salt)
         self._check_fits(ids, req.max_cached, params.n)
         for i in range(1, params.n):
             req.fork(i)

@@ -13,11 +13,12 @@ import asyncio
 import dataclasses
 import queue
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.engine.sampling import SamplingParams
 from distllm_jax.engine.stopping import FinishReason, StopChecker
+from distllm_jax.scheduling.prefix_cache import HashChain
 from distllm_jax.scheduling.protocols import RequestState  # noqa: F401 - the engine's request states
 
 if TYPE_CHECKING:
@@ -193,10 +194,10 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] = [None]  # filled as the prompt is computed
         self.prompt_logprobs_sent = False
         self.cumulative_logprob = 0.0
-        # the prompt's full pages, named by their tokens (scheduling.prefix_cache.page_hashes): set by
-        # the engine when its instances cache prefixes; empty when they do not, or when the request
-        # asks for prompt log-probabilities (which a prefill started from cached pages cannot give)
-        self.prefix_hashes: list[bytes] = []
+        # names its full pages by their tokens (prompt, then sampled): set by the engine when its
+        # instances cache prefixes; None when they do not, or when the request asks for prompt
+        # log-probabilities (which a prefill started from cached pages cannot give)
+        self.hash_chain: HashChain | None = None
         self.route: str | None = None  # the prompt instance a router chose (scheduling.routing)
 
     def fork(self, sample: int) -> "Request":
@@ -205,6 +206,8 @@ class Request:
         child = Request(f"{self.rid}/{sample}", self.prompt, self.params, self.checker.fresh(), self.seed,
                         self.stream, self.max_len, self.deadline)
         child.sample, child.group = sample, self.group
+        if self.hash_chain is not None:
+            child.hash_chain = HashChain(self.hash_chain.page_size, self.hash_chain.salt)
         child.timings = RequestTimings(arrival=self.timings.arrival)
         self.group.append(child)
         self.siblings.append(child)
@@ -213,6 +216,18 @@ class Request:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt)
+
+    @property
+    def prefix_hashes(self) -> Sequence[bytes]:
+        """Its full pages' hashes, prompt then sampled tokens (none without a hash chain); each page
+        is hashed once, the first time it is asked for after it filled."""
+        chain = self.hash_chain
+        if chain is None:
+            return ()
+        n = self.num_prefill
+        if n // chain.page_size > len(chain.hashes):
+            chain.extend(self.prefill_tokens(chain.fed, n))
+        return chain.hashes
 
     @property
     def num_sampled(self) -> int:

@@ -22,11 +22,12 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 from distllm_jax.placement.latency import Profile
 from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler, KVPolicy,
-                                    KVManager, PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, release)
+                                    KVManager, PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, keep_computed,
+                                    release)
 from distllm_jax.scheduling.pages import PageAllocator
 from distllm_jax.scheduling.plans import StepRecord
 from distllm_jax.shapes import bucket
@@ -213,8 +214,9 @@ class SimRequest:
     state: RequestState = RequestState.WAITING
     holders: list = dataclasses.field(default_factory=list)
     siblings: list = dataclasses.field(default_factory=list)  # traces replay one sample a request
-    # its prompt's full pages by name (scheduling.prefix_cache.page_hashes of its token ids), for a
-    # simulation with SimConfig.prefix_cache; none for a workload of lengths alone
+    # its full pages by name (scheduling.prefix_cache.page_hashes of its prompt's ids and, when the
+    # workload knows them, its output's), for a simulation with SimConfig.prefix_cache; none for a
+    # workload of lengths alone
     prefix_hashes: tuple = ()
     cached_prompt_tokens: int = 0  # prompt tokens its last prefill started from cached pages for
     route: str | None = None  # no router in the simulator: any prompt instance takes it
@@ -292,13 +294,45 @@ class Simulator:
         return SimSlot(name, role, alloc, cfg.max_decode_batch, cfg.max_prefill_seqs,
                        cfg.page_size, par)
 
-    def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
-        for k, r in enumerate(requests):
+    def run(self, requests: Sequence[SimRequest], follow: Follow | None = None) -> list[SimRequest]:
+        """Replay ``requests``; returns them and, with ``follow``, every request it added. ``follow``
+        makes the workload closed-loop (a chat's next turn is sent after the reply it answers): it is
+        called with each request as it ends (its ``finish`` set) and returns the request that this
+        end lets arrive (its ``arrival`` no earlier than that finish), or None."""
+        reqs = list(requests)
+        for k, r in enumerate(reqs):
             r.rid = r.rid or f"r{k}"
         runner = _Disaggregated(self) if self.cfg.mode == "disaggregated" else _Colocated(self)
-        runner.run(requests)
+        if follow is not None:
+            runner.q.follow = _FollowUps(follow, reqs, runner.clock, self.cfg.admission_s)
+        runner.run(reqs)
         self.kv = [s.kv for s in runner.schedulers()]  # what each instance's pages went through
-        return list(requests)
+        return reqs
+
+
+Follow = Callable[[SimRequest], "SimRequest | None"]
+
+
+class _FollowUps:
+    """A closed-loop workload's next requests: each end may let one more arrive (``Simulator.run``)."""
+
+    def __init__(self, follow: Follow, reqs: list[SimRequest], clock: "_Clock", admission_s: float):
+        self.follow, self.reqs, self.clock, self.admission_s = follow, reqs, clock, admission_s
+
+    def ended(self, r: SimRequest) -> None:
+        nxt = self.follow(r)
+        if nxt is None:
+            return
+        if nxt.arrival < r.finish:
+            raise ValueError(f"a request that follows {r.rid!r} arrives at {nxt.arrival}, before it ended at {r.finish}")
+        nxt.rid = nxt.rid or f"r{len(self.reqs)}"
+        self.reqs.append(nxt)
+        self.clock.push(nxt.arrival + self.admission_s, "arrive", nxt)
+
+
+@dataclasses.dataclass
+class _SimQueues(Queues):
+    follow: _FollowUps | None = None  # a closed-loop workload's next requests
 
 
 class _Clock:
@@ -329,9 +363,12 @@ def _emit(r: SimRequest, now: float) -> bool:
     return False
 
 
-def _end(queues: Queues, r: SimRequest) -> None:
+def _end(queues: _SimQueues, r: SimRequest) -> None:
+    keep_computed(r)
     release(queues, r)
     r.state = RequestState.DONE
+    if queues.follow is not None:
+        queues.follow.ended(r)
 
 
 def _decoded(queues: Queues, running: list[SimRequest], batch: Sequence[SimRequest], now: float) -> None:
@@ -359,7 +396,7 @@ class _Disaggregated:
     def __init__(self, sim: Simulator):
         self.sim, self.cfg, self.prof = sim, sim.cfg, sim.profile
         cfg = self.cfg
-        self.q = Queues()
+        self.q = _SimQueues()
         self.p_slots = [sim._slot(f"prefill-{i}", "prefill", p) for i, p in enumerate(cfg.prefill)]
         self.d_slots = [sim._slot(f"decode-{j}", "decode", p) for j, p in enumerate(cfg.decode)]
         self.p_sched = [PrefillScheduler(self.q, s, cfg.prefill_token_budget) for s in self.p_slots]
@@ -578,7 +615,7 @@ class _Colocated:
         self.sim, self.cfg, self.prof = sim, sim.cfg, sim.profile
         cfg = self.cfg
         self.chunked = cfg.mode == "chunked"
-        self.q = Queues()
+        self.q = _SimQueues()
         self.slots = [sim._slot(f"colocated-{i}", cfg.mode, p) for i, p in enumerate(cfg.colocated)]
         kind = ChunkedScheduler if self.chunked else ColocatedScheduler
         self.sched = [kind(self.q, s, cfg.prefill_token_budget, cfg.kv_policy()) for s in self.slots]

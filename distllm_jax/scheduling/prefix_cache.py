@@ -28,16 +28,38 @@ def page_hashes(tokens: Sequence[int], page_size: int, salt: bytes | str) -> lis
     across processes and runs. A caller that must compute at least one token of a fully cached prompt
     (its logits sample the first output token) hashes ``tokens[:-1]``: a leading run of the same chain.
     """
-    if page_size < 1:
-        raise ValueError(f"page size must be positive, got {page_size}")
-    seed = salt.encode() if isinstance(salt, str) else salt
-    prev = hashlib.sha256(b"distllm-prefix\0" + struct.pack("<q", page_size) + seed).digest()[:PAGE_HASH_BYTES]
-    out = []
-    for start in range(0, len(tokens) - page_size + 1, page_size):
-        page = struct.pack(f"<{page_size}q", *tokens[start : start + page_size])
-        prev = hashlib.sha256(prev + page).digest()[:PAGE_HASH_BYTES]
-        out.append(prev)
-    return out
+    return HashChain(page_size, salt).extend(tokens)
+
+
+class HashChain:
+    """:func:`page_hashes` of a sequence that grows (a request's prompt, then its sampled tokens),
+    each page hashed once, when it fills: ``extend`` takes the tokens that follow those it was given
+    before (``fed`` of them so far)."""
+
+    def __init__(self, page_size: int, salt: bytes | str):
+        if page_size < 1:
+            raise ValueError(f"page size must be positive, got {page_size}")
+        seed = salt.encode() if isinstance(salt, str) else salt
+        self.page_size, self.salt = page_size, salt
+        self.hashes: list[bytes] = []
+        self.fed = 0
+        self._pending: list[int] = []  # tokens of the part-filled page
+        self._prev = hashlib.sha256(b"distllm-prefix\0" + struct.pack("<q", page_size) + seed).digest()[:PAGE_HASH_BYTES]
+
+    def extend(self, tokens: Sequence[int]) -> list[bytes]:
+        """Feed the next ``tokens``; returns the hashes of every full page so far (the chain's own
+        list: do not modify it)."""
+        ps, pending = self.page_size, self._pending
+        pending.extend(tokens)
+        self.fed += len(tokens)
+        start = 0
+        while len(pending) - start >= ps:
+            page = struct.pack(f"<{ps}q", *pending[start : start + ps])
+            self._prev = hashlib.sha256(self._prev + page).digest()[:PAGE_HASH_BYTES]
+            self.hashes.append(self._prev)
+            start += ps
+        del pending[:start]
+        return self.hashes
 
 
 class PrefixIndex:

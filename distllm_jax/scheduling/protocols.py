@@ -63,8 +63,8 @@ class SchedRequest(Protocol):
     max_cached: int  # tokens that can ever be in the cache (prompt + max_tokens - 1, capped)
     timings: Stamps
     siblings: list  # the other samples of an n > 1 request, riding on its prefill until its first token
-    # its prompt's full pages by name (scheduling.prefix_cache.page_hashes); read only by instances
-    # whose allocator caches prefixes
+    # its full pages by name (scheduling.prefix_cache.page_hashes of its prompt, then of the tokens
+    # it sampled, as far as they go); read only by instances whose allocator caches prefixes
     prefix_hashes: Sequence[bytes]
     route: str | None  # the prompt instance a router sent it to (None: whichever takes it first)
 

@@ -24,3 +24,14 @@ def release(queues: QueueState, req: SchedRequest) -> None:
     for inst in req.holders:
         inst.alloc.free(req.rid)
     req.holders.clear()
+
+
+def keep_computed(req: SchedRequest) -> None:
+    """``req`` ended with its KV whole (it finished, rather than failed): every instance that holds
+    its pages and caches prefixes names the full pages of its computed tokens, prompt and output, so
+    the next turn of a chat, whose prompt is this one and its reply, starts from them (a no-op where
+    the allocator caches nothing). Call it before :func:`release`, which lets the pages go."""
+    hashes = req.prefix_hashes
+    for inst in req.holders:
+        n = min(req.num_computed // inst.page_size, len(hashes), len(inst.alloc.table(req.rid)))
+        inst.alloc.register(req.rid, list(hashes[:n]))
