@@ -9,7 +9,11 @@ import asyncio
 import time
 from typing import Sequence
 
-from distllm_jax.workload.conversations import ConversationReplay
+import numpy as np
+
+from distllm_jax.placement.simulator import SimRequest, Simulator
+from distllm_jax.scheduling.prefix_cache import page_hashes
+from distllm_jax.workload.conversations import ConversationReplay, Turn
 from bench.driver import Reply, Sender, closed_loop
 from bench.metrics import RequestRecord
 
@@ -54,7 +58,7 @@ def _timings(t) -> dict:
     e2e = None if t.finish is None else t.finish - t.arrival
     return {"ttft": t.ttft, "tpot": t.tpot, "queueing": t.queueing, "migration": t.migration, "e2e": e2e,
             "prefill_instance": t.prefill_instance, "decode_instance": t.decode_instance,
-            "migration_path": t.migration_path}
+            "migration_path": t.migration_path, "cached_prompt_tokens": t.cached_prompt_tokens}
 
 
 def run_conversations_engine(engine, replay: ConversationReplay, *, progress: bool = False,
@@ -62,3 +66,30 @@ def run_conversations_engine(engine, replay: ConversationReplay, *, progress: bo
     """Replay ``replay``'s conversations against ``engine``; one record per turn sent (blocks until
     the last conversation ends; call it from a thread with no running event loop)."""
     return asyncio.run(closed_loop(engine_sender(engine), replay, verbose=verbose, progress=progress, detok=detok))
+
+
+def simulate_conversations(simulator: Simulator, replay: ConversationReplay, page_size: int,
+                           seed: int = 0) -> list[tuple[Turn, SimRequest]]:
+    """``replay`` in the simulator, closed-loop as the engine serves it (each next turn when the
+    reply before it ends, plus its think time). The simulator produces no tokens, so each reply's ids
+    are drawn at random: only their identity across turns matters to a prefix cache, since the next
+    turn's prompt holds them. A request's page hashes cover its prompt and its reply, so an instance
+    that decoded it can keep the reply's pages too, as the engine's does."""
+    rng = np.random.default_rng([2, seed])
+    turns: dict[str, tuple[Turn, list[int]]] = {}
+
+    def request(turn: Turn) -> SimRequest:
+        reply = [int(x) for x in rng.integers(0, 1 << 31, turn.max_tokens)]
+        r = SimRequest(turn.arrival, len(turn.prompt_ids), turn.max_tokens,
+                       prefix_hashes=tuple(page_hashes([*turn.prompt_ids, *reply], page_size, "sim")))
+        r.rid = f"c{turn.conversation}t{turn.index}"
+        turns[r.rid] = (turn, reply)
+        return r
+
+    def follow(r: SimRequest) -> SimRequest | None:
+        turn, reply = turns[r.rid]
+        nxt = replay.finished(turn, r.finish, reply)
+        return None if nxt is None else request(nxt)
+
+    done = simulator.run([request(t) for t in replay.first_turns()], follow)
+    return [(turns[r.rid][0], r) for r in done]

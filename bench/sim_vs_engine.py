@@ -119,8 +119,10 @@ def calibrate_host(engine, scfg, prompt: list[int], probes: int = 24):
 
     steps, admissions, restarts = [], [], []
     try:
-        for _ in range(probes):
-            o = engine.submit(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
+        for k in range(probes):
+            # each probe its own rotation of the prompt: none starts from another's cached pages
+            probe = prompt[k % len(prompt):] + prompt[: k % len(prompt)]
+            o = engine.submit(probe, SamplingParams(max_tokens=n_out, ignore_eos=True)).result()
             prefill = median_ms(lambda: p.run(pkind, [pseg]), 1) / 1e3
             t, dstep = o.timings, median_ms(decode_loop(1), 1) / 1e3 / per_call
             tt = t.token_times

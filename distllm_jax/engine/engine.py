@@ -355,6 +355,13 @@ class Engine:
         what each instance ran, when, and over which shapes."""
         return [r for r in list(self.ctrl.step_log) if r.end > since]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page that no request holds, on every instance (vLLM's
+        ``reset_prefix_cache``): later prompts start cold, as after a restart, without recompiling.
+        Returns the pages let go of."""
+        with self.ctrl.lock:
+            return sum(inst.alloc.clear_cache() for inst in self.instances)
+
     def idle(self) -> bool:
         with self.ctrl.lock:
             return not self.ctrl.requests
