@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 
-from bench.sim_vs_engine import _compare, _ints, _write, calibrate_host, speed_ratio, step_ratios, step_stats, weights
+from bench.sim_vs_engine import calibrate_host, compare_runs, int_list, speed_ratio, step_ratios, step_stats, weights, write_json
 
 
 def hit_rate(pairs) -> float:
@@ -123,9 +123,9 @@ def main(args) -> int:
                                     "sim": max(s.finish for _, s in done)},
                        "fit": {"prefill": list(fit.prefill), "decode_small": list(fit.decode_small),
                                "decode_large": list(fit.decode_large), "threshold": fit.threshold},
-                       **_compare(real, [(s.ttft, s.tpot) for _, s in done], slo)}
+                       **compare_runs(real, [(s.ttft, s.tpot) for _, s in done], slo)}
                 out["runs"].append(row)
-                _write(args.out, out)
+                write_json(args.out, out)
                 ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
                 print(f"cache {cache:<3} rate {rate:>5g}: hit {100 * row['engine_hit_rate']:.0f}% sim "
                       f"{100 * row['sim_hit_rate']:.0f}%, TTFT p50 {1e3 * row['engine_p50_ttft']:.1f} ms sim "
@@ -136,7 +136,7 @@ def main(args) -> int:
     print(table(out["runs"]))
     print("goodput (the highest start rate at >= 90 % attainment), engine / sim: " + ", ".join(
         f"cache {k} {v['engine']:g} / {v['sim']:g}" for k, v in out["goodput"].items()))
-    _write(args.out, out)
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -157,10 +157,10 @@ if __name__ == "__main__":
                    help="conversation start rates (conversations per second)")
     p.add_argument("--prefix-cache", type=lambda s: s.split(","), default=["off", "on"],
                    help="cache settings to run, in order (off, on)")
-    p.add_argument("--prompt-lens", type=_ints, default=[16, 32, 64], help="profile grid: prompt lengths")
-    p.add_argument("--prompts-per-batch", type=_ints, default=[1, 2, 4], help="profile grid: prompts per prefill")
-    p.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16], help="profile grid: decode batch sizes")
-    p.add_argument("--contexts", type=_ints, default=[16, 48, 96], help="profile grid: decode contexts")
+    p.add_argument("--prompt-lens", type=int_list, default=[16, 32, 64], help="profile grid: prompt lengths")
+    p.add_argument("--prompts-per-batch", type=int_list, default=[1, 2, 4], help="profile grid: prompts per prefill")
+    p.add_argument("--batches", type=int_list, default=[1, 2, 4, 8, 16], help="profile grid: decode batch sizes")
+    p.add_argument("--contexts", type=int_list, default=[16, 48, 96], help="profile grid: decode contexts")
     p.add_argument("--bracket", type=int, default=2, help="rounds of the grid timed just before and after each run")
     p.add_argument("--num-pages", type=int, default=400)
     p.add_argument("--budget", type=int, default=256)

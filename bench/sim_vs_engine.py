@@ -223,7 +223,7 @@ def _phases_ms(engine_ph: dict, sim_ph: dict) -> dict:
                 "sim": None if sim_ph[k] is None else 1e3 * sim_ph[k]} for k in PHASES}
 
 
-def _compare(engine_v, sim_v, slo) -> dict:
+def compare_runs(engine_v, sim_v, slo) -> dict:
     """Medians and attainment of both sides ((ttft, tpot) per request) and the second minus the first."""
     row = {}
     for tag, v in (("engine", engine_v), ("sim", sim_v)):
@@ -366,7 +366,7 @@ def main(args) -> int:
                 for _ in range(args.spread_runs):
                     redo = [t for rep in range(args.repeats)
                             for t in run_engine(engine, items, arrival_times(len(items), rate, seed=1 + rep))]
-                    again.append(_compare([(t.ttft, t.tpot or 0.0) for t in redo], real, slo))
+                    again.append(compare_runs([(t.ttft, t.tpot or 0.0) for t in redo], real, slo))
                 engine_ph = median_phases([phases(_Stamps(t), len(t.token_times)) for t in timings])
                 sim_ph = median_phases([phases(r, r.output_len) for r in sim])
                 out_tokens = sum(o for _, o in lengths) * args.repeats
@@ -379,12 +379,12 @@ def main(args) -> int:
                        "steps_logged_over_predicted": step_ratios(parts, scfg),
                        "host_speed": {"during_runs": drift, "against_first_profile": level},
                        "steps": {"engine": step_stats(steps), "sim": step_stats(sim_steps)},
-                       "phases_ms": _phases_ms(engine_ph, sim_ph), **_compare(real, [(r.ttft, r.tpot) for r in sim], slo)}
+                       "phases_ms": _phases_ms(engine_ph, sim_ph), **compare_runs(real, [(r.ttft, r.tpot) for r in sim], slo)}
                 if again:  # the first engine run minus each repeat of it, in the table's terms
                     row["engine_spread"] = {k: [x[k] for x in again]
                                             for k in ("ttft_rel_diff", "tpot_rel_diff", "attainment_diff_points")}
                 out["runs"].append(row)
-                _write(args.out, out)  # after every run: a run cut short keeps what it measured
+                write_json(args.out, out)  # after every run: a run cut short keeps what it measured
                 ratio = " ".join(f"{k} x{v:.2f}" for k, v in row["steps_logged_over_predicted"].items())
                 print(f"{name:<14} rate {rate:>5g}: TTFT p50 engine {1e3 * row['engine_p50_ttft']:7.1f} ms "
                       f"sim {1e3 * row['sim_p50_ttft']:7.1f} ({100 * row['ttft_rel_diff']:+.0f}%), TPOT p50 engine "
@@ -423,7 +423,7 @@ def main(args) -> int:
         f"{k} {v['engine']:g} / {v['sim']:g}" for k, v in out["goodput"].items()))
     print("the grid timed again after all runs, against before them (median over its points): "
           + ", ".join(f"{k} x{v:.3f}" for k, v in out["profile_drift"].items()))
-    _write(args.out, out)
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 
@@ -462,12 +462,12 @@ def goodputs(runs: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _write(path: str, out: dict) -> None:
+def write_json(path: str, out: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1))
 
 
-def _ints(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
@@ -479,10 +479,10 @@ if __name__ == "__main__":
     which.add_argument("--checkpoint", help="a converted checkpoint directory")
     which.add_argument("--preset", help="a preset's real shapes with random weights (e.g. opt-13b)")
     p.add_argument("--dtype", default=None, help="weights' dtype (default: the checkpoint's; bfloat16 on a GPU)")
-    p.add_argument("--prompt-lens", type=_ints, default=[16, 32, 64], help="profile grid: prompt lengths")
-    p.add_argument("--prompts-per-batch", type=_ints, default=[1, 2, 4], help="profile grid: prompts per prefill")
-    p.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16], help="profile grid: decode batch sizes")
-    p.add_argument("--contexts", type=_ints, default=[16, 48, 96], help="profile grid: decode contexts")
+    p.add_argument("--prompt-lens", type=int_list, default=[16, 32, 64], help="profile grid: prompt lengths")
+    p.add_argument("--prompts-per-batch", type=int_list, default=[1, 2, 4], help="profile grid: prompts per prefill")
+    p.add_argument("--batches", type=int_list, default=[1, 2, 4, 8, 16], help="profile grid: decode batch sizes")
+    p.add_argument("--contexts", type=int_list, default=[16, 48, 96], help="profile grid: decode contexts")
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[5, 15, 30])
     p.add_argument("--modes", type=lambda s: s.split(","), default=["colocated", "disaggregated"])
     p.add_argument("--num-requests", type=int, default=120)
