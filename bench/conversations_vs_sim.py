@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import time
@@ -132,6 +133,8 @@ def main(args) -> int:
                       f"{1e3 * row['sim_p50_ttft']:.1f}, TPOT p50 {1e3 * row['engine_p50_tpot']:.2f} sim "
                       f"{1e3 * row['sim_p50_tpot']:.2f}, attainment {100 * row['engine_attainment']:.0f}% sim "
                       f"{100 * row['sim_attainment']:.0f}%; steps logged/predicted {ratio}", flush=True)
+        del engine  # the next setting's engine allocates its pool only after this one's is gone
+        gc.collect()
     out["goodput"] = goodput(out["runs"])
     print(table(out["runs"]))
     print("goodput (the highest start rate at >= 90 % attainment), engine / sim: " + ", ".join(

@@ -81,15 +81,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                           "comes back, or swap its KV to host memory and back")
     eng.add_argument("--kv-watermark", type=float, default=0.01,
                      help="the share of each KV pool that admission leaves free for running requests to grow into")
-    eng.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=False,
+    eng.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                      help="keep prompts' full KV pages after their requests end, keyed by their tokens, and start "
                           "a prompt that begins with them from those pages (prefill, colocated and chunked "
-                          "instances; greedy output is the same either way)")
+                          "instances; greedy output is the same either way); on unless --no-prefix-cache")
     eng.add_argument("--prefill-routing", choices=["auto", "prefix", "round-robin", "shared"], default="auto",
                      help="which prompt instance a new request goes to when several take prompts: prefix (the "
                           "fewest tokens to prefill there, cached pages counted, plus those queued there), "
-                          "round-robin, or shared (one queue, the first free instance); auto: prefix with "
-                          "--prefix-cache, else shared")
+                          "round-robin, or shared (one queue, the first free instance); auto: prefix with the "
+                          "prefix cache on, else shared")
     cl = p.add_argument_group("cluster")
     cl.add_argument("--cluster", metavar="auto|ADDRESS",
                     help="run each instance as a Ray actor: 'auto' starts a local Ray cluster, an address joins one")

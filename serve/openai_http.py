@@ -420,10 +420,9 @@ class OpenAIFrontend:
                 outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[: want.n]
             for j, out in enumerate(outs):
                 choices.append(self._choice(i * want.n + j, job, out, want, chat))
-        n_in = sum(len(j.ids) for j in jobs)
+        cached = sum(max(o.timings.cached_prompt_tokens for o in outs) for outs in results)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": self.model, "choices": choices,
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+                "model": self.model, "choices": choices, "usage": usage_of(jobs, n_out, cached)}
 
     def _choice(self, index: int, job: "PromptJob", out: RequestOutput, want: Choices, chat: bool) -> dict:
         reason = out.finished.value if out.finished is not None else None
@@ -466,6 +465,7 @@ class OpenAIFrontend:
         obj = "chat.completion.chunk" if chat else "text_completion"
         started: set[int] = set()
         n_out = 0
+        cached: dict[int, int] = {}  # per prompt: the tokens its prefill started from cached pages for
 
         def chunk(index: int, out: RequestOutput, job: "PromptJob") -> bytes:
             reason = out.finished.value if out.finished is not None else None
@@ -505,16 +505,16 @@ class OpenAIFrontend:
                 if isinstance(out, HTTPError):
                     yield _event(out.body())
                     break
-                n_out += out.num_output_tokens if out.finished is not None else 0
+                if out.finished is not None:
+                    n_out += out.num_output_tokens
+                    cached[i] = max(cached.get(i, 0), out.timings.cached_prompt_tokens)
                 if out.finished is None and not (out.text or out.token_ids or out.prompt_logprobs):
                     continue
                 yield chunk(i * want.n + out.index, out, jobs[i])
             else:
                 if usage:
-                    n_in = sum(len(j.ids) for j in jobs)
                     yield _event({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [],
-                                  "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
-                                            "total_tokens": n_in + n_out}})
+                                  "usage": usage_of(jobs, n_out, sum(cached.values()))})
                 yield b"data: [DONE]\n\n"
         finally:
             for t in tasks:
@@ -546,6 +546,14 @@ async def _events(admitted: Admitted, observe: Callable[[RequestOutput], None]) 
 
 _HTTP_STATUS = {Refusal.DRAINING: (503, "service_unavailable"), Refusal.AT_CAPACITY: (429, "rate_limit_error"),
                 Refusal.INVALID: (400, "invalid_request_error")}
+
+
+def usage_of(jobs: list["PromptJob"], completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's ``usage``, with ``prompt_tokens_details.cached_tokens``: the prompt tokens whose KV came
+    from the prefix cache (each prompt counted once, however many samples it has)."""
+    n_in = sum(len(j.ids) for j in jobs)
+    return {"prompt_tokens": n_in, "completion_tokens": completion_tokens, "total_tokens": n_in + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _event(obj: dict) -> bytes:

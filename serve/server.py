@@ -165,7 +165,8 @@ class GenerationService(FrontDoor):
                 yield pb.GenerateResponse(finished=pb.Finished(
                     request_id=out.request_id, finish_reason=out.finished.value, index=out.index,
                     prompt_tokens=out.num_prompt_tokens, output_tokens=out.num_output_tokens,
-                    cumulative_logprob=out.cumulative_logprob, timings=pb.Timings(
+                    cumulative_logprob=out.cumulative_logprob, cached_prompt_tokens=t.cached_prompt_tokens,
+                    timings=pb.Timings(
                         ttft_s=t.ttft or 0.0, tpot_s=t.tpot or 0.0, queueing_s=t.queueing or 0.0,
                         migration_s=t.migration or 0.0, e2e_s=(t.finish or time.perf_counter()) - t.arrival,
                         prefill_instance=t.prefill_instance or "", decode_instance=t.decode_instance or "",

@@ -50,9 +50,9 @@ def test_kv_flags_reach_the_engine_config():
     assert (cfg.kv_admission, cfg.preemption, cfg.kv_watermark) == ("reserve", "swap", 0.05)
     default = engine_config(serve_parser().parse_args([]), 1)
     assert (default.kv_admission, default.preemption) == ("on-demand", "recompute")
-    assert not default.prefix_cache
-    assert engine_config(serve_parser().parse_args(["--prefix-cache"]), 1).prefix_cache
-    assert not engine_config(serve_parser().parse_args(["--prefix-cache", "--no-prefix-cache"]), 1).prefix_cache
+    assert default.prefix_cache  # on unless --no-prefix-cache, as in vLLM and SGLang
+    assert not engine_config(serve_parser().parse_args(["--no-prefix-cache"]), 1).prefix_cache
+    assert engine_config(serve_parser().parse_args(["--no-prefix-cache", "--prefix-cache"]), 1).prefix_cache
     assert engine_config(serve_parser().parse_args(["--prefill-routing", "round-robin"]), 1).prefill_routing == "round-robin"
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--preemption", "drop"])

@@ -70,6 +70,21 @@ def test_completions_equal_grpc(oai, grpc_client):
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(oai, grpc_client):
+    """The prefix cache is on by default: a prompt sent again starts from its full pages (two of 16
+    tokens; the last token is always computed), and both frontends say how many tokens that was."""
+    prompt = "a prompt of forty bytes for the cache!!!"
+    first = oai.completions.create(model="tiny-http", prompt=prompt, **GREEDY)
+    assert first.usage.prompt_tokens == 40 and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = oai.completions.create(model="tiny-http", prompt=prompt, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32 and again.choices[0].text == first.choices[0].text
+    chunks = list(oai.completions.create(model="tiny-http", prompt=prompt, stream=True,
+                                         stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+    ref = grpc_client.complete(prompt, max_tokens=8, ignore_eos=True)
+    assert ref.finished.cached_prompt_tokens == 32 and ref.text == first.choices[0].text
+
+
 def test_chat_equals_grpc_on_the_plain_template(oai, grpc_client):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     ref = grpc_client.complete("system: be brief\nuser: hi\nassistant:", max_tokens=8, ignore_eos=True)
