@@ -32,3 +32,19 @@ def test_table_has_a_header_and_one_row_a_run():
     off, on = (line.split() for line in lines[1:])
     assert off[:4] == ["off", "2", "0%", "0%"] and on[:4] == ["on", "2", "50%", "25%"]
     assert off[-1] == "-10" and on[-1] == "-2"
+
+
+def test_routing_summary_and_table():
+    from types import SimpleNamespace
+
+    from bench.prefix_routing import summarize
+    from bench.prefix_routing import table as routing_table
+
+    recs = [SimpleNamespace(server={"ttft": t, "tpot": p, "cached_prompt_tokens": c}, prompt_len=n)
+            for t, p, c, n in ((0.1, 0.01, 0, 40), (0.3, 0.01, 32, 40), (0.2, None, 16, 20))]
+    s = summarize(recs, (0.25, 0.05))
+    assert s["turns"] == 3 and s["hit_rate"] == 0.48 and s["p50_ttft"] == 0.2 and s["p90_ttft"] == 0.3
+    assert s["p50_tpot"] == 0.01 and abs(s["attainment"] - 2 / 3) < 1e-12  # a one-token reply has no TPOT
+    lines = routing_table([{"routing": "prefix", **s, "cache_routed_share": 0.5},
+                           {"routing": "shared", **s, "cache_routed_share": None}]).splitlines()
+    assert lines[1].split()[:4] == ["prefix", "3", "48%", "50%"] and lines[2].split()[3] == "-"
