@@ -53,6 +53,19 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_conversation_args(p: argparse.ArgumentParser, conversations: int, think_time: float) -> None:
+    """The weights and the conversations, for the benches that replay chats against an engine."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a converted checkpoint directory (an OPT-sized vocabulary)")
+    which.add_argument("--preset", help="a preset's real shapes with random weights (e.g. tiny-opt, opt-13b)")
+    p.add_argument("--dtype", default=None, help="weights' dtype (default: the checkpoint's; bfloat16 on a GPU)")
+    p.add_argument("--dataset", default="sharegpt-conversations", help="sharegpt-conversations[:PATH]")
+    p.add_argument("--num-conversations", type=int, default=conversations)
+    p.add_argument("--think-time", type=float, default=think_time,
+                   help="mean seconds between a reply and the next turn")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(args) -> int:
     import jax
 
@@ -148,14 +161,7 @@ if __name__ == "__main__":
     from distllm_jax.compile_cache import default_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a converted checkpoint directory (an OPT-sized vocabulary)")
-    which.add_argument("--preset", help="a preset's real shapes with random weights (e.g. opt-13b)")
-    p.add_argument("--dtype", default=None, help="weights' dtype (default: the checkpoint's; bfloat16 on a GPU)")
-    p.add_argument("--dataset", default="sharegpt-conversations", help="sharegpt-conversations[:PATH]")
-    p.add_argument("--num-conversations", type=int, default=40)
-    p.add_argument("--think-time", type=float, default=2.0, help="mean seconds between a reply and the next turn")
-    p.add_argument("--seed", type=int, default=0)
+    add_conversation_args(p, conversations=40, think_time=2.0)
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4],
                    help="conversation start rates (conversations per second)")
     p.add_argument("--prefix-cache", type=lambda s: s.split(","), default=["off", "on"],

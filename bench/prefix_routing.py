@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 
+from bench.conversations_vs_sim import add_conversation_args, hit_rate
 from bench.sim_vs_engine import weights, write_json
 
 POLICIES = ("prefix", "round-robin", "shared")
@@ -25,8 +26,6 @@ POLICIES = ("prefix", "round-robin", "shared")
 
 def summarize(records: list, slo: tuple[float, float]) -> dict:
     """The run's hit rate, TTFT and TPOT percentiles and attainment (one record per turn)."""
-    from bench.conversations_vs_sim import hit_rate
-
     ttft = sorted(r.server["ttft"] for r in records)
     tpot = [r.server["tpot"] or 0.0 for r in records]
     return {"turns": len(records),
@@ -104,15 +103,8 @@ def parser() -> argparse.ArgumentParser:
     from distllm_jax.compile_cache import default_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a converted checkpoint directory (an OPT-sized vocabulary)")
-    which.add_argument("--preset", help="a preset's real shapes with random weights (e.g. tiny-opt)")
-    p.add_argument("--dtype", default=None, help="weights' dtype (default: the checkpoint's; bfloat16 on a GPU)")
-    p.add_argument("--dataset", default="sharegpt-conversations", help="sharegpt-conversations[:PATH]")
-    p.add_argument("--num-conversations", type=int, default=24)
+    add_conversation_args(p, conversations=24, think_time=0.5)
     p.add_argument("--rate", type=float, default=4.0, help="conversation start rate (conversations per second)")
-    p.add_argument("--think-time", type=float, default=0.5, help="mean seconds between a reply and the next turn")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routing", type=lambda s: s.split(","), default=["off", *POLICIES],
                    help="runs, in order: routing policies with the cache on, and 'off' (the cache off)")
     p.add_argument("--prefill-instances", type=int, default=2)
