@@ -342,8 +342,13 @@ def sampling_table(rows: list[dict[str, Any]]) -> list[str]:
 # ---- start ---------------------------------------------------------------------------------------
 
 _START = """
-import json, sys, time
+import collections, json, sys, time
 t0 = time.perf_counter()
+import jax
+phases = collections.defaultdict(float)  # jax's own timers: tracing, lowering, compiling or loading
+def _phase(name, secs, **_):
+    phases[name] += secs
+jax.monitoring.register_event_duration_secs_listener(_phase)
 from distllm_jax import compile_cache
 compile_cache.enable(sys.argv[1])
 from distllm_jax.engine import DeviceRandomSource, Engine, EngineConfig, SamplingParams, compile_counter
@@ -358,7 +363,7 @@ out = engine.submit([5, 6, 7], SamplingParams(max_tokens=4)).result()
 engine.shutdown()
 print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s": engine.warmup_seconds,
                              "compilations": compile_counter.compilations(), "cache_hits": compile_counter.cache_hits(),
-                             "tokens": len(out.token_ids),
+                             "tokens": len(out.token_ids), "phases_s": dict(phases),
                              "slowest": sorted(engine.warmup_log.items(), key=lambda kv: -kv[1])[:8]}))
 """
 
@@ -514,6 +519,53 @@ def trace_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# ---- the decode kernel alone -------------------------------------------------------------------
+
+
+def kernel_grid(model: Model, batches: list[int], contexts: list[int], read_tbps: float, *,
+                repeats: int = 10) -> list[dict[str, Any]]:
+    """The paged decode kernel as the engine calls it (its own defaults), on this model's head layout,
+    against the read-only rate measured in the same process; jax's Pallas ``paged_attention`` beside it
+    (on the GPU). Contexts are rounded down to whole pages."""
+    from bench.kernels import decode_suite
+
+    cfg = model.cfg
+    gpu = jax.default_backend() == "gpu"
+    rows = decode_suite(batches, [c // 16 * 16 for c in contexts], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                        dtype=jnp.dtype(model.dtype), configs=None, interpret=not gpu, reps=repeats)
+    return [{"model": model.name, "batch": r["batch"], "ctx": r["context"], "kv_heads": r["kv_heads"],
+             "q_heads": r["q_heads"], "TBps": r["ours_TBps"], "read_share": r["ours_TBps"] / read_tbps,
+             "ms": r["ours_ms"], "upstream_TBps": r.get("upstream_TBps"), "xla_TBps": r["xla_TBps"]} for r in rows]
+
+
+def kernel_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'model':<16}{'batch':>6}{'ctx':>6}{'kv heads':>9}{'ms':>8}{'TB/s':>7}{'of read':>8}{'upstream':>9}"]
+    for r in rows:
+        up = r["upstream_TBps"]
+        out.append(f"{r['model']:<16}{r['batch']:>6}{r['ctx']:>6}{r['kv_heads']:>9}{r['ms']:>8.3f}{r['TBps']:>7.2f}"
+                   f"{r['read_share']:>8.0%}{'-' if up is None else f'{up:.2f}':>9}")
+    return out
+
+
+def floor_report(info: dict[str, Any], ceil: dict[str, Any], results: dict[str, list]) -> dict[str, Any]:
+    """One file for the decode floor, the kernel, sampling and starts, from one suite call: the rows of
+    each part renamed to the report's fields (``ctx``, ``step_ms``, ``read_floor_ms``, ...)."""
+    decode = [{"model": r["model"], "batch": r["batch"], "ctx": r["context"], "step_ms": r["engine_ms"],
+               "device_ms": r["device_ms"], "read_floor_ms": r["floor_ms"], "copy_floor_ms": r["copy_floor_ms"],
+               "x_read_floor": r["x_floor"], "x_copy_floor": r["x_copy_floor"]}
+              for r in results.get("decode", []) if "engine_ms" in r]
+    sampling = [{"model": r["model"], "batch": r["batch"], "ctx": r["context"], "greedy_ms": r["greedy_ms"],
+                 "one_sampled_ms": r["one_sampled_ms"], "all_sampled_ms": r["all_sampled_ms"],
+                 "one_sampled_x": r["one_sampled_x"], "all_sampled_x": r["all_sampled_x"]}
+                for r in results.get("sampling", []) if "greedy_ms" in r]
+    starts = results.get("start", [])
+    return {**info, "ceilings": {k: ceil[k] for k in ("read_tb_per_s", "copy_tb_per_s", "matmul_tflop_per_s")},
+            "decode": decode, "kernel": [r for r in results.get("kernel", []) if "TBps" in r], "sampling": sampling,
+            "prefill": [r for r in results.get("prefill", []) if "mfu" in r],
+            "warm_start_s": {r["model"]: r["warm_start_s"] for r in starts},
+            "cold_start_s": {r["model"]: r["cold_start_s"] for r in starts}}
+
+
 # ---- end to end, and transformers side by side ---------------------------------------------------
 
 
@@ -648,6 +700,9 @@ def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, 
         rows = sampling_grid(model, _ints(args.sampling_batches), args.sampling_context, repeats=args.repeats,
                              attention=args.attention)
         _emit(sampling_table(rows))
+    elif part == "kernel":
+        rows = kernel_grid(model, _ints(args.batches), _ints(args.contexts), ceil["read_tb_per_s"], repeats=args.repeats)
+        _emit(kernel_table(rows))
     elif part == "prefill":
         rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"], attention=args.attention)
         _emit(prefill_table(rows))
@@ -692,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--floor-out", default=None,
+                   help="also write the decode, kernel, sampling, prefill and start rows of this call to one file")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -722,10 +779,13 @@ def main(argv: list[str] | None = None) -> int:
         for part, rows in results.items():
             path = out / f"gpu-suite-{part}-{tag}-{'_'.join(args.models.split(','))}.json"
             path.write_text(json.dumps({**info, "ceilings": ceil, "rows": rows}, indent=1))
+        if args.floor_out:
+            Path(args.floor_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.floor_out).write_text(json.dumps(floor_report(info, ceil, results), indent=1))
 
     for name in args.models.split(","):
         model = load_model(name)
-        for part in ("decode", "sampling", "prefill", "trace", "profile", "e2e"):
+        for part in ("decode", "kernel", "sampling", "prefill", "trace", "profile", "e2e"):
             if part in parts or (part == "e2e" and "hf" in parts):
                 try:
                     run_part(part, model, args, ceil, parts, results, out)
@@ -739,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
                 save()
     for part in results:
         print(f"wrote {out / f'gpu-suite-{part}-{tag}-' }{'_'.join(args.models.split(','))}.json")
+    if args.floor_out:
+        save()
+        print(f"wrote {args.floor_out}")
     print("\n==== summary ====\n" + "\n\n".join(TABLES))
     return 0
 

@@ -43,9 +43,12 @@ def _time_ms(fn, *args, reps: int = 30) -> float:
     return back_to_back_ms(lambda _: fn(*args), reps, 5)
 
 
-# (pages per block, warps, pipeline stages) tried for this project's decode kernel; "wide" sweeps
-DECODE_CONFIGS = {"default": ((8, 4, 2), (8, 4, 3), (4, 4, 4), (16, 8, 4)),
-                  "wide": tuple((p, w, st) for p in (4, 8, 16, 32) for w in (4, 8) for st in (1, 2, 3, 4))}
+# (pages per block, warps, pipeline stages, KV heads a program) tried for this project's decode kernel;
+# "wide" sweeps one head a program, "heads" several
+DECODE_CONFIGS = {"default": ((8, 4, 2, 1), (8, 4, 3, 1), (4, 4, 4, 1), (16, 8, 4, 1)),
+                  "wide": tuple((p, w, st, 1) for p in (4, 8, 16, 32) for w in (4, 8) for st in (1, 2, 3, 4)),
+                  "heads": ((4, 4, 1, 1),) + tuple((p, w, st, hb) for hb in (2, 4, 8) for p in (1, 2, 4)
+                                                  for w in (4, 8) for st in (1, 2))}
 
 
 def _rel(a, b) -> float:
@@ -53,11 +56,33 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(1e-9, np.linalg.norm(b)))
 
 
-def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=DECODE_CONFIGS["default"]):
+def _decode_variants(configs, W: int, B: int, KVH: int, scale: float, interpret: bool):
+    """(name, jitted kernel) for each config that fits the shape, each with one split and with the
+    number that fills the GPU; ``configs`` None: the kernel's own defaults, as the engine calls it."""
+    from pallas_kernels.paged_decode_attention import paged_decode_attention
+
+    if configs is None:
+        yield "defaults", jax.jit(functools.partial(paged_decode_attention, scale=scale, interpret=interpret))
+        return
+    for ppb, warps, stages, hb in configs:
+        if W % ppb or KVH % hb:
+            continue
+        s_auto = max(1, min(W // ppb, math.ceil(264 / (B * KVH // hb))))
+        for splits in sorted({1, s_auto}):
+            yield (f"ppb{ppb}/s{splits}/w{warps}/st{stages}/h{hb}",
+                   jax.jit(functools.partial(paged_decode_attention, scale=scale, pages_per_block=ppb, splits=splits,
+                                             heads_per_program=hb, num_warps=warps, num_stages=stages,
+                                             interpret=interpret)))
+
+
+def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=DECODE_CONFIGS["default"],
+                 interpret: bool = False, reps: int = 30):
+    """Each shape: the XLA reference, this project's kernel in each of ``configs`` (the fastest kept),
+    and jax's Pallas ``paged_attention`` (not in the interpreter); times and effective TB/s."""
     from jax.experimental.pallas.ops.gpu import paged_attention as upstream
 
     from distllm_jax.models.attention import paged_decode_attention as xla_ref
-    from pallas_kernels.paged_decode_attention import bytes_moved, paged_decode_attention
+    from pallas_kernels.paged_decode_attention import bytes_moved
 
     rows = []
     key = jax.random.PRNGKey(0)
@@ -76,34 +101,27 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
             want = ref(q, kp, vp, tables, lengths, scale)
             moved = bytes_moved(B, H, KVH, Dh, B * ctx, jnp.dtype(dtype).itemsize)
             row = {"batch": B, "context": ctx, "q_heads": H, "kv_heads": KVH, "head_dim": Dh, "MB": moved / 1e6}
-            row["xla_ms"] = _time_ms(ref, q, kp, vp, tables, lengths, scale)
+            row["xla_ms"] = _time_ms(ref, q, kp, vp, tables, lengths, scale, reps=reps)
             best = None
-            for ppb, warps, stages in configs:
-                if W % ppb:
+            for name, fn in _decode_variants(configs, W, B, KVH, scale, interpret):
+                try:
+                    err = _rel(fn(q, kp, vp, tables, lengths), want)
+                    ms = _time_ms(fn, q, kp, vp, tables, lengths, reps=reps)
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses
+                    why = f": {str(e)[:300]}" if not row.get("failed_configs") else ""  # the first in full
+                    row.setdefault("failed_configs", []).append(f"{name}: {type(e).__name__}{why}")
                     continue
-                s_auto = max(1, min(W // ppb, math.ceil(264 / (B * KVH))))
-                for splits in sorted({1, s_auto}):
-                    if True:
-                        fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, pages_per_block=ppb,
-                                                       splits=splits, num_warps=warps, num_stages=stages))
-                        try:
-                            err = _rel(fn(q, kp, vp, tables, lengths), want)
-                            ms = _time_ms(fn, q, kp, vp, tables, lengths)
-                        except Exception as e:  # noqa: BLE001 - a config the compiler refuses
-                            row.setdefault("failed_configs", []).append(
-                                f"ppb{ppb}/s{splits}/w{warps}/st{stages}: {type(e).__name__}")
-                            continue
-                        if err > 2e-2:
-                            raise AssertionError(f"ours wrong at {row}: rel err {err}")
-                        row.setdefault("ours_all_ms", {})[f"ppb{ppb}/s{splits}/w{warps}/st{stages}"] = ms
-                        if best is None or ms < best[0]:
-                            best = (ms, f"ppb{ppb}/s{splits}/w{warps}/st{stages}", err)
+                if err > 2e-2:
+                    raise AssertionError(f"ours wrong at {row}: rel err {err}")
+                row.setdefault("ours_all_ms", {})[name] = ms
+                if best is None or ms < best[0]:
+                    best = (ms, name, err)
             row["ours_ms"], row["ours_config"], row["ours_err"] = best
             # upstream wants [kv_heads, pages, page_size, head_dim] and applies no softmax scale: pre-scale q
             kh, vh = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
             q_up = (q.astype(jnp.float32) * scale).astype(dtype)
             up = None
-            for ppb in (8,):
+            for ppb in () if interpret else (8,):
                 for splits in (1, 16):
                     if W % splits or (W // splits) % min(ppb, W // splits):
                         continue
@@ -363,6 +381,16 @@ def copy_bandwidth() -> float:
     return 2 * x.size * 2 / ms / 1e9
 
 
+def read_bandwidth() -> float:
+    """Bytes read per second by a reduction over 1 GiB (the rate a decode kernel, which only reads,
+    is bounded by); three buffers in turn, so no pass finds its input in the L2 cache."""
+    n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22
+    bufs = [jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.bfloat16) for i in range(3)]
+    f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    ms = back_to_back_ms(lambda i: f(bufs[i % 3]), 20, 5)
+    return n * 2 / ms / 1e9
+
+
 def main(args: argparse.Namespace) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     if args.prefix_only:
@@ -373,8 +401,10 @@ def main(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1))
         print(f"wrote {args.out}")
         return 0
-    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_TBps": copy_bandwidth()}
-    print(f"{res['device']}, jax {res['jax']}: elementwise read+write {res['copy_TBps']:.2f} TB/s", flush=True)
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_TBps": copy_bandwidth(),
+           "read_TBps": read_bandwidth()}
+    print(f"{res['device']}, jax {res['jax']}: elementwise read+write {res['copy_TBps']:.2f} TB/s, "
+          f"read {res['read_TBps']:.2f} TB/s", flush=True)
     configs = DECODE_CONFIGS[args.decode_configs]
     res["decode"] = decode_suite(ints(args.batches), ints(args.contexts), args.heads, args.kv_heads, args.head_dim,
                                  configs=configs)
@@ -388,14 +418,18 @@ def main(args: argparse.Namespace) -> int:
         cases = [[2048] * 4, [4096] * 2, [512] * 16, [1900, 700, 3000, 25, 1000, 1567]]
         res["prefill"] = prefill_suite(cases, args.heads, args.heads, args.head_dim)
         res["prefix_prefill"] = prefix_sections(small=False)
+    for r in res["decode"] + res.get("decode_gqa", []):
+        r["read_share"] = r["ours_TBps"] / res["read_TBps"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     errs = {e for r in res["decode"] for e in r.get("upstream_errors", [])}
     if errs:
         print("upstream paged_attention errors:", *sorted(errs)[:3], sep="\n  ")
-    print(f"\n{'decode B':>9}{'ctx':>6}{'ours TB/s':>11}{'upstream':>10}{'xla':>8}   (copy {res['copy_TBps']:.2f} TB/s)")
+    print(f"\n{'decode B':>9}{'ctx':>6}{'ours TB/s':>11}{'of read':>9}{'upstream':>10}{'xla':>8}   "
+          f"(read {res['read_TBps']:.2f}, copy {res['copy_TBps']:.2f} TB/s)")
     for r in res["decode"] + res.get("decode_gqa", []):
-        print(f"{r['batch']:>9}{r['context']:>6}{r['ours_TBps']:>11.2f}{r.get('upstream_TBps', float('nan')):>10.2f}"
+        print(f"{r['batch']:>9}{r['context']:>6}{r['ours_TBps']:>11.2f}{r['read_share']:>9.0%}"
+              f"{r.get('upstream_TBps', float('nan')):>10.2f}"
               f"{r['xla_TBps']:>8.2f}   kv_heads {r['kv_heads']}  (rel err vs XLA: ours {r['ours_err']:.1e}, "
               f"upstream {r.get('upstream_err', float('nan')):.1e})")
     print(f"\n{'prefill':>28}{'ours':>8}{'cudnn':>8}{'mha':>8}{'xla':>8}  TFLOP/s")

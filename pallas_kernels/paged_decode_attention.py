@@ -29,38 +29,42 @@ _MAX_SPLITS = 8
 
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale: float,
-            pages_per_block: int, pages_per_split: int, page_size: int):
+            pages_per_block: int, pages_per_split: int, page_size: int, heads: int):
     s = pl.program_id(2)
-    rows, dh = q_ref.shape
+    _, rows, dh = q_ref.shape
     length = len_ref[0]
     first = s * pages_per_split
     last = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))  # pages this split really reads
     n_blocks = jnp.maximum(pl.cdiv(last - first, pages_per_block), 0)
-    q = q_ref[...]
     block_tokens = pages_per_block * page_size
     qk_scale = scale * 1.4426950408889634  # base-2 softmax (exp2 is the hardware's instruction)
 
     def body(i, carry):
-        o, m, l = carry
         start = first + i * pages_per_block
         pages = pt_ref[pl.ds(start, pages_per_block)]
-        k = k_ref[pages].reshape(block_tokens, dh)
-        v = v_ref[pages].reshape(block_tokens, dh)
-        logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale
         tok = start * page_size + jnp.arange(block_tokens)
-        logits = jnp.where((tok < length)[None, :], logits, _NEG)
-        m_new = jnp.maximum(m, logits.max(axis=-1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(logits - m_new[:, None])
-        l_new = alpha * l + p.sum(axis=-1)
-        o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return o_new, m_new, l_new
+        out = []
+        for h in range(heads):  # the heads of one program share the page-table reads and the mask
+            o, m, l = carry[h]
+            k = k_ref[pages, :, h, :].reshape(block_tokens, dh)
+            v = v_ref[pages, :, h, :].reshape(block_tokens, dh)
+            logits = jnp.dot(q_ref[h], k.T, preferred_element_type=jnp.float32) * qk_scale
+            logits = jnp.where((tok < length)[None, :], logits, _NEG)
+            m_new = jnp.maximum(m, logits.max(axis=-1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(logits - m_new[:, None])
+            l_new = alpha * l + p.sum(axis=-1)
+            o_new = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            out.append((o_new, m_new, l_new))
+        return tuple(out)
 
-    init = (jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    init = tuple((jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
+                  jnp.zeros((rows,), jnp.float32)) for _ in range(heads))
+    final = jax.lax.fori_loop(0, n_blocks, body, init)
+    for h, (o, m, l) in enumerate(final):
+        o_ref[h] = o
+        m_ref[h] = m
+        l_ref[h] = l
 
 
 def ignore_poison(kernel, n: int):
@@ -89,8 +93,8 @@ def _choose(width: int, pages_per_block: int, splits: int) -> tuple[int, int]:
 _PAD_PAGE = 0
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "num_warps", "num_stages",
-                                             "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "heads_per_program", "num_warps",
+                                             "num_stages", "interpret", "poison"))
 def paged_decode_attention(
     q: jax.Array,  # [B, H, Dh]
     k_pages: jax.Array,  # [P, page_size, KVH, Dh]
@@ -101,6 +105,7 @@ def paged_decode_attention(
     *,
     pages_per_block: int = 4,
     splits: int | None = None,
+    heads_per_program: int = 1,
     num_warps: int = 4,
     num_stages: int = 1,
     interpret: bool = False,
@@ -119,6 +124,9 @@ def paged_decode_attention(
             H200; ``bench/results/README.md`` has the sweep).
         splits: programs per (sequence, KV head) over the table (split-K); None picks enough to fill
             the GPU about twice, since each split also writes float32 partials the merge reads back.
+        heads_per_program: KV heads one program attends for (a divisor of KVH, else the largest one
+            below it): they share its page-table reads, and its loads of one token's K (and V) rows
+            span that many heads' adjacent bytes in the pool instead of one head's.
         num_warps, num_stages: Triton's launch parameters for each program.
         interpret: run the kernel in Pallas' interpreter (CPU, tests).
         poison: write into NaN-filled buffers, so that an element the kernel skipped shows (tests).
@@ -128,8 +136,11 @@ def paged_decode_attention(
     """
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
+    HB = max(1, min(heads_per_program, KVH))
+    while KVH % HB:
+        HB -= 1
     if splits is None:
-        splits = min(_MAX_SPLITS, max(1, math.ceil(_FILL_PROGRAMS / (B * KVH))))
+        splits = min(_MAX_SPLITS, max(1, math.ceil(_FILL_PROGRAMS / (B * KVH // HB))))
     G = H // KVH
     W = 1 << (page_tables.shape[1] - 1).bit_length()
     if W != page_tables.shape[1]:
@@ -141,7 +152,8 @@ def paged_decode_attention(
     qg = q.reshape(B, KVH, G, Dh)
     if rows != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))
-    kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, pages_per_split=W // S, page_size=ps)
+    kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, pages_per_split=W // S, page_size=ps,
+                               heads=HB)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -159,18 +171,18 @@ def paged_decode_attention(
         kernel = ignore_poison(kernel, 3)
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(B, KVH, S),
+        grid=(B, KVH // HB, S),
         in_specs=[
-            pl.BlockSpec((None, None, rows, Dh), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((k_pages.shape[0], ps, None, Dh), lambda b, h, s: (0, 0, h, 0)),
-            pl.BlockSpec((v_pages.shape[0], ps, None, Dh), lambda b, h, s: (0, 0, h, 0)),
+            pl.BlockSpec((None, HB, rows, Dh), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((k_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0)),
+            pl.BlockSpec((v_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0)),
             pl.BlockSpec((None, W), lambda b, h, s: (b, 0)),
             pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
         ] + [pl.BlockSpec(memory_space=pl.ANY)] * len(extra),
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, Dh), lambda b, h, s: (s, b, h, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, HB, rows, Dh), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
         ],
         out_shape=out_shape,
         input_output_aliases=aliases,

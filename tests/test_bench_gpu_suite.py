@@ -96,3 +96,24 @@ def test_sampling_and_start_parts(tmp_path, capsys):
     assert start["cold"]["cache_hits"] == 0 and start["warm"]["cache_hits"] == start["warm"]["compilations"] > 0
     assert start["cold"]["tokens"] == start["warm"]["tokens"] == 4 and start["warm_start_s"] > 0
     assert start["cold"]["slowest"] and all(s >= 0 for _, s in start["cold"]["slowest"])
+
+
+def test_one_call_writes_the_floor_report(tmp_path):
+    """``--floor-out``: the decode, kernel and sampling rows of one call in the report's fields, the
+    kernel timed as the engine calls it (in the interpreter here) against the read rate of the call."""
+    out, floor = tmp_path / "suite", tmp_path / "gpu-floor.json"
+    rc = gpu_suite.main(["--parts", "ceilings,decode,kernel,sampling", "--models", "tiny-llama", "--batches", "2",
+                         "--contexts", "32", "--sampling-batches", "2", "--sampling-context", "32", "--repeats", "1",
+                         "--out", str(out), "--floor-out", str(floor)])
+    assert rc == 0
+    report = json.loads(floor.read_text())
+    read = report["ceilings"]["read_tb_per_s"]
+    (d,) = report["decode"]
+    assert (d["model"], d["batch"], d["ctx"]) == ("tiny-llama", 2, 32)
+    assert d["read_floor_ms"] > 0 and d["copy_floor_ms"] > 0 and d["step_ms"] > 0
+    (k,) = report["kernel"]
+    assert (k["batch"], k["ctx"]) == (2, 32) and k["kv_heads"] < k["q_heads"]  # tiny-llama is GQA
+    assert k["read_share"] == pytest.approx(k["TBps"] / read)
+    (s,) = report["sampling"]
+    assert s["greedy_ms"] > 0 and s["all_sampled_x"] == pytest.approx(s["all_sampled_ms"] / s["greedy_ms"])
+    assert report["warm_start_s"] == {} and report["cold_start_s"] == {}

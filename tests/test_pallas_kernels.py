@@ -97,8 +97,14 @@ def test_paged_decode_table_width_not_power_of_two(W, lengths):
     check_paged_decode(len(lengths), 8, 2, 64, lengths, 8, 4, W=W)
 
 
-def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W):
-    rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits, W)) % 2**32)
+@pytest.mark.parametrize("H,KVH,heads", [(8, 8, 4), (8, 2, 2), (12, 6, 4)])
+def test_paged_decode_several_heads_a_program(H, KVH, heads):
+    """Programs that attend for several KV heads (4 of 6 falls back to 3, a divisor)."""
+    check_paged_decode(3, H, KVH, 64, [130, 1, 77], 2, 2, W=16, heads=heads)
+
+
+def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1):
+    rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits, W, heads)) % 2**32)
     ps = 16
     P = B * W + 3
     q = rng.standard_normal((B, H, Dh)).astype(np.float32)
@@ -108,7 +114,7 @@ def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W):
     lens = np.array(lengths, np.int32)
     scale = Dh**-0.5
     out = paged_decode_attention(q, k, v, tables, lens, scale, pages_per_block=ppb, splits=splits,
-                                 interpret=True, poison=True)
+                                 heads_per_program=heads, interpret=True, poison=True)
     out = np.asarray(out)
     assert not np.isnan(out).any(), "an output element was never written"
     assert rel_err(out, ref_decode(q, k, v, tables, lens, scale)) < TOL
