@@ -48,6 +48,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--compile-cache", default=str(compile_cache_dir()),
                    help="jax's persistent compilation cache: a second start of the same model and layout loads "
                         "its programs instead of compiling them ('off': compile everything)")
+    m.add_argument("--compile-threads", type=int, default=1,
+                   help="threads that build the step programs side by side at start-up (0: one per core, at most 8)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--mode", choices=["disaggregated", "colocated", "chunked"],
                      help="none: disaggregated with two or more devices (or --cluster), else colocated")
@@ -170,7 +172,8 @@ def engine_config(args: argparse.Namespace, num_devices: int, backend: str = "cp
                 prefill_token_budget=args.prefill_token_budget, max_decode_batch=args.max_decode_batch,
                 kv_transfer=args.kv_transfer, dtype=args.dtype, progress=not args.quiet,
                 kv_admission=args.kv_admission, preemption=args.preemption, kv_watermark=args.kv_watermark,
-                prefix_cache=args.prefix_cache, prefill_routing=args.prefill_routing)
+                prefix_cache=args.prefix_cache, prefill_routing=args.prefill_routing,
+                compile_threads=args.compile_threads)
     if args.plan:
         return Plan.load(args.plan).to_engine_config(**base)
     mode = args.mode or ("disaggregated" if num_devices >= 2 or args.cluster else "colocated")

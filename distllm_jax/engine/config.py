@@ -83,6 +83,9 @@ class EngineConfig:
     # prefix (least prefill plus queued tokens, counting cached pages), round-robin, shared (one queue,
     # first free instance), or auto (prefix with the prefix cache on, else shared)
     prefill_routing: str = "auto"
+    # threads that lower and compile (or load from the persistent cache) the step programs at start-up,
+    # side by side; 1: one at a time, as warmup first runs each; 0: one per CPU core, at most 8
+    compile_threads: int = 1
     progress: bool = True
     seed: int = 0
 
@@ -106,6 +109,8 @@ class EngineConfig:
             raise ValueError(f"preemption must be one of {PREEMPTIONS}, got {self.preemption!r}")
         if self.prefill_routing not in ("auto", "prefix", "round-robin", "shared"):
             raise ValueError(f"prefill_routing must be auto, prefix, round-robin or shared, got {self.prefill_routing!r}")
+        if self.compile_threads < 0:
+            raise ValueError(f"compile_threads must be >= 0, got {self.compile_threads}")
         if not 0.0 <= self.kv_watermark < 1.0:
             raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.mode == "disaggregated" and (not self.prefill or not self.decode):

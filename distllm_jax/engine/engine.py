@@ -25,9 +25,11 @@ are kept); a lost decode instance ends its MIGRATING and RUNNING ones with an er
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -197,6 +199,7 @@ class Engine:
             bar.set_postfix_str(what, refresh=False)
             bar.update()
 
+        self._precompile(tick)
         for inst in self.instances:
             inst.warmup(tick)
         for src, dst in self._transfer_pairs():
@@ -204,6 +207,19 @@ class Engine:
         tick("")
         bar.close()
         self.warmup_seconds = time.perf_counter() - t0
+
+    def _precompile(self, tick: Callable[[str], None]) -> None:
+        """Build the step programs, the big ones (each the whole model), on several threads before
+        warmup runs every program once: compiled one after another, or each loaded from the
+        persistent cache, they are most of a start."""
+        threads = self.config.compile_threads or min(8, os.cpu_count() or 1)
+        jobs = [job for inst in self.instances for job in inst.step_compilers()]
+        if threads < 2 or len(jobs) < 2:
+            return
+        tick("step programs, side by side")
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="distllm-compile") as pool:
+            for f in [pool.submit(job) for job in jobs]:
+                f.result()
 
     # ---- requests -------------------------------------------------------------------------------
 

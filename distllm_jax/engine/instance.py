@@ -8,6 +8,8 @@ the stages sit on different devices, so stage s works on micro-batch m while sta
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import threading
 from typing import Any, Callable, Sequence
@@ -275,6 +277,22 @@ class Instance:
         device->host transfers)."""
         return [o.host() for o in self.dispatch(kind, micro_batches)]
 
+    def step_compilers(self) -> list[Callable[[], Any]]:
+        """One call per step program of the first stage (every kind and bucket) that lowers and
+        compiles it, with the inputs :meth:`warmup` runs it on, so that warmup's run finds it built.
+        Independent of each other and of the pools' contents: start-up runs them on several threads
+        (XLA compiles, and loads from the persistent cache, without holding Python's lock). Later
+        stages take the hidden states of the stage before as input and compile as warmup runs them."""
+        st = self.stages[0]
+        out = []
+        for kind in self.kinds():
+            for size in self.shapes(kind):
+                batch, _ = self.pack(kind, [], size)
+                feed = self.decode_feed(size) if kind == "decode" and self.lookahead else None
+                out.append(functools.partial(_compile_step, st.params, None, batch, st.pool, kind=kind, cfg=self.cfg,
+                                             impl=self.impl, first=st.first, last=st.last, feed=feed))
+        return out
+
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         """Compile every program this instance can run (all-padding inputs touch only the null page)."""
         for kind in self.kinds():
@@ -367,6 +385,12 @@ class Instance:
             "devices": [str(d) for d in self.devices], "num_pages": self.num_pages,
             "page_size": self.page_size,
         }
+
+
+def _compile_step(*args: Any, **static: Any) -> None:
+    """Lower and compile :data:`STAGE_STEP` for these inputs; jit keeps what it built, so the first
+    call with inputs of the same shapes, dtypes and placement neither traces nor compiles again."""
+    STAGE_STEP.lower(*args, **static).compile()
 
 
 def _stage_cfg(cfg, num_layers: int):
