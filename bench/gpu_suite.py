@@ -765,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             results["start"].append(start_times(load_model(name), Path(args.start_cache) / name,
                                                 max_len=args.start_max_len, overrides=json.loads(args.start_config)))
             _emit(start_table(results["start"][-1:]))
+            (out / f"gpu-suite-start-{name}.json").write_text(json.dumps({"rows": results["start"]}, indent=1))
     tag = device_tag()
     info = device_info()
     print(json.dumps(info), flush=True)

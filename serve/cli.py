@@ -48,8 +48,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--compile-cache", default=str(compile_cache_dir()),
                    help="jax's persistent compilation cache: a second start of the same model and layout loads "
                         "its programs instead of compiling them ('off': compile everything)")
-    m.add_argument("--compile-threads", type=int, default=1,
-                   help="threads that build the step programs side by side at start-up (0: one per core, at most 8)")
+    m.add_argument("--compile-threads", type=int, default=0,
+                   help="threads that build the step programs side by side at start-up (0: one per core, at most "
+                        "8, on a GPU; 1 on a CPU)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--mode", choices=["disaggregated", "colocated", "chunked"],
                      help="none: disaggregated with two or more devices (or --cluster), else colocated")

@@ -84,8 +84,9 @@ class EngineConfig:
     # first free instance), or auto (prefix with the prefix cache on, else shared)
     prefill_routing: str = "auto"
     # threads that lower and compile (or load from the persistent cache) the step programs at start-up,
-    # side by side; 1: one at a time, as warmup first runs each; 0: one per CPU core, at most 8
-    compile_threads: int = 1
+    # side by side; 1: one at a time, as warmup first runs each; 0: one per CPU core, at most 8, on an
+    # accelerator, and 1 on a CPU (whose compiler already uses every core for one program)
+    compile_threads: int = 0
     progress: bool = True
     seed: int = 0
 

@@ -212,7 +212,7 @@ class Engine:
         """Build the step programs, the big ones (each the whole model), on several threads before
         warmup runs every program once: compiled one after another, or each loaded from the
         persistent cache, they are most of a start."""
-        threads = self.config.compile_threads or min(8, os.cpu_count() or 1)
+        threads = self.config.compile_threads or (1 if jax.default_backend() == "cpu" else min(8, os.cpu_count() or 1))
         jobs = [job for inst in self.instances for job in inst.step_compilers()]
         if threads < 2 or len(jobs) < 2:
             return
