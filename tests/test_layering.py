@@ -1,6 +1,6 @@
-"""The layering the code promises: the library never imports ``bench`` or ``serve`` (only its console
-entry point, ``distllm_jax/cli.py``, mounts their commands), ``pallas_kernels`` imports nothing of
-the project, no two modules import each other (directly or round a longer loop), and no module (nor a
+"""The layering the code promises: the library never imports ``bench`` or ``serve`` (not even its
+console entry point, ``distllm_jax/cli.py``, which mounts their commands through entry points),
+``pallas_kernels`` imports nothing of the project, no two modules import each other (directly or round a longer loop), and no module (nor a
 test) imports another module's private names. Read from the source, so an import inside a function,
 or under ``if TYPE_CHECKING:``, counts too."""
 
@@ -40,7 +40,7 @@ def offenders(package: str, forbidden: set[str], allowed: set[str] = frozenset()
 
 
 def test_the_library_never_imports_bench_or_serve():
-    assert offenders("distllm_jax", {"bench", "serve"}, {"distllm_jax/cli.py"}) == []
+    assert offenders("distllm_jax", {"bench", "serve"}) == []
 
 
 def test_pallas_kernels_import_nothing_of_the_project():
