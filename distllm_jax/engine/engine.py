@@ -305,6 +305,11 @@ class Engine:
 
     # ---- state ----------------------------------------------------------------------------------
 
+    def cluster_info(self) -> dict[str, Any] | None:
+        """The cluster's layout (actors, nodes, the KV path in use) in cluster mode; None here, where
+        every instance runs in this process."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         with self.ctrl.lock:
             per = []
