@@ -125,6 +125,13 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(sub) -> None:
+    """Mount ``distllm bench`` on the ``distllm`` command's subparsers ``sub`` (the entry point ``bench``
+    of group ``distllm.commands``, pyproject.toml)."""
+    b = sub.add_parser("bench", help="benchmarks")
+    add_bench_commands(b.add_subparsers(dest="bench_command", required=True))
+
+
 def add_bench_commands(bsub) -> None:
     from bench import engine_micro, kick_the_tires, multi_gpu, sim_vs_real
 

@@ -73,7 +73,7 @@ def main(args) -> int:
     from distllm_jax import compile_cache
     from distllm_jax.engine import Engine, EngineConfig, InstanceSpec
     from distllm_jax.placement.profiler import Profiler, make_profile
-    from distllm_jax.placement.simulator import Par, SimConfig, Simulator
+    from distllm_jax.placement.simulator import SimConfig, Simulator
     from distllm_jax.tokenizer import bundled_gpt2
     from distllm_jax.workload.conversations import ConversationReplay, load_conversations
 
@@ -100,7 +100,7 @@ def main(args) -> int:
         ecfg = EngineConfig(mode="colocated", colocated=(InstanceSpec(1),), page_size=ps, num_pages=pages,
                             max_seq_len=args.max_seq_len, prefill_token_budget=budget, max_prefill_seqs=4,
                             max_decode_batch=batch, progress=False, prefix_cache=on)
-        scfg = SimConfig("colocated", colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
+        scfg = SimConfig("colocated", colocated=(InstanceSpec(),), prefill_token_budget=budget, max_prefill_seqs=4,
                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, prefix_cache=on)
         with Engine(source, ecfg) as engine:
             scfg = dataclasses.replace(scfg, **engine.instances[0].compiled.sim_fields(),

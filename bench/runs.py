@@ -39,6 +39,7 @@ class Target:
                  model: str | None = None, devices: int = 1):
         self.backend = backend
         self.address, self.token, self.tls_ca = address, token, tls_ca
+        self.base_url: str | None = None  # the openai backend's API root
         if backend == "openai":
             self._openai(base_url, model, tokenizer_path, devices)
             return
@@ -122,7 +123,7 @@ class Target:
 
     def config(self, dataset: str, slo: SLO | None, **fields: Any) -> dict[str, Any]:
         """A run file's ``config``: the server under test, the dataset, the SLO, and ``fields``."""
-        return {"backend": self.backend, "address": getattr(self, "base_url", self.address), "model": self.model,
+        return {"backend": self.backend, "address": self.base_url or self.address, "model": self.model,
                 "mode": self.mode, "dataset": dataset, **fields, "devices": self.devices, "engine": self.engine,
                 "slo": None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot}}
 

@@ -285,7 +285,7 @@ def main(args) -> int:
     from distllm_jax.workload.arrivals import arrival_times
     from distllm_jax.engine import Engine, EngineConfig, InstanceSpec
     from distllm_jax.placement.profiler import Profiler, make_profile
-    from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+    from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
 
     from distllm_jax import compile_cache
 
@@ -315,11 +315,12 @@ def main(args) -> int:
         kv = dict(kv_admission=admission, preemption=args.preemption)
         ecfg = EngineConfig(page_size=ps, num_pages=pages, max_seq_len=args.max_seq_len, prefill_token_budget=budget,
                             max_prefill_seqs=4, max_decode_batch=batch, progress=False, **lay, **kv)
-        scfg = (SimConfig(name, colocated=(Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
+        scfg = (SimConfig(name, colocated=(InstanceSpec(),), prefill_token_budget=budget, max_prefill_seqs=4,
                           max_decode_batch=batch, kv_tokens=(pages - 1) * ps, **kv)
                 if name != "disaggregated" else
-                SimConfig("disaggregated", (Par(),), (Par(),), prefill_token_budget=budget, max_prefill_seqs=4,
-                          max_decode_batch=batch, kv_tokens=(pages - 1) * ps, transfer_gbps=args.transfer_gbps, **kv))
+                SimConfig("disaggregated", (InstanceSpec(),), (InstanceSpec(),), prefill_token_budget=budget,
+                          max_prefill_seqs=4, max_decode_batch=batch, kv_tokens=(pages - 1) * ps,
+                          transfer_gbps=args.transfer_gbps, **kv))
         with Engine(source, ecfg) as engine:
             # the engine pads steps to these compiled shapes; so does the model
             scfg = dataclasses.replace(scfg, **engine.instances[0].compiled.sim_fields(),

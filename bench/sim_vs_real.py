@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from distllm_jax.instance_spec import InstanceSpec
 from distllm_jax.placement.latency import load_profile
-from distllm_jax.placement.simulator import Par, SimConfig
+from distllm_jax.placement.simulator import SimConfig
 from distllm_jax.placement.systems import system_config
 from distllm_jax.placement.trace import compare, read_trace
 
@@ -55,11 +56,11 @@ class Run:
 def parse_run(name: str, vllm_system: str = "vllm", distserve_system: str = "distserve") -> Run:
     """The system, layout and profile of a trace from its name (``vllm-N-R``, ``distserve-cPQdRS-N-R``)."""
     if m := re.fullmatch(r"vllm-(\d+)-(\d+(?:\.\d+)?)", name):
-        cfg = system_config(vllm_system, colocated=(Par(1, 1),))
+        cfg = system_config(vllm_system, colocated=(InstanceSpec(1, 1),))
         return Run(name, vllm_system, "a100-opt-13b-vllm", cfg, int(m[1]), float(m[2]))
     if m := re.fullmatch(r"distserve-c(\d)(\d)d(\d)(\d)-(\d+)-(\d+(?:\.\d+)?)", name):
         p, q, r, s = (int(m[i]) for i in range(1, 5))
-        cfg = system_config(distserve_system, prefill=(Par(p, q),), decode=(Par(r, s),))
+        cfg = system_config(distserve_system, prefill=(InstanceSpec(p, q),), decode=(InstanceSpec(r, s),))
         return Run(name, distserve_system, "a100-opt-13b", cfg, int(m[5]), float(m[6]))
     raise ValueError(f"trace {name!r}: expected vllm-N-R or distserve-cPQdRS-N-R (DistServe's run names)")
 

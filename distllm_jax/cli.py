@@ -1,14 +1,21 @@
-"""The distllm command line: one entry point, one subcommand per job."""
+"""The distllm command line: one entry point, one subcommand per job.
+
+The library's own commands (convert, info, and placement's) are built here; the server's (serve,
+generate) and the benchmarks' (bench) live in their packages, which sit above the library, and are
+mounted through the entry-point group ``distllm.commands`` (pyproject.toml), so that this module
+imports neither."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from distllm_jax.checkpoint.safetensors_reader import CheckpointError
 from distllm_jax.models.config import ConfigError, ModelConfig
@@ -122,8 +129,9 @@ def _version() -> str:
         return distllm_jax.__version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command tree (subcommands of serve, placement and bench come from their modules)."""
+def build_parser(commands: Sequence[AddCommand] | None = None) -> argparse.ArgumentParser:
+    """The whole command tree: the library's own commands, then ``commands`` (each adds its
+    subcommand; None: :func:`installed_commands`, the entry points of group ``distllm.commands``)."""
     p = Parser(prog="distllm", description=__doc__)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,26 +159,61 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     i.set_defaults(fn=_cmd_info)
 
-    from serve import cli as serve_cli
-
-    sv = sub.add_parser("serve", help="start the gRPC server (no arguments: the embedded default model)",
-                        description=serve_cli.__doc__)
-    serve_cli.add_serve_arguments(sv)
-    sv.set_defaults(fn=serve_cli.run_serve)
-    g = sub.add_parser("generate", help="stream a completion from a running server to the terminal")
-    serve_cli.add_generate_arguments(g)
-    g.set_defaults(fn=serve_cli.run_generate)
-
     from distllm_jax.placement.cli import add_commands as add_placement_commands
 
     add_placement_commands(sub)
-
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench_command", required=True)
-    from bench.cli import add_bench_commands
-
-    add_bench_commands(bsub)
+    for add in installed_commands() if commands is None else commands:
+        add(sub)
     return p
+
+
+# ---- commands from other packages ---------------------------------------------------------------
+
+COMMANDS_GROUP = "distllm.commands"
+# this repository's commands outside the library (pyproject.toml declares their entry points): in an
+# environment that lacks one, its command is still listed, and says how to get it
+REPOSITORY_COMMANDS = ("serve", "generate", "bench")
+
+AddCommand = Callable[[Any], None]
+
+
+def installed_commands() -> list[AddCommand]:
+    """What mounts each command of the entry-point group ``distllm.commands``: an entry point ``name``
+    names a function that adds the subcommand ``name`` to the ``distllm`` command's subparsers (so the
+    library never imports the packages that serve or benchmark it). A command of
+    :data:`REPOSITORY_COMMANDS` that is not installed, or fails to import, is mounted as a stub that
+    says so; the repository's commands come first, in that order, then any other by name."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=COMMANDS_GROUP):
+        found.setdefault(ep.name, ep)  # the first of two distributions declaring one name
+    order = [*REPOSITORY_COMMANDS, *sorted(set(found) - set(REPOSITORY_COMMANDS))]
+    out = []
+    for name in order:
+        if name not in found:
+            out.append(functools.partial(_unavailable, name, f"no entry point of group {COMMANDS_GROUP} names it "
+                                         "here (python3 -m pip install -e . registers the repository's)"))
+            continue
+        try:
+            out.append(found[name].load())
+        except ImportError as e:  # a missing optional dependency: the other commands still work
+            out.append(functools.partial(_unavailable, name, f"{found[name].value} does not import ({e})"))
+    return out
+
+
+def _unavailable(name: str, why: str, sub: Any) -> None:
+    """A command that cannot run here: it takes any arguments and fails with ``why`` (exit status 2)."""
+    # no options (prefix_chars): ``--help`` and the rest are taken as they come, and answered with ``why``
+    p = sub.add_parser(name, help=f"(not available here: distllm {name} says why)", add_help=False,
+                       prefix_chars="\0")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="ignored")
+
+    def fail(args: argparse.Namespace) -> int:
+        print(f"distllm {name}: error: the {name} command is not available: {why}", file=sys.stderr)
+        return 2
+
+    p.set_defaults(fn=fail)
 
 
 def _virtual_cpu_devices(n: int = 8) -> None:
@@ -181,10 +224,11 @@ def _virtual_cpu_devices(n: int = 8) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command; errors the user can act on end in one line and exit status 2."""
+def main(argv: list[str] | None = None, commands: Sequence[AddCommand] | None = None) -> int:
+    """Run one command (``commands``: as :func:`build_parser`); errors the user can act on end in one
+    line and exit status 2."""
     _virtual_cpu_devices()
-    args = build_parser().parse_args(argv)
+    args = build_parser(commands).parse_args(argv)
     try:
         code = args.fn(args)
         sys.stdout.flush()  # inside the try: a reader that went away (`| head`) surfaces here

@@ -270,6 +270,22 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_command(sub: Any) -> None:
+    """Mount ``distllm serve`` on the ``distllm`` command's subparsers ``sub`` (the entry point ``serve``
+    of group ``distllm.commands``, pyproject.toml)."""
+    p = sub.add_parser("serve", help="start the gRPC server (no arguments: the embedded default model)",
+                       description=__doc__)
+    add_serve_arguments(p)
+    p.set_defaults(fn=run_serve)
+
+
+def add_generate_command(sub: Any) -> None:
+    """Mount ``distllm generate`` (the entry point ``generate`` of group ``distllm.commands``)."""
+    p = sub.add_parser("generate", help="stream a completion from a running server to the terminal")
+    add_generate_arguments(p)
+    p.set_defaults(fn=run_generate)
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = _DescriptionAndDefaults
     p.add_argument("prompt", help="the prompt text")

@@ -199,8 +199,9 @@ class GenerationService(FrontDoor):
             "kv_transfer": e.config.kv_transfer, "attention": e.config.attention,
             "instances": [i.describe() for i in e.instances],
         }
-        if hasattr(e, "cluster_info"):  # cluster mode: actors, nodes, the KV path in use
-            engine_info["cluster"] = await asyncio.get_running_loop().run_in_executor(None, e.cluster_info)
+        cluster = await asyncio.get_running_loop().run_in_executor(None, e.cluster_info)
+        if cluster is not None:  # cluster mode: actors, nodes, the KV path in use
+            engine_info["cluster"] = cluster
         return pb.ModelInfoResponse(
             model_json=json.dumps(e.model.to_dict()), engine_json=json.dumps(engine_info),
             max_seq_len=e.max_len, vocab_size=e.model.vocab_size,

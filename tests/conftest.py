@@ -18,6 +18,38 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+
+def _declare_the_trees_commands() -> None:
+    """``distllm serve``/``generate``/``bench`` reach the CLI through pyproject.toml's entry points
+    (group ``distllm.commands``). An environment installed before they were declared, or from another
+    tree, lacks them or names other functions: then the tests declare this tree's, in a metadata folder
+    first on sys.path (and on PYTHONPATH, for the servers the tests start as subprocesses)."""
+    import atexit
+    import shutil
+    import tempfile
+    import tomllib
+    from importlib.metadata import entry_points
+
+    group = "distllm.commands"
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    declared = project["entry-points"][group]
+    installed = {}
+    for ep in entry_points(group=group):
+        installed.setdefault(ep.name, ep.value)
+    if installed == declared:
+        return
+    folder = Path(tempfile.mkdtemp(prefix="distllm-commands-"))
+    atexit.register(shutil.rmtree, folder, True)
+    meta = folder / "distllm_jax_source_tree-0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: distllm-jax-source-tree\nVersion: 0\n")
+    (meta / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
+    sys.path.insert(0, str(folder))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+
+
+_declare_the_trees_commands()
+
 from distllm_jax import compile_cache  # noqa: E402
 
 compile_cache.enable(compile_cache.default_dir())

@@ -14,7 +14,7 @@ import pytest
 from distllm_jax.placement.ablation import (AblationSpec, Layout, Runner, grid_bracket, layouts, low_affinity, pick,
                                             refine, run, vllm_layout)
 from distllm_jax.placement.latency import load_profile
-from distllm_jax.placement.simulator import Par
+from distllm_jax.instance_spec import InstanceSpec
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_layouts_within_four_gpus(a100):
 
 
 def test_low_affinity_is_the_artifacts_rule():
-    lay = lambda p, d: Layout(Par(*p), Par(*d))  # noqa: E731
+    lay = lambda p, d: Layout(InstanceSpec(*p), InstanceSpec(*d))  # noqa: E731
     # 4 GPUs and 8-GPU nodes: every layout has its one segment in a node
     assert low_affinity(lay((2, 1), (1, 2)), nodes=4, gpus_per_node=8)
     # 2-GPU nodes: the pipelines must split into segments of one node each, at a common degree
@@ -43,7 +43,7 @@ def test_low_affinity_is_the_artifacts_rule():
     assert not low_affinity(lay((1, 2), (1, 1)), nodes=4, gpus_per_node=2)  # pp 1 cannot split
     assert low_affinity(lay((4, 4), (4, 4)), nodes=4, gpus_per_node=8)  # k = 4: tp4 + tp4 a node
     assert not low_affinity(lay((4, 4), (4, 4)), nodes=2, gpus_per_node=8)  # k <= 2: 16 GPUs a segment
-    assert low_affinity(Layout(colocated=Par(4, 8)), nodes=1, gpus_per_node=1)
+    assert low_affinity(Layout(colocated=InstanceSpec(4, 8)), nodes=1, gpus_per_node=1)
 
 
 def test_goodput_bracket_and_bisection():

@@ -10,7 +10,7 @@ import pytest
 
 from bench.sim_vs_real import compare_dir, parse_run
 from distllm_jax.cli import main
-from distllm_jax.placement.simulator import Par
+from distllm_jax.instance_spec import InstanceSpec
 
 
 def _trace(path, n: int, gap: float, ttft: float, tpot: float) -> None:
@@ -22,10 +22,11 @@ def _trace(path, n: int, gap: float, ttft: float, tpot: float) -> None:
 def test_run_names():
     v = parse_run("vllm-300-3")
     assert (v.system, v.profile, v.requests, v.rate) == ("vllm", "a100-opt-13b-vllm", 300, 3.0)
-    assert v.cfg.mode == "colocated" and v.cfg.colocated == (Par(1, 1),) and v.layout == "tp1pp1"
+    assert v.cfg.mode == "colocated" and v.cfg.colocated == (InstanceSpec(1, 1),) and v.layout == "tp1pp1"
     d = parse_run("distserve-c21d12-300-10.5")
     assert (d.system, d.profile, d.rate) == ("distserve", "a100-opt-13b", 10.5)
-    assert d.cfg.prefill == (Par(2, 1),) and d.cfg.decode == (Par(1, 2),) and d.cfg.mode == "disaggregated"
+    assert d.cfg.prefill == (InstanceSpec(2, 1),) and d.cfg.decode == (InstanceSpec(1, 2),)
+    assert d.cfg.mode == "disaggregated"
     assert parse_run("vllm-10-1", vllm_system="vllm-defaults").cfg.prefill_token_budget == 2048
     with pytest.raises(ValueError, match="vllm-N-R or distserve-cPQdRS-N-R"):
         parse_run("sglang-10-1")

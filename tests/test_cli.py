@@ -11,12 +11,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import distllm_jax
+from distllm_jax import cli
 from distllm_jax.checkpoint import CheckpointError, read_meta, restore_params
 from distllm_jax.cli import build_parser, main, si_count
 from distllm_jax.tokenizer import load_tokenizer
@@ -107,6 +109,36 @@ def test_every_flag_has_help_and_shows_its_default():
                 formatter.add_argument(a)
                 entry = formatter.format_help()
                 assert "default" in entry, f"distllm {' '.join(path)} {entry}: default {a.default!r} not shown"
+
+
+def test_serve_and_bench_are_mounted_through_their_entry_points():
+    """pyproject.toml declares each command of the packages above the library as an entry point naming
+    a function that adds the command of its name (the library imports none: tests/test_layering.py)."""
+    import tomllib
+    from importlib.metadata import EntryPoint
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    declared = project["entry-points"][cli.COMMANDS_GROUP]
+    assert tuple(declared) == cli.REPOSITORY_COMMANDS
+    for name, value in declared.items():
+        parser = build_parser([EntryPoint(name, value, cli.COMMANDS_GROUP).load()])
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        (shown,) = [a.help for a in sub._choices_actions if a.dest == name]
+        assert "not available" not in shown and sub.choices[name].add_help  # the command itself, no stand-in
+
+
+def test_a_command_that_is_not_installed_says_so(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda **kw: [])
+    assert main(["bench", "run", "--address", "127.0.0.1:1", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "distllm bench: error:" in err and "distllm.commands" in err and "pip install -e ." in err
+    assert main(["info", "/nonexistent"]) == 2  # the library's own commands still work
+    broken = [EntryPoint("serve", "no_such_module_here:add", cli.COMMANDS_GROUP)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda **kw: broken)
+    assert main(["serve", "--port", "0"]) == 2
+    assert "no_such_module_here:add does not import" in capsys.readouterr().err
 
 
 def test_multi_gpu_help_is_for_users():

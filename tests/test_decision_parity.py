@@ -36,7 +36,8 @@ from distllm_jax.engine.request import Request, RequestState, RequestStream
 from distllm_jax.engine.sampling import SamplingParams
 from distllm_jax.engine.stopping import StopChecker
 from distllm_jax.placement.latency import load_profile
-from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
 
 TIMEOUT_S = 60.0  # a step thread that neither blocks nor returns in this long is a bug
 
@@ -94,7 +95,7 @@ _local = threading.local()
 class StandIn:
     """An instance as the workers see it, without devices: its step takes the latency model's time."""
 
-    def __init__(self, name, role, slot, cfg: SimConfig, prof, par: Par, clock: VirtualClock, log, ctrl):
+    def __init__(self, name, role, slot, cfg: SimConfig, prof, par: InstanceSpec, clock: VirtualClock, log, ctrl):
         self.name, self.role = name, role
         self.alloc, self.max_batch, self.max_prefill_seqs = slot.alloc, slot.max_batch, slot.max_prefill_seqs
         self.page_size = slot.page_size
@@ -268,13 +269,15 @@ def workload(n: int, rate: float, seed: int):
 
 
 CONFIGS = {
-    "colocated": SimConfig("colocated", colocated=(Par(1, 1),), max_decode_batch=12, kv_tokens=6000),
-    "colocated-2": SimConfig("colocated", colocated=(Par(1, 1), Par(2, 1)), max_decode_batch=8, kv_tokens=5000),
-    "chunked": SimConfig("chunked", colocated=(Par(1, 1),), max_decode_batch=12, kv_tokens=6000),
-    "disaggregated": SimConfig("disaggregated", prefill=(Par(2, 1),), decode=(Par(1, 1),), transfer_gbps=0,
-                               max_decode_batch=10, kv_tokens=7000, max_prefill_seqs=4),
-    "disaggregated-2x2": SimConfig("disaggregated", prefill=(Par(1, 1), Par(2, 1)), decode=(Par(1, 1), Par(1, 1)),
-                                   transfer_gbps=0, max_decode_batch=6, kv_tokens=6000),
+    "colocated": SimConfig("colocated", colocated=(InstanceSpec(1, 1),), max_decode_batch=12, kv_tokens=6000),
+    "colocated-2": SimConfig("colocated", colocated=(InstanceSpec(1, 1), InstanceSpec(2, 1)), max_decode_batch=8,
+                             kv_tokens=5000),
+    "chunked": SimConfig("chunked", colocated=(InstanceSpec(1, 1),), max_decode_batch=12, kv_tokens=6000),
+    "disaggregated": SimConfig("disaggregated", prefill=(InstanceSpec(2, 1),), decode=(InstanceSpec(1, 1),),
+                               transfer_gbps=0, max_decode_batch=10, kv_tokens=7000, max_prefill_seqs=4),
+    "disaggregated-2x2": SimConfig("disaggregated", prefill=(InstanceSpec(1, 1), InstanceSpec(2, 1)),
+                                   decode=(InstanceSpec(1, 1), InstanceSpec(1, 1)), transfer_gbps=0,
+                                   max_decode_batch=6, kv_tokens=6000),
 }
 
 

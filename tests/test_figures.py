@@ -15,7 +15,7 @@ from distllm_jax.placement.figures import (FIGURES, RATIO_KEYS, Entry, best_unit
                                            rate_ratio, ratios, run_entry, scaled_fit, slo_ratio, table)
 from distllm_jax.placement.latency import Fit, Profile
 from distllm_jax.placement.search import Cluster
-from distllm_jax.placement.simulator import Par
+from distllm_jax.instance_spec import InstanceSpec
 
 
 def toy_profile(model: str = "toy", slower: float = 1.0) -> Profile:
@@ -72,7 +72,8 @@ class FakeRunner:
 
 
 def test_best_unit_prunes_at_the_best_so_far():
-    a, b, c = Layout(Par(1), Par(1)), Layout(Par(2), Par(1)), Layout(Par(2), Par(2))
+    one, two = InstanceSpec(1), InstanceSpec(2)
+    a, b, c = Layout(one, one), Layout(two, one), Layout(two, two)
     runner = FakeRunner({a: 1.0, b: 0.5, c: 3.0})
     brackets: dict = {}
     best, tried = best_unit(runner, [c, b, a], 1.0, brackets)

@@ -1,8 +1,9 @@
-"""The layering the code promises: the library never imports ``bench`` or ``serve`` (only its console
-entry point, ``distllm_jax/cli.py``, mounts their commands), ``pallas_kernels`` imports nothing of
-the project, no two modules import each other (directly or round a longer loop), and no module (nor a
-test) imports another module's private names. Read from the source, so an import inside a function,
-or under ``if TYPE_CHECKING:``, counts too."""
+"""The layering the code promises: the library never imports ``bench`` or ``serve`` (not even its
+console entry point, ``distllm_jax/cli.py``, which mounts their commands through entry points),
+``pallas_kernels`` imports nothing of the project, no two modules import each other (directly or
+round a longer loop), no module (nor a test) imports another module's private names, and each
+BUILD.bazel target depends on exactly the project packages its files import. Read from the source, so
+an import inside a function, or under ``if TYPE_CHECKING:``, counts too."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def offenders(package: str, forbidden: set[str], allowed: set[str] = frozenset()
 
 
 def test_the_library_never_imports_bench_or_serve():
-    assert offenders("distllm_jax", {"bench", "serve"}, {"distllm_jax/cli.py"}) == []
+    assert offenders("distllm_jax", {"bench", "serve"}) == []
 
 
 def test_pallas_kernels_import_nothing_of_the_project():
@@ -257,3 +258,53 @@ def test_the_private_check_sees_every_spelling(tmp_path, source, expect):
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "m.py").write_text(source)
     assert private_offenders(tmp_path, ("p",), ("user",)) == [f"user/m.py:{e}" for e in expect]
+
+
+# ---- the build graph ----------------------------------------------------------------------------
+
+
+def bazel_targets(build: Path) -> dict[str, tuple[list[str], set[str]]]:
+    """Rule name -> (the source patterns, the ``:deps``) of each py_library, py_binary and py_test of a
+    BUILD file (read as the Python it is written in); a py_test made per test file is named ``tests``,
+    with the patterns of the files it can run."""
+    out = {}
+    for node in ast.walk(ast.parse(build.read_text(), str(build))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("py_library", "py_binary", "py_test")):
+            continue
+        kw = {k.arg: k.value for k in node.keywords}
+        srcs = kw["srcs"].args[0] if isinstance(kw["srcs"], ast.Call) else kw["srcs"]  # glob([...]) or [...]
+        patterns = [e.value for e in srcs.elts if isinstance(e, ast.Constant)]
+        name = kw["name"].value if isinstance(kw["name"], ast.Constant) else "tests"
+        if name == "tests":
+            patterns.append("tests/**/*.py")
+        deps = {e.value.lstrip(":") for e in kw.get("deps", ast.List(elts=[])).elts}
+        out[name] = (patterns, deps)
+    return out
+
+
+def target_imports(root: Path, patterns: list[str], own: str | None = None) -> set[str]:
+    """The project packages the files of ``patterns`` import, but ``own``."""
+    return {p for pattern in patterns for f in root.glob(pattern) for p in imported(f) & set(PROJECT)} - {own}
+
+
+def test_bazel_deps_are_the_imports():
+    targets = bazel_targets(ROOT / "BUILD.bazel")
+    assert set(PROJECT) | {"distllm", "tests"} <= set(targets)
+    wrong = [f"{name}: deps {sorted(deps)}, imports {sorted(got)}"
+             for name, (patterns, deps) in sorted(targets.items())
+             if deps != (got := target_imports(ROOT, patterns, name))]
+    assert not wrong, "BUILD.bazel's deps differ from the imports:\n" + "\n".join(wrong)
+
+
+def test_the_build_check_reads_globs_lists_and_generated_tests(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "m.py").write_text("import serve\n")
+    (tmp_path / "BUILD.bazel").write_text(
+        'py_library(name = "p", srcs = glob(["p/**/*.py"], exclude = X), deps = [":serve"])\n'
+        'py_binary(name = "b", srcs = ["p/m.py"])\n'
+        '[py_test(name = src, srcs = ["p/m.py", src], deps = [":p"]) for src in glob(["t/*.py"])]\n')
+    targets = bazel_targets(tmp_path / "BUILD.bazel")
+    assert targets == {"p": (["p/**/*.py"], {"serve"}), "b": (["p/m.py"], set()),
+                       "tests": (["p/m.py", "tests/**/*.py"], {"p"})}
+    assert target_imports(tmp_path, ["p/**/*.py"], "p") == {"serve"}

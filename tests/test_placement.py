@@ -11,7 +11,8 @@ import pytest
 
 from distllm_jax.placement.latency import Fit, Profile, fit_decode, fit_decode_split, fit_prefill, load_profile
 from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
-from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
 
 GB = 1e9
 
@@ -169,7 +170,7 @@ def test_decode_memory_makes_requests_wait():
 
 def test_pipeline_prefill_throughput_and_latency():
     prof = const_profile(fits={1: Fit((20.0, 0, 0), (5.0, 0, 0), (5.0, 0, 0))})
-    cfg = SimConfig("disaggregated", prefill=(Par(1, 2),), prefill_token_budget=8, transfer_gbps=0)
+    cfg = SimConfig("disaggregated", prefill=(InstanceSpec(1, 2),), prefill_token_budget=8, transfer_gbps=0)
     rs = run(prof, cfg, [(0.0, 8, 2), (0.0, 8, 2)])
     # each batch holds the 2-stage pipeline for one stage (10 ms) and reaches its token after both
     assert [r.ttft for r in rs] == pytest.approx([0.020, 0.030])

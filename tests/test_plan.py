@@ -13,7 +13,8 @@ import pytest
 from distllm_jax.placement.latency import Fit, Profile
 from distllm_jax.placement.plan import Plan, PlanInstance
 from distllm_jax.placement.search import Cluster, algorithm1, algorithm2, colocated_search, workload_from
-from distllm_jax.placement.simulator import Par, SimConfig
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FITS = {1: Fit((60.0, 0, 0), (20.0, 0, 0), (20.0, 0, 0)), 2: Fit((20.0, 0, 0), (13.3, 0, 0), (13.3, 0, 0))}
@@ -127,11 +128,11 @@ def test_to_engine_config():
 def test_to_sim_config():
     plan = Plan.from_dict({"prefill": [{"tp": 2}], "decode": [{"pp": 2}], "prefill_token_budget": 256})
     cfg = plan.to_sim_config(admission_s=0.01, prefill_token_budget=512, batch_buckets=(1, 2))
-    assert cfg == SimConfig("disaggregated", prefill=(Par(2, 1),), decode=(Par(1, 2),), prefill_token_budget=256,
-                            admission_s=0.01, batch_buckets=(1, 2))
+    assert cfg == SimConfig("disaggregated", prefill=(InstanceSpec(2, 1),), decode=(InstanceSpec(1, 2),),
+                            prefill_token_budget=256, admission_s=0.01, batch_buckets=(1, 2))
     co = Plan("colocated", colocated=(PlanInstance(1),) * 2)
     vllm = co.to_sim_config("vllm")
-    assert vllm.colocated == (Par(1, 1),) * 2 and vllm.max_decode_batch == 1024  # the system's policies
+    assert vllm.colocated == (InstanceSpec(1, 1),) * 2 and vllm.max_decode_batch == 1024  # the system's policies
     with pytest.raises(ValueError, match="system 'vllm' runs colocated, not disaggregated"):
         plan.to_sim_config("vllm")
 

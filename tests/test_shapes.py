@@ -65,6 +65,7 @@ def test_the_simulator_pads_to_the_shapes_and_runs_past_the_top_unpadded():
 
 
 def test_the_shared_modules_import_no_jax():
-    code = ("import sys; import distllm_jax.shapes, distllm_jax.placement.plan, distllm_jax.placement.search, "
-            "bench.multi_gpu; assert 'jax' not in sys.modules, 'jax imported'")
+    code = ("import sys; import distllm_jax.shapes, distllm_jax.instance_spec, distllm_jax.placement.simulator, "
+            "distllm_jax.placement.plan, distllm_jax.placement.search, bench.multi_gpu; "
+            "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

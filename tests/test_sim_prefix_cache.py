@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from distllm_jax.placement.latency import Fit, Profile
-from distllm_jax.placement.simulator import Par, SimConfig, SimRequest, Simulator
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig, SimRequest, Simulator
 from distllm_jax.scheduling.prefix_cache import page_hashes
 
 PS = 16
@@ -31,8 +32,8 @@ def turns(n: int = 3, first: int = 200, more: int = 40) -> list[list[int]]:
 
 def _run(mode: str, cache: bool, kv_tokens: int = 100_000) -> tuple[list[SimRequest], Simulator]:
     prompts = turns()
-    cfg = SimConfig(mode, prefill=(Par(),), decode=(Par(),), colocated=(Par(),), transfer_gbps=0,
-                    prefill_token_budget=512, kv_tokens=kv_tokens, prefix_cache=cache)
+    cfg = SimConfig(mode, prefill=(InstanceSpec(),), decode=(InstanceSpec(),), colocated=(InstanceSpec(),),
+                    transfer_gbps=0, prefill_token_budget=512, kv_tokens=kv_tokens, prefix_cache=cache)
     reqs = [SimRequest(10.0 * k, len(p), 20, prefix_hashes=tuple(page_hashes(p, PS, "toy"))) for k, p in enumerate(prompts)]
     sim = Simulator(profile(), cfg)
     return sim.run(reqs), sim
@@ -58,7 +59,8 @@ def test_a_pool_too_small_to_keep_the_pages_evicts_them():
     """Two conversations on a 20-page pool: the second one's first turn (14 pages) takes back the
     tail of the first one's 12 cached pages, so its next turn finds only their head."""
     a, b = turns(2), [[5000 + k for k in range(200)]]
-    cfg = SimConfig("colocated", colocated=(Par(),), prefill_token_budget=512, kv_tokens=20 * PS, prefix_cache=True)
+    cfg = SimConfig("colocated", colocated=(InstanceSpec(),), prefill_token_budget=512, kv_tokens=20 * PS,
+                    prefix_cache=True)
     reqs = [SimRequest(10.0 * k, len(p), 20, prefix_hashes=tuple(page_hashes(p, PS, "toy")))
             for k, p in enumerate([a[0], b[0], a[1]])]
     sim = Simulator(profile(), cfg)
@@ -90,8 +92,8 @@ def test_a_closed_loop_chat_reuses_its_replies_pages(mode):
         tokens[k] = tokens[k - 1] + [9000 + 100 * k + i for i in range(more)]
         return request(k, r.finish + 0.5)
 
-    cfg = SimConfig(mode, prefill=(Par(),), decode=(Par(),), colocated=(Par(),), transfer_gbps=0,
-                    prefill_token_budget=512, kv_tokens=100_000, prefix_cache=True)
+    cfg = SimConfig(mode, prefill=(InstanceSpec(),), decode=(InstanceSpec(),), colocated=(InstanceSpec(),),
+                    transfer_gbps=0, prefill_token_budget=512, kv_tokens=100_000, prefix_cache=True)
     done = Simulator(profile(), cfg).run([request(0, 0.0)], follow)
     assert [r.rid for r in done] == ["turn0", "turn1", "turn2"]
     assert all(b.arrival == pytest.approx(a.finish + 0.5) for a, b in zip(done, done[1:]))

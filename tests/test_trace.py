@@ -9,7 +9,8 @@ import pytest
 
 from distllm_jax.cli import main
 from distllm_jax.placement.latency import PROFILES, Fit, Profile, load_profile
-from distllm_jax.placement.simulator import Par, SimConfig
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig
 from distllm_jax.placement.systems import SYSTEMS, system_config
 from distllm_jax.placement.trace import TraceError, compare, read_trace, replay, summarize
 
@@ -102,12 +103,12 @@ def test_replay_and_compare(tmp_path):
 
 
 def test_system_presets():
-    v = system_config("vllm", colocated=(Par(1, 1),))
+    v = system_config("vllm", colocated=(InstanceSpec(1, 1),))
     assert v.mode == "colocated" and (v.prefill_token_budget, v.max_prefill_seqs, v.max_decode_batch) == (16384, 1024, 1024)
     d = system_config("vllm-defaults")
     assert (d.prefill_token_budget, d.max_decode_batch) == (2048, 256)
-    ds = system_config("distserve", prefill=(Par(2, 1),), decode=(Par(1, 1),))
-    assert ds.mode == "disaggregated" and ds.prefill == (Par(2, 1),) and ds.gpus == 3
+    ds = system_config("distserve", prefill=(InstanceSpec(2, 1),), decode=(InstanceSpec(1, 1),))
+    assert ds.mode == "disaggregated" and ds.prefill == (InstanceSpec(2, 1),) and ds.gpus == 3
     assert (ds.prefill_token_budget, ds.max_prefill_seqs, ds.max_decode_batch) == (8192, 128, 1024)
     assert system_config("distllm", "chunked") == SimConfig("chunked")
     assert system_config("distserve", max_decode_batch=8).max_decode_batch == 8  # explicit settings win

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from distllm_jax.instance_spec import InstanceSpec  # re-exported: the engine's name for it
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.shapes import MIN_TOKEN_BUCKET
 
@@ -17,27 +18,6 @@ Mode = Literal["disaggregated", "colocated", "chunked"]
 MODES: tuple[str, ...] = ("disaggregated", "colocated", "chunked")
 KV_ADMISSIONS: tuple[str, ...] = ("on-demand", "reserve")
 PREEMPTIONS: tuple[str, ...] = ("recompute", "swap")
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceSpec:
-    """One instance's parallelism: ``tp`` devices per pipeline stage, ``pp`` stages (tp*pp devices).
-    ``num_pages`` overrides the engine-wide pool size for this instance."""
-
-    tp: int = 1
-    pp: int = 1
-    num_pages: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
-
-    @property
-    def num_devices(self) -> int:
-        return self.tp * self.pp
-
-    def label(self) -> str:
-        return f"tp{self.tp}" + (f"pp{self.pp}" if self.pp > 1 else "")
 
 
 @dataclasses.dataclass(frozen=True)

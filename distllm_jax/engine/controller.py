@@ -20,6 +20,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable
 
+from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.logprobs import TokenLogprob
 from distllm_jax.engine.request import Request, RequestOutput, RequestState
 from distllm_jax.engine.stopping import FinishReason
@@ -34,7 +35,7 @@ class InstanceLost(RuntimeError):
     """An instance's process is gone, and its KV pool and programs with it (raised by remote instances
     and remote KV pullers; never by an in-process instance)."""
 
-    def __init__(self, inst: Any, cause: BaseException | str):
+    def __init__(self, inst: InstanceAPI, cause: BaseException | str):
         why = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
         super().__init__(f"instance {inst.name} was lost ({(why.splitlines() or ['no reason'])[0]})")
         self.inst = inst
@@ -52,9 +53,9 @@ class Controller:
         self.migrations = 0
         self.migration_seconds = 0.0
         self.errors: collections.deque[str] = collections.deque(maxlen=32)  # recent step failures
-        self.lost: set[Any] = set()  # instances whose process died: nothing is routed to them
+        self.lost: set[InstanceAPI] = set()  # instances whose process died: nothing is routed to them
         self.requeued = 0  # requests sent back to the prefill queue by a lost instance
-        self.on_lost: Callable[[Any], None] | None = None  # called (lock held) once per lost instance
+        self.on_lost: Callable[[InstanceAPI], None] | None = None  # called (lock held) once per lost instance
         self.router: PrefillRouter | None = None  # chooses a prompt instance for each new request
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)  # appended lock-free
 
@@ -195,7 +196,7 @@ class Controller:
         self.waiting.insert(at, req)
         self.requeued += 1
 
-    def lose_instance(self, inst: Any, exc: BaseException) -> None:
+    def lose_instance(self, inst: InstanceAPI, exc: BaseException) -> None:
         """``inst`` died with its memory. Prefill work there (prefilling, held, migrating out) is redone
         from the prompt; a request migrating into a lost decode instance waits in prefill memory again;
         a request that was decoding there fails with the reason. Idempotent."""

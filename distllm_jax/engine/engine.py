@@ -44,6 +44,7 @@ from distllm_jax.engine.config import EngineConfig
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.decode import DecodeWorker
 from distllm_jax.engine.instance import Instance
+from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.params_source import CheckpointSource, ParamSource
 from distllm_jax.engine.prefill import PrefillWorker
 from distllm_jax.engine.request import Request, RequestOutput, RequestStream
@@ -82,7 +83,7 @@ def make_puller(kind: str, max_pages: int) -> KVPuller:
     return LocalKVPuller(max_pages)
 
 
-def make_worker(ctrl: Controller, inst: Any, cfg: EngineConfig, puller: KVPuller | None,
+def make_worker(ctrl: Controller, inst: InstanceAPI, cfg: EngineConfig, puller: KVPuller | None,
                 decoders: list[DecodeWorker]) -> Worker:
     """The worker of one instance, by its role, made here for the engine's start and for an instance
     that replaces a lost one (cluster mode) alike, so a replacement is wired as the original was. A
@@ -320,6 +321,11 @@ class Engine:
             return self.ctrl.cancel(request_id)
 
     # ---- state ----------------------------------------------------------------------------------
+
+    def cluster_info(self) -> dict[str, Any] | None:
+        """The cluster's layout (actors, nodes, the KV path in use) in cluster mode; None here, where
+        every instance runs in this process."""
+        return None
 
     def stats(self) -> dict[str, Any]:
         with self.ctrl.lock:

@@ -40,9 +40,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from distllm_jax.instance_spec import InstanceSpec
 from distllm_jax.placement.latency import PROFILES, Profile
 from distllm_jax.placement.systems import system_overrides
-from distllm_jax.placement.simulator import Par, SimConfig, simulate
+from distllm_jax.placement.simulator import SimConfig, simulate
 
 DEGREES = (1, 2, 4, 8)  # the artifact's --tp-prefill/--pp-prefill/--tp-decode/--pp-decode lists
 ARTIFACT_RATES = (1.0, 2.0, 3.0, 4.0, 5.0)  # per_gpu_rate for opt_13b_sharegpt (and its 32-GPU run)
@@ -56,9 +57,9 @@ class Layout:
     """One prefill + one decode instance (disaggregated) or one colocated instance; ``chunked``: the
     colocated instance mixes prompt chunks into decode steps (SplitFuse, DeepSpeed-MII's way)."""
 
-    prefill: Par | None = None
-    decode: Par | None = None
-    colocated: Par | None = None
+    prefill: InstanceSpec | None = None
+    decode: InstanceSpec | None = None
+    colocated: InstanceSpec | None = None
     chunked: bool = False
 
     @property
@@ -68,8 +69,8 @@ class Layout:
     @property
     def gpus(self) -> int:
         if self.disaggregated:
-            return self.prefill.gpus + self.decode.gpus
-        return self.colocated.gpus
+            return self.prefill.num_devices + self.decode.num_devices
+        return self.colocated.num_devices
 
     @property
     def name(self) -> str:
@@ -113,9 +114,9 @@ class AblationSpec:
     seed: int = 0
 
 
-def shapes(profile: Profile, max_gpus: int, degrees: Sequence[int] = DEGREES) -> list[Par]:
+def shapes(profile: Profile, max_gpus: int, degrees: Sequence[int] = DEGREES) -> list[InstanceSpec]:
     """The instance shapes the profile can time and the model fits in, in the artifact's order."""
-    return [Par(tp, pp) for tp in degrees for pp in degrees
+    return [InstanceSpec(tp, pp) for tp in degrees for pp in degrees
             if tp in profile.fits and profile.num_layers % pp == 0 and tp * pp <= max_gpus
             and profile.fits_memory(tp, pp)]
 
@@ -123,7 +124,7 @@ def shapes(profile: Profile, max_gpus: int, degrees: Sequence[int] = DEGREES) ->
 def layouts(profile: Profile, total_gpus: int) -> tuple[list[Layout], list[Layout]]:
     """(disaggregated, colocated) layouts of at most ``total_gpus`` GPUs, as simulate_multi.py forms them."""
     s = shapes(profile, total_gpus)
-    disagg = [Layout(p, d) for p in s for d in s if p.gpus + d.gpus <= total_gpus]
+    disagg = [Layout(p, d) for p in s for d in s if p.num_devices + d.num_devices <= total_gpus]
     return disagg, [Layout(colocated=c) for c in s]
 
 
@@ -135,7 +136,7 @@ def low_affinity(layout: Layout, nodes: int = 4, gpus_per_node: int = 8) -> bool
     if not layout.disaggregated:
         return True
     p, d = layout.prefill, layout.decode
-    return any(p.pp % k == 0 and d.pp % k == 0 and (p.gpus + d.gpus) // k <= gpus_per_node
+    return any(p.pp % k == 0 and d.pp % k == 0 and (p.num_devices + d.num_devices) // k <= gpus_per_node
                for k in range(1, nodes + 1))
 
 

@@ -56,11 +56,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from distllm_jax.instance_spec import InstanceSpec
 from distllm_jax.placement.ablation import (AblationSpec, Layout, Runner, draw_panels, goodput_bracket, grid_bracket,
                                             save_figure)
 from distllm_jax.placement.latency import Fit, Profile, load_profile
 from distllm_jax.placement.search import Cluster, low_affinity_units
-from distllm_jax.placement.simulator import Par
 from distllm_jax.placement.systems import system_overrides
 
 PAPER_CLUSTER = Cluster(nodes=4, gpus_per_node=8, cross_node_gbps=3.125, intra_node_gbps=300.0)
@@ -294,9 +294,9 @@ def run_entry(entry: Entry, lengths: Sequence[tuple[int, int]], requests: int = 
         raise ValueError(f"{entry.model}: no Algorithm 2 unit fits a node of {cluster.gpus_per_node} GPUs")
     brackets: dict[Layout, tuple[float, float]] = {}
     unit, tried = best_unit(runners["DistServe"], units, 1.0, brackets)
-    layouts = {"DistServe": unit, "vLLM": Layout(colocated=Par(entry.vllm_tp, 1))}
+    layouts = {"DistServe": unit, "vLLM": Layout(colocated=InstanceSpec(entry.vllm_tp, 1))}
     if entry.mii:
-        layouts["DeepSpeed-MII"] = Layout(colocated=Par(entry.vllm_tp, 1), chunked=True)
+        layouts["DeepSpeed-MII"] = Layout(colocated=InstanceSpec(entry.vllm_tp, 1), chunked=True)
     ds_good = brackets[unit][0]
     for name in [k for k in layouts if k != "DistServe"]:
         goodput_from(runners[name], layouts[name], ds_good / 2 if ds_good > 0 else 1.0, brackets)  # ratios 1.6-7.4

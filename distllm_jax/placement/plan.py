@@ -30,7 +30,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from distllm_jax.placement.simulator import Par, SimConfig
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig
 from distllm_jax.placement.systems import system_config
 
 if TYPE_CHECKING:
@@ -145,16 +146,16 @@ class Plan:
         """The EngineConfig serving this plan: its mode and instances (``InstanceSpec`` per entry), over
         ``engine`` (the server's other fields: page_size, num_pages, ...). The plan's own limits win over
         those given, as a plan that says ``max_decode_batch`` was searched with it."""
-        from distllm_jax.engine.config import EngineConfig, InstanceSpec
+        from distllm_jax.engine.config import EngineConfig
 
         layout = {k: tuple(InstanceSpec(i.tp, i.pp) for i in getattr(self, k)) for k in _GROUPS if getattr(self, k)}
         return EngineConfig(mode=self.mode, **layout, **{**engine, **self._limits()})
 
     def to_sim_config(self, system: str = "distllm", **sim: Any) -> SimConfig:
-        """The SimConfig simulating this plan (a ``Par`` per entry) under serving system ``system``'s
+        """The SimConfig simulating this plan (an ``InstanceSpec`` per entry) under serving system ``system``'s
         policies (distllm_jax.placement.systems; ``distllm``: SimConfig's defaults), with ``sim``
         overriding fields. The plan's own limits win, as in :meth:`to_engine_config`."""
-        layout = {k: tuple(Par(i.tp, i.pp) for i in getattr(self, k)) for k in _GROUPS if getattr(self, k)}
+        layout = {k: tuple(InstanceSpec(i.tp, i.pp) for i in getattr(self, k)) for k in _GROUPS if getattr(self, k)}
         return system_config(system, self.mode, **layout, **{**sim, **self._limits()})
 
     # ---- the file -------------------------------------------------------------------------------

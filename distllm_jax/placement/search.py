@@ -19,11 +19,12 @@ import dataclasses
 import math
 from typing import Sequence
 
+from distllm_jax.instance_spec import InstanceSpec
 from distllm_jax.workload.arrivals import arrival_times
 from distllm_jax.workload.goodput import goodput
 from distllm_jax.placement.latency import Profile
 from distllm_jax.placement.plan import Plan, PlanInstance
-from distllm_jax.placement.simulator import Par, SimConfig, Simulator, SimRequest
+from distllm_jax.placement.simulator import SimConfig, Simulator, SimRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,12 @@ def config_goodput(profile: Profile, cfg: SimConfig, wl: Workload, slo: tuple[fl
     return rate
 
 
-def _degrees(profile: Profile, max_tp: int, max_pp: int) -> list[Par]:
+def _degrees(profile: Profile, max_tp: int, max_pp: int) -> list[InstanceSpec]:
     out = []
     for tp in sorted(profile.fits):
         for pp in range(1, max_pp + 1):
             if tp <= max_tp and profile.num_layers % pp == 0 and profile.fits_memory(tp, pp):
-                out.append(Par(tp, pp))
+                out.append(InstanceSpec(tp, pp))
     return out
 
 
@@ -81,9 +82,9 @@ def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
         gp = config_goodput(profile, SimConfig("disaggregated", (par,), (par,), phase="prefill", **sim), wl, slo)
         gd = config_goodput(profile, SimConfig("disaggregated", (par,), (par,), phase="decode", **sim), wl, slo)
         tried[f"tp{par.tp}pp{par.pp}"] = {"prefill_goodput": gp, "decode_goodput": gd}
-        if best_p is None or gp / par.gpus > best_p[1] / best_p[0].gpus:
+        if best_p is None or gp / par.num_devices > best_p[1] / best_p[0].num_devices:
             best_p = (par, gp)
-        if best_d is None or gd / par.gpus > best_d[1] / best_d[0].gpus:
+        if best_d is None or gd / par.num_devices > best_d[1] / best_d[0].num_devices:
             best_d = (par, gd)
     if not best_p or best_p[1] <= 0 or best_d[1] <= 0:
         raise ValueError("no configuration meets the SLO at any rate (Algorithm 1)")
@@ -94,7 +95,7 @@ def algorithm1(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
                                                "decode": f"tp{best_d[0].tp}pp{best_d[0].pp}"})
 
 
-def low_affinity_units(profile: Profile, cluster: Cluster) -> list[tuple[Par, Par]]:
+def low_affinity_units(profile: Profile, cluster: Cluster) -> list[tuple[InstanceSpec, InstanceSpec]]:
     """Algorithm 2's candidates: (prefill, decode) pairs of one pipeline degree pp (segments across
     up to ``nodes`` nodes) whose tensor groups share a node (tp_p + tp_d <= GPUs per node), so each
     layer segment's KV moves over NVLink; the degrees the profile can time and the memory holds."""
@@ -106,7 +107,7 @@ def low_affinity_units(profile: Profile, cluster: Cluster) -> list[tuple[Par, Pa
             for tp_d in sorted(profile.fits):
                 if tp_p + tp_d <= cluster.gpus_per_node and profile.fits_memory(tp_p, pp) \
                         and profile.fits_memory(tp_d, pp):
-                    units.append((Par(tp_p, pp), Par(tp_d, pp)))
+                    units.append((InstanceSpec(tp_p, pp), InstanceSpec(tp_d, pp)))
     return units
 
 
@@ -117,7 +118,7 @@ def algorithm2(profile: Profile, wl: Workload, slo: tuple[float, float], cluster
     for p, d in low_affinity_units(profile, cluster):
         cfg = SimConfig("disaggregated", (p,), (d,), transfer_gbps=cluster.intra_node_gbps, **sim)
         g = config_goodput(profile, cfg, wl, slo)
-        gpus = p.gpus + d.gpus
+        gpus = p.num_devices + d.num_devices
         tried[f"P-tp{p.tp}/D-tp{d.tp}/pp{p.pp}"] = g
         if best is None or g / gpus > best[0] / best[1]:
             best = (g, gpus, p, d)
@@ -135,7 +136,7 @@ def colocated_search(profile: Profile, wl: Workload, slo: tuple[float, float], c
     for par in _degrees(profile, cluster.gpus_per_node, max_pp):
         g = config_goodput(profile, SimConfig(mode, colocated=(par,), **sim), wl, slo)
         tried[f"tp{par.tp}pp{par.pp}"] = g
-        if best is None or g / par.gpus > best[1] / best[0].gpus:
+        if best is None or g / par.num_devices > best[1] / best[0].num_devices:
             best = (par, g)
     if best is None or best[1] <= 0:
         raise ValueError(f"no {mode} configuration meets the SLO at any rate")
@@ -145,7 +146,7 @@ def colocated_search(profile: Profile, wl: Workload, slo: tuple[float, float], c
                 detail={"per_config": tried})
 
 
-def _insts(par: Par, count: int) -> tuple[PlanInstance, ...]:
+def _insts(par: InstanceSpec, count: int) -> tuple[PlanInstance, ...]:
     """``count`` plan instances of the simulated degrees ``par``."""
     return (PlanInstance(par.tp, par.pp),) * count
 

@@ -24,6 +24,7 @@ import heapq
 import itertools
 from typing import Callable, Sequence
 
+from distllm_jax.instance_spec import InstanceSpec
 from distllm_jax.placement.latency import Profile
 from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, DecodePlan, DecodeScheduler, KVPolicy,
                                     KVManager, PrefillPlan, PrefillScheduler, Queues, RequestState, RoomPlan, keep_computed,
@@ -36,21 +37,11 @@ INF = float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
-class Par:
-    tp: int = 1
-    pp: int = 1
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp
-
-
-@dataclasses.dataclass(frozen=True)
 class SimConfig:
     mode: str = "disaggregated"  # disaggregated | colocated | chunked
-    prefill: tuple[Par, ...] = (Par(),)
-    decode: tuple[Par, ...] = (Par(),)
-    colocated: tuple[Par, ...] = (Par(),)
+    prefill: tuple[InstanceSpec, ...] = (InstanceSpec(),)
+    decode: tuple[InstanceSpec, ...] = (InstanceSpec(),)
+    colocated: tuple[InstanceSpec, ...] = (InstanceSpec(),)
     prefill_token_budget: int = 512
     max_prefill_seqs: int = 64
     max_decode_batch: int = 256
@@ -142,7 +133,7 @@ class SimConfig:
             t += fit.prefill[1] * (bucket(self.token_buckets, total, above="exact") - total) / pp
         return (t + (b * (dec_ctx + sum(s for s, _ in chunks)) + c * n_dec) / pp) / 1e3
 
-    def capacity(self, profile: Profile, par: Par) -> int:
+    def capacity(self, profile: Profile, par: InstanceSpec) -> int:
         if self.kv_tokens is not None:
             return self.kv_tokens
         return profile.kv_token_capacity(par.tp, par.pp, self.memory_utilization)
@@ -156,8 +147,8 @@ class SimConfig:
     @property
     def gpus(self) -> int:
         if self.mode == "disaggregated":
-            return sum(p.gpus for p in self.prefill) + sum(p.gpus for p in self.decode)
-        return sum(p.gpus for p in self.colocated)
+            return sum(p.num_devices for p in self.prefill) + sum(p.num_devices for p in self.decode)
+        return sum(p.num_devices for p in self.colocated)
 
 
 class _SharedHost:
@@ -265,7 +256,7 @@ class SimSlot:
     max_batch: int
     max_prefill_seqs: int
     page_size: int
-    par: Par = Par()
+    par: InstanceSpec = InstanceSpec()
 
 
 class Simulator:
@@ -287,7 +278,7 @@ class Simulator:
             if cfg.capacity(profile, p) // cfg.page_size <= 0:
                 raise ValueError(f"{profile.model}: weights do not fit tp={p.tp} pp={p.pp} on {profile.device}")
 
-    def _slot(self, name: str, role: str, par: Par) -> SimSlot:
+    def _slot(self, name: str, role: str, par: InstanceSpec) -> SimSlot:
         cfg = self.cfg
         n = cfg.capacity(self.profile, par) // cfg.page_size
         alloc = PageAllocator(n + 1, cfg.page_size, prefix_cache=cfg.prefix_cache and role != "decode")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from distllm_jax.placement.simulator import Par, SimConfig
+from distllm_jax.instance_spec import InstanceSpec
+from distllm_jax.placement.simulator import SimConfig
 
 _SIM_FIELDS = {f.name for f in dataclasses.fields(SimConfig)}
 
@@ -170,8 +171,8 @@ def system_overrides(name: str, mode: str | None = None) -> dict[str, Any]:
     return system.overrides()
 
 
-def system_config(name: str, mode: str | None = None, *, prefill: tuple[Par, ...] | None = None,
-                  decode: tuple[Par, ...] | None = None, colocated: tuple[Par, ...] | None = None,
+def system_config(name: str, mode: str | None = None, *, prefill: tuple[InstanceSpec, ...] | None = None,
+                  decode: tuple[InstanceSpec, ...] | None = None, colocated: tuple[InstanceSpec, ...] | None = None,
                   **overrides: Any) -> SimConfig:
     """The SimConfig of system ``name`` on a layout: the system's fields over SimConfig's defaults,
     then ``overrides`` (explicit settings win over the preset). ``mode`` defaults to the system's own."""
