@@ -209,7 +209,7 @@ def test_plan_file_feeds_the_server(tmp_path):
     ns = argparse.Namespace(plan=str(path), page_size=16, num_pages=64, max_seq_len=None, prefill_token_budget=512,
                             max_decode_batch=32, kv_transfer="local", dtype=None, quiet=True,
                             kv_admission="on-demand", preemption="recompute", kv_watermark=0.01,
-                            prefix_cache=False, prefill_routing="auto")
+                            prefix_cache=False, prefill_routing="auto", compile_threads=0)
     ecfg = engine_config(ns, 8)
     assert ecfg.mode == "disaggregated"
     assert [(s.tp, s.pp) for s in ecfg.prefill] == [(p.tp, p.pp) for p in plan.prefill]

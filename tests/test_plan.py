@@ -145,8 +145,8 @@ def test_the_server_and_the_cluster_read_one_plan(tmp_path):
          max_decode_batch=4).save(path)
     ns = argparse.Namespace(plan=str(path), page_size=16, num_pages=64, max_seq_len=None, prefill_token_budget=512,
                             max_decode_batch=32, kv_transfer="local", dtype=None, quiet=True, cluster="auto",
-                            kv_admission="on-demand", preemption="recompute", kv_watermark=0.01, prefix_cache=False, prefill_routing="auto",
-                            cluster_kv_path="auto")
+                            kv_admission="on-demand", preemption="recompute", kv_watermark=0.01, prefix_cache=False,
+                            prefill_routing="auto", compile_threads=0, cluster_kv_path="auto")
     ecfg = engine_config(ns, 8)
     assert [(r, s.tp) for r, s in ecfg.instances()] == [("prefill", 1), ("decode", 2)] and ecfg.max_decode_batch == 4
     placement = cluster_config(ns).placement
