@@ -47,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.engine_micro import back_to_back_ms, median_ms  # noqa: E402
+from bench.kernels import read_bandwidth  # noqa: E402
 from distllm_jax.models.params import param_count  # noqa: E402
 from distllm_jax.placement.profiler import decode_step_ms, run_decode_steps  # noqa: E402
 
@@ -88,9 +89,7 @@ def ceilings(repeats: int = 10, passes: int = 20) -> dict[str, Any]:
     step = jax.jit(lambda x: x * 1.0009765625 + 1)
     copy_ms = back_to_back_ms(lambda i: step(bufs[i % 3]), passes, repeats)
     copy_tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
-    total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    read_ms = back_to_back_ms(lambda i: total(bufs[i % 3]), passes, repeats)
-    read_tbps = n * 2 / (read_ms * 1e-3) / 1e12
+    read_tbps = read_bandwidth(passes, repeats) / 1e3
     m = 8192 if jax.default_backend() == "gpu" else 512
     a = [jax.random.normal(jax.random.fold_in(key, 10 + i), (m, m), jnp.bfloat16) for i in range(3)]
     mm = jax.jit(lambda x, y: x @ y)

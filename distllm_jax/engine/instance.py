@@ -8,9 +8,8 @@ the stages sit on different devices, so stage s works on micro-batch m while sta
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Sequence
 
