@@ -38,7 +38,7 @@ import numpy as np
 from bench.engine_micro import back_to_back_ms
 
 
-def _time_ms(fn, *args, reps: int = 30) -> float:
+def time_ms(fn, *args, reps: int = 30) -> float:
     """Per call, from ``reps`` calls dispatched back to back (median of 5 such runs)."""
     return back_to_back_ms(lambda _: fn(*args), reps, 5)
 
@@ -51,7 +51,7 @@ DECODE_CONFIGS = {"default": ((8, 4, 2, 1), (8, 4, 3, 1), (4, 4, 4, 1), (16, 8, 
                                                   for w in (4, 8) for st in (1, 2))}
 
 
-def _rel(a, b) -> float:
+def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / max(1e-9, np.linalg.norm(b)))
 
@@ -75,6 +75,19 @@ def _decode_variants(configs, W: int, B: int, KVH: int, scale: float, interpret:
                                              interpret=interpret)))
 
 
+def decode_inputs(B: int, ctx: int, H: int, KVH: int, Dh: int, ps: int, dtype, key: jax.Array):
+    """Random q, a pool of ``B * ctx / ps`` pages (plus the null page) and page tables that scatter
+    each sequence over it, every sequence ``ctx`` tokens long: (q, k_pages, v_pages, tables, lengths)."""
+    W = ctx // ps
+    P = B * W + 1
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, H, Dh), dtype)
+    kp = jax.random.normal(k2, (P, ps, KVH, Dh), dtype)
+    vp = jax.random.normal(k3, (P, ps, KVH, Dh), dtype)
+    tables = jnp.asarray(np.random.default_rng(B + ctx).permutation(P - 1)[: B * W].reshape(B, W) + 1, jnp.int32)
+    return q, kp, vp, tables, jnp.full((B,), ctx, jnp.int32)
+
+
 def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=DECODE_CONFIGS["default"],
                  interpret: bool = False, reps: int = 30):
     """Each shape: the XLA reference, this project's kernel in each of ``configs`` (the fastest kept),
@@ -89,24 +102,19 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
     for ctx in contexts:
         for B in batches:
             W = ctx // ps
-            P = B * W + 1
-            k1, k2, k3, key = jax.random.split(key, 4)
-            q = jax.random.normal(k1, (B, H, Dh), dtype)
-            kp = jax.random.normal(k2, (P, ps, KVH, Dh), dtype)
-            vp = jax.random.normal(k3, (P, ps, KVH, Dh), dtype)
-            tables = jnp.asarray(np.random.default_rng(B + ctx).permutation(P - 1)[: B * W].reshape(B, W) + 1, jnp.int32)
-            lengths = jnp.full((B,), ctx, jnp.int32)
+            k1, key = jax.random.split(key)
+            q, kp, vp, tables, lengths = decode_inputs(B, ctx, H, KVH, Dh, ps, dtype, k1)
             scale = Dh**-0.5
             ref = jax.jit(xla_ref, static_argnums=5)
             want = ref(q, kp, vp, tables, lengths, scale)
             moved = bytes_moved(B, H, KVH, Dh, B * ctx, jnp.dtype(dtype).itemsize)
             row = {"batch": B, "context": ctx, "q_heads": H, "kv_heads": KVH, "head_dim": Dh, "MB": moved / 1e6}
-            row["xla_ms"] = _time_ms(ref, q, kp, vp, tables, lengths, scale, reps=reps)
+            row["xla_ms"] = time_ms(ref, q, kp, vp, tables, lengths, scale, reps=reps)
             best = None
             for name, fn in _decode_variants(configs, W, B, KVH, scale, interpret):
                 try:
-                    err = _rel(fn(q, kp, vp, tables, lengths), want)
-                    ms = _time_ms(fn, q, kp, vp, tables, lengths, reps=reps)
+                    err = rel_err(fn(q, kp, vp, tables, lengths), want)
+                    ms = time_ms(fn, q, kp, vp, tables, lengths, reps=reps)
                 except Exception as e:  # noqa: BLE001 - a config the compiler refuses
                     why = f": {str(e)[:300]}" if not row.get("failed_configs") else ""  # the first in full
                     row.setdefault("failed_configs", []).append(f"{name}: {type(e).__name__}{why}")
@@ -127,8 +135,8 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
                         continue
                     fn = jax.jit(functools.partial(upstream.paged_attention, pages_per_compute_block=ppb, k_splits=splits))
                     try:
-                        err = _rel(fn(q_up, kh, vh, tables, lengths), want)
-                        ms = _time_ms(fn, q_up, kh, vh, tables, lengths)
+                        err = rel_err(fn(q_up, kh, vh, tables, lengths), want)
+                        ms = time_ms(fn, q_up, kh, vh, tables, lengths)
                     except Exception as e:  # noqa: BLE001
                         row.setdefault("upstream_errors", []).append(f"ppb{ppb}/s{splits}: {type(e).__name__}: {str(e)[:300]}")
                         continue
@@ -182,19 +190,19 @@ def prefill_suite(cases, H, KVH, Dh, dtype=jnp.bfloat16):
             xla = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, is_causal=True, scale=scale,
                                                                      implementation="xla"))
             want = xla(qb, kb, vb).reshape(T, H, Dh)
-            row["xla_ms"] = _time_ms(xla, qb, kb, vb)
+            row["xla_ms"] = time_ms(xla, qb, kb, vb)
             cud = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, is_causal=True, scale=scale,
                                                                      implementation="cudnn"))
             try:
-                err = _rel(cud(qb, kb, vb).reshape(T, H, Dh), want)
-                row["cudnn_ms"], row["cudnn_err"] = _time_ms(cud, qb, kb, vb), err
+                err = rel_err(cud(qb, kb, vb).reshape(T, H, Dh), want)
+                row["cudnn_ms"], row["cudnn_err"] = time_ms(cud, qb, kb, vb), err
             except Exception as e:  # noqa: BLE001
                 row["cudnn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             if KVH == H:
                 mha = jax.jit(functools.partial(upstream.mha, segment_ids=None, causal=True, sm_scale=scale))
                 try:
-                    err = _rel(mha(qb, kb, vb).reshape(T, H, Dh), want)
-                    row["upstream_mha_ms"], row["upstream_mha_err"] = _time_ms(mha, qb, kb, vb), err
+                    err = rel_err(mha(qb, kb, vb).reshape(T, H, Dh), want)
+                    row["upstream_mha_ms"], row["upstream_mha_err"] = time_ms(mha, qb, kb, vb), err
                 except Exception as e:  # noqa: BLE001
                     row["upstream_mha_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         else:
@@ -202,14 +210,14 @@ def prefill_suite(cases, H, KVH, Dh, dtype=jnp.bfloat16):
 
             xla = jax.jit(packed_causal_attention, static_argnums=5)
             want = xla(q, k, v, seg, pos, scale)
-            row["xla_ms"] = _time_ms(xla, q, k, v, seg, pos, scale)
+            row["xla_ms"] = time_ms(xla, q, k, v, seg, pos, scale)
         best = None
         for bq, bk, warps, stages in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)):
             fn = jax.jit(functools.partial(packed_prefill_attention, scale=scale, block_q=bq, block_k=bk,
                                            num_warps=warps, num_stages=stages))
             try:
-                err = _rel(fn(q, k, v, seg, pos), want)
-                ms = _time_ms(fn, q, k, v, seg, pos)
+                err = rel_err(fn(q, k, v, seg, pos), want)
+                ms = time_ms(fn, q, k, v, seg, pos)
             except Exception as e:  # noqa: BLE001
                 row.setdefault("failed_configs", []).append(f"{bq}x{bk}/w{warps}/s{stages}: {type(e).__name__}")
                 continue
@@ -288,16 +296,16 @@ def prefix_suite(cases, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=PREFIX_CO
                "kv_MB_needed": sum(p + n for p, n in segments) * kv_row / 1e6}
         old = jax.jit(per_token)
         want = old(*args)
-        row["per_token_ms"] = _time_ms(old, *args, reps=reps)
+        row["per_token_ms"] = time_ms(old, *args, reps=reps)
         blk = min(4, 1 << (W - 1).bit_length()) * ps  # the decode kernel's default 4 pages a loop step
         row["per_token_kv_MB"] = float((-(-ctx // blk) * blk).sum()) * kv_row / 1e6
         gathered = T * W * ps * kv_row
         if gathered <= xla_gb * 1e9:
             xla = jax.jit(paged_prefix_attention, static_argnums=6)
-            row["xla_err"] = _rel(xla(*args, Dh**-0.5), want)
+            row["xla_err"] = rel_err(xla(*args, Dh**-0.5), want)
             if row["xla_err"] > 2e-2:
                 raise AssertionError(f"the per-token path and XLA disagree at {row}")
-            row["xla_ms"], row["xla_kv_MB"] = _time_ms(xla, *args, Dh**-0.5, reps=reps), gathered / 1e6
+            row["xla_ms"], row["xla_kv_MB"] = time_ms(xla, *args, Dh**-0.5, reps=reps), gathered / 1e6
         best = None
         for tile, ppb, warps, stages in configs:
             bq = max(1, tile // G)
@@ -305,8 +313,8 @@ def prefix_suite(cases, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, configs=PREFIX_CO
                                            num_warps=warps, num_stages=stages, interpret=interpret))
             name = f"q{bq}/ppb{ppb}/w{warps}/st{stages}"
             try:
-                err = _rel(fn(*args), want)
-                ms = _time_ms(fn, *args, reps=reps)
+                err = rel_err(fn(*args), want)
+                ms = time_ms(fn, *args, reps=reps)
             except Exception as e:  # noqa: BLE001 - a config the compiler refuses
                 row.setdefault("failed_configs", []).append(f"{name}: {type(e).__name__}")
                 continue
@@ -360,14 +368,14 @@ def head_dim_80_check() -> dict:
     t = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
     n = jnp.asarray([50, 64], jnp.int32)
     try:
-        out["decode_rel_err"] = _rel(paged_decode_attention(q, kp, kp, t, n, 0.1), dref(q, kp, kp, t, n, 0.1))
+        out["decode_rel_err"] = rel_err(paged_decode_attention(q, kp, kp, t, n, 0.1), dref(q, kp, kp, t, n, 0.1))
     except Exception as e:  # noqa: BLE001
         out["decode_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     qq = jnp.asarray(r.standard_normal((64, 8, 80)), jnp.bfloat16)
     seg = jnp.asarray([0] * 40 + [1] * 24, jnp.int32)
     pos = jnp.asarray(list(range(40)) + list(range(24)), jnp.int32)
     try:
-        out["prefill_rel_err"] = _rel(packed_prefill_attention(qq, qq, qq, seg, pos, 0.1),
+        out["prefill_rel_err"] = rel_err(packed_prefill_attention(qq, qq, qq, seg, pos, 0.1),
                                       packed_causal_attention(qq, qq, qq, seg, pos, 0.1))
     except Exception as e:  # noqa: BLE001
         out["prefill_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -377,7 +385,7 @@ def head_dim_80_check() -> dict:
 def copy_bandwidth() -> float:
     x = jnp.ones((1 << 28,), jnp.bfloat16)  # 512 MiB
     f = jax.jit(lambda a: a * 1)
-    ms = _time_ms(f, x)
+    ms = time_ms(f, x)
     return 2 * x.size * 2 / ms / 1e9
 
 

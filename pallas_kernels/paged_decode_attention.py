@@ -14,22 +14,22 @@ The plain-jnp reference is :func:`distllm_jax.models.attention.paged_decode_atte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.decode_tuning import DecodeConfig, fill_splits, tuned
+
 
 _NEG = -1e30
 _MIN_ROWS = 16
-_FILL_PROGRAMS = 264  # two programs per multiprocessor of an H100/H200 (132)
-_MAX_SPLITS = 8
 
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale: float,
-            pages_per_block: int, pages_per_split: int, page_size: int, heads: int):
+            pages_per_block: int, pages_per_split: int, page_size: int, heads: int, prefetch: bool):
     s = pl.program_id(2)
     _, rows, dh = q_ref.shape
     length = len_ref[0]
@@ -39,16 +39,20 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
     block_tokens = pages_per_block * page_size
     qk_scale = scale * 1.4426950408889634  # base-2 softmax (exp2 is the hardware's instruction)
 
-    def body(i, carry):
-        start = first + i * pages_per_block
+    def load(i):
+        # a block past the split's last (the prefetch after the final one) reloads that last block,
+        # which stays inside the table
+        start = first + jnp.maximum(jnp.minimum(i, n_blocks - 1), 0) * pages_per_block
         pages = pt_ref[pl.ds(start, pages_per_block)]
+        tiles = tuple((k_ref[pages, :, h, :].reshape(block_tokens, dh), v_ref[pages, :, h, :].reshape(block_tokens, dh))
+                      for h in range(heads))  # the heads of one program share the page-table reads
+        return start, tiles
+
+    def attend(start, tiles, acc):
         tok = start * page_size + jnp.arange(block_tokens)
         out = []
-        for h in range(heads):  # the heads of one program share the page-table reads and the mask
-            o, m, l = carry[h]
-            k = k_ref[pages, :, h, :].reshape(block_tokens, dh)
-            v = v_ref[pages, :, h, :].reshape(block_tokens, dh)
-            logits = jnp.dot(q_ref[h], k.T, preferred_element_type=jnp.float32) * qk_scale
+        for (k, v), (o, m, l), qh in zip(tiles, acc, range(heads)):
+            logits = jnp.dot(q_ref[qh], k.T, preferred_element_type=jnp.float32) * qk_scale
             logits = jnp.where((tok < length)[None, :], logits, _NEG)
             m_new = jnp.maximum(m, logits.max(axis=-1))
             alpha = jnp.exp2(m - m_new)
@@ -60,7 +64,17 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
 
     init = tuple((jnp.zeros((rows, dh), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
                   jnp.zeros((rows,), jnp.float32)) for _ in range(heads))
-    final = jax.lax.fori_loop(0, n_blocks, body, init)
+    if prefetch:
+        # the next block's loads are issued before this block's math, so a program keeps two blocks
+        # of K/V in flight (in registers) instead of waiting on each load in turn
+        def body(i, carry):
+            acc, (start, tiles) = carry
+            nxt = load(i + 1)
+            return attend(start, tiles, acc), nxt
+
+        final, _ = jax.lax.fori_loop(0, n_blocks, body, (init, load(0)))
+    else:
+        final = jax.lax.fori_loop(0, n_blocks, lambda i, acc: attend(*load(i), acc), init)
     for h, (o, m, l) in enumerate(final):
         o_ref[h] = o
         m_ref[h] = m
@@ -94,7 +108,7 @@ _PAD_PAGE = 0
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "heads_per_program", "num_warps",
-                                             "num_stages", "interpret", "poison"))
+                                             "num_stages", "prefetch", "interpret", "poison"))
 def paged_decode_attention(
     q: jax.Array,  # [B, H, Dh]
     k_pages: jax.Array,  # [P, page_size, KVH, Dh]
@@ -103,11 +117,12 @@ def paged_decode_attention(
     lengths: jax.Array,  # [B] int32, cached tokens incl. the new one
     scale: float,
     *,
-    pages_per_block: int = 4,
+    pages_per_block: int | None = None,
     splits: int | None = None,
-    heads_per_program: int = 1,
-    num_warps: int = 4,
-    num_stages: int = 1,
+    heads_per_program: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    prefetch: bool | None = None,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
@@ -120,14 +135,16 @@ def paged_decode_attention(
             length are never read.
         lengths: ``[B]`` int32 cached tokens of each sequence, the new one included (at least 1).
         scale: the logits' scale (1 / sqrt(Dh) for these models).
-        pages_per_block: pages a program loads per loop step (4 was fastest for OPT-13B's heads on an
-            H200; ``bench/results/README.md`` has the sweep).
-        splits: programs per (sequence, KV head) over the table (split-K); None picks enough to fill
-            the GPU about twice, since each split also writes float32 partials the merge reads back.
+        pages_per_block: pages a program loads per loop step.
+        splits: programs per (sequence, KV head) over the table (split-K); each split also writes
+            float32 partials that the merge reads back.
         heads_per_program: KV heads one program attends for (a divisor of KVH, else the largest one
             below it): they share its page-table reads, and its loads of one token's K (and V) rows
             span that many heads' adjacent bytes in the pool instead of one head's.
         num_warps, num_stages: Triton's launch parameters for each program.
+        prefetch: issue the next block's loads before this block's math (two blocks in flight).
+            Each launch choice left None comes from the stored sweep for this device and shape
+            (:mod:`pallas_kernels.decode_tuning`); ``splits`` None there fills the GPU about twice.
         interpret: run the kernel in Pallas' interpreter (CPU, tests).
         poison: write into NaN-filled buffers, so that an element the kernel skipped shows (tests).
 
@@ -136,29 +153,31 @@ def paged_decode_attention(
     """
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
-    HB = max(1, min(heads_per_program, KVH))
+    W = 1 << (page_tables.shape[1] - 1).bit_length()
+    cfg = _resolve(tuned(jax.devices()[0].device_kind if not interpret else "interpret", H, KVH, Dh, B, W * ps),
+                   pages_per_block=pages_per_block, splits=splits, heads_per_program=heads_per_program,
+                   num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
+    HB = max(1, min(cfg.heads_per_program, KVH))
     while KVH % HB:
         HB -= 1
-    if splits is None:
-        splits = min(_MAX_SPLITS, max(1, math.ceil(_FILL_PROGRAMS / (B * KVH // HB))))
+    splits = fill_splits(B, KVH, HB) if cfg.splits is None else cfg.splits
     G = H // KVH
-    W = 1 << (page_tables.shape[1] - 1).bit_length()
     if W != page_tables.shape[1]:
         # Triton blocks must be powers of two: pad the table with the null page; the kernel stops at
         # each sequence's length, so the padding is never attended to.
         page_tables = jnp.pad(page_tables, ((0, 0), (0, W - page_tables.shape[1])), constant_values=_PAD_PAGE)
-    ppb, S = _choose(W, pages_per_block, splits)
+    ppb, S = _choose(W, cfg.pages_per_block, splits)
     rows = max(_MIN_ROWS, G)
     qg = q.reshape(B, KVH, G, Dh)
     if rows != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))
     kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, pages_per_split=W // S, page_size=ps,
-                               heads=HB)
+                               heads=HB, prefetch=cfg.prefetch)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = [
         jax.ShapeDtypeStruct((S, B, KVH, rows, Dh), jnp.float32),
         jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
@@ -198,9 +217,14 @@ def paged_decode_attention(
     return o_all[:, :, :G].reshape(B, H, Dh).astype(q.dtype)
 
 
+def _resolve(base: DecodeConfig, **given) -> DecodeConfig:
+    """``base`` with the launch choices the caller gave explicitly."""
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
 def bytes_moved(B: int, H: int, KVH: int, Dh: int, lengths_sum: int, itemsize: int) -> int:
     """What the kernel must read and write at least: every cached K and V row once, q and the output."""
     return 2 * lengths_sum * KVH * Dh * itemsize + 2 * B * H * Dh * itemsize
 
 
-__all__ = ["paged_decode_attention", "bytes_moved", "math"]
+__all__ = ["paged_decode_attention", "bytes_moved", "DecodeConfig"]

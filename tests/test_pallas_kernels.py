@@ -103,7 +103,15 @@ def test_paged_decode_several_heads_a_program(H, KVH, heads):
     check_paged_decode(3, H, KVH, 64, [130, 1, 77], 2, 2, W=16, heads=heads)
 
 
-def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1):
+@pytest.mark.parametrize("B,H,KVH,Dh,lengths", DECODE_CASES[:3])
+@pytest.mark.parametrize("ppb,splits,heads", [(2, 1, 1), (1, 4, 2), (4, 8, 1)])
+def test_paged_decode_prefetching_the_next_block(B, H, KVH, Dh, lengths, ppb, splits, heads):
+    """The loop that loads block i + 1 before attending to block i; splits of one block, and
+    splits with no block at all (length 1 against 8 splits), reload a block that stays in range."""
+    check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8, heads=heads, prefetch=True)
+
+
+def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1, prefetch=False):
     rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits, W, heads)) % 2**32)
     ps = 16
     P = B * W + 3
@@ -114,7 +122,7 @@ def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1):
     lens = np.array(lengths, np.int32)
     scale = Dh**-0.5
     out = paged_decode_attention(q, k, v, tables, lens, scale, pages_per_block=ppb, splits=splits,
-                                 heads_per_program=heads, interpret=True, poison=True)
+                                 heads_per_program=heads, prefetch=prefetch, interpret=True, poison=True)
     out = np.asarray(out)
     assert not np.isnan(out).any(), "an output element was never written"
     assert rel_err(out, ref_decode(q, k, v, tables, lens, scale)) < TOL

@@ -101,10 +101,43 @@ def _row_keys(sb: SamplingBatch) -> jax.Array:
 
 SEARCH_WAYS = 16  # thresholds tried per pass of sample_threshold's search
 SEARCH_PASSES = 9  # enough to pin any float32 in [0, 1] to one value: 2**30 values, /16 a pass, rounded up
+DRAW_BLOCK = 1024  # vocabulary entries a block of sample_threshold's two-level inverse CDF
+
+
+def _above(bits: jax.Array, probs: jax.Array, cand: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For each row's candidate thresholds ``cand`` [B, C]: how many tokens lie strictly above each,
+    and their mass. One variadic reduction over the vocabulary, so each row is read once for all
+    ``2 C`` sums (a broadcast ``[B, V, C]`` comparison reduced over V made XLA stream the rows
+    once a candidate, or materialise the comparison)."""
+    ops, inits = [], []
+    for j in range(cand.shape[1]):
+        above = bits > cand[:, j:j + 1]
+        ops += [above.astype(jnp.int32), jnp.where(above, probs, 0.0)]
+        inits += [np.int32(0), np.float32(0)]
+    sums = jax.lax.reduce(tuple(ops), tuple(inits), lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
+    return jnp.stack(sums[0::2], axis=-1), jnp.stack(sums[1::2], axis=-1)
+
+
+def _draw_from(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Inverse CDF of each row of ``weights`` [B, V] (>= 0, some > 0) at ``u`` [B] in [0, 1), in two
+    levels: block masses, then the one block the draw falls in. A cumulative sum over the whole
+    vocabulary is a scan of log2(V) passes on a GPU; this reads the row once."""
+    B, V = weights.shape
+    nb = -(-V // DRAW_BLOCK)
+    blocks = jnp.pad(weights, ((0, 0), (0, nb * DRAW_BLOCK - V))).reshape(B, nb, DRAW_BLOCK)
+    cdf = jnp.cumsum(blocks.sum(axis=-1), axis=-1)  # [B, nb]
+    target = u * cdf[:, -1]
+    blk = jnp.minimum(jnp.sum(cdf <= target[:, None], axis=-1), nb - 1)
+    before = jnp.where(blk > 0, jnp.take_along_axis(cdf, jnp.maximum(blk - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    row = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]  # [B, DRAW_BLOCK]
+    idx = jnp.sum(before[:, None] + jnp.cumsum(row, axis=-1) <= target[:, None], axis=-1)
+    # rounding can carry the target past the block's last weighted entry: stop at that entry
+    last = DRAW_BLOCK - 1 - jnp.argmax((row > 0)[:, ::-1], axis=-1)
+    return blk * DRAW_BLOCK + jnp.minimum(idx, last)
 
 
 def sample_threshold(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
-    """Top-k / top-p sampling through thresholds found by a search of fixed length, without a sort
+    """Top-k / top-p sampling through a threshold found by a search of fixed length, without a sort
     and without a loop whose length depends on the data (nothing for a GPU to wait on its host for).
 
     A token is in the row's set exactly when fewer than k tokens are more likely and their mass is
@@ -112,9 +145,9 @@ def sample_threshold(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     as the token gets more likely, so the set is every token at or above one probability: the
     smallest value ``x`` with fewer than k tokens, and less than p of mass, strictly above ``x``.
     The search runs over the bit patterns of the float32 probabilities (ordered as the values are,
-    for values >= 0), trying :data:`SEARCH_WAYS` thresholds a pass for each condition, so after
-    :data:`SEARCH_PASSES` passes it has the exact value. A draw from the set is one uniform number
-    a row through the set's cumulative sum.
+    for values >= 0), trying :data:`SEARCH_WAYS` thresholds a pass, each pass one read of the row
+    (:func:`_above`), so after :data:`SEARCH_PASSES` passes it has the exact value. A draw from
+    the set is one uniform number a row through the set's inverse CDF (:func:`_draw_from`).
     """
     B, V = logits.shape
     temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
@@ -123,31 +156,18 @@ def sample_threshold(logits: jax.Array, sb: SamplingBatch) -> jax.Array:
     k = jnp.where(sb.top_k > 0, sb.top_k, V)
     top_p = jnp.where(sb.top_p >= 1.0, jnp.inf, sb.top_p)  # 1: every token (a float sum may fall short of 1)
     ways = jnp.arange(1, SEARCH_WAYS, dtype=jnp.int32)
-
-    def narrow(lo: jax.Array, hi: jax.Array, holds) -> tuple[jax.Array, jax.Array]:
-        """The condition fails at ``lo`` and holds at ``hi``; try thresholds between them."""
+    # the condition fails at lo (every token, V of them, is above it; k <= V) and holds at hi (none is)
+    lo = jnp.full((B,), -1, jnp.int32)
+    hi = jnp.max(bits, axis=-1)
+    for _ in range(SEARCH_PASSES):
         step = (hi - lo) // SEARCH_WAYS + 1
         cand = jnp.minimum(lo[:, None] + step[:, None] * ways, hi[:, None])  # [B, ways - 1]
-        ok = holds(bits[:, :, None] > cand[:, None, :])  # [B, ways - 1]
-        return (jnp.max(jnp.where(ok, lo[:, None], cand), axis=-1),
-                jnp.min(jnp.where(ok, cand, hi[:, None]), axis=-1))
-
-    def mass_below_p(above: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(above, probs[:, :, None], 0.0), axis=1) < top_p[:, None]
-
-    def fewer_than_k(above: jax.Array) -> jax.Array:
-        return jnp.sum(above, axis=1, dtype=jnp.int32) < k[:, None]
-
-    top = jnp.max(bits, axis=-1)  # nothing is above the most likely token: both conditions hold there
-    lo_p = lo_k = jnp.full((B,), -1, jnp.int32)
-    hi_p = hi_k = top
-    for _ in range(SEARCH_PASSES):
-        lo_p, hi_p = narrow(lo_p, hi_p, mass_below_p)
-        lo_k, hi_k = narrow(lo_k, hi_k, fewer_than_k)
-    kept = bits >= jnp.maximum(hi_p, hi_k)[:, None]
+        count, mass = _above(bits, probs, cand)
+        ok = (count < k[:, None]) & (mass < top_p[:, None])
+        lo = jnp.max(jnp.where(ok, lo[:, None], cand), axis=-1)
+        hi = jnp.min(jnp.where(ok, cand, hi[:, None]), axis=-1)
     u = jax.vmap(lambda key: jax.random.uniform(key, (), probs.dtype))(_row_keys(sb))
-    cdf = jnp.cumsum(jnp.where(kept, probs, 0.0), axis=-1)
-    tok = jnp.minimum(jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1), V - 1)
+    tok = _draw_from(jnp.where(bits >= hi[:, None], probs, 0.0), u)
     return tok.astype(jnp.int32)
 
 
