@@ -96,7 +96,10 @@ def tune_shape(B: int, ctx: int, H: int, KVH: int, Dh: int, *, dtype=jnp.bfloat1
 def main(args: argparse.Namespace) -> int:
     interpret = jax.default_backend() != "gpu"
     read = read_bandwidth() if not interpret else None
-    entries = []
+    entries: list[dict[str, Any]] = []
+    out = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "read_TBps": read,
+           "page_size": PAGE, "entries": entries}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for layout in args.layouts.split(","):
         H, KVH, Dh = (int(x) for x in layout.split(":"))
         for ctx in (int(c) for c in args.contexts.split(",")):
@@ -111,10 +114,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"H{H}/KV{KVH} B={B:4d} ctx={ctx:5d}: {e['ms']:.3f} ms {e['TBps']:.2f} TB/s{share}, "
                       f"{DecodeConfig(**e['config']).name} (default {e['default_ms']:.3f} ms; "
                       f"{e['configs_timed']} timed)", flush=True)
-    out = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "read_TBps": read,
-           "page_size": PAGE, "entries": entries}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+                Path(args.out).write_text(json.dumps(out, indent=1))  # after each shape: a cut run keeps them
     print(f"wrote {args.out}")
     return 0
 
