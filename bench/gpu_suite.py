@@ -89,7 +89,7 @@ def ceilings(repeats: int = 10, passes: int = 20) -> dict[str, Any]:
     step = jax.jit(lambda x: x * 1.0009765625 + 1)
     copy_ms = back_to_back_ms(lambda i: step(bufs[i % 3]), passes, repeats)
     copy_tbps = 2 * n * 2 / (copy_ms * 1e-3) / 1e12
-    read_tbps = read_bandwidth(passes, repeats) / 1e3
+    read_tbps = read_bandwidth(passes, repeats)
     m = 8192 if jax.default_backend() == "gpu" else 512
     a = [jax.random.normal(jax.random.fold_in(key, 10 + i), (m, m), jnp.bfloat16) for i in range(3)]
     mm = jax.jit(lambda x, y: x @ y)

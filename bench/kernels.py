@@ -390,7 +390,7 @@ def copy_bandwidth() -> float:
 
 
 def read_bandwidth(passes: int = 20, repeats: int = 5) -> float:
-    """Bytes read per second (GB/s) by a reduction over 1 GiB of bf16 on a GPU (the rate a decode
+    """Bytes read per second (TB/s) by a reduction over 1 GiB of bf16 on a GPU (the rate a decode
     kernel, which only reads, is bounded by); three buffers in turn, so no pass finds its input in
     the L2 cache."""
     n = (1 << 30) // 2 if jax.default_backend() == "gpu" else 1 << 22
