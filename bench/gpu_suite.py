@@ -522,16 +522,18 @@ def trace_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def kernel_grid(model: Model, batches: list[int], contexts: list[int], read_tbps: float, *,
-                repeats: int = 10) -> list[dict[str, Any]]:
+                reps: int = 30) -> list[dict[str, Any]]:
     """The paged decode kernel as the engine calls it (its own defaults), on this model's head layout,
     against the read-only rate measured in the same process; jax's Pallas ``paged_attention`` beside it
-    (on the GPU). Contexts are rounded down to whole pages."""
+    (on the GPU). Contexts are rounded down to whole pages. ``reps``: calls dispatched back to back per
+    timing, the same for every kernel; a kernel of tens of microseconds needs tens of them, or the
+    launch latency is what gets timed."""
     from bench.kernels import decode_suite
 
     cfg = model.cfg
     gpu = jax.default_backend() == "gpu"
     rows = decode_suite(batches, [c // 16 * 16 for c in contexts], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        dtype=jnp.dtype(model.dtype), configs=None, interpret=not gpu, reps=repeats)
+                        dtype=jnp.dtype(model.dtype), configs=None, interpret=not gpu, reps=reps)
     return [{"model": model.name, "batch": r["batch"], "ctx": r["context"], "kv_heads": r["kv_heads"],
              "q_heads": r["q_heads"], "TBps": r["ours_TBps"], "read_share": r["ours_TBps"] / read_tbps,
              "ms": r["ours_ms"], "upstream_TBps": r.get("upstream_TBps"), "xla_TBps": r["xla_TBps"]} for r in rows]
@@ -700,7 +702,7 @@ def run_part(part: str, model: Model, args: argparse.Namespace, ceil: dict[str, 
                              attention=args.attention)
         _emit(sampling_table(rows))
     elif part == "kernel":
-        rows = kernel_grid(model, _ints(args.batches), _ints(args.contexts), ceil["read_tb_per_s"], repeats=args.repeats)
+        rows = kernel_grid(model, _ints(args.batches), _ints(args.contexts), ceil["read_tb_per_s"], reps=args.kernel_reps)
         _emit(kernel_table(rows))
     elif part == "prefill":
         rows = prefill_grid(model, _ints(args.prefill_tokens), ceil["matmul_tflop_per_s"], attention=args.attention)
@@ -745,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-dir", default="/tmp/distllm-traces", help="where the profiler's raw traces go")
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--kernel-reps", type=int, default=30, help="kernel part: calls back to back per timing")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--floor-out", default=None,
                    help="also write the decode, kernel, sampling, prefill and start rows of this call to one file")

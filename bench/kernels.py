@@ -136,7 +136,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
                     fn = jax.jit(functools.partial(upstream.paged_attention, pages_per_compute_block=ppb, k_splits=splits))
                     try:
                         err = rel_err(fn(q_up, kh, vh, tables, lengths), want)
-                        ms = time_ms(fn, q_up, kh, vh, tables, lengths)
+                        ms = time_ms(fn, q_up, kh, vh, tables, lengths, reps=reps)
                     except Exception as e:  # noqa: BLE001
                         row.setdefault("upstream_errors", []).append(f"ppb{ppb}/s{splits}: {type(e).__name__}: {str(e)[:300]}")
                         continue

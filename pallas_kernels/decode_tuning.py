@@ -2,7 +2,7 @@
 
 The fastest block size, split count, heads a program, warps and prefetch depend on the shape (how many
 programs the grid has against the GPU's multiprocessors, how long each one's loop is) and on the GPU:
-the sweep that ``python3 -m bench.kernels --tune-out pallas_kernels/decode_tuning.json`` runs on a
+the sweep that ``python3 -m bench.decode_tune --out pallas_kernels/decode_tuning.json`` runs on a
 device writes one entry per swept shape, keyed on the device's kind and the shape the kernel sees
 (its own heads, after any tensor-parallel split). A shape that was not swept takes the entry of the
 same device and head layout nearest in batch and context (in log scale), with its split count scaled

@@ -107,7 +107,7 @@ def test_one_call_writes_the_floor_report(tmp_path):
     out, floor = tmp_path / "suite", tmp_path / "gpu-floor.json"
     rc = gpu_suite.main(["--parts", "ceilings,decode,kernel,sampling", "--models", "tiny-llama", "--batches", "2",
                          "--contexts", "32", "--sampling-batches", "2", "--sampling-context", "32", "--repeats", "1",
-                         "--out", str(out), "--floor-out", str(floor)])
+                         "--kernel-reps", "2", "--out", str(out), "--floor-out", str(floor)])
     assert rc == 0
     report = json.loads(floor.read_text())
     read = report["ceilings"]["read_tb_per_s"]

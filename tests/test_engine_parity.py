@@ -41,9 +41,23 @@ def reference(converted):
     return get
 
 
+# Each layout on the family its mechanism stresses: both families where the KV heads are split
+# (decode tp 4; LLaMA's 2 KV heads are then replicated) or the Pallas kernels read them; MHA for the
+# pipeline, instance-count and chunked layouts; GQA for the colocated and transfer-server paths.
+# Qwen2, Qwen3 and Mistral (all GQA) run P-tp1/D-tp2 below.
+CASES = [(layout, "opt-pre-ln") for layout in ("P-tp1/D-tp2", "P-pp2/D-tp2", "2P+1D", "chunked",
+                                                "Pallas kernels, chunked")]
+CASES += [(layout, "llama-gqa-llama3") for layout in ("P-tp2/D-pp2 via transfer server", "colocated")]
+CASES += [(layout, v) for layout in ("P-tp2/D-tp4", "Pallas kernels, P-tp1/D-tp2")
+          for v in ("opt-pre-ln", "llama-gqa-llama3")]
+
+
+def test_every_layout_runs():
+    assert {layout for layout, _ in CASES} == set(LAYOUTS)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["opt-pre-ln", "llama-gqa-llama3"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout,variant", CASES)
 def test_greedy_matches_hf(reference, variant, layout):
     ckpt, expected = reference(variant)
     with Engine(ckpt, small_config(**LAYOUTS[layout])) as engine:
