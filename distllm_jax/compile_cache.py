@@ -19,6 +19,16 @@ def default_dir() -> Path:
     return Path(base) / "distllm" / "jax-compile"
 
 
+ENV = "DISTLLM_COMPILE_CACHE"  # how a process hands its cache directory to the actors it starts
+
+
+def current_dir() -> str | None:
+    """The directory this process caches compiled programs under (None: caching is off)."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir or None
+
+
 def enable(path: str | Path | None) -> Path | None:
     """Cache compiled programs under ``path`` (created if missing); None leaves caching off. Call
     before the first compilation: jax sets its cache up once per process."""

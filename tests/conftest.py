@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import os
 
+# The tiny test models spend far longer in LLVM than running: its cheapest optimisation level cuts
+# each CPU program's build (what most of the suite's time is) and changes no result the tests check
+# (no fast-math either way). The servers the tests start as subprocesses inherit it.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

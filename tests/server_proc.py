@@ -30,7 +30,9 @@ class ServerProc:
         cmd = [sys.executable, "-m", "distllm_jax.cli", "serve", "--checkpoint", str(ckpt), "--port", "0",
                "--metrics-port", "0", *SMALL_ENGINE, *extra]
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
-        full_env.pop("XLA_FLAGS", None)  # the CLI gives itself virtual CPU devices
+        # the CLI gives itself virtual CPU devices; the suite's other XLA flags stay
+        full_env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                       full_env.get("XLA_FLAGS", "")).strip()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=full_env)
         self.log: list[str] = []

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import ray
 
+from distllm_jax import compile_cache
 from distllm_jax.cluster import ClusterConfig, ClusterEngine
 from distllm_jax.cluster.kv_paths import RemoteKVPuller
 from distllm_jax.engine import FinishReason, InstanceSpec, SamplingParams
@@ -110,6 +111,8 @@ def test_layout(engine):
     assert len({a["pid"] for a in actors}) == 3 and all(a["alive"] for a in actors)
     assert all(len(a["devices"]) == 2 and a["platform"] == "cpu" for a in actors)
     assert info["kv_path"] == "transfer-server" and info["nodes"] == 1
+    # the actors cache compiled programs where this process does (conftest enables it)
+    assert {(a["compile_cache"], a["compile_cache_error"]) for a in actors} == {(compile_cache.current_dir(), None)}
 
 
 def test_mixed_batch_equals_hf(idle, expected):

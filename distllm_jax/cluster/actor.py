@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from distllm_jax import compile_cache
 from distllm_jax.engine import compile_counter
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
 from distllm_jax.engine.engine import attention_impl
@@ -30,6 +31,7 @@ class InstanceActor:
     def __init__(self, name: str, role: str, spec: InstanceSpec, source: ParamSource, ecfg: EngineConfig,
                  max_pages: int, transfer_server: bool):
         compile_counter.install()
+        self.compile_cache_error = self._cache_compiled_programs()
         devices = jax.devices()
         if len(devices) < spec.num_devices:
             raise RuntimeError(f"{name}: {spec.label()} needs {spec.num_devices} devices, this process has "
@@ -49,6 +51,19 @@ class InstanceActor:
             except Exception as e:  # noqa: BLE001 - the staged path still works; the engine reports why
                 self.server_error = f"{type(e).__name__}: {e}"
 
+    @staticmethod
+    def _cache_compiled_programs() -> str | None:
+        """Use the serving process's compilation cache directory. On another host that path may not
+        be writable: the actor then compiles without a cache, and :meth:`info` says why."""
+        where = os.environ.get(compile_cache.ENV)
+        if not where:
+            return None
+        try:
+            compile_cache.enable(where)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def info(self) -> dict[str, Any]:
         """Static facts the serving process caches: layout, limits, where this process runs."""
         import ray
@@ -64,6 +79,7 @@ class InstanceActor:
             "platform": jax.default_backend(),
             "transfer_server": self.sender.address if self.sender else None,
             "transfer_server_error": self.server_error,
+            "compile_cache": compile_cache.current_dir(), "compile_cache_error": self.compile_cache_error,
         }
 
     def ping(self) -> int:

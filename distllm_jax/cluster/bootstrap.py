@@ -3,7 +3,9 @@
 Every actor gets its own ``runtime_env``: Ray then starts a fresh worker process for it (never one that
 ran something else and already imported jax), with ``XLA_FLAGS`` asking for exactly the actor's
 number of virtual CPU devices (on GPUs, Ray's ``num_gpus`` sets ``CUDA_VISIBLE_DEVICES`` instead) and
-``PYTHONPATH`` leading to the same ``distllm_jax`` this process runs.
+``PYTHONPATH`` leading to the same ``distllm_jax`` this process runs, and the directory of the
+persistent compilation cache this process uses (``serve --compile-cache``): an actor, its replacement
+and the next start then load each other's programs instead of compiling them again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from distllm_jax import compile_cache
 from distllm_jax.cluster.config import ClusterConfig
 from distllm_jax.engine.config import InstanceSpec
 
@@ -59,6 +62,9 @@ def _env(spec: InstanceSpec, platform: str, name: str) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding this distllm_jax
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {"PYTHONPATH": path, "DISTLLM_INSTANCE": name}
+    cache = compile_cache.current_dir()
+    if cache is not None:
+        env[compile_cache.ENV] = cache
     if platform == "cpu":
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={spec.num_devices}".strip()

@@ -149,5 +149,5 @@ class RemoteInstance:
 
     def describe(self) -> dict[str, Any]:
         keys = ("name", "role", "tp", "pp", "devices", "num_pages", "page_size", "pid", "node_id", "node_ip",
-                "platform", "transfer_server")
+                "platform", "transfer_server", "compile_cache", "compile_cache_error")
         return {**{k: self.info[k] for k in keys}, "actor": self.info.get("actor", "")}
