@@ -12,7 +12,20 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 from typing import Literal, Sequence
+
+
+class StepKind(enum.StrEnum):
+    """What one step of an instance runs, and so which program: a prefill (whole prompts packed into
+    one sequence of tokens), a decode step (one token a row) or a mixed step (chunks of prompts that
+    attend over the pool, beside decode rows). A ``str`` enum: it prints, compares and hashes as its
+    value, so step logs, stats and JSON keep the plain words."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"
+
 
 # EngineConfig.min_token_bucket's default: the smallest prompt-token shape (fewer, larger programs
 # below it cost little, a prompt is rarely that short)
@@ -55,11 +68,13 @@ class CompiledShapes:
     decode: tuple[int, ...]
     mixed: tuple[int, ...]
 
-    def for_kind(self, kind: str) -> tuple[int, ...]:
-        """The shapes of step kind ``prefill``, ``decode`` or ``mixed``."""
-        if kind not in ("prefill", "decode", "mixed"):
-            raise ValueError(f"unknown step kind {kind!r}")
-        return getattr(self, kind)
+    def for_kind(self, kind: StepKind | str) -> tuple[int, ...]:
+        """The shapes of one step kind (a plain ``"prefill"``, ``"decode"`` or ``"mixed"`` too)."""
+        try:
+            kind = StepKind(kind)
+        except ValueError:
+            raise ValueError(f"unknown step kind {kind!r}") from None
+        return getattr(self, kind.value)
 
     def sim_fields(self) -> dict[str, tuple[int, ...]]:
         """The SimConfig fields that pad a simulated step as the engine pads it. The simulator pads a

@@ -10,7 +10,7 @@ import pytest
 
 from distllm_jax.placement.latency import Fit
 from distllm_jax.placement.simulator import SimConfig
-from distllm_jax.shapes import MIN_TOKEN_BUCKET, bucket, compiled_shapes, pow2_buckets
+from distllm_jax.shapes import MIN_TOKEN_BUCKET, StepKind, bucket, compiled_shapes, pow2_buckets
 
 
 def test_pow2_buckets_reach_the_top():
@@ -29,12 +29,21 @@ def test_bucket_pads_up_and_says_what_happens_above_the_top():
     assert bucket(b, 17, above="exact") == 32
 
 
+def test_step_kinds_read_as_their_words():
+    """Step logs, stats and JSON keep the plain words; a plain word still picks the same kind."""
+    assert [str(k) for k in StepKind] == ["prefill", "decode", "mixed"]
+    assert StepKind("decode") is StepKind.DECODE and f"{StepKind.MIXED}-0" == "mixed-0"
+    assert {StepKind.PREFILL: 1}["prefill"] == 1  # the jitted step's static argument hashes the same
+    with pytest.raises(ValueError):
+        StepKind("sample")
+
+
 def test_compiled_shapes():
     s = compiled_shapes(prefill_token_budget=512, max_decode_batch=24, max_len=2048)
     assert s.prefill == (16, 32, 64, 128, 256, 512, 1024, 2048)  # one whole sequence, past the budget
     assert s.decode == (1, 2, 4, 8, 16, 24)  # the batch limit itself, not the next power of two
     assert s.mixed == (16, 32, 64, 128, 256, 512)  # a chunked step never exceeds the budget
-    assert s.for_kind("decode") == s.decode and s.sim_fields() == {"token_buckets": s.prefill, "batch_buckets": s.decode}
+    assert s.for_kind("decode") == s.for_kind(StepKind.DECODE) == s.decode and s.sim_fields() == {"token_buckets": s.prefill, "batch_buckets": s.decode}
     with pytest.raises(ValueError, match="unknown step kind"):
         s.for_kind("sample")
     t = compiled_shapes(prefill_token_budget=100, max_decode_batch=32, max_len=64, min_token_bucket=32)

@@ -24,7 +24,7 @@ from distllm_jax.engine.programs import HostStep, Segment
 from distllm_jax.engine.swap import gather_stages, scatter_stages
 from distllm_jax.engine.transfer import page_buckets, wait_pools
 from distllm_jax.engine.transfer_server import KVOffer, TransferKVReceiver, TransferKVSender, start_server
-from distllm_jax.shapes import bucket
+from distllm_jax.shapes import StepKind, bucket
 
 
 class InstanceActor:
@@ -92,7 +92,7 @@ class InstanceActor:
     def compilations(self) -> int:
         return compile_counter.compilations()
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+    def run(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         out = self.inst.run(kind, micro_batches)
         self.inst.settle_swaps()  # swap-outs dispatched before this step: done with it, so no wait
         return out

@@ -19,6 +19,7 @@ from distllm_jax.engine.controller import InstanceLost
 from distllm_jax.engine.programs import HostStep, Segment
 from distllm_jax.kv_cache import PageAllocator
 from distllm_jax.scheduling.protocols import Role
+from distllm_jax.shapes import StepKind
 
 PING_TIMEOUT_S = 10.0  # the least an actor is given to answer a ping before it counts as wedged
 
@@ -102,7 +103,7 @@ class RemoteInstance:
         """No: a step is one Ray call that returns its ids, so nothing stays in flight to chain."""
         return False
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+    def run(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         self.steps += 1
         return self.call("run", kind, [list(m) for m in micro_batches])
 

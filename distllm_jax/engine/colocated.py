@@ -11,6 +11,7 @@ from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.request import RequestState
 from distllm_jax.engine.worker import Worker
 from distllm_jax.scheduling import ChunkedScheduler, ColocatedScheduler, KVPolicy, PrefillPlan
+from distllm_jax.shapes import StepKind
 
 
 class ColocatedWorker(Worker):
@@ -61,7 +62,7 @@ class ChunkedWorker(Worker):
             reqs = [row.req for row in plan.rows]
             segs = [self.prompt_segment(row.req, row.start, row.length) if row.chunk else self.decode_segment(row.req)
                     for row in plan.rows]
-        out = self.run("mixed", reqs, segs)
+        out = self.run(StepKind.MIXED, reqs, segs)
         self.settle_swaps()
         if out is None:
             self.sched.prefilling = [r for r in self.sched.prefilling if r.state is not RequestState.DONE]

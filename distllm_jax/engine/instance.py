@@ -30,7 +30,7 @@ from distllm_jax.kv_cache import NULL_PAGE, KVPool, PageAllocator, create_pool, 
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
 from distllm_jax.scheduling.protocols import Role
-from distllm_jax.shapes import bucket, compiled_shapes
+from distllm_jax.shapes import StepKind, bucket, compiled_shapes
 
 
 @dataclasses.dataclass
@@ -117,26 +117,26 @@ class Instance:
 
     # ---- the programs ---------------------------------------------------------------------------
 
-    def kinds(self) -> tuple[str, ...]:
+    def kinds(self) -> tuple[StepKind, ...]:
         """The step kinds this instance runs. With the prefix cache, a prompt that starts from cached
         pages runs as a mixed step (its new tokens attend over the pool), so prefill-running
         instances compile that program too."""
-        kinds = {Role.PREFILL: ("prefill",), Role.DECODE: ("decode",), Role.COLOCATED: ("prefill", "decode"),
-                 Role.CHUNKED: ("mixed",)}[self.role]
-        return kinds + ("mixed",) if self.prefix_cache and "mixed" not in kinds else kinds
+        P, D, M = StepKind.PREFILL, StepKind.DECODE, StepKind.MIXED
+        kinds = {Role.PREFILL: (P,), Role.DECODE: (D,), Role.COLOCATED: (P, D), Role.CHUNKED: (M,)}[self.role]
+        return kinds + (M,) if self.prefix_cache and M not in kinds else kinds
 
-    def shapes(self, kind: str) -> list[int]:
+    def shapes(self, kind: StepKind) -> list[int]:
         return list(self.compiled.for_kind(kind))
 
-    def pack(self, kind: str, segs: Sequence[Segment], size: int):
-        if kind == "prefill":
+    def pack(self, kind: StepKind, segs: Sequence[Segment], size: int):
+        if kind == StepKind.PREFILL:
             return pack_prefill(segs, size, self.max_prefill_seqs, self.page_size)
-        if kind == "decode":
+        if kind == StepKind.DECODE:
             return pack_decode(segs, size, self.width)
         return pack_mixed(segs, size, self.mixed_rows, self.width, self.page_size)
 
-    def bucket_for(self, kind: str, segs: Sequence[Segment]) -> int:
-        n = len(segs) if kind == "decode" else sum(len(s.tokens) for s in segs)
+    def bucket_for(self, kind: StepKind, segs: Sequence[Segment]) -> int:
+        n = len(segs) if kind == StepKind.DECODE else sum(len(s.tokens) for s in segs)
         return bucket(self.shapes(kind), n)
 
     @property
@@ -146,10 +146,11 @@ class Instance:
         from the last stage's mesh to the first's."""
         return len(self.stages) == 1
 
-    def dispatch(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[PendingStep]:
+    def dispatch(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[PendingStep]:
         """Dispatch one step (several micro-batches when pipelined); returns each micro-batch's
         results on the device, without waiting for them."""
-        if kind == "decode" and self.lookahead and len(micro_batches) == 1:
+        kind = StepKind(kind)
+        if kind == StepKind.DECODE and self.lookahead and len(micro_batches) == 1:
             return [self.dispatch_decode(micro_batches[0])]
         self.steps += 1
         return self._launch(kind, [(segs, self.pack(kind, segs, self.bucket_for(kind, segs))) for segs in micro_batches])
@@ -164,9 +165,9 @@ class Instance:
         if not self.lookahead:
             raise ValueError(f"{self.name}: a {len(self.stages)}-stage instance has no decode lookahead")
         self.steps += 1
-        B = self.bucket_for("decode", segs)
+        B = self.bucket_for(StepKind.DECODE, segs)
         feed = self.decode_feed(B, None if prev is None else prev.ids, src)
-        return self._launch("decode", [(segs, self.pack("decode", segs, B))], feeds=[feed])[0]
+        return self._launch(StepKind.DECODE, [(segs, self.pack(StepKind.DECODE, segs, B))], feeds=[feed])[0]
 
     def decode_feed(self, size: int, prev: jax.Array | None = None,
                     src: Sequence[int] | None = None) -> tuple[jax.Array, np.ndarray]:
@@ -181,7 +182,7 @@ class Instance:
             prev = self._zero_ids
         return prev, s
 
-    def _launch(self, kind: str, host: Sequence[tuple[Sequence[Segment], tuple[Any, Any]]], warm: bool = False,
+    def _launch(self, kind: StepKind, host: Sequence[tuple[Sequence[Segment], tuple[Any, Any]]], warm: bool = False,
                 feeds: Sequence[Any] | None = None) -> list[PendingStep]:
         """Host inputs go to the programs as numpy: jit's C++ path places them on each stage's mesh
         (replicated) far cheaper than a Python ``device_put`` per leaf (about 0.5 ms a step on an
@@ -208,7 +209,7 @@ class Instance:
                 outs.append(self._logprobs(kind, segs, PendingStep(greedy, len(segs)), logits, hidden, warm))
         return outs
 
-    def _logprobs(self, kind: str, segs: Sequence[Segment], out: PendingStep, logits: jax.Array,
+    def _logprobs(self, kind: StepKind, segs: Sequence[Segment], out: PendingStep, logits: jax.Array,
                   hidden: jax.Array, warm: bool) -> PendingStep:
         """Dispatch the log-probability programs for the rows of ``segs`` that ask (none: nothing
         runs). Row picks are padded to a bucket (:func:`pick_buckets`: one row asking costs one
@@ -222,7 +223,7 @@ class Instance:
             size = bucket(pick_buckets(R), len(picks))
             out.row_lp = ROW_LOGPROBS(logits, out.ids, np.array(picks + [R] * (size - len(picks)), np.int32))
             out.row_picks, out.row_ks = picks, ks
-        if kind == "decode":
+        if kind == StepKind.DECODE:
             return out
         rows, targets, spans = prompt_rows(segs)
         if rows or warm:
@@ -271,7 +272,7 @@ class Instance:
         """Pending swap-outs to host arrays, freeing their device buffers (waits for those gathers)."""
         self.swaps.settle()
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+    def run(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         """Run one step and wait for its sampled ids (and the log-probabilities asked for: the only
         device->host transfers)."""
         return [o.host() for o in self.dispatch(kind, micro_batches)]
@@ -287,7 +288,7 @@ class Instance:
         for kind in self.kinds():
             for size in self.shapes(kind):
                 batch, _ = self.pack(kind, [], size)
-                feed = self.decode_feed(size) if kind == "decode" and self.lookahead else None
+                feed = self.decode_feed(size) if kind == StepKind.DECODE and self.lookahead else None
                 out.append(functools.partial(_compile_step, st.params, None, batch, st.pool, kind=kind, cfg=self.cfg,
                                              impl=self.impl, first=st.first, last=st.last, feed=feed))
         return out
@@ -297,7 +298,7 @@ class Instance:
         for kind in self.kinds():
             for size in self.shapes(kind):
                 tick(f"{self.name} {kind} {size}")
-                feeds = [self.decode_feed(size)] if kind == "decode" and self.lookahead else None
+                feeds = [self.decode_feed(size)] if kind == StepKind.DECODE and self.lookahead else None
                 self._launch(kind, [([], self.pack(kind, [], size))], warm=True, feeds=feeds)[0].host()
         self.copy_pages([NULL_PAGE], [NULL_PAGE])
         if self.preemption == "swap":
@@ -309,17 +310,18 @@ class Instance:
 
     # ---- for benchmarks: one stage's program, its inputs already on the device ---------------------
 
-    def device_replay(self, kind: str, segs: Sequence[Segment]) -> Callable[[int], None]:
+    def device_replay(self, kind: StepKind, segs: Sequence[Segment]) -> Callable[[int], None]:
         """``run(n)`` runs this step's program ``n`` times back to back with its inputs already on the
         device and waits for the last: the device's time for the step, without the host's packing,
         copies and sync (a decode step fed from the step before, as serving's lookahead runs it).
         One-stage instances; the pool is donated and replaced at each run, as serving does."""
+        kind = StepKind(kind)
         if len(self.stages) != 1:
             raise ValueError(f"{self.name}: device replay times one stage, this instance has {len(self.stages)}")
         (st,) = self.stages
         size = self.bucket_for(kind, segs)
         batch = jax.device_put(self.pack(kind, segs, size)[0], st.repl)
-        ahead = kind == "decode" and self.lookahead
+        ahead = kind == StepKind.DECODE and self.lookahead
         src = jax.device_put(self.decode_feed(size, src=range(size))[1], st.repl)
 
         def run(n: int) -> None:
@@ -333,12 +335,13 @@ class Instance:
 
         return run
 
-    def compiled_text(self, kind: str, segs: Sequence[Segment]) -> str:
+    def compiled_text(self, kind: StepKind, segs: Sequence[Segment]) -> str:
         """The optimised HLO of this step's program (one stage), for counting what it launches."""
+        kind = StepKind(kind)
         (st,) = self.stages
         size = self.bucket_for(kind, segs)
         batch = self.pack(kind, segs, size)[0]
-        feed = self.decode_feed(size) if kind == "decode" and self.lookahead else None
+        feed = self.decode_feed(size) if kind == StepKind.DECODE and self.lookahead else None
         return STAGE_STEP.lower(st.params, None, batch, st.pool, kind=kind, cfg=self.cfg, impl=self.impl,
                                 first=True, last=True, feed=feed).compile().as_text()
 

@@ -12,6 +12,7 @@ import numpy as np
 from distllm_jax.engine.config import InstanceSpec
 from distllm_jax.engine.programs import HostStep, PendingStep, Segment
 from distllm_jax.scheduling.protocols import Slot
+from distllm_jax.shapes import StepKind
 
 
 class InstanceAPI(Slot, Protocol):
@@ -27,7 +28,7 @@ class InstanceAPI(Slot, Protocol):
     @property
     def lookahead(self) -> bool: ...
 
-    def run(self, kind: str, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
+    def run(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[HostStep]:
         """One step over its micro-batches; returns each one's sampled ids (and log-probabilities)."""
 
     def copy_pages(self, src: Sequence[int], dst: Sequence[int]) -> None:

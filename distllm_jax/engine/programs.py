@@ -24,7 +24,7 @@ from distllm_jax.models import decoder
 from distllm_jax.models.attention import AttentionImpl
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.decoder import DecodeBatch, MixedBatch, PrefillBatch
-from distllm_jax.shapes import bucket
+from distllm_jax.shapes import StepKind, bucket
 
 def stage_step(
     params: dict,
@@ -32,7 +32,7 @@ def stage_step(
     batch: Any,
     kv: KVPool,
     *,
-    kind: str,
+    kind: StepKind,
     cfg: ModelConfig,
     impl: AttentionImpl,
     first: bool,

@@ -23,6 +23,7 @@ from distllm_jax.engine.programs import HostStep, PendingStep, Segment
 from distllm_jax.engine.request import Request, RequestState
 from distllm_jax.engine.stopping import FinishReason
 from distllm_jax.scheduling import Scheduler
+from distllm_jax.shapes import StepKind
 
 IDLE_WAIT_S = 0.02  # an idle worker wakes this often to enforce deadlines
 T = TypeVar("T")
@@ -156,7 +157,7 @@ class Worker(abc.ABC):
 
     # ---- shared pieces ----------------------------------------------------------------------------
 
-    def run(self, kind: str, reqs: Sequence[Request], segs: Sequence[Segment]) -> StepRows | None:
+    def run(self, kind: StepKind, reqs: Sequence[Request], segs: Sequence[Segment]) -> StepRows | None:
         """Run one step; on failure fail its requests (and, if the pool was lost, everyone's here)."""
         groups = split_micro(list(segs), [len(s.tokens) for s in segs], self.inst.spec.pp)
         t0 = time.perf_counter()
@@ -166,11 +167,11 @@ class Worker(abc.ABC):
         self.log_step(kind, t0, time.perf_counter(), segs)
         return StepRows.read(outs, groups)
 
-    def log_step(self, kind: str, start: float, end: float, segs: Sequence[Segment]) -> None:
+    def log_step(self, kind: StepKind, start: float, end: float, segs: Sequence[Segment]) -> None:
         self.ctrl.step_log.append(StepRecord(self.inst.name, kind, start, end, tuple(len(s.tokens) for s in segs),
                                              sum(s.start + len(s.tokens) for s in segs)))
 
-    def guarded(self, kind: str, reqs: Sequence[Request], fn: Callable[[], T]) -> T | None:
+    def guarded(self, kind: StepKind, reqs: Sequence[Request], fn: Callable[[], T]) -> T | None:
         """``fn()`` (a dispatch or a read of a step); None after a failure has been settled."""
         try:
             return fn()
@@ -238,11 +239,11 @@ class Worker(abc.ABC):
         return Segment(r.prefill_tokens(start, end), start, list(self.inst.alloc.table(r.rid)), r.params, r.seed,
                        samples, r.sample, targets)
 
-    def prompt_segments(self, batch: Sequence[Request]) -> tuple[str, list[Segment]]:
+    def prompt_segments(self, batch: Sequence[Request]) -> tuple[StepKind, list[Segment]]:
         """A prefill batch's step kind and segments: each prompt from where its cached pages end, and
         a mixed step (new tokens attending over the pool) when any starts after cached pages."""
         segs = [self.prompt_segment(r, r.num_computed) for r in batch]
-        return ("mixed" if any(s.start for s in segs) else "prefill"), segs
+        return (StepKind.MIXED if any(s.start for s in segs) else StepKind.PREFILL), segs
 
     def prompt_done(self, r: Request, rows: Sequence[SampledRow], prompt_lps: Sequence[TokenLogprob],
                     now: float) -> list[Request]:
@@ -299,7 +300,7 @@ class Worker(abc.ABC):
                 return False
             batch = list(self.running)
             segs = [self.decode_segment(r) for r in batch]
-        out = self.run("decode", batch, segs)
+        out = self.run(StepKind.DECODE, batch, segs)
         self.settle_swaps()
         if out is not None:
             with self.ctrl.lock:
@@ -343,7 +344,7 @@ class Worker(abc.ABC):
         self.inflight = None
         if batch:
             t = time.perf_counter()
-            out = self.guarded("decode", batch, lambda: cast(LookaheadInstance, self.inst).dispatch_decode(
+            out = self.guarded(StepKind.DECODE, batch, lambda: cast(LookaheadInstance, self.inst).dispatch_decode(
                 segs, None if prev is None else prev.out, src))
             if out is not None:
                 self.inflight = InFlight(batch, out, t, segs)
@@ -354,11 +355,11 @@ class Worker(abc.ABC):
 
     def _read(self, prev: InFlight) -> None:
         """Wait for a dispatched decode step's ids and hand its tokens on."""
-        out = self.guarded("decode", prev.batch, prev.out.host)
+        out = self.guarded(StepKind.DECODE, prev.batch, prev.out.host)
         if out is None:
             return
         now = time.perf_counter()
-        self.log_step("decode", max(prev.dispatched, self._last_read), now, prev.segs)
+        self.log_step(StepKind.DECODE, max(prev.dispatched, self._last_read), now, prev.segs)
         self._last_read = now
         with self.ctrl.lock:
             self.after_decode(prev.batch, StepRows.read([out], [prev.segs]).rows, now)

@@ -19,6 +19,7 @@ from distllm_jax.kv_cache import KVPool
 from distllm_jax.models import llama, opt
 from distllm_jax.models.attention import REFERENCE, AttentionImpl
 from distllm_jax.models.config import ModelConfig
+from distllm_jax.shapes import StepKind
 
 
 class PrefillBatch(NamedTuple):
@@ -145,9 +146,9 @@ def mixed_layers(
     return run_layers(layers, cfg, x, batch.positions, kv, attend)
 
 
-LAYERS = {"prefill": prefill_layers, "decode": decode_layers, "mixed": mixed_layers}
+LAYERS = {StepKind.PREFILL: prefill_layers, StepKind.DECODE: decode_layers, StepKind.MIXED: mixed_layers}
 
 
-def logit_rows(kind: str, batch, x: jax.Array) -> jax.Array:
+def logit_rows(kind: StepKind, batch, x: jax.Array) -> jax.Array:
     """The rows that need logits: every decode row; the last token of each prompt (or chunk) otherwise."""
-    return x if kind == "decode" else x[batch.logit_indices]
+    return x if kind == StepKind.DECODE else x[batch.logit_indices]

@@ -13,6 +13,7 @@ import numpy as np
 
 from distllm_jax.models.params import param_count
 from distllm_jax.placement.latency import Fit, Profile, fit_decode_split, fit_prefill
+from distllm_jax.shapes import StepKind
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -33,7 +34,7 @@ def run_decode_steps(inst: Any, segs: Sequence[Any], steps: int) -> None:
     otherwise each step is packed, run and read in turn."""
     if not inst.lookahead:
         for _ in range(steps):
-            inst.run("decode", [segs])
+            inst.run(StepKind.DECODE, [segs])
         return
     prev, src = None, list(range(len(segs)))
     for _ in range(steps):
@@ -122,7 +123,7 @@ class Profiler:
         if kind == "p":
             segs = [Segment(self._tokens(x), 0, inst.alloc.ensure(("p", i), x), sp, 0) for i in range(n)]
             t0 = time.perf_counter()
-            inst.run("prefill", [segs])
+            inst.run(StepKind.PREFILL, [segs])
             ms = 1e3 * (time.perf_counter() - t0)
         else:
             segs = [Segment(self._tokens(1), x, inst.alloc.ensure(("p", i), x + 1), sp, 0) for i in range(n)]

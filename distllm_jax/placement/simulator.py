@@ -31,7 +31,7 @@ from distllm_jax.scheduling import (ChunkedScheduler, ColocatedScheduler, Decode
                                     release)
 from distllm_jax.scheduling.pages import PageAllocator
 from distllm_jax.scheduling.plans import StepRecord
-from distllm_jax.shapes import bucket
+from distllm_jax.shapes import StepKind, bucket
 
 INF = float("inf")
 
@@ -552,7 +552,7 @@ class _Disaggregated:
                 self.schedule(self.host.finish((kind, i), now))
                 if self.sim.steps is not None:
                     t0, lengths, ctx, rids = self.started[(kind, i)]
-                    step_kind = "prefill" if kind == "p_free" else "decode"
+                    step_kind = StepKind.PREFILL if kind == "p_free" else StepKind.DECODE
                     self.sim.steps.append(StepRecord(f"{step_kind}-{i}", step_kind, t0, now, lengths, ctx, rids))
             if kind == "arrive":
                 self.arrive(what, now)
@@ -635,7 +635,7 @@ class _Colocated:
             else:
                 lengths = tuple(row.length for row in plan.rows)
                 ctx, reqs = sum(row.start + row.length for row in plan.rows), [row.req for row in plan.rows]
-            self.sim.steps.append(StepRecord(f"colocated-{i}", plan.kind.value, now, now + seconds, lengths, ctx,
+            self.sim.steps.append(StepRecord(f"colocated-{i}", plan.kind, now, now + seconds, lengths, ctx,
                                           tuple(r.rid for r in reqs)))
         self.pending[i] = plan
         self.pending_kind[i] = plan  # kept after the step ends: what ran last here

@@ -4,16 +4,10 @@ records instead of tuples crossing modules."""
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Any, ClassVar, NamedTuple
 
 from distllm_jax.scheduling.protocols import SchedRequest, Slot
-
-
-class StepKind(str, enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    MIXED = "mixed"
+from distllm_jax.shapes import StepKind
 
 
 class StepRecord(NamedTuple):
@@ -24,7 +18,7 @@ class StepRecord(NamedTuple):
     context its attention read (Σ positions + tokens) and, where known, its requests row by row."""
 
     instance: str
-    kind: str  # prefill | decode | mixed
+    kind: StepKind
     start: float
     end: float
     lengths: tuple[int, ...]
