@@ -57,28 +57,26 @@ def tune_shape(B: int, ctx: int, H: int, KVH: int, Dh: int, *, dtype=jnp.bfloat1
                                                jax.random.PRNGKey(B * 7919 + ctx) if key is None else key)
     scale = Dh**-0.5
     want = jax.jit(xla_ref, static_argnums=5)(q, kp, vp, tables, lengths, scale)
-    times: dict[str, float] = {}
-    configs: dict[str, DecodeConfig] = {}
+    timings: dict[str, tuple[float, DecodeConfig]] = {}  # by config name: ms, config
     failed: list[str] = []
 
     def timed(cfg: DecodeConfig) -> float | None:
         cfg = _explicit(cfg, B, KVH)
-        if cfg.name in times:
-            return times[cfg.name]
+        if cfg.name in timings:
+            return timings[cfg.name][0]
         fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, interpret=interpret,
                                        **dataclasses.asdict(cfg)))
         try:
             err = rel_err(fn(q, kp, vp, tables, lengths), want)
             if err > 2e-2:
                 raise AssertionError(f"{cfg.name} wrong at B={B} ctx={ctx}: rel err {err}")
-            times[cfg.name] = time_ms(fn, q, kp, vp, tables, lengths, reps=reps)
-            configs[cfg.name] = cfg
+            timings[cfg.name] = (time_ms(fn, q, kp, vp, tables, lengths, reps=reps), cfg)
         except AssertionError:
             raise
         except Exception as e:  # noqa: BLE001 - a config the compiler refuses
             failed.append(f"{cfg.name}: {type(e).__name__}: {str(e)[:200]}")
             return None
-        return times[cfg.name]
+        return timings[cfg.name][0]
 
     def best_of(cfgs: list[DecodeConfig]) -> DecodeConfig:
         ok = [(t, c) for c in cfgs if (t := timed(c)) is not None]
@@ -90,12 +88,11 @@ def tune_shape(B: int, ctx: int, H: int, KVH: int, Dh: int, *, dtype=jnp.bfloat1
     default_ms = timed(DEFAULT)
     # the rounds are greedy: a config dropped early (or the default) can still time fastest, and
     # the table stores the fastest one timed
-    best = configs[min(configs, key=times.__getitem__)]
+    ms, best = min(timings.values(), key=lambda tc: tc[0])
     moved = bytes_moved(B, H, KVH, Dh, B * ctx, jnp.dtype(dtype).itemsize)
-    ms = times[best.name]
     return {"q_heads": H, "kv_heads": KVH, "head_dim": Dh, "batch": B, "context": ctx, "config": best.to_dict(),
-            "ms": ms, "TBps": moved / ms / 1e9, "default_ms": default_ms, "configs_timed": len(times),
-            "all_ms": dict(sorted(times.items(), key=lambda kv: kv[1])), "failed": failed}
+            "ms": ms, "TBps": moved / ms / 1e9, "default_ms": default_ms, "configs_timed": len(timings),
+            "all_ms": {name: t for name, (t, _) in sorted(timings.items(), key=lambda kv: kv[1][0])}, "failed": failed}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -149,7 +149,6 @@ class Instance:
     def dispatch(self, kind: StepKind, micro_batches: Sequence[Sequence[Segment]]) -> list[PendingStep]:
         """Dispatch one step (several micro-batches when pipelined); returns each micro-batch's
         results on the device, without waiting for them."""
-        kind = StepKind(kind)
         if kind == StepKind.DECODE and self.lookahead and len(micro_batches) == 1:
             return [self.dispatch_decode(micro_batches[0])]
         self.steps += 1
@@ -315,7 +314,6 @@ class Instance:
         device and waits for the last: the device's time for the step, without the host's packing,
         copies and sync (a decode step fed from the step before, as serving's lookahead runs it).
         One-stage instances; the pool is donated and replaced at each run, as serving does."""
-        kind = StepKind(kind)
         if len(self.stages) != 1:
             raise ValueError(f"{self.name}: device replay times one stage, this instance has {len(self.stages)}")
         (st,) = self.stages
@@ -337,7 +335,6 @@ class Instance:
 
     def compiled_text(self, kind: StepKind, segs: Sequence[Segment]) -> str:
         """The optimised HLO of this step's program (one stage), for counting what it launches."""
-        kind = StepKind(kind)
         (st,) = self.stages
         size = self.bucket_for(kind, segs)
         batch = self.pack(kind, segs, size)[0]
