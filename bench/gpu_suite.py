@@ -341,7 +341,7 @@ def sampling_table(rows: list[dict[str, Any]]) -> list[str]:
 # ---- start ---------------------------------------------------------------------------------------
 
 _START = """
-import collections, json, sys, time
+import collections, dataclasses, json, sys, time
 t0 = time.perf_counter()
 import jax
 phases = collections.defaultdict(float)  # jax's own timers: tracing, lowering, compiling or loading
@@ -360,9 +360,12 @@ engine = Engine(DeviceRandomSource(cfg, ecfg.dtype, seed=0), ecfg)
 t2 = time.perf_counter()
 out = engine.submit([5, 6, 7], SamplingParams(max_tokens=4)).result()
 engine.shutdown()
+from distllm_jax.engine.executable_store import default_store
+store = dataclasses.asdict(default_store().stats)
 print("START " + json.dumps({"ready_s": t2 - t1, "process_s": t2 - t0, "warmup_s": engine.warmup_seconds,
+                             "store": store,
                              "compilations": compile_counter.compilations(), "cache_hits": compile_counter.cache_hits(),
-                             "tokens": len(out.token_ids), "phases_s": dict(phases),
+                             "tokens": len(out.token_ids), "token_ids": list(out.token_ids), "phases_s": dict(phases),
                              "slowest": sorted(engine.warmup_log.items(), key=lambda kv: -kv[1])[:8]}))
 """
 
@@ -386,14 +389,17 @@ def start_times(model: Model, cache_dir: Path, *, max_len: int = 2048, timeout: 
             raise RuntimeError(f"{kind} start failed: {(proc.stderr or proc.stdout)[-1500:]}")
         row[kind] = json.loads(line[6:])
     row["cold_start_s"], row["warm_start_s"] = row["cold"]["ready_s"], row["warm"]["ready_s"]
+    row["same_tokens"] = row["cold"]["token_ids"] == row["warm"]["token_ids"]  # what a loaded program served
     return row
 
 
 def start_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'model':<16}{'cold s':>8}{'warm s':>8}{'compiled cold':>15}{'compiled warm':>15}{'cache hits':>12}"]
+    out = [f"{'model':<16}{'cold s':>8}{'warm s':>8}{'compiled cold':>15}{'compiled warm':>15}{'cache hits':>12}"
+           f"{'stored':>8}{'loaded':>8}  same tokens"]
     for r in rows:
         out.append(f"{r['model']:<16}{r['cold_start_s']:>8.1f}{r['warm_start_s']:>8.1f}"
-                   f"{r['cold']['compilations']:>15}{r['warm']['compilations']:>15}{r['warm']['cache_hits']:>12}")
+                   f"{r['cold']['compilations']:>15}{r['warm']['compilations']:>15}{r['warm']['cache_hits']:>12}"
+                   f"{r['cold']['store']['saved']:>8}{r['warm']['store']['loaded']:>8}  {r['same_tokens']}")
     return out
 
 
@@ -448,6 +454,20 @@ def _trace_events(log_dir: Path) -> tuple[list[dict], dict[int, str]]:
     return events, names
 
 
+def kernel_kind(name: str) -> str:
+    """The part of a decode step a GPU kernel belongs to, from its name: the Pallas attention kernels,
+    the matmuls (XLA's GEMM fusions, cuBLAS/cuBLASLt, CUTLASS), the KV write (scatters), or the rest
+    (norms, residuals, biases, activations, sampling)."""
+    n = name.lower()
+    if "attention" in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "cublas", "cutlass", "xmma", "nvjet", "matmul")):
+        return "matmul"
+    if "scatter" in n:
+        return "kv_write"
+    return "other"
+
+
 def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
     """Kernels on the GPU per step: how many, their summed time, and the biggest by name."""
     events, pnames = _trace_events(log_dir)
@@ -457,6 +477,9 @@ def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
     for e in kern:
         by_name[e["name"]].append(float(e["dur"]))
     busy = sum(float(e["dur"]) for e in kern)
+    by_kind: dict[str, float] = defaultdict(float)
+    for n, d in by_name.items():
+        by_kind[kernel_kind(n)] += sum(d) / steps
     span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) if kern else 0.0
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:15]
     host: dict[str, list[float]] = defaultdict(list)
@@ -468,6 +491,7 @@ def summarize_trace(log_dir: Path, steps: int) -> dict[str, Any]:
                          for n, d in host_top],
             "processes": sorted(set(pnames.values())), "kernels_per_step": len(kern) / steps,
             "busy_us_per_step": busy / steps, "span_us_per_step": span / steps,
+            "us_per_step_by_kind": dict(sorted(by_kind.items())),
             "top": [{"name": n[:90], "count_per_step": len(d) / steps, "us_per_step": sum(d) / steps}
                     for n, d in top]}
 
@@ -510,6 +534,7 @@ def trace_table(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"{r['model']} decode b{r['batch']} ctx{r['context']}: wall {r['wall_us_per_step']:.0f} us/step, "
                    f"GPU busy {r['busy_us_per_step']:.0f} us, span {r['span_us_per_step']:.0f} us, "
                    f"{r['kernels_per_step']:.0f} kernels/step; HLO {r['hlo']}")
+        out.append("  by kind: " + ", ".join(f"{k} {v:.0f} us" for k, v in r["us_per_step_by_kind"].items()))
         for t in r["top"][:10]:
             out.append(f"    {t['us_per_step']:>8.1f} us {t['count_per_step']:>6.1f}x  {t['name']}")
         out.append("  host:")

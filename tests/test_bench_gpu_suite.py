@@ -42,6 +42,7 @@ def test_every_part_runs_on_tiny_models(tmp_path, capsys):
     (trace,) = json.loads((out / "gpu-suite-trace-cpu-tiny-opt.json").read_text())["rows"]
     assert trace["hlo"]["conditionals"] == 0  # sampling is its own program, not a branch in the step
     assert trace["host_top"] and trace["wall_us_per_step"] > 0
+    assert sum(trace["us_per_step_by_kind"].values()) == pytest.approx(trace["busy_us_per_step"])
     (prof,) = json.loads((out / "gpu-suite-profile-cpu-tiny-opt.json").read_text())["rows"]
     fitted = json.loads((out / "profile-cpu-tiny-opt.json").read_text())
     assert fitted["model"] == "tiny-opt" and "1" in fitted["fits"] and prof["decode_mean_rel_err"] >= 0
@@ -97,6 +98,9 @@ def test_sampling_and_start_parts(tmp_path, capsys):
         assert row[f"{kind}_ms"] > 0 and row[f"{kind}_x"] == pytest.approx(row[f"{kind}_ms"] / row["greedy_ms"])
     (start,) = json.loads((out / "gpu-suite-start-cpu-tiny-opt.json").read_text())["rows"]
     assert start["cold"]["cache_hits"] == 0 and start["warm"]["cache_hits"] == start["warm"]["compilations"] > 0
+    # the step programs the cold start compiled, the warm one loads whole (neither traced nor compiled)
+    assert start["warm"]["store"]["loaded"] == start["cold"]["store"]["saved"] > 0
+    assert start["same_tokens"] and start["warm"]["store"]["built"] == 0 and start["warm"]["compilations"] < start["cold"]["compilations"]
     assert start["cold"]["tokens"] == start["warm"]["tokens"] == 4 and start["warm_start_s"] > 0
     assert start["cold"]["slowest"] and all(s >= 0 for _, s in start["cold"]["slowest"])
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from distllm_jax.engine.config import EngineConfig, InstanceSpec
+from distllm_jax.engine.executable_store import ExecutableStore, build_program, default_store
 from distllm_jax.engine.params_source import ParamSource, stage_tensor_names
 from distllm_jax.engine.swap import HostKVStore
 from distllm_jax.engine.transfer import read_host_pages
@@ -75,7 +76,11 @@ class Instance:
         source: ParamSource,
         ecfg: EngineConfig,
         impl: AttentionImpl,
+        store: ExecutableStore | None | bool = True,
     ):
+        """``store``: where the step programs are kept compiled (:mod:`.executable_store`); True
+        takes the one beside jax's persistent compilation cache (none when that cache is off),
+        None or False keeps them in this process only."""
         if len(devices) != spec.num_devices:
             raise ValueError(f"{name}: {spec.label()} needs {spec.num_devices} devices, got {len(devices)}")
         self.name, self.role, self.spec, self.impl = name, Role(role), spec, impl
@@ -114,6 +119,11 @@ class Instance:
         self.preemption = ecfg.preemption  # "swap": warmup compiles the swap programs
         self.swaps = HostKVStore(self.width)  # a request never holds more than one sequence's pages
         self._zero_ids: jax.Array | None = None  # the feed of a decode step that follows none
+        self.store = default_store() if store is True else (store or None)
+        # each stage's step programs, compiled, by (stage, kind, input shapes): called directly, so
+        # a program the store held is never traced
+        self._programs: dict[tuple, Callable[..., Any]] = {}
+        self._programs_lock = threading.Lock()
 
     # ---- the programs ---------------------------------------------------------------------------
 
@@ -195,10 +205,7 @@ class Instance:
                 for st in self.stages:
                     if x is not None:
                         x = jax.device_put(x, st.repl)
-                    x, st.pool = STAGE_STEP(
-                        st.params, x, batch, st.pool,
-                        kind=kind, cfg=self.cfg, impl=self.impl, first=st.first, last=st.last, feed=feed,
-                    )
+                    x, st.pool = self._step(st, x, batch, kind, feed)
                 greedy, logits, hidden = x
                 if warm:
                     for size in pick_buckets(logits.shape[0]):
@@ -288,9 +295,28 @@ class Instance:
             for size in self.shapes(kind):
                 batch, _ = self.pack(kind, [], size)
                 feed = self.decode_feed(size) if kind == StepKind.DECODE and self.lookahead else None
-                out.append(functools.partial(_compile_step, st.params, None, batch, st.pool, kind=kind, cfg=self.cfg,
-                                             impl=self.impl, first=st.first, last=st.last, feed=feed))
+                out.append(functools.partial(self._program, st, None, batch, kind, feed))
         return out
+
+    def _step(self, st: Stage, x: jax.Array | None, batch: Any, kind: StepKind,
+              feed: tuple[jax.Array, Any] | None) -> tuple[Any, KVPool]:
+        """One stage's step program on these inputs (the pool donated)."""
+        return self._program(st, x, batch, kind, feed)(st.params, x, batch, st.pool, feed=feed)
+
+    def _program(self, st: Stage, x: jax.Array | None, batch: Any, kind: StepKind,
+                 feed: tuple[jax.Array, Any] | None) -> Callable[..., Any]:
+        """The compiled step program for inputs of these shapes: built (or loaded from the store)
+        the first time, then called without jit's dispatch having to trace anything."""
+        shapes = (st.lo, kind, None if x is None else x.shape, tuple(np.shape(a) for a in batch),
+                  None if feed is None else (feed[0].shape, np.shape(feed[1])))
+        prog = self._programs.get(shapes)
+        if prog is not None:
+            return prog
+        static = {"kind": kind, "cfg": self.cfg, "impl": self.impl, "first": st.first, "last": st.last}
+        prog = build_program(self.store, "stage_step", STAGE_STEP, (st.params, x, batch, st.pool), {"feed": feed}, static,
+                             tuple(st.mesh.devices.flat))
+        with self._programs_lock:
+            return self._programs.setdefault(shapes, prog)
 
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         """Compile every program this instance can run (all-padding inputs touch only the null page)."""
@@ -327,8 +353,7 @@ class Instance:
             with self.lock:
                 for _ in range(n):
                     feed = (self.decode_feed(size)[0] if x is None else x[0], src) if ahead else None
-                    x, st.pool = STAGE_STEP(st.params, None, batch, st.pool, kind=kind, cfg=self.cfg,
-                                            impl=self.impl, first=True, last=True, feed=feed)
+                    x, st.pool = self._step(st, None, batch, kind, feed)
             jax.block_until_ready(x)
 
         return run
@@ -384,12 +409,6 @@ class Instance:
             "devices": [str(d) for d in self.devices], "num_pages": self.num_pages,
             "page_size": self.page_size,
         }
-
-
-def _compile_step(*args: Any, **static: Any) -> None:
-    """Lower and compile :data:`STAGE_STEP` for these inputs; jit keeps what it built, so the first
-    call with inputs of the same shapes, dtypes and placement neither traces nor compiles again."""
-    STAGE_STEP.lower(*args, **static).compile()
 
 
 def _stage_cfg(cfg, num_layers: int):
