@@ -14,6 +14,7 @@ from distllm_jax.engine.programs import STAGE_STEP
 from distllm_jax.kv_cache import NULL_PAGE, create_pool
 from distllm_jax.models import DecodeBatch, PrefillBatch
 from distllm_jax.models.attention import REFERENCE
+from distllm_jax.models.serving_layout import serving_params
 
 
 def _step(kind, params, cfg, batch, kv):
@@ -53,7 +54,10 @@ def pack_prompts(prompts, page_tables, page_size, all_logits=False, pad_to=None)
 
 def greedy_generate(params, cfg, prompts, n_new, page_size=4, num_pages=None, kv_sharding=None,
                     dtype=jnp.float32, return_prefill_logits=False):
-    """Greedy tokens for each prompt; small page size so sequences span many pages."""
+    """Greedy tokens for each prompt; small page size so sequences span many pages. ``params`` in
+    the checkpoint's layout, as a source loads them (placed in the serving layout here, as an
+    instance places them)."""
+    params = serving_params(params, cfg)
     max_len = max(len(p) for p in prompts) + n_new
     per_seq = -(-max_len // page_size)
     num_pages = num_pages or 1 + per_seq * len(prompts)

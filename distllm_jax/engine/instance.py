@@ -29,6 +29,7 @@ from distllm_jax.engine.programs import (COPY_PAGES, SAMPLE, STAGE_STEP, HostSte
                                          pick_buckets, prompt_rows)
 from distllm_jax.kv_cache import NULL_PAGE, KVPool, PageAllocator, create_pool, pages_for
 from distllm_jax.models.attention import AttentionImpl
+from distllm_jax.models.serving_layout import serving_layer
 from distllm_jax.parallel import kv_buffer_sharding, kv_pool_sharding, make_mesh, replicated
 from distllm_jax.scheduling.protocols import Role
 from distllm_jax.shapes import StepKind, bucket, compiled_shapes
@@ -100,7 +101,10 @@ class Instance:
             mesh = make_mesh(self.devices[s * spec.tp : (s + 1) * spec.tp])
             first, last = s == 0, s == len(split) - 1
             params = source.load(mesh, stage_tensor_names(cfg, lo, hi, first, last))
-            params["layers"] = params["layers"][lo:hi]
+            params["layers"] = layers = params["layers"][lo:hi]
+            for j, lp in enumerate(layers):  # one layer at a time: the stacked copy and the parts never all coexist
+                layers[j] = serving_layer(lp, cfg)
+            del lp
             sh = kv_pool_sharding(cfg, mesh)
             pool = create_pool(_stage_cfg(cfg, hi - lo), self.num_pages, self.page_size, self.dtype, sh)
             self.stages.append(Stage(mesh, lo, hi, params, pool, sh, kv_buffer_sharding(cfg, mesh), first, last))

@@ -25,10 +25,10 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
     assert cfg.rope is not None
     h = rms_norm(x, lp["ln1"]["scale"], cfg.norm_eps)
     q = jnp.einsum("td,dhk->thk", h, a["wq"])
-    k = jnp.einsum("td,dhk->thk", h, a["wk"])
-    v = jnp.einsum("td,dhk->thk", h, a["wv"])
+    kv = jnp.einsum("td,dchk->tchk", h, a["wkv"])  # K and V stacked (serving_layout)
     if cfg.has_qkv_bias:
-        q, k, v = q + a["bq"], k + a["bk"], v + a["bv"]
+        q, kv = q + a["bq"], kv + a["bkv"]
+    k, v = kv[:, 0], kv[:, 1]
     if cfg.qk_norm:  # per head, over head_dim
         q, k = rms_norm(q, a["q_norm"], cfg.norm_eps), rms_norm(k, a["k_norm"], cfg.norm_eps)
     q = apply_rope(q, positions, cfg.head_dim, cfg.rope)
@@ -40,11 +40,10 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
 
     m = lp["mlp"]
     h = rms_norm(x, lp["ln2"]["scale"], cfg.norm_eps)
-    gate = h @ m["w_gate"]
-    up = h @ m["w_up"]
+    gate_up = jnp.einsum("td,dcf->tcf", h, m["w_gate_up"])  # gate and up stacked (serving_layout)
     if cfg.mlp_bias:
-        gate, up = gate + m["b_gate"], up + m["b_up"]
-    down = (jax.nn.silu(gate) * up) @ m["w_down"]
+        gate_up = gate_up + m["b_gate_up"]
+    down = (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ m["w_down"]
     if cfg.mlp_bias:
         down = down + m["b_down"]
     return x + down

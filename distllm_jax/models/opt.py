@@ -30,8 +30,8 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
     eps = cfg.norm_eps
     h = layer_norm(x, lp["ln1"]["scale"], lp["ln1"]["bias"], eps) if cfg.do_layer_norm_before else x
     q = jnp.einsum("td,dhk->thk", h, a["wq"]) + a["bq"]
-    k = jnp.einsum("td,dhk->thk", h, a["wk"]) + a["bk"]
-    v = jnp.einsum("td,dhk->thk", h, a["wv"]) + a["bv"]
+    kv = jnp.einsum("td,dchk->tchk", h, a["wkv"]) + a["bkv"]  # K and V stacked (serving_layout)
+    k, v = kv[:, 0], kv[:, 1]
     o = attend(q, k, v)
     x = x + jnp.einsum("thk,hkd->td", o, a["wo"]) + a["bo"]
     if not cfg.do_layer_norm_before:

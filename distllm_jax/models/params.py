@@ -1,7 +1,9 @@
 """The parameter layout: every tensor's name, shape, tensor-parallel axis and Hugging Face source.
 
 This table is the single contract between the model math, the sharding rules, the checkpoint converter
-and random initialisation; each of those reads it instead of knowing tensor names itself.
+and random initialisation; each of those reads it instead of knowing tensor names itself. The model
+functions take these tensors with a few stacked together (:mod:`.serving_layout`), as an instance
+places them.
 
 Layout choices (why): linear weights are stored ``[in, out]`` so the math is ``x @ w``; attention
 projections keep an explicit heads axis (``[D, H, Dh]``, ``[H, Dh, D]``) so tensor parallelism shards a
