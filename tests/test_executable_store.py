@@ -131,3 +131,22 @@ def test_unkeyable_program_is_built_not_stored_and_builds_are_kept(tmp_path):
     assert store.build("scaled", f, (a,), {}, {"k": 3}, tuple(a.devices())) is first  # built once a process
     assert store.stats.built == 2 and store.stats.saved + store.stats.from_jax_cache == 1
     assert json.dumps(dataclasses.asdict(store.stats))
+
+
+def test_store_keeps_within_its_size_dropping_the_least_recently_used(tmp_path):
+    store = ExecutableStore(tmp_path / "s")
+    f = jax.jit(_scaled, static_argnames=("k",))
+    a = jnp.arange(4.0)
+    compiled = f.lower(a, k=5).compile()
+    store.save("new", compiled)
+    size = (store.root / "new.jaxexe").stat().st_size
+    olds = []
+    for i in range(3):
+        e = store.root / f"old{i}.jaxexe"
+        e.write_bytes(b"x" * 100)
+        os.utime(e, (1000 + i, 1000 + i))
+        olds.append(e)
+    store.max_bytes = size + 250  # room for the new entry and two old ones
+    store.save("new", compiled)
+    assert (store.root / "new.jaxexe").exists()
+    assert [e.exists() for e in olds] == [False, True, True]  # the least recently used went

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 SUBDIR = "executables"
+MAX_BYTES = 8 << 30  # entries past this (oldest used first) are dropped: a code change orphans a whole set
 _SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
              "jax_use_shardy_partitioner", "jax_numpy_rank_promotion", "jax_default_prng_impl")
 
@@ -161,9 +162,11 @@ class StoreStats:
 
 
 class ExecutableStore:
-    """Serialized executables under ``root``, one file per key."""
+    """Serialized executables under ``root``, one file per key, at most ``max_bytes`` of them (the
+    least recently used go first)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_bytes: int = MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = StoreStats()
@@ -193,6 +196,10 @@ class ExecutableStore:
             self._note(f"{path.name} did not load ({type(e).__name__}: {e}); building it again")
             path.unlink(missing_ok=True)
             return None
+        try:
+            os.utime(path)  # recently used: the last to be dropped
+        except OSError:
+            pass
         with self._lock:
             self.stats.loaded += 1
         return compiled
@@ -211,6 +218,24 @@ class ExecutableStore:
         os.replace(tmp, path)  # readers see the whole entry or none
         with self._lock:
             self.stats.saved += 1
+        self._trim(keep=path)
+
+    def _trim(self, keep: Path) -> None:
+        """Drop the least recently used entries until the store is within ``max_bytes``."""
+        entries = []
+        for e in self.root.glob("*.jaxexe"):
+            try:
+                st = e.stat()
+            except OSError:  # another process dropped it
+                continue
+            entries.append((st.st_mtime, st.st_size, e))
+        total = sum(size for _, size, _ in entries)
+        for _, size, e in sorted(entries, key=lambda t: t[0]):
+            if total <= self.max_bytes:
+                break
+            if e != keep:
+                e.unlink(missing_ok=True)
+                total -= size
 
     def build(self, name: str, fn: Any, args: tuple, kwargs: dict[str, Any], static: dict[str, Any],
               devices: Sequence[jax.Device]) -> jax.stages.Compiled:
