@@ -1,8 +1,10 @@
 """Compiled programs kept on disk whole, so that a second start neither traces nor lowers them.
 
 jax's persistent compilation cache (:mod:`distllm_jax.compile_cache`) skips XLA's compile, but it is
-keyed on the lowered program, so every start still traces each step program (the whole model, in
-Python) and lowers it before it can look the entry up: at real sizes that is most of a warm start.
+keyed on the lowered program, so every start still traces each program (a step program is the whole
+model, in Python) and lowers it before it can look the entry up: at real sizes that is most of a
+warm start. An instance builds every program it runs through this store (its steps, sampling,
+log-probabilities and page copies).
 This store keys a serialized executable (``jax.experimental.serialize_executable``) on everything
 the program is made from *without* tracing it:
 

@@ -202,6 +202,7 @@ class Instance:
         H100, measured). Only the activations between pipeline stages are moved explicitly.
         ``warm`` (start-up): also run every sampling and log-probability program the step can call."""
         outs = []
+        last = self.stages[-1]
         with self.lock:
             for i, (segs, (batch, sb)) in enumerate(host):
                 feed = feeds[i] if feeds is not None else None
@@ -213,9 +214,10 @@ class Instance:
                 greedy, logits, hidden = x
                 if warm:
                     for size in pick_buckets(logits.shape[0]):
-                        SAMPLE(greedy, logits, sb, np.zeros(size, np.int32))
+                        self._run(last, "sample_rows", SAMPLE, greedy, logits, sb, np.zeros(size, np.int32))
                 if np.any(sb.temperature > 0):
-                    greedy = SAMPLE(greedy, logits, sb, pack_picks(sb.temperature, logits.shape[0], greedy.shape[0]))
+                    greedy = self._run(last, "sample_rows", SAMPLE, greedy, logits, sb,
+                                       pack_picks(sb.temperature, logits.shape[0], greedy.shape[0]))
                 outs.append(self._logprobs(kind, segs, PendingStep(greedy, len(segs)), logits, hidden, warm))
         return outs
 
@@ -227,11 +229,13 @@ class Instance:
         every one of these programs is compiled at start-up."""
         picks, ks = logprob_picks(segs)
         R = logits.shape[0]
+        last = self.stages[-1]
         for size in pick_buckets(R) if warm else ():
-            ROW_LOGPROBS(logits, out.ids, np.full(size, R, np.int32))
+            self._run(last, "row_logprobs", ROW_LOGPROBS, logits, out.ids, np.full(size, R, np.int32))
         if picks:
             size = bucket(pick_buckets(R), len(picks))
-            out.row_lp = ROW_LOGPROBS(logits, out.ids, np.array(picks + [R] * (size - len(picks)), np.int32))
+            out.row_lp = self._run(last, "row_logprobs", ROW_LOGPROBS, logits, out.ids,
+                                   np.array(picks + [R] * (size - len(picks)), np.int32))
             out.row_picks, out.row_ks = picks, ks
         if kind == StepKind.DECODE:
             return out
@@ -239,8 +243,9 @@ class Instance:
         if rows or warm:
             T = hidden.shape[0]
             pad = T - len(rows)
-            out.prompt_lp = PROMPT_LOGPROBS(self.stages[-1].params, hidden, np.array(rows + [0] * pad, np.int32),
-                                            np.array(targets + [0] * pad, np.int32), cfg=self.cfg)
+            out.prompt_lp = self._run(last, "prompt_logprobs", PROMPT_LOGPROBS, last.params, hidden,
+                                      np.array(rows + [0] * pad, np.int32), np.array(targets + [0] * pad, np.int32),
+                                      fixed=1, cfg=self.cfg)
             out.prompt_spans = spans
         return out
 
@@ -257,7 +262,7 @@ class Instance:
                 n = min(width, len(src) - lo)
                 s[:n], d[:n] = src[lo : lo + n], dst[lo : lo + n]
                 for st in self.stages:
-                    st.pool = COPY_PAGES(st.pool, s, d)
+                    st.pool = self._run(st, "copy_pages", COPY_PAGES, st.pool, s, d, fixed=1)
 
     # ---- preemption by swapping: pages to host memory and back (distllm_jax.engine.swap) ----------
 
@@ -309,18 +314,28 @@ class Instance:
 
     def _program(self, st: Stage, x: jax.Array | None, batch: Any, kind: StepKind,
                  feed: tuple[jax.Array, Any] | None) -> Callable[..., Any]:
-        """The compiled step program for inputs of these shapes: built (or loaded from the store)
-        the first time, then called without jit's dispatch having to trace anything."""
-        shapes = (st.lo, kind, None if x is None else x.shape, tuple(np.shape(a) for a in batch),
-                  None if feed is None else (feed[0].shape, np.shape(feed[1])))
-        prog = self._programs.get(shapes)
+        static = {"kind": kind, "cfg": self.cfg, "impl": self.impl, "first": st.first, "last": st.last}
+        return self._compiled(st, "stage_step", STAGE_STEP, (st.params, x, batch, st.pool), {"feed": feed}, static,
+                              varying=(x, batch, feed))
+
+    def _run(self, st: Stage, name: str, fn: Any, *args: Any, fixed: int = 0, **static: Any) -> Any:
+        """``fn(*args, **static)`` as a compiled program of ``st``'s mesh; the first ``fixed`` args
+        are the stage's own arrays (params, pool), the same at every call."""
+        return self._compiled(st, name, fn, args, {}, static, varying=args[fixed:])(*args)
+
+    def _compiled(self, st: Stage, name: str, fn: Any, args: tuple, kwargs: dict[str, Any],
+                  static: dict[str, Any], varying: Any) -> Callable[..., Any]:
+        """``fn`` (a ``jax.jit`` function) compiled for these inputs: built (or loaded from the
+        store) the first time inputs of these shapes come, then called without jit's dispatch
+        having to trace anything. ``varying``: the inputs whose shapes pick the program."""
+        key = (name, st.lo, tuple(static.items()),
+               tuple((a.shape, a.dtype) for a in jax.tree.leaves(varying)), jax.tree.structure(varying))
+        prog = self._programs.get(key)
         if prog is not None:
             return prog
-        static = {"kind": kind, "cfg": self.cfg, "impl": self.impl, "first": st.first, "last": st.last}
-        prog = build_program(self.store, "stage_step", STAGE_STEP, (st.params, x, batch, st.pool), {"feed": feed}, static,
-                             tuple(st.mesh.devices.flat))
+        prog = build_program(self.store, name, fn, args, kwargs, static, tuple(st.mesh.devices.flat))
         with self._programs_lock:
-            return self._programs.setdefault(shapes, prog)
+            return self._programs.setdefault(key, prog)
 
     def warmup(self, tick: Callable[[str], None] = lambda _: None) -> None:
         """Compile every program this instance can run (all-padding inputs touch only the null page)."""

@@ -15,6 +15,7 @@ initialisation keep the checkpoint layout.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -32,8 +33,13 @@ def stack(arrays: Sequence[Any], axis: int) -> jax.Array:
         return jnp.stack(arrays, axis)
     spec = list(sharding.spec) + [None] * (first.ndim - len(sharding.spec))
     spec.insert(axis, None)
-    out = NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    return jax.jit(lambda *xs: jnp.stack(xs, axis), out_shardings=out)(*arrays)
+    return _stacker(axis, NamedSharding(sharding.mesh, PartitionSpec(*spec)))(*arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _stacker(axis: int, out: NamedSharding) -> Any:
+    """One jitted stack per axis and placement: every layer after the first reuses its program."""
+    return jax.jit(lambda *xs: jnp.stack(xs, axis), out_shardings=out)
 
 
 def serving_layer(lp: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
