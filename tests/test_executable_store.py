@@ -153,3 +153,32 @@ def test_store_keeps_within_its_size_dropping_the_least_recently_used(tmp_path):
     store.save("new", compiled)
     assert (store.root / "new.jaxexe").exists()
     assert [e.exists() for e in olds] == [False, True, True]  # the least recently used went
+
+
+def test_a_store_that_cannot_write_says_why_and_keeps_nothing(tmp_path):
+    import threading
+
+    store = ExecutableStore(tmp_path / "s")
+    # the entry's temporary file cannot be written: a folder stands at its name (as a full disk would fail it)
+    (store.root / f"k.tmp{os.getpid()}.{threading.get_ident()}").mkdir()
+    f = jax.jit(_scaled, static_argnames=("k",))
+    a = jnp.arange(3.0)
+    compiled = f.lower(a, k=7).compile()
+    store.save("k", compiled)
+    assert store.stats.saved == 0 and "not stored" in store.stats.errors[0]
+    assert not (store.root / "k.jaxexe").exists()
+    np.testing.assert_array_equal(np.asarray(compiled(a)), np.arange(3.0) * 7)
+
+
+def test_runtime_fingerprint_follows_xla_flags(monkeypatch):
+    from distllm_jax.engine import executable_store
+
+    before = executable_store.runtime_fingerprint()
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_dump_hlo_as_text")
+    executable_store.runtime_fingerprint.cache_clear()
+    try:
+        assert executable_store.runtime_fingerprint() != before
+    finally:
+        monkeypatch.undo()
+        executable_store.runtime_fingerprint.cache_clear()
+    assert executable_store.runtime_fingerprint() == before

@@ -153,6 +153,22 @@ def program_key(name: str, args: tuple, kwargs: dict[str, Any], static: dict[str
     return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()
 
 
+def _process_key(name: str, args: tuple, kwargs: dict[str, Any], static: dict[str, Any],
+                 devices: Sequence[jax.Device]) -> tuple | None:
+    """A key valid in this process only (static arguments and shardings by identity and hash), for
+    the programs it already holds: an engine's instances mostly run the same ones. None when a
+    static argument cannot be hashed."""
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    desc = tuple((x.shape, x.dtype, x.sharding) if isinstance(x, jax.Array) else ("host", np.shape(x), np.result_type(x))
+                 for x in leaves)
+    key = (name, tuple(static.items()), tuple(d.id for d in devices), tree, desc)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 @dataclasses.dataclass
 class StoreStats:
     loaded: int = 0
@@ -173,7 +189,7 @@ class ExecutableStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = StoreStats()
         self._lock = threading.Lock()
-        self._memo: dict[str, jax.stages.Compiled] = {}  # what this process built or loaded, by key
+        self._memo: dict[tuple, jax.stages.Compiled] = {}  # what this process built or loaded
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.jaxexe"
@@ -216,8 +232,16 @@ class ExecutableStore:
             return
         path = self._path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # readers see the whole entry or none
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # readers see the whole entry or none
+        except OSError as e:  # a full or read-only disk costs the next start its speed, never this one
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._note(f"not stored ({type(e).__name__}: {e})")
+            return
         with self._lock:
             self.stats.saved += 1
         self._trim(keep=path)
@@ -244,6 +268,9 @@ class ExecutableStore:
         """``fn`` (a ``jax.jit`` function) compiled for these arguments: from the store when it holds
         the entry, else lowered and compiled (through jax's persistent cache) and stored.
         ``devices``: the ones the program runs on, in its order (its inputs' mesh, flattened)."""
+        here = _process_key(name, args, kwargs, static, devices)  # cheap: what this process built already
+        if here is not None and (hit := self._memo.get(here)) is not None:
+            return hit
         try:
             key = program_key(name, args, kwargs, {**static, "devices": tuple(d.id for d in devices)})
         except Unkeyable as e:
@@ -251,24 +278,21 @@ class ExecutableStore:
                 self.stats.unkeyable += 1
             log.info("executable store: %s is built, not stored: %s", name, e)
             key = None
-        if key is not None:
-            if (hit := self._memo.get(key)) is not None:
-                return hit
-            if (hit := self.load(key, devices)) is not None:
-                with self._lock:
-                    return self._memo.setdefault(key, hit)
+        if key is not None and (hit := self.load(key, devices)) is not None:
+            with self._lock:
+                return self._memo.setdefault(here, hit) if here is not None else hit
         hits = _hits_on_this_thread()
         compiled = fn.lower(*args, **kwargs, **static).compile()
         cached = _hits_on_this_thread() > hits
         with self._lock:
             self.stats.built += 1
             self.stats.from_jax_cache += cached and key is not None
-        if key is None:
-            return compiled
-        if not cached:
+        if key is not None and not cached:
             self.save(key, compiled)
+        if here is None:
+            return compiled
         with self._lock:
-            return self._memo.setdefault(key, compiled)
+            return self._memo.setdefault(here, compiled)
 
 
 def build_program(store: ExecutableStore | None, name: str, fn: Any, args: tuple, kwargs: dict[str, Any],
@@ -285,9 +309,16 @@ def _store_at(root: Path) -> ExecutableStore:
 
 
 def default_store() -> ExecutableStore | None:
-    """The store beside jax's persistent compilation cache (none when that cache is off); one per
-    directory and process, so the instances of an engine share what it loaded."""
+    """The store beside jax's persistent compilation cache (none when that cache is off, or when its
+    folder cannot be made); one per directory and process, so the instances of an engine share what
+    it loaded."""
     from distllm_jax import compile_cache
 
     where = compile_cache.current_dir()
-    return None if where is None else _store_at(Path(where).expanduser().resolve() / SUBDIR)
+    if where is None:
+        return None
+    try:
+        return _store_at(Path(where).expanduser().resolve() / SUBDIR)
+    except OSError as e:
+        log.warning("executable store: none (%s: %s); programs are built at every start", type(e).__name__, e)
+        return None
