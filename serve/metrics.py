@@ -65,6 +65,14 @@ class EngineCollector:
             yield CounterMetricFamily("distllm_prefill_routed_to_cache", "New requests routed where cached pages "
                                       "held part of their prompt", value=s["routing"]["cache_routed"])
         yield CounterMetricFamily("distllm_compilations", "XLA compilations in this process", value=s["compilations"])
+        if s["executable_store"] is not None:
+            st = s["executable_store"]
+            progs = CounterMetricFamily("distllm_executable_store_programs", "Programs this process's executable "
+                                        "store loaded whole, built, saved, or failed to read or write",
+                                        labels=["outcome"])
+            for outcome in ("loaded", "built", "saved", "errors"):
+                progs.add_metric([outcome], st[outcome])
+            yield progs
         yield CounterMetricFamily("distllm_migrations", "KV migrations done", value=s["migrations"])
         yield GaugeMetricFamily("distllm_active_requests", "Requests in the engine", value=s["active"])
         yield CounterMetricFamily("distllm_requeued_requests", "Requests redone from their prompt after an "

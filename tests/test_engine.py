@@ -230,3 +230,6 @@ def test_stats(engine):
     assert s["mode"] == "disaggregated" and s["migration_path"] == "local"
     assert {i["role"] for i in s["instances"]} == {"prefill", "decode"}
     assert s["compilations"] > 0 and s["warmup_seconds"] > 0
+    # the suite's compile cache is on, so the programs went through the store beside it
+    st = s["executable_store"]
+    assert st["dir"].endswith("executables") and st["loaded"] + st["built"] > 0

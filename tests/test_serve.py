@@ -191,6 +191,9 @@ def test_metrics_exposed(server, client):
         assert name in text, name
     assert server.metric("distllm_requests_total", outcome="length") >= 1
     assert server.metric("distllm_kv_pages_free", role="decode") > 0
+    # the server's programs came from its executable store or were built into it
+    assert (server.metric("distllm_executable_store_programs_total", outcome="loaded")
+            + server.metric("distllm_executable_store_programs_total", outcome="built")) > 0
 
 
 requests = st.fixed_dictionaries({

@@ -43,6 +43,7 @@ from distllm_jax.engine.colocated import ChunkedWorker, ColocatedWorker
 from distllm_jax.engine.config import EngineConfig
 from distllm_jax.engine.controller import Controller
 from distllm_jax.engine.decode import DecodeWorker
+from distllm_jax.engine.executable_store import ExecutableStore, default_store
 from distllm_jax.engine.instance import Instance
 from distllm_jax.engine.instance_api import InstanceAPI
 from distllm_jax.engine.params_source import CheckpointSource, ParamSource
@@ -131,6 +132,8 @@ class Engine:
         # cached pages are this model's KV in this dtype only
         self._prefix_salt = json.dumps([dataclasses.asdict(self.model), self.source.dtype], sort_keys=True, default=str)
         self.ctrl = Controller()
+        # where this process's instances keep their compiled programs (cluster mode: each actor its own)
+        self.store: ExecutableStore | None = None
         self.instances = self._build_instances(devices)
         routing = PrefillRouting(cfg.prefill_routing if cfg.prefill_routing != "auto"
                                  else "prefix" if cfg.prefix_cache else "shared")
@@ -166,12 +169,13 @@ class Engine:
         if cfg.num_devices > len(devices):
             raise ValueError(f"{cfg.mode} layout needs {cfg.num_devices} devices, {len(devices)} available")
         impl = attention_impl(cfg.attention)
+        self.store = default_store()
         layout = cfg.instances()
         out: list[Instance] = []
         counters: dict[str, int] = {}
         for (role, spec), devs in zip(layout, split_devices([s.num_devices for _, s in layout], devices)):
             i = counters[role] = counters.get(role, -1) + 1
-            out.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl))
+            out.append(Instance(f"{role}{i}", role, spec, devs, self.source, cfg, impl, store=self.store))
         return out
 
     def _make_puller(self) -> KVPuller:
@@ -368,6 +372,10 @@ class Engine:
                 "compilations": compile_counter.compilations(),
                 "compile_cache_hits": compile_counter.cache_hits(),
                 "warmup_seconds": self.warmup_seconds,
+                # this process's executable store: programs loaded whole, built, stored (None: no store here)
+                "executable_store": None if self.store is None else {
+                    "dir": str(self.store.root), "loaded": self.store.stats.loaded, "built": self.store.stats.built,
+                    "saved": self.store.stats.saved, "errors": len(self.store.stats.errors)},
                 "instances": per,
                 "recent_errors": [e.splitlines()[0] for e in c.errors],
             }
