@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.layers import apply_rope, rms_norm
+from distllm_jax.models.serving_layout import project_qkv
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -24,11 +25,7 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
     a = lp["attn"]
     assert cfg.rope is not None
     h = rms_norm(x, lp["ln1"]["scale"], cfg.norm_eps)
-    q = jnp.einsum("td,dhk->thk", h, a["wq"])
-    kv = jnp.einsum("td,dchk->tchk", h, a["wkv"])  # K and V stacked (serving_layout)
-    if cfg.has_qkv_bias:
-        q, kv = q + a["bq"], kv + a["bkv"]
-    k, v = kv[:, 0], kv[:, 1]
+    q, k, v = project_qkv(a, h, cfg.has_qkv_bias)
     if cfg.qk_norm:  # per head, over head_dim
         q, k = rms_norm(q, a["q_norm"], cfg.norm_eps), rms_norm(k, a["k_norm"], cfg.norm_eps)
     q = apply_rope(q, positions, cfg.head_dim, cfg.rope)

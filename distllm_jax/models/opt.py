@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from distllm_jax.models.config import ModelConfig
 from distllm_jax.models.layers import layer_norm
+from distllm_jax.models.serving_layout import project_qkv
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -29,9 +30,7 @@ def layer(lp: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, attend
     a = lp["attn"]
     eps = cfg.norm_eps
     h = layer_norm(x, lp["ln1"]["scale"], lp["ln1"]["bias"], eps) if cfg.do_layer_norm_before else x
-    q = jnp.einsum("td,dhk->thk", h, a["wq"]) + a["bq"]
-    kv = jnp.einsum("td,dchk->tchk", h, a["wkv"]) + a["bkv"]  # K and V stacked (serving_layout)
-    k, v = kv[:, 0], kv[:, 1]
+    q, k, v = project_qkv(a, h, biased=True)
     o = attend(q, k, v)
     x = x + jnp.einsum("thk,hkd->td", o, a["wo"]) + a["bo"]
     if not cfg.do_layer_norm_before:
