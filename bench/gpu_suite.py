@@ -561,15 +561,17 @@ def kernel_grid(model: Model, batches: list[int], contexts: list[int], read_tbps
                         dtype=jnp.dtype(model.dtype), configs=None, interpret=not gpu, reps=reps)
     return [{"model": model.name, "batch": r["batch"], "ctx": r["context"], "kv_heads": r["kv_heads"],
              "q_heads": r["q_heads"], "TBps": r["ours_TBps"], "read_share": r["ours_TBps"] / read_tbps,
-             "ms": r["ours_ms"], "upstream_TBps": r.get("upstream_TBps"), "xla_TBps": r["xla_TBps"]} for r in rows]
+             "ms": r["ours_ms"], "head_major_TBps": r["head_major_TBps"], "upstream_TBps": r.get("upstream_TBps"),
+             "xla_TBps": r["xla_TBps"]} for r in rows]
 
 
 def kernel_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [f"{'model':<16}{'batch':>6}{'ctx':>6}{'kv heads':>9}{'ms':>8}{'TB/s':>7}{'of read':>8}{'upstream':>9}"]
+    out = [f"{'model':<16}{'batch':>6}{'ctx':>6}{'kv heads':>9}{'ms':>8}{'TB/s':>7}{'of read':>8}{'head-major':>11}"
+           f"{'upstream':>9}"]
     for r in rows:
         up = r["upstream_TBps"]
         out.append(f"{r['model']:<16}{r['batch']:>6}{r['ctx']:>6}{r['kv_heads']:>9}{r['ms']:>8.3f}{r['TBps']:>7.2f}"
-                   f"{r['read_share']:>8.0%}{'-' if up is None else f'{up:.2f}':>9}")
+                   f"{r['read_share']:>8.0%}{r['head_major_TBps']:>11.2f}{'-' if up is None else f'{up:.2f}':>9}")
     return out
 
 

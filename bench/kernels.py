@@ -95,7 +95,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
     from jax.experimental.pallas.ops.gpu import paged_attention as upstream
 
     from distllm_jax.models.attention import paged_decode_attention as xla_ref
-    from pallas_kernels.paged_decode_attention import bytes_moved
+    from pallas_kernels.paged_decode_attention import bytes_moved, paged_decode_attention
 
     rows = []
     key = jax.random.PRNGKey(0)
@@ -125,6 +125,18 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
                 if best is None or ms < best[0]:
                     best = (ms, name, err)
             row["ours_ms"], row["ours_config"], row["ours_err"] = best
+            if configs is None:
+                # the same kernel and launch choices on pages laid out head-major ([P, KVH, ps, Dh]),
+                # where one head's share of a page is one contiguous read: what a pool in that layout
+                # would gain
+                kt, vt = jnp.transpose(kp, (0, 2, 1, 3)), jnp.transpose(vp, (0, 2, 1, 3))
+                fn = jax.jit(functools.partial(paged_decode_attention, scale=scale, head_major=True,
+                                               interpret=interpret))
+                err = rel_err(fn(q, kt, vt, tables, lengths), want)
+                if err > 2e-2:
+                    raise AssertionError(f"ours (head-major) wrong at {row}: rel err {err}")
+                row["head_major_ms"] = time_ms(fn, q, kt, vt, tables, lengths, reps=reps)
+                del kt, vt
             # upstream wants [kv_heads, pages, page_size, head_dim] and applies no softmax scale: pre-scale q
             kh, vh = jnp.transpose(kp, (2, 0, 1, 3)), jnp.transpose(vp, (2, 0, 1, 3))
             q_up = (q.astype(jnp.float32) * scale).astype(dtype)
@@ -144,7 +156,7 @@ def decode_suite(batches, contexts, H, KVH, Dh, ps=16, dtype=jnp.bfloat16, confi
                         up = (ms, f"ppb{ppb}/s{splits}", err)
             if up:
                 row["upstream_ms"], row["upstream_config"], row["upstream_err"] = up
-            for name in ("xla", "ours", "upstream"):
+            for name in ("xla", "ours", "head_major", "upstream"):
                 if f"{name}_ms" in row:
                     row[f"{name}_TBps"] = moved / row[f"{name}_ms"] / 1e9
             rows.append(row)

@@ -3,11 +3,12 @@
 Layout is the engine's pool, one layer: ``k_pages``/``v_pages`` ``[pages, page_size, kv_heads, head_dim]``;
 queries ``[batch, q_heads, head_dim]`` with q_heads a multiple of kv_heads (GQA). The grid is
 (sequence, KV head, split): each program takes the q heads sharing one KV head (padded to 16 rows, the
-smallest tile a tensor-core dot takes) and one contiguous range of the sequence's page table, loops over
-blocks of pages with an online softmax, and stops at the sequence's length, so work follows each
+smallest tile a tensor-core dot takes) and one contiguous share of the pages the sequence holds, loops
+over blocks of pages with an online softmax, and stops at the sequence's length, so work follows each
 sequence's real context, not the table's width. Splits (split-K) keep the GPU busy at small batch on
-long contexts; their partial results (output, running max, sum) merge afterwards with a numerically
-stable log-sum-exp combine.
+long contexts; they divide each sequence's own pages, so a short sequence under a wide table still uses
+all of them. Their partial results (output, running max, sum) merge afterwards with a numerically
+stable log-sum-exp combine; with one split the program writes its finished rows directly.
 
 The plain-jnp reference is :func:`distllm_jax.models.attention.paged_decode_attention`.
 """
@@ -28,24 +29,35 @@ _NEG = -1e30
 _MIN_ROWS = 16
 
 
-def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale: float,
-            pages_per_block: int, pages_per_split: int, page_size: int, heads: int, prefetch: bool):
+def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, *out_refs, scale: float, pages_per_block: int, splits: int,
+            page_size: int, heads: int, prefetch: bool, head_major: bool):
     s = pl.program_id(2)
     _, rows, dh = q_ref.shape
+    width = pt_ref.shape[0]
     length = len_ref[0]
-    first = s * pages_per_split
-    last = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))  # pages this split really reads
+    # the splits share the pages this sequence really holds, not the table's width: a short sequence
+    # under a wide table (the engine's context limit) still spreads over every split; each split's
+    # share is whole blocks, so every block starts block-aligned and only the length mask is needed
+    n_pages = pl.cdiv(length, page_size)
+    per_split = pl.cdiv(pl.cdiv(n_pages, splits), pages_per_block) * pages_per_block
+    first = s * per_split
+    last = jnp.minimum(first + per_split, n_pages)
     n_blocks = jnp.maximum(pl.cdiv(last - first, pages_per_block), 0)
     block_tokens = pages_per_block * page_size
     qk_scale = scale * 1.4426950408889634  # base-2 softmax (exp2 is the hardware's instruction)
 
     def load(i):
-        # a block past the split's last (the prefetch after the final one) reloads that last block,
-        # which stays inside the table
+        # a block past the split's last (the prefetch after the final one) reloads that last block;
+        # an empty split's first load (prefetch) is kept inside the table too
         start = first + jnp.maximum(jnp.minimum(i, n_blocks - 1), 0) * pages_per_block
+        start = jnp.minimum(start, width - pages_per_block)
         pages = pt_ref[pl.ds(start, pages_per_block)]
-        tiles = tuple((k_ref[pages, :, h, :].reshape(block_tokens, dh), v_ref[pages, :, h, :].reshape(block_tokens, dh))
-                      for h in range(heads))  # the heads of one program share the page-table reads
+        if head_major:  # [P, KVH, ps, Dh]: one head's page is one contiguous run of ps rows
+            tiles = tuple((k_ref[pages, h, :, :].reshape(block_tokens, dh), v_ref[pages, h, :, :].reshape(block_tokens, dh))
+                          for h in range(heads))
+        else:  # [P, ps, KVH, Dh]: one head's rows of a page sit KVH rows apart
+            tiles = tuple((k_ref[pages, :, h, :].reshape(block_tokens, dh), v_ref[pages, :, h, :].reshape(block_tokens, dh))
+                          for h in range(heads))  # the heads of one program share the page-table reads
         return start, tiles
 
     def attend(start, tiles, acc):
@@ -75,6 +87,14 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, o_ref, m_ref, l_ref, *, scale:
         final, _ = jax.lax.fori_loop(0, n_blocks, body, (init, load(0)))
     else:
         final = jax.lax.fori_loop(0, n_blocks, lambda i, acc: attend(*load(i), acc), init)
+    if len(out_refs) == 1:
+        # one split: the program holds the whole softmax, so it writes the finished rows in q's dtype
+        # and no partials or merge follow
+        (o_ref,) = out_refs
+        for h, (o, _, l) in enumerate(final):
+            o_ref[h] = (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+        return
+    o_ref, m_ref, l_ref = out_refs
     for h, (o, m, l) in enumerate(final):
         o_ref[h] = o
         m_ref[h] = m
@@ -92,14 +112,11 @@ def ignore_poison(kernel, n: int):
 
 
 def _choose(width: int, pages_per_block: int, splits: int) -> tuple[int, int]:
+    """A block size that divides the (power-of-two) table and at most one split per block of it."""
     ppb = max(1, min(pages_per_block, width))
     while width % ppb:
         ppb -= 1
-    blocks = width // ppb
-    s = max(1, min(splits, blocks))
-    while blocks % s:
-        s -= 1
-    return ppb, s
+    return ppb, max(1, min(splits, width // ppb))
 
 
 # what pads a table to a power of two: any page id the pool has (page 0 always is); the kernel
@@ -108,7 +125,7 @@ _PAD_PAGE = 0
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "pages_per_block", "splits", "heads_per_program", "num_warps",
-                                             "num_stages", "prefetch", "interpret", "poison"))
+                                             "num_stages", "prefetch", "head_major", "interpret", "poison"))
 def paged_decode_attention(
     q: jax.Array,  # [B, H, Dh]
     k_pages: jax.Array,  # [P, page_size, KVH, Dh]
@@ -123,6 +140,7 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     prefetch: bool | None = None,
+    head_major: bool = False,
     interpret: bool = False,
     poison: bool = False,
 ) -> jax.Array:
@@ -136,8 +154,8 @@ def paged_decode_attention(
         lengths: ``[B]`` int32 cached tokens of each sequence, the new one included (at least 1).
         scale: the logits' scale (1 / sqrt(Dh) for these models).
         pages_per_block: pages a program loads per loop step.
-        splits: programs per (sequence, KV head) over the table (split-K); each split also writes
-            float32 partials that the merge reads back.
+        splits: programs per (sequence, KV head), sharing the sequence's pages (split-K); with more
+            than one, each writes float32 partials that the merge reads back.
         heads_per_program: KV heads one program attends for (a divisor of KVH, else the largest one
             below it): they share its page-table reads, and its loads of one token's K (and V) rows
             span that many heads' adjacent bytes in the pool instead of one head's.
@@ -145,6 +163,8 @@ def paged_decode_attention(
         prefetch: issue the next block's loads before this block's math (two blocks in flight).
             Each launch choice left None comes from the stored sweep for this device and shape
             (:mod:`pallas_kernels.decode_tuning`); ``splits`` None there fills the GPU about twice.
+        head_major: the pages are ``[P, KVH, page_size, Dh]`` instead, so that one head's share of a
+            page is one contiguous read (page_size rows) rather than rows KVH apart.
         interpret: run the kernel in Pallas' interpreter (CPU, tests).
         poison: write into NaN-filled buffers, so that an element the kernel skipped shows (tests).
 
@@ -153,6 +173,8 @@ def paged_decode_attention(
     """
     B, H, Dh = q.shape
     _, ps, KVH, _ = k_pages.shape
+    if head_major:
+        _, KVH, ps, _ = k_pages.shape
     W = 1 << (page_tables.shape[1] - 1).bit_length()
     cfg = _resolve(tuned(jax.devices()[0].device_kind if not interpret else "interpret", H, KVH, Dh, B, W * ps),
                    pages_per_block=pages_per_block, splits=splits, heads_per_program=heads_per_program,
@@ -171,44 +193,56 @@ def paged_decode_attention(
     qg = q.reshape(B, KVH, G, Dh)
     if rows != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))
-    kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, pages_per_split=W // S, page_size=ps,
-                               heads=HB, prefetch=cfg.prefetch)
+    kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, splits=S, page_size=ps, heads=HB,
+                               prefetch=cfg.prefetch, head_major=head_major)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         params["compiler_params"] = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    out_shape = [
-        jax.ShapeDtypeStruct((S, B, KVH, rows, Dh), jnp.float32),
-        jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
-        jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
-    ]
+    if S == 1:
+        out_shape = [jax.ShapeDtypeStruct((B, KVH, rows, Dh), q.dtype)]
+        out_specs = [pl.BlockSpec((None, HB, rows, Dh), lambda b, h, s: (b, h, 0, 0))]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((S, B, KVH, rows, Dh), jnp.float32),
+            jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
+            jax.ShapeDtypeStruct((S, B, KVH, rows), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, HB, rows, Dh), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
+        ]
     extra, aliases = (), {}
     if poison:
         extra = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)
-        aliases = {5 + i: i for i in range(3)}
-        kernel = ignore_poison(kernel, 3)
-    o, m, l = pl.pallas_call(
+        aliases = {5 + i: i for i in range(len(out_shape))}
+        kernel = ignore_poison(kernel, len(out_shape))
+    if head_major:
+        kv_spec = pl.BlockSpec((k_pages.shape[0], HB, ps, Dh), lambda b, h, s: (0, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((k_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0))
+    outs = pl.pallas_call(
         kernel,
         grid=(B, KVH // HB, S),
         in_specs=[
             pl.BlockSpec((None, HB, rows, Dh), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((k_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0)),
-            pl.BlockSpec((v_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0)),
+            kv_spec,
+            kv_spec,
             pl.BlockSpec((None, W), lambda b, h, s: (b, 0)),
             pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
         ] + [pl.BlockSpec(memory_space=pl.ANY)] * len(extra),
-        out_specs=[
-            pl.BlockSpec((None, None, HB, rows, Dh), lambda b, h, s: (s, b, h, 0, 0)),
-            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
-            pl.BlockSpec((None, None, HB, rows), lambda b, h, s: (s, b, h, 0)),
-        ],
+        out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
         interpret=interpret,
         name="distllm_paged_decode_attention",
         **params,
     )(qg, k_pages, v_pages, page_tables, lengths.reshape(B, 1), *extra)
+    if S == 1:
+        return outs[0][:, :, :G].reshape(B, H, Dh)
+    o, m, l = outs
     # merge the splits: rescale each by exp(m_s - max_s m_s); an empty split has l = 0 and adds nothing
     m_all = m.max(axis=0)
     w = jnp.exp2(m - m_all[None])  # m is in base-2 units

@@ -111,7 +111,23 @@ def test_paged_decode_prefetching_the_next_block(B, H, KVH, Dh, lengths, ppb, sp
     check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8, heads=heads, prefetch=True)
 
 
-def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1, prefetch=False):
+@pytest.mark.parametrize("W,lengths,ppb,splits", [(32, [40, 1, 17], 2, 3), (64, [100, 513], 4, 5),
+                                                 (1, [9, 16], 1, 8), (16, [250], 8, 2)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_paged_decode_splits_follow_the_real_length(W, lengths, ppb, splits, prefetch):
+    """Splits share each sequence's own pages, not the table's width: short sequences under a wide
+    table, split counts that divide nothing, more splits than a one-page table has blocks."""
+    check_paged_decode(len(lengths), 8, 2, 64, lengths, ppb, splits, W=W, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("B,H,KVH,Dh,lengths", DECODE_CASES[1:3])
+@pytest.mark.parametrize("ppb,splits,heads", [(2, 1, 1), (4, 3, 2)])
+def test_paged_decode_head_major_pages(B, H, KVH, Dh, lengths, ppb, splits, heads):
+    """Pages laid out [P, KVH, page_size, Dh] give the same attention as the pool's own layout."""
+    check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8, heads=heads, head_major=True)
+
+
+def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1, prefetch=False, head_major=False):
     rng = np.random.default_rng(hash((B, H, KVH, Dh, ppb, splits, W, heads)) % 2**32)
     ps = 16
     P = B * W + 3
@@ -121,8 +137,10 @@ def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1, prefetch
     tables = (rng.permutation(P - 1)[: B * W].reshape(B, W) + 1).astype(np.int32)
     lens = np.array(lengths, np.int32)
     scale = Dh**-0.5
-    out = paged_decode_attention(q, k, v, tables, lens, scale, pages_per_block=ppb, splits=splits,
-                                 heads_per_program=heads, prefetch=prefetch, interpret=True, poison=True)
+    kin, vin = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if head_major else (k, v)
+    out = paged_decode_attention(q, kin, vin, tables, lens, scale, pages_per_block=ppb, splits=splits,
+                                 heads_per_program=heads, prefetch=prefetch, head_major=head_major,
+                                 interpret=True, poison=True)
     out = np.asarray(out)
     assert not np.isnan(out).any(), "an output element was never written"
     assert rel_err(out, ref_decode(q, k, v, tables, lens, scale)) < TOL
