@@ -2,8 +2,8 @@
 the kernel reads its defaults from (:mod:`pallas_kernels.decode_tuning`).
 
 Each shape (head layout x batch x context) is timed in three rounds: the block sizes, warp counts,
-prefetch and heads-a-program choices of :func:`first_round` with the splits that fill the GPU; then the best of those with
-1, 2, 4 and 8 splits; then with two pipeline stages. Every config is checked against the XLA
+pipeline stages, prefetch and heads-a-program choices of :func:`first_round` with the splits that fill
+the GPU; then the best of those with 1, 2, 4 and 8 splits; then with its neighbouring stage counts. Every config is checked against the XLA
 reference before it is timed. The read-only streaming rate is measured in the same process, so each
 entry carries its share of it, and the kernel's former default (:data:`DEFAULT`) is timed beside.
 
@@ -33,12 +33,15 @@ PAGE = 16
 
 
 def first_round(q_heads: int, kv_heads: int) -> list[DecodeConfig]:
-    """Block size x warps x prefetch with one KV head a program; with grouped queries also 2 and 4
-    heads a program at the smaller blocks (their tiles multiply the registers a program holds)."""
-    out = [DecodeConfig(ppb, None, 1, w, 1, pf) for ppb, w, pf in itertools.product((2, 4, 8), (4, 8), (False, True))]
+    """Block size x warps x how loads overlap the math (Triton's pipeliner, three stages; or one stage
+    with the kernel's own register prefetch; or neither) with one KV head a program; with grouped
+    queries also 2 and 4 heads a program at the smaller blocks (their tiles multiply the registers a
+    program holds)."""
+    overlap = ((3, False), (1, True), (1, False))
+    out = [DecodeConfig(ppb, None, 1, w, st, pf) for ppb, w, (st, pf) in itertools.product((2, 4, 8), (4, 8), overlap)]
     if q_heads > kv_heads:
-        out += [DecodeConfig(ppb, None, h, 4, 1, pf)
-                for h, ppb, pf in itertools.product((2, 4), (2, 4), (False, True)) if kv_heads % h == 0]
+        out += [DecodeConfig(ppb, None, h, 4, st, pf)
+                for h, ppb, (st, pf) in itertools.product((2, 4), (2, 4), overlap) if kv_heads % h == 0]
     return out
 
 
@@ -84,7 +87,8 @@ def tune_shape(B: int, ctx: int, H: int, KVH: int, Dh: int, *, dtype=jnp.bfloat1
 
     best = best_of(first_round(H, KVH) if first is None else first)
     best = best_of([best] + [dataclasses.replace(best, splits=s) for s in splits])
-    best = best_of([best, dataclasses.replace(best, num_stages=2)])
+    best = best_of([best] + [dataclasses.replace(best, num_stages=n)
+                             for n in (best.num_stages - 1, best.num_stages + 1) if n >= 1])
     default_ms = timed(DEFAULT)
     # the rounds are greedy: a config dropped early (or the default) can still time fastest, and
     # the table stores the fastest one timed

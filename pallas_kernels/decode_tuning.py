@@ -26,13 +26,14 @@ FILL_PROGRAMS = 264  # two programs per multiprocessor of an H100/H200 (132)
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """One launch of the kernel. ``splits`` None: enough programs to fill the GPU about twice."""
+    """One launch of the kernel. ``splits`` None: enough programs to fill the GPU about twice.
+    ``num_stages`` above 1 lets Triton's pipeliner keep that many blocks of K/V loads in flight."""
 
     pages_per_block: int = 4
     splits: int | None = None
     heads_per_program: int = 1
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 3
     prefetch: bool = False
 
     @property

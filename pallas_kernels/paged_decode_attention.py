@@ -30,8 +30,9 @@ _MIN_ROWS = 16
 
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, *out_refs, scale: float, pages_per_block: int, splits: int,
-            page_size: int, heads: int, prefetch: bool, head_major: bool):
+            page_size: int, heads: int, prefetch: bool, head_major: bool, kv_heads: int):
     s = pl.program_id(2)
+    h0 = pl.program_id(1) * heads
     _, rows, dh = q_ref.shape
     width = pt_ref.shape[0]
     length = len_ref[0]
@@ -51,14 +52,19 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, len_ref, *out_refs, scale: float, pages
         # an empty split's first load (prefetch) is kept inside the table too
         start = first + jnp.maximum(jnp.minimum(i, n_blocks - 1), 0) * pages_per_block
         start = jnp.minimum(start, width - pages_per_block)
-        pages = pt_ref[pl.ds(start, pages_per_block)]
-        if head_major:  # [P, KVH, ps, Dh]: one head's page is one contiguous run of ps rows
-            tiles = tuple((k_ref[pages, h, :, :].reshape(block_tokens, dh), v_ref[pages, h, :, :].reshape(block_tokens, dh))
-                          for h in range(heads))
+        # the pool as rows [P * ps * KVH, Dh]: each token's row index comes from its own page id, so a
+        # block is one 2-D gather straight into the tile the dot takes. With nothing between the load
+        # and the dot, Triton's pipeliner (num_stages > 1) turns the loads into asynchronous copies
+        # that run stages ahead of the math; a gather of [pages, ps, Dh] reshaped afterwards is not
+        # pipelined.
+        t = jnp.arange(block_tokens)
+        page = pt_ref[start + t // page_size]
+        if head_major:  # [P, KVH, ps, Dh]: one head's share of a page is ps adjacent rows
+            row = lambda h: (page * kv_heads + h0 + h) * page_size + t % page_size  # noqa: E731
         else:  # [P, ps, KVH, Dh]: one head's rows of a page sit KVH rows apart
-            tiles = tuple((k_ref[pages, :, h, :].reshape(block_tokens, dh), v_ref[pages, :, h, :].reshape(block_tokens, dh))
-                          for h in range(heads))  # the heads of one program share the page-table reads
-        return start, tiles
+            row = lambda h: (page * page_size + t % page_size) * kv_heads + h0 + h  # noqa: E731
+        # the heads of one program share the page-id reads
+        return start, tuple((k_ref[row(h), :], v_ref[row(h), :]) for h in range(heads))
 
     def attend(start, tiles, acc):
         tok = start * page_size + jnp.arange(block_tokens)
@@ -194,7 +200,7 @@ def paged_decode_attention(
     if rows != G:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))
     kernel = functools.partial(_kernel, scale=scale, pages_per_block=ppb, splits=S, page_size=ps, heads=HB,
-                               prefetch=cfg.prefetch, head_major=head_major)
+                               prefetch=cfg.prefetch, head_major=head_major, kv_heads=KVH)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -219,10 +225,8 @@ def paged_decode_attention(
         extra = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)
         aliases = {5 + i: i for i in range(len(out_shape))}
         kernel = ignore_poison(kernel, len(out_shape))
-    if head_major:
-        kv_spec = pl.BlockSpec((k_pages.shape[0], HB, ps, Dh), lambda b, h, s: (0, h, 0, 0))
-    else:
-        kv_spec = pl.BlockSpec((k_pages.shape[0], ps, HB, Dh), lambda b, h, s: (0, 0, h, 0))
+    k_rows, v_rows = k_pages.reshape(-1, Dh), v_pages.reshape(-1, Dh)  # free: the pool is contiguous
+    kv_spec = pl.BlockSpec((k_rows.shape[0], Dh), lambda b, h, s: (0, 0))
     outs = pl.pallas_call(
         kernel,
         grid=(B, KVH // HB, S),
@@ -239,7 +243,7 @@ def paged_decode_attention(
         interpret=interpret,
         name="distllm_paged_decode_attention",
         **params,
-    )(qg, k_pages, v_pages, page_tables, lengths.reshape(B, 1), *extra)
+    )(qg, k_rows, v_rows, page_tables, lengths.reshape(B, 1), *extra)
     if S == 1:
         return outs[0][:, :, :G].reshape(B, H, Dh)
     o, m, l = outs

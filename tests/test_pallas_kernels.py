@@ -121,10 +121,10 @@ def test_paged_decode_splits_follow_the_real_length(W, lengths, ppb, splits, pre
 
 
 @pytest.mark.parametrize("B,H,KVH,Dh,lengths", DECODE_CASES[1:3])
-@pytest.mark.parametrize("ppb,splits,heads", [(2, 1, 1), (4, 3, 2)])
-def test_paged_decode_head_major_pages(B, H, KVH, Dh, lengths, ppb, splits, heads):
+@pytest.mark.parametrize("ppb,splits,heads,prefetch", [(2, 1, 1, False), (4, 3, 2, True)])
+def test_paged_decode_head_major_pages(B, H, KVH, Dh, lengths, ppb, splits, heads, prefetch):
     """Pages laid out [P, KVH, page_size, Dh] give the same attention as the pool's own layout."""
-    check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8, heads=heads, head_major=True)
+    check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W=8, heads=heads, prefetch=prefetch, head_major=True)
 
 
 def check_paged_decode(B, H, KVH, Dh, lengths, ppb, splits, W, heads=1, prefetch=False, head_major=False):
